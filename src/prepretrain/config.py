@@ -1,0 +1,266 @@
+"""Typed configs: dataclass defaults, then a YAML file, then ``key=value`` overrides.
+
+Every mistake (unknown key, wrong type, impossible value) raises ``ConfigError`` naming the
+key before any compute starts, so a typo never costs a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config mistake; the message starts with the offending key."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage shares: where, on what, how long, how to optimise."""
+
+    # run
+    out_dir: str = ""  # default: runs/<stage>
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    # data
+    data: str = "synthetic"  # "synthetic" or a path: image folder, manifest (.jsonl/.csv), shards
+    image_size: int = 32
+    num_images: int = 4000  # size of the synthetic training split
+    num_workers: int = 0
+    max_bad_fraction: float = 0.05  # stop the run when more samples than this are unreadable
+    # schedule
+    batch_size: int = 128  # global batch per optimizer step (all ranks, all accumulation steps)
+    micro_batch_size: int = 0  # per-rank batch per forward; 0 = batch_size / world size
+    epochs: float = 1.0
+    steps: int = 0  # optimizer steps; 0 = derived from epochs
+    blr: float = 1.5e-4  # base lr for a batch of 256; lr = blr * batch_size / 256
+    lr: float = 0.0  # absolute lr; overrides blr when > 0
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    warmup_steps: int = -1  # -1 = derived from warmup_epochs
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float = 0.0  # max gradient norm; 0 = off
+    max_nonfinite: int = 5  # consecutive non-finite losses tolerated (each step is skipped)
+    # outputs
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    ckpt_every: int = 100
+    keep_last: int = 2
+    progress: bool = True
+    tensorboard: bool = True
+    # scale
+    strategy: str = "auto"  # auto | none | ddp | fsdp
+    compile: bool = False
+    grad_checkpointing: bool = False
+
+    def validate(self) -> None:
+        positive = ["image_size", "batch_size", "log_every", "ckpt_every", "keep_last", "num_images"]
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
+        non_negative = [
+            "num_workers", "micro_batch_size", "steps", "lr", "min_lr", "warmup_epochs",
+            "weight_decay", "clip_grad", "eval_every", "max_nonfinite", "blr",
+        ]
+        for key in non_negative:
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.epochs <= 0 and self.steps <= 0:
+            raise ConfigError("epochs", "set epochs > 0 or steps > 0")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ConfigError("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise ConfigError("betas", f"beta{i + 1} must be in [0, 1), got {beta}")
+        _choice(self, "precision", ("auto", "bf16", "fp16", "fp32"))
+        _choice(self, "strategy", ("auto", "none", "ddp", "fsdp"))
+        if not (self.device in ("auto", "cpu", "cuda", "meta") or self.device.startswith("cuda:")):
+            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got '{self.device}'")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                "micro_batch_size", f"{self.micro_batch_size} does not divide batch_size {self.batch_size}"
+            )
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr > 0 else self.blr * self.batch_size / 256
+
+
+def _choice(cfg: Any, key: str, options: tuple[str, ...]) -> None:
+    if getattr(cfg, key) not in options:
+        raise ConfigError(key, f"must be one of {', '.join(options)}; got '{getattr(cfg, key)}'")
+
+
+C = TypeVar("C")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for candidate in inner:
+            try:
+                return _coerce(key, value, candidate)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(key, f"cannot read {value!r} as {annotation}")
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            text = value.strip().strip("[]()")
+            value = [v.strip() for v in text.split(",") if v.strip()] if text else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(key, f"expected {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+        item = args[0] if args else str
+        converted = [_coerce(key, v, item) for v in value]
+        return tuple(converted) if origin is tuple else converted
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(key, f"expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"expected a number, got {value!r}") from None
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["seed=1", "out_dir=runs/x"]`` -> ``{"seed": "1", "out_dir": "runs/x"}``."""
+    result = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(item, "overrides are written key=value")
+        key, value = item.split("=", 1)
+        result[key.strip()] = value
+    return result
+
+
+def build_config(
+    cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
+) -> C:
+    """Defaults of ``cls``, then the YAML file at ``path``, then ``overrides``; validated."""
+    values: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(str(path), "a config file must be a mapping of key: value")
+        stage = loaded.pop("stage", None)
+        expected = getattr(cls, "stage_name", None)
+        if stage is not None and expected is not None and stage != expected:
+            raise ConfigError("stage", f"file {path} is a '{stage}' config, not '{expected}'")
+        values.update(loaded)
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    values.update(overrides or {})
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            close = difflib.get_close_matches(key, list(types_), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(key, f"unknown key for {cls.__name__}{hint}")
+        kwargs[key] = _coerce(key, value, types_[key])
+    cfg = cls(**kwargs)
+    cfg.validate()  # type: ignore[attr-defined]
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A YAML-friendly dict (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in fields(cfg)}
+
+
+def dump_config(cfg: Any) -> str:
+    stage = getattr(cfg, "stage_name", None)
+    body = config_to_dict(cfg)
+    if stage:
+        body = {"stage": stage, **body}
+    return yaml.safe_dump(body, sort_keys=False)
+
+
+def replace_config(cfg: C, **changes: Any) -> C:
+    new = dataclasses.replace(cfg, **changes)
+    new.validate()  # type: ignore[attr-defined]
+    return new
+
+
+__all__ = [
+    "ConfigError",
+    "TrainConfig",
+    "build_config",
+    "config_to_dict",
+    "dump_config",
+    "field",
+    "parse_overrides",
+    "replace_config",
+]

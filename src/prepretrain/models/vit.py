@@ -1,0 +1,152 @@
+"""The ViT family of the MAWS paper, built on timm's ``VisionTransformer``.
+
+Why timm: its state-dict layout is the format the field shares (MAWS and MAE checkpoints,
+timm hubs), so building on it makes every official encoder checkpoint load strictly. This
+module only adds the registry of named shapes (REFERENCE.md section 2) and small sizes for
+CPU work on 32-64 px images.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from typing import Any
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """Everything that fixes a ViT's parameter shapes (plus the resolution it was made for)."""
+
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    img_size: int = 224
+
+    @property
+    def mlp_ratio(self) -> float:
+        return self.mlp_dim / self.embed_dim
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+VIT_SHAPES: dict[str, ViTShape] = {
+    # The paper's sizes (REFERENCE.md section 2).
+    "vit_b16": ViTShape(16, 768, 12, 12, 3072),
+    "vit_l16": ViTShape(16, 1024, 24, 16, 4096),
+    "vit_h14": ViTShape(14, 1280, 32, 16, 5120),
+    "vit_2b14": ViTShape(14, 2560, 24, 32, 10240),
+    "vit_6.5b14": ViTShape(14, 4096, 32, 32, 16384),
+    # Small sizes at 224 px (DeiT shapes).
+    "vit_ti16": ViTShape(16, 192, 12, 3, 768),
+    "vit_s16": ViTShape(16, 384, 12, 6, 1536),
+    # CPU sizes for 64 px (patch 8) and 32 px (patch 4) images.
+    "vit_ti8": ViTShape(8, 192, 12, 3, 768, img_size=64),
+    "vit_s8": ViTShape(8, 384, 12, 6, 1536, img_size=64),
+    "vit_ti4": ViTShape(4, 192, 12, 3, 768, img_size=32),
+    "vit_s4": ViTShape(4, 384, 12, 6, 1536, img_size=32),
+    # The CPU demo encoder: shallow and narrow so a 2-core laptop trains it in minutes.
+    "vit_micro4": ViTShape(4, 128, 6, 4, 512, img_size=32),
+}
+
+# Names users may also type (timm-like spellings).
+ALIASES = {
+    "vit_base_patch16": "vit_b16",
+    "vit_large_patch16": "vit_l16",
+    "vit_huge_patch14": "vit_h14",
+    "vit_6p5b14": "vit_6.5b14",
+}
+
+# Which keys of ``create_vit``'s overrides change the parameter shapes.
+_SHAPE_KEYS = {"patch_size", "embed_dim", "depth", "num_heads", "mlp_dim", "img_size"}
+
+
+def resolve_name(name: str) -> str:
+    key = ALIASES.get(name, name)
+    if key not in VIT_SHAPES:
+        raise ValueError(f"unknown model '{name}'; known: {', '.join(sorted(VIT_SHAPES))}")
+    return key
+
+
+def vit_shape(name: str, **overrides: Any) -> ViTShape:
+    """The shape of a named model after overrides such as ``img_size=64`` or ``depth=4``."""
+    shape = VIT_SHAPES[resolve_name(name)]
+    shape_overrides = {k: v for k, v in overrides.items() if k in _SHAPE_KEYS and v is not None}
+    if "embed_dim" in shape_overrides and "mlp_dim" not in shape_overrides:
+        shape_overrides["mlp_dim"] = int(shape_overrides["embed_dim"] * shape.mlp_ratio)
+    return replace(shape, **shape_overrides)
+
+
+def create_vit(
+    name: str,
+    *,
+    num_classes: int = 0,
+    global_pool: str = "token",
+    drop_path_rate: float = 0.0,
+    device: str | torch.device | None = None,
+    **overrides: Any,
+) -> VisionTransformer:
+    """Build a named ViT as a timm ``VisionTransformer``.
+
+    Defaults follow MAWS: CLS pooling, no ``fc_norm``, no head (``num_classes=0``) so the
+    state dict is exactly the released encoder's. ``global_pool="avg"`` gives the MAE-style
+    finetuning model (average of patch tokens + ``fc_norm``). ``device="meta"`` builds the
+    6.5B model without allocating memory. Shape overrides: ``img_size``, ``patch_size``,
+    ``embed_dim``, ``depth``, ``num_heads``, ``mlp_dim``.
+    """
+    shape = vit_shape(name, **overrides)
+    unknown = set(overrides) - _SHAPE_KEYS
+    if unknown:
+        raise TypeError(f"create_vit got unknown overrides: {sorted(unknown)}")
+    kwargs = dict(
+        img_size=shape.img_size,
+        patch_size=shape.patch_size,
+        embed_dim=shape.embed_dim,
+        depth=shape.depth,
+        num_heads=shape.num_heads,
+        mlp_ratio=shape.mlp_ratio,
+        qkv_bias=True,
+        num_classes=num_classes,
+        global_pool=global_pool,
+        fc_norm=global_pool == "avg",
+        class_token=True,
+        drop_path_rate=drop_path_rate,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        act_layer=nn.GELU,
+        dynamic_img_size=True,
+    )
+    with torch.device(device) if device is not None else nullcontext():
+        model = VisionTransformer(**kwargs)
+    model.prepretrain_name = resolve_name(name)  # type: ignore[attr-defined]
+    model.prepretrain_shape = shape  # type: ignore[attr-defined]
+    return model
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def shape_dict(name: str, **overrides: Any) -> dict[str, Any]:
+    return asdict(vit_shape(name, **overrides))
+
+
+def forward_flops(shape: ViTShape, tokens: int | None = None, img_size: int | None = None) -> float:
+    """Forward FLOPs for one image: L * (24 N d^2 + 4 N^2 d) + patch embedding (REFERENCE.md s.7).
+
+    ``24 N d^2`` assumes an MLP ratio of 4; we count the MLP from its actual width.
+    """
+    size = img_size or shape.img_size
+    patches = (size // shape.patch_size) ** 2
+    n = tokens if tokens is not None else patches + 1
+    d = shape.embed_dim
+    per_block = 2 * n * (4 * d * d + 2 * d * shape.mlp_dim) + 4 * n * n * d
+    patch_embed = 2 * patches * (shape.patch_size**2 * 3) * d
+    return shape.depth * per_block + patch_embed

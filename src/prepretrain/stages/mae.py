@@ -1,0 +1,181 @@
+"""MAE pre-pretraining: what the stage builds (the loop is ``prepretrain.train.engine``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ..config import ConfigError, TrainConfig
+from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.records import Record
+from ..data.transforms import decode_hint, denormalize, eval_transform, pretrain_transform
+from ..models.checkpoints import load_strict, read_state_dict
+from ..models.mae import MaskedAutoencoder, create_mae, mae_forward_flops
+from ..models.vit import VIT_SHAPES, resolve_name
+from ..train.engine import Stage, TrainData
+
+
+@dataclass
+class MAEConfig(TrainConfig):
+    """MAE recipe. Defaults are the CPU demo; configs/mae_*.yaml hold the paper recipes."""
+
+    stage_name = "mae"
+    model: str = "vit_micro4"
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_embed_dim: int = 128  # reference: 512
+    decoder_depth: int = 2  # reference: 8
+    decoder_num_heads: int = 4  # reference: 16
+    min_crop_scale: float = 0.2
+    init: str = ""  # optional MAE "full" checkpoint to start from
+    eval_images: int = 256  # held-out images for the validation loss
+    # CPU-demo schedule (the paper: blr 1.5e-4, batch 4096, warmup 40 of 800 epochs)
+    blr: float = 1.5e-3
+    epochs: float = 8.0
+    warmup_epochs: float = 1.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError("mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
+        try:
+            shape = VIT_SHAPES[resolve_name(self.model)]
+        except ValueError as error:
+            raise ConfigError("model", str(error)) from None
+        if self.image_size % shape.patch_size:
+            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch size {shape.patch_size}")
+        if self.decoder_embed_dim % self.decoder_num_heads:
+            raise ConfigError("decoder_num_heads", f"must divide decoder_embed_dim {self.decoder_embed_dim}")
+        if self.decoder_embed_dim % 4:
+            raise ConfigError("decoder_embed_dim", "must be a multiple of 4 (2-D sin-cos embedding)")
+
+
+def image_only(transform):
+    """Adapts an image transform to records: MAE needs pixels only."""
+
+    def apply(record: Record) -> dict[str, Any]:
+        return {"image": transform(record.image)}
+
+    return apply
+
+
+class MAEStage(Stage):
+    name = "mae"
+    cfg: MAEConfig
+
+    def build_model(self) -> MaskedAutoencoder:
+        cfg = self.cfg
+        model = create_mae(
+            cfg.model,
+            img_size=cfg.image_size,
+            decoder_embed_dim=cfg.decoder_embed_dim,
+            decoder_depth=cfg.decoder_depth,
+            decoder_num_heads=cfg.decoder_num_heads,
+            norm_pix_loss=cfg.norm_pix_loss,
+        )
+        if cfg.init:
+            load_strict(model, read_state_dict(cfg.init))
+        return model
+
+    def train_data(self) -> TrainData:
+        cfg = self.cfg
+        source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
+                           min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale))
+        dataset = RecordDataset(source, image_only(pretrain_transform(cfg.image_size, cfg.min_crop_scale)))
+        return TrainData(dataset, len(source))
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, _, _ = model(batch["image"], mask_ratio=self.cfg.mask_ratio)
+        return loss, {}
+
+    def flops_per_sample(self) -> float:
+        cfg = self.cfg
+        model = create_mae(cfg.model, img_size=cfg.image_size, device="meta")
+        return 3 * mae_forward_flops(model.shape, cfg.mask_ratio, cfg.decoder_embed_dim, cfg.decoder_depth)
+
+    # ---------------------------------------------------------------- evaluation
+    def _val_images(self, count: int) -> torch.Tensor | None:
+        cfg = self.cfg
+        try:
+            source = open_data(cfg.data, split="val", image_size=cfg.image_size, num_images=cfg.num_images)
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+        if len(source) == 0:
+            return None
+        dataset = RecordDataset(source, image_only(eval_transform(cfg.image_size)))
+        images = []
+        for batch in eval_loader(dataset, batch_size=min(count, 256)):
+            if "image" in batch:
+                images.append(batch["image"])
+            if sum(len(x) for x in images) >= count:
+                break
+        return torch.cat(images)[:count] if images else None
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Validation loss on held-out images with masking fixed by a seeded generator."""
+        images = self._val_images(self.cfg.eval_images)
+        if images is None:
+            return {}
+        generator = torch.Generator().manual_seed(1234)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for chunk in images.split(128):
+                num_patches = (self.cfg.image_size // model.patch_size) ** 2
+                noise = torch.rand(len(chunk), num_patches, generator=generator)
+                loss, _, _ = model(chunk.to(device), self.cfg.mask_ratio, noise=noise.to(device))
+                total += float(loss) * len(chunk)
+                count += len(chunk)
+        return {"val_loss": total / count}
+
+    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """Export the full MAE and its encoder (safetensors) and a reconstruction grid."""
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(run_dir / "mae_full.safetensors"))
+        encoder = {k: v.detach().cpu().contiguous() for k, v in model.encoder_state_dict().items()}
+        save_file(encoder, str(run_dir / "encoder.safetensors"), metadata=encoder_metadata(self.cfg))
+        images = self._val_images(8)
+        if images is not None:
+            save_reconstruction_grid(model, images.to(device), run_dir / "reconstructions.png", self.cfg.mask_ratio)
+        return {"encoder": str(run_dir / "encoder.safetensors"), "model": self.cfg.model}
+
+
+def encoder_metadata(cfg: TrainConfig) -> dict[str, str]:
+    """Saved beside encoder weights so later stages rebuild the same architecture."""
+    return {"model": getattr(cfg, "model", ""), "image_size": str(cfg.image_size), "format": "timm-vit"}
+
+
+def save_reconstruction_grid(model: MaskedAutoencoder, images: torch.Tensor, path: Path, mask_ratio: float,
+                             seed: int = 0) -> Path:
+    """PNG grid, one row per image: original | masked | reconstruction | reconstruction + visible."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_patches = (images.shape[-1] // model.patch_size) ** 2
+    noise = torch.rand(len(images), num_patches, generator=torch.Generator().manual_seed(seed)).to(images.device)
+    out = model.reconstruct(images, mask_ratio, noise)
+    titles = ["original", "masked", "reconstruction", "reconstruction + visible"]
+    keys = ["original", "masked", "reconstruction", "pasted"]
+    fig, axes = plt.subplots(len(images), 4, figsize=(8, 2 * len(images)), squeeze=False)
+    for row in range(len(images)):
+        for col, key in enumerate(keys):
+            pixels = denormalize(out[key][row : row + 1])[0]
+            if key == "masked":
+                keep = (out["masked"][row : row + 1].abs().sum(1, keepdim=True) > 0).float()
+                pixels = pixels * keep[0] + 0.5 * (1 - keep[0])
+            axes[row][col].imshow(pixels.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+            axes[row][col].axis("off")
+            if row == 0:
+                axes[row][col].set_title(titles[col], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

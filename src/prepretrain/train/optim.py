@@ -1,0 +1,65 @@
+"""Optimizer parameter groups and the learning-rate schedule of the MAE reference recipe."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# Parameters that are embeddings or tokens, not weights: never decayed.
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "reg_token", "dist_token",
+                  "logit_scale", "position_embedding", "positional_embedding")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Weight decay applies to matrices only: not to biases, norms, tokens or position embeddings."""
+    leaf = name.split(".")[-1]
+    return param.ndim > 1 and not name.endswith(".bias") and leaf not in NO_DECAY_NAMES and not any(
+        part in NO_DECAY_NAMES for part in name.split(".")
+    )
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scale: Callable[[str], float] | None = None,
+) -> list[dict]:
+    """AdamW groups by (decay or not, lr scale); ``lr_scale(name)`` gives layer-wise decay."""
+    groups: dict[tuple[bool, float], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = decays(name, param)
+        scale = lr_scale(name) if lr_scale else 1.0
+        group = groups.setdefault(
+            (decay, scale),
+            {"params": [], "names": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale},
+        )
+        group["params"].append(param)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], device: torch.device):
+    """AdamW; fused on CUDA where available (one kernel for all parameters)."""
+    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    kwargs = {"lr": lr, "betas": tuple(betas)}
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(clean, **kwargs)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Per-iteration linear warmup from 0, then half-cycle cosine down to ``min_lr``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
