@@ -1,0 +1,248 @@
+"""Turn whatever bytes a user has into an RGB ``PIL.Image``, or a counted ``BadSample``.
+
+Real image collections are messy: scraped JPEGs cut off mid-download, text files named
+``.jpg``, CMYK print scans, 16-bit PNGs, logos with alpha, phone photos stored sideways with
+an EXIF orientation tag, and the occasional decompression bomb. Every source funnels its
+bytes through :func:`load_image` so that all of them are handled the same way and every
+failure becomes a ``BadSample`` with a short, countable ``reason``:
+
+=================  ===================================================================
+``missing_file``   the path does not exist
+``empty``          zero bytes
+``not_image``      Pillow cannot identify it and it has no known image signature
+``unreadable``     it looks like an image (signature or header) but cannot be decoded
+``truncated``      the image data ends early
+``too_large``      more pixels than ``max_pixels`` (decompression-bomb guard)
+``unsupported_mode``  a pixel mode with no sensible RGB conversion
+=================  ===================================================================
+
+Decoding is the data-pipeline bottleneck (REFERENCE.md section 7: ~400-900 JPEG/s per
+core), so :func:`load_image` also offers JPEG *draft mode*: with ``min_size_hint`` the
+libjpeg decoder scales by 1/2, 1/4 or 1/8 while decoding (DCT scaling), which is several
+times faster than a full decode followed by a resize when the training crop is small.
+
+Global Pillow state (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``) is
+never changed: a library that flips process-wide switches breaks its callers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from prepretrain.data.records import BadSample
+
+# Extensions :func:`image_files` lists (compared lower-cased). These are the formats Pillow
+# decodes without plugins and that appear in practice in photo collections; anything else in
+# a folder (READMEs, .txt captions, .json sidecars) is ignored rather than counted as bad.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+# Background for images with an alpha channel. Transparent pixels store arbitrary colour
+# values (often black or leftover garbage), so dropping alpha exposes noise; web images
+# with transparency (logos, product shots, stickers) are designed to be shown on a light
+# page, so compositing on white reproduces what a person saw when they tagged them.
+ALPHA_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+# Leading bytes of the formats we list. Used only to tell "this is not an image at all"
+# (a text file called .jpg) from "this is an image whose header is damaged".
+_SIGNATURES: tuple[bytes, ...] = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",  # PNG
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",  # BMP
+    b"II*\x00",  # TIFF little-endian
+    b"MM\x00*",  # TIFF big-endian
+)
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own error threshold (2 x MAX_IMAGE_PIXELS)
+_EXIF_ORIENTATION = 0x0112
+
+
+def _looks_like_image(data: bytes) -> bool:
+    if data.startswith(_SIGNATURES):
+        return True
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
+def _read_bytes(path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview, key: str) -> bytes:
+    if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        return bytes(path_or_bytes)
+    try:
+        with open(path_or_bytes, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError as error:
+        raise BadSample(key, "missing_file", str(path_or_bytes)) from error
+    except IsADirectoryError as error:
+        raise BadSample(key, "not_image", "is a directory") from error
+    except OSError as error:  # permissions, I/O errors on flaky network filesystems
+        raise BadSample(key, "unreadable", f"{type(error).__name__}: {error}") from error
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale 16/32-bit integer and float greyscale to 8 bits instead of clipping.
+
+    Pillow's ``convert("RGB")`` clips ``I;16`` values above 255 to white, which turns most
+    16-bit images (medical, scientific, raw-derived PNGs) into a blank white frame.
+    ``I;16*`` is scaled by 1/257 (full 16-bit range); ``I`` is treated as 16-bit data when
+    it fits in [0, 65535] (how Pillow loads 16-bit PNG/TIFF) and otherwise min-max
+    normalised; ``F`` is taken as [0, 1] when it fits there, else min-max normalised.
+    """
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16"):
+        scaled = values / 257.0
+    else:
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+        if image.mode == "I" and low >= 0 and high <= 65535:
+            scaled = values / 257.0
+        elif image.mode == "F" and low >= 0 and high <= 1.0:
+            scaled = values * 255.0
+        elif high > low:
+            scaled = (values - low) * (255.0 / (high - low))
+        else:
+            scaled = np.zeros_like(values)
+    grey = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def to_rgb(image: Image.Image, key: str = "<image>") -> Image.Image:
+    """Convert any Pillow mode to RGB with the policy documented in this module.
+
+    Alpha (RGBA, LA, La, RGBa, PA and palette images with a ``transparency`` entry) is
+    composited on :data:`ALPHA_BACKGROUND` (white). CMYK, YCbCr, L, 1 and plain palette
+    images use Pillow's conversions; 16-bit and float greyscale are rescaled (see
+    :func:`_sixteen_bit_to_rgb`). ICC profiles are ignored: colour management costs more
+    than the decode and the model does not need it.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I") or mode == "F":
+        return _sixteen_bit_to_rgb(image)
+    has_alpha = (
+        mode in {"RGBA", "LA", "La", "RGBa", "PA"}
+        or (mode == "P" and "transparency" in image.info)
+        or (mode in {"L", "RGB"} and "transparency" in image.info)
+    )
+    try:
+        if has_alpha:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except (ValueError, OSError) as error:
+        raise BadSample(key, "unsupported_mode", f"{mode}: {error}") from error
+
+
+def _draft_request(min_size_hint: int) -> tuple[int, int]:
+    """The size to request from ``Image.draft`` so the shorter side stays >= the hint.
+
+    Pillow's JPEG ``draft`` picks the largest scale s in {8, 4, 2, 1} with
+    s <= min(W // w, H // h) and returns ceil(W / s) x ceil(H / s); asking for a square of
+    the hint therefore keeps both sides >= hint (ceil(side / s) >= side / s >= hint).
+    """
+    return (min_size_hint, min_size_hint)
+
+
+def load_image(
+    path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview,
+    key: str,
+    *,
+    min_size_hint: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decode a file path or encoded bytes into an upright RGB image.
+
+    ``min_size_hint``: for JPEGs, decode at a reduced size (1/2, 1/4 or 1/8) whose shorter
+    side is still >= the hint. Pass the smallest source resolution the transform needs,
+    e.g. ``crop_size / sqrt(min_crop_scale)`` for random-resized-crop, so no crop is ever
+    upsampled more than it would be from the full image. Other formats ignore it.
+
+    ``max_pixels``: images with more pixels (width x height, read from the header before
+    any pixel is decoded) raise ``BadSample(reason="too_large")``. Pillow's own global
+    guard (``Image.MAX_IMAGE_PIXELS``) still applies first and is also reported as
+    ``too_large``; to accept bigger images raise that global in your program, this
+    function never changes it.
+
+    Raises ``BadSample`` (see the module docstring for reasons); never returns a partial
+    (truncated) image, because a grey band in a training image is a silent corruption.
+    """
+    data = _read_bytes(path_or_bytes, key)
+    if not data:
+        raise BadSample(key, "empty")
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own limit below; Pillow's warning band (MAX_IMAGE_PIXELS to 2x)
+            # would otherwise print once per large image.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise BadSample(key, "too_large", str(error)) from error
+    except UnidentifiedImageError as error:
+        reason = "unreadable" if _looks_like_image(data) else "not_image"
+        raise BadSample(key, reason, "cannot identify image") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise BadSample(key, "unreadable", f"{type(error).__name__}: {error}") from error
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadSample(key, "too_large", f"{width}x{height} > {max_pixels} pixels")
+    if width == 0 or height == 0:
+        raise BadSample(key, "unreadable", f"zero-sized image {width}x{height}")
+
+    if min_size_hint and image.format in {"JPEG", "MPO"} and min(width, height) > min_size_hint:
+        # draft() must run before load(); it only changes how libjpeg decodes.
+        image.draft("RGB", _draft_request(int(min_size_hint)))
+
+    try:
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise BadSample(key, "too_large", str(error)) from error
+    except ValueError as error:
+        # Pillow raises ValueError("Decompressed Data Too Large") for zlib bombs in PNG text.
+        reason = "too_large" if "too large" in str(error).lower() else "unreadable"
+        raise BadSample(key, reason, str(error)) from error
+    except (OSError, SyntaxError, EOFError, IndexError, struct.error) as error:
+        reason = "truncated" if "truncated" in str(error).lower() else "unreadable"
+        raise BadSample(key, reason, f"{type(error).__name__}: {error}") from error
+
+    upright = image
+    try:
+        # Checking the tag first avoids exif_transpose's full-image copy for the common
+        # upright case (it returns image.copy() when there is nothing to do).
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in range(2, 9):
+            upright = ImageOps.exif_transpose(image)
+    except Exception:  # a broken EXIF block must not cost an otherwise good image
+        upright = image
+    return to_rgb(upright, key)
+
+
+def image_files(root: str | os.PathLike) -> list[Path]:
+    """All image files under ``root`` (recursively), sorted by relative path.
+
+    Hidden files and hidden directories (name starting with ``.``) are skipped: they are
+    editor backups, ``.DS_Store``/``._foo.jpg`` macOS resource forks and VCS internals,
+    never training data. The order is by POSIX relative path so it is identical on every
+    machine and filesystem, which sample indices (and resume positions) depend on.
+    Symlinked files are listed; symlinked directories are not followed (no cycles).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a directory: {root}")
+    found: list[tuple[str, Path]] = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = [name for name in subdirs if not name.startswith(".")]
+        for name in files:
+            if name.startswith("."):
+                continue
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                path = Path(directory, name)
+                found.append((path.relative_to(root).as_posix(), path))
+    found.sort(key=lambda item: item[0])
+    return [path for _, path in found]

@@ -1,0 +1,583 @@
+"""WebDataset tar shards: the format for datasets too big to list or to read file by file.
+
+Millions of small files are slow on every shared filesystem (one metadata round trip per
+image); a few thousand sequentially read tars are not. :func:`write_shards` converts any
+map-style source into shards, and :class:`ShardSource` streams them back as ``Record``
+objects, split across ranks and DataLoader workers so that no sample repeats within an
+epoch, resumable by skipping the samples a worker already consumed.
+
+Layout written here (readable by any WebDataset tool)::
+
+    out_dir/shard-000000.tar     000000000.jpg  000000000.json  000000001.png ...
+    out_dir/index.json           per-shard sample counts, class names, skip counts
+
+The tar member stem is the zero-padded source index, not the source key: WebDataset
+splits a member name at the *first* dot of its basename (``a.b.jpg`` is key ``a`` with
+extension ``b.jpg``), so real file names would silently merge or split samples. The
+original key travels in the ``.json`` member.
+
+``ShardSource`` also reads shards made by other tools: the image is the first member
+among ``jpg jpeg png webp bmp gif tif tiff``; annotations come from ``json`` (``hashtags``,
+``caption``, ``labels``, ``key``), falling back to the WebDataset conventions ``txt``
+(caption) and ``cls`` (integer label, task ``label``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import braceexpand
+from PIL import Image
+from webdataset import TarWriter, gopen
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from prepretrain.data.decode import DEFAULT_MAX_PIXELS, load_image
+from prepretrain.data.records import BadSample, Record, SkipCounter
+from prepretrain.data.sources import Annotation, num_classes_of, split_hashtags
+
+SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "prepretrain-shards/1"
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- naming shards --------------------------------------------------------------------------
+
+
+def expand_shard_spec(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard URLs from a list, a directory, ``a::b`` lists and brace patterns.
+
+    ``shards-{000000..000009}.tar`` expands to ten names (``braceexpand``, as WebDataset
+    does); a directory expands to its ``.tar``/``.tgz``/``.tar.gz`` files in sorted order.
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return [os.fspath(item) for item in spec]
+    urls: list[str] = []
+    for part in os.fspath(spec).split("::"):
+        for url in braceexpand.braceexpand(part):
+            if _is_local(url) and Path(_local_path(url)).is_dir():
+                directory = Path(_local_path(url))
+                urls.extend(
+                    str(path)
+                    for path in sorted(directory.iterdir())
+                    if path.is_file() and path.name.lower().endswith(SHARD_SUFFIXES)
+                )
+            else:
+                urls.append(url)
+    return urls
+
+
+def _is_local(url: str) -> bool:
+    scheme = urlparse(url).scheme
+    return scheme in ("", "file") or len(scheme) == 1  # len 1: a Windows drive letter
+
+
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
+def _open_shard(url: str):
+    """Open a shard for reading. Local files are opened directly rather than through
+    ``webdataset.gopen``, which refuses local paths when ``WDS_SECURE=1`` is set."""
+    if _is_local(url):
+        return open(_local_path(url), "rb")
+    return gopen(url, "rb")
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def _original_bytes(source: Any, index: int, key: str) -> tuple[str, bytes] | None:
+    """The file's own bytes when they are JPEG or PNG: no re-encode, no quality loss."""
+    path_of = getattr(source, "path_of", None)
+    if path_of is None:
+        return None
+    try:
+        data = Path(path_of(index)).read_bytes()
+    except OSError as error:
+        raise BadSample(key, "unreadable", str(error)) from error
+    if data.startswith(_JPEG_MAGIC):
+        return "jpg", data
+    if data.startswith(_PNG_MAGIC):
+        return "png", data
+    return None  # GIF/BMP/TIFF/WebP: re-encoded below so every shard member is jpg or png
+
+
+def _encode(image: Image.Image, image_format: str) -> tuple[str, bytes]:
+    buffer = io.BytesIO()
+    if image_format == "jpg":
+        image.save(buffer, format="JPEG", quality=95)
+    else:
+        image.save(buffer, format="PNG", compress_level=3)
+    return image_format, buffer.getvalue()
+
+
+def _label_space(source: Any) -> dict[str, int]:
+    """Classes per task, from ``num_classes_by_task`` or ``num_classes(task)`` per named task."""
+    known = dict(getattr(source, "num_classes_by_task", None) or {})
+    method = getattr(source, "num_classes", None)
+    for task in getattr(source, "class_names", None) or {}:
+        if task not in known and callable(method):
+            known[task] = int(method(task))
+    return known
+
+
+def write_shards(
+    source: Any,
+    out_dir: str | os.PathLike,
+    *,
+    samples_per_shard: int = 1000,
+    prefix: str = "shard",
+    image_format: str = "png",
+    overwrite: bool = False,
+    skips: SkipCounter | None = None,
+    verbose: bool = True,
+) -> list[Path]:
+    """Convert a map-style source into WebDataset shards plus ``index.json``; returns the shards.
+
+    Every record is decoded once (so bad samples are found and skipped here, counted in
+    ``skips`` and in ``index.json``, rather than at training time). Files that are already
+    JPEG or PNG are copied byte for byte; anything else (GIF, BMP, TIFF, WebP, or a source
+    with no files such as the synthetic set) is encoded as ``image_format`` (``"png"``,
+    lossless, or ``"jpg"``, quality 95). Each shard is written to a temporary name and
+    renamed when complete, and ``index.json`` is written last, so an interrupted
+    conversion never leaves a short shard that looks finished. Existing shards with the
+    same prefix are an error unless ``overwrite=True`` (which deletes them), because stale
+    extra shards from an earlier, larger run would otherwise be read as part of the set.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    image_format = {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
+    if image_format not in ("png", "jpg"):
+        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob(f"{prefix}-*.tar"))
+    if existing:
+        if not overwrite:
+            raise FileExistsError(f"{out} already has {len(existing)} '{prefix}-*.tar' shards (pass overwrite=True)")
+        for path in existing:
+            path.unlink()
+        (out / INDEX_NAME).unlink(missing_ok=True)
+
+    counter = skips if skips is not None else SkipCounter()
+    shards: list[Path] = []
+    counts: list[int] = []
+    handle = writer = None
+    temporary = final = None
+
+    def finish_shard() -> None:
+        nonlocal handle, writer
+        if writer is not None:
+            writer.close()
+            handle.close()
+            os.replace(temporary, final)
+            shards.append(final)
+        handle = writer = None
+
+    try:
+        for index in range(len(source)):
+            try:
+                record = source.get(index)
+                member = _original_bytes(source, index, record.key) or _encode(record.image, image_format)
+            except BadSample as error:
+                counter.skip(error)
+                continue
+            counter.ok()
+            if writer is None or counts[-1] >= samples_per_shard:
+                finish_shard()
+                final = out / f"{prefix}-{len(shards):06d}.tar"
+                temporary = final.with_name(final.name + ".tmp")
+                handle = open(temporary, "wb")
+                writer = TarWriter(handle, encoder=False, mtime=0)  # fixed mtime: reproducible tars
+                counts.append(0)
+            meta = {
+                "key": record.key,
+                "index": index,
+                "hashtags": list(record.hashtags),
+                "caption": record.caption,
+                "labels": dict(record.labels),
+            }
+            extension, data = member
+            writer.write(
+                {
+                    "__key__": f"{index:09d}",
+                    extension: data,
+                    "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+                }
+            )
+            counts[-1] += 1
+        finish_shard()
+    finally:
+        if handle is not None:  # an exception mid-shard: drop the partial file
+            handle.close()
+            Path(temporary).unlink(missing_ok=True)
+
+    index_content = {
+        "format": INDEX_FORMAT,
+        "prefix": prefix,
+        "total": sum(counts),
+        "shards": [{"name": path.name, "count": count} for path, count in zip(shards, counts)],
+        "skipped": dict(counter.skipped),
+        "class_names": dict(getattr(source, "class_names", {}) or {}),
+        "num_classes": _label_space(source),
+    }
+    index_path = out / INDEX_NAME
+    index_temporary = index_path.with_name(INDEX_NAME + ".tmp")
+    index_temporary.write_text(json.dumps(index_content, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(index_temporary, index_path)
+    if verbose:
+        skipped = ", ".join(f"{reason}={number}" for reason, number in sorted(counter.skipped.items())) or "none"
+        print(f"wrote {sum(counts)} samples to {len(shards)} shards in {out} (skipped: {skipped})")
+    return shards
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -((-numerator) // denominator)
+
+
+def _kept_in_range(start: int, count: int, slot: int, slots: int) -> int:
+    """How many positions p in [start, start + count) have p % slots == slot."""
+    return _ceil_div(start + count - slot, slots) - _ceil_div(start - slot, slots)
+
+
+def _tail_problem(stream: Any) -> str | None:
+    """Why the archive did not end cleanly, or ``None``. See ``ShardSource._raw_samples``."""
+    try:
+        for chunk in iter(lambda: stream.read(1 << 16), b""):
+            if chunk.count(0) != len(chunk):
+                return "data after the point where the tar reader stopped (damaged member header)"
+        if not (hasattr(stream, "fileno") and stream.seekable()):
+            return None
+        size = os.fstat(stream.fileno()).st_size
+        if size % 512:
+            return f"size {size} is not a multiple of 512 bytes (truncated)"
+        if size < 1024:
+            return "no end-of-archive marker (truncated)"
+        stream.seek(size - 1024)
+        if stream.read(1024).count(0) != 1024:
+            return "no end-of-archive marker (truncated)"
+    except (OSError, ValueError):  # pipes and remote streams: nothing more to check
+        return None
+    return None
+
+
+class ShardSource:
+    """An iterable source over WebDataset tar shards (local paths or any ``gopen`` URL).
+
+    Not map-style: shards are read sequentially, so there is no ``get``. Use
+    :meth:`iter_records` with the rank/worker/epoch of the caller. ``len()`` works when an
+    ``index.json`` (written by :func:`write_shards`) lists every shard; ``num_samples`` is
+    ``None`` otherwise. ``skips`` counts skipped samples by reason in *this* process (each
+    DataLoader worker has its own copy, to be reported back by the loader); a shard that
+    cannot be read to the end is counted once under ``broken_shard`` (or ``missing_shard``)
+    without adding to ``skips.seen``, so ``seen`` stays a count of samples.
+    """
+
+    def __init__(
+        self,
+        urls: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        min_size_hint: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        seed: int = 0,
+        index: str | os.PathLike | None = None,
+    ):
+        self.urls = expand_shard_spec(urls)
+        if not self.urls:
+            raise ValueError(f"no shards found for {os.fspath(urls) if isinstance(urls, (str, os.PathLike)) else urls}")
+        self.min_size_hint = min_size_hint
+        self.max_pixels = max_pixels
+        self.seed = seed
+        self.epoch = 0
+        self.skips = SkipCounter()
+        self.counts: list[int | None] = [None] * len(self.urls)
+        self.class_names: dict[str, list[str]] = {}
+        self.num_classes_by_task: dict[str, int] = {}
+        self._read_index(Path(index) if index is not None else None)
+
+    def _read_index(self, index_path: Path | None) -> None:
+        if index_path is None:
+            first = self.urls[0]
+            if not _is_local(first):
+                return
+            index_path = Path(_local_path(first)).parent / INDEX_NAME
+        if not index_path.is_file():
+            return
+        content = json.loads(index_path.read_text(encoding="utf-8"))
+        by_name = {entry["name"]: int(entry["count"]) for entry in content.get("shards", [])}
+        directory = index_path.parent.resolve()
+        for position, url in enumerate(self.urls):
+            if _is_local(url) and Path(_local_path(url)).parent.resolve() == directory:
+                self.counts[position] = by_name.get(Path(_local_path(url)).name)
+        self.class_names = {task: list(names) for task, names in content.get("class_names", {}).items()}
+        self.num_classes_by_task = {task: int(number) for task, number in content.get("num_classes", {}).items()}
+
+    @property
+    def num_samples(self) -> int | None:
+        """Total samples if ``index.json`` knows every shard, else ``None``."""
+        if any(count is None for count in self.counts):
+            return None
+        return sum(self.counts)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        total = self.num_samples
+        if total is None:
+            raise TypeError("the number of samples is unknown (no index.json lists these shards)")
+        return total
+
+    def __bool__(self) -> bool:  # len() may raise; an existing source is always truthy
+        return True
+
+    def __repr__(self) -> str:
+        return f"ShardSource({len(self.urls)} shards, {self.num_samples} samples)"
+
+    def num_classes(self, task: str) -> int:
+        """Classes of a label task, from ``index.json`` (same call as ``SyntheticSource``)."""
+        return num_classes_of(self, task)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch :meth:`__iter__` uses (as with ``DistributedSampler.set_epoch``)."""
+        self.epoch = epoch
+
+    def shard_order(self, epoch: int = 0, seed: int = 0, shuffle: bool = True) -> list[int]:
+        """Shard indices in the order of an epoch: the same on every rank and worker."""
+        order = list(range(len(self.urls)))
+        if shuffle:
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    # -- raw tar access -------------------------------------------------------------------
+    def _raw_samples(self, shard: int) -> Iterator[dict[str, Any]]:
+        """Grouped tar members of one shard; a shard that is not read to its end is counted.
+
+        Python's streaming tar reader treats a damaged or cut-off member header as the end
+        of the archive *without an error*, so the samples after it would vanish silently.
+        After the last sample we therefore also check the count in ``index.json``, that
+        nothing but zero padding follows where the reader stopped, and (local files) that
+        the file ends with the end-of-archive marker every tar writer emits on close.
+        """
+        url = self.urls[shard]
+        errors: list[str] = []
+
+        def handler(error: BaseException) -> bool:
+            detail = str(error.args[0]) if error.args else ""
+            message = f"{type(error).__name__}: {detail.split(' @ ')[0]}"
+            if message not in errors:
+                errors.append(message)
+            return True  # keep going: one bad member or a cut-off tail must not stop training
+
+        try:
+            stream = _open_shard(url)
+        except OSError as error:
+            self._count_shard_problem(url, "missing_shard", str(error))
+            return
+        read = 0
+        with stream:
+            files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+            for sample in group_by_keys(files, handler=handler):
+                read += 1
+                yield sample
+            if not errors:
+                tail = _tail_problem(stream)
+                if tail:
+                    errors.append(tail)
+        expected = self.counts[shard]
+        if expected is not None and read != expected:
+            errors.append(f"read {read} of {expected} samples listed in {INDEX_NAME}")
+        if errors:
+            self._count_shard_problem(url, "broken_shard", "; ".join(errors))
+
+    def _count_shard_problem(self, url: str, reason: str, detail: str) -> None:
+        self.skips.skipped[reason] += 1
+        self.skips.examples.setdefault(reason, f"{url}: {detail}")
+
+    def _assigned_samples(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        worker_id: int,
+        num_workers: int,
+        epoch: int,
+        seed: int,
+        skip: int,
+        shuffle: bool,
+    ) -> Iterator[dict[str, Any]]:
+        if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
+            raise ValueError(f"bad split: rank {rank}/{world_size}, worker {worker_id}/{num_workers}")
+        if skip < 0:
+            raise ValueError(f"skip must be >= 0, got {skip}")
+        order = self.shard_order(epoch, seed, shuffle)
+        slots = world_size * num_workers
+        slot = rank * num_workers + worker_id
+        if len(order) >= slots:
+            # Whole shards per (rank, worker): each tar is read by exactly one reader.
+            for shard in order[slot::slots]:
+                count = self.counts[shard]
+                if count is not None and skip >= count:
+                    skip -= count  # resume without opening shards that were fully consumed
+                    continue
+                for sample in self._raw_samples(shard):
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield sample
+            return
+        # Fewer shards than readers: every reader streams all shards and keeps every
+        # slots-th sample. Reading bytes is cheap next to decoding, which only the owner does.
+        start = 0
+        for shard in order:
+            count = self.counts[shard]
+            if count is not None:
+                kept = _kept_in_range(start, count, slot, slots)
+                if skip >= kept:
+                    skip -= kept
+                    start += count
+                    continue
+            position = start
+            for sample in self._raw_samples(shard):
+                if position % slots == slot:
+                    if skip:
+                        skip -= 1
+                    else:
+                        yield sample
+                position += 1
+            start = position
+
+    # -- records --------------------------------------------------------------------------
+    def _annotation(self, sample: dict[str, Any]) -> Annotation:
+        shard_name = Path(_local_path(sample.get("__url__", ""))).name
+        fallback_key = f"{shard_name}/{sample['__key__']}"
+        meta: dict[str, Any] = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"].decode("utf-8", errors="replace"))
+            except json.JSONDecodeError as error:
+                raise BadSample(fallback_key, "bad_json", error.msg) from None
+            if not isinstance(meta, dict):
+                raise BadSample(fallback_key, "bad_json", "not an object")
+        key = str(meta.get("key") or fallback_key)
+        hashtags = meta.get("hashtags") or []
+        if isinstance(hashtags, str):
+            hashtags = split_hashtags(hashtags)
+        caption = meta.get("caption")
+        if caption is None and "txt" in sample:
+            caption = sample["txt"].decode("utf-8", errors="replace")
+        labels = meta.get("labels")
+        try:
+            if labels is None and "cls" in sample:
+                labels = {"label": int(sample["cls"].decode("ascii", errors="replace").strip())}
+            labels = {str(task): int(value) for task, value in (labels or {}).items() if value is not None}
+        except (TypeError, ValueError, AttributeError):
+            raise BadSample(key, "bad_json", f"labels must map task -> int, got {labels!r}") from None
+        return Annotation(key=key, hashtags=[str(tag) for tag in hashtags], caption=str(caption or ""), labels=labels)
+
+    def _record(self, sample: dict[str, Any]) -> Record:
+        annotation = self._annotation(sample)
+        member = next((name for name in IMAGE_MEMBERS if name in sample), None)
+        if member is None:
+            raise BadSample(annotation.key, "missing_image", f"members: {sorted(k for k in sample if k[0] != '_')}")
+        image = load_image(sample[member], annotation.key, min_size_hint=self.min_size_hint, max_pixels=self.max_pixels)
+        return Record(
+            image=image,
+            key=annotation.key,
+            hashtags=annotation.hashtags,
+            caption=annotation.caption,
+            labels=annotation.labels,
+        )
+
+    def iter_records(
+        self,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        worker_id: int = 0,
+        num_workers: int = 1,
+        epoch: int = 0,
+        seed: int = 0,
+        skip: int = 0,
+        shuffle: bool = True,
+    ) -> Iterator[Record]:
+        """The records of one (rank, worker) reader for one epoch.
+
+        The shard list is shuffled by ``(seed, epoch)`` identically everywhere, then dealt
+        round-robin to the ``world_size * num_workers`` readers (reader ``rank *
+        num_workers + worker_id``), so within an epoch every sample is read by exactly one
+        reader. With fewer shards than readers, samples (not shards) are dealt round-robin.
+        Readers may get unequal counts when shards do; a DDP loop must stop all ranks at
+        the same step (e.g. after ``len(source) // world_size // batch`` steps).
+
+        ``skip``: the number of this reader's samples to pass over without decoding, for
+        resume. It counts samples, good or bad, i.e. records yielded plus samples skipped
+        as bad (``skips.seen`` of a fresh counter), so a resumed reader continues exactly
+        where the interrupted one stopped. Whole shards are skipped without being opened
+        when ``index.json`` gives their counts. ``shuffle=False`` keeps the shard order
+        (evaluation).
+        """
+        for sample in self._assigned_samples(
+            rank=rank,
+            world_size=world_size,
+            worker_id=worker_id,
+            num_workers=num_workers,
+            epoch=epoch,
+            seed=seed,
+            skip=skip,
+            shuffle=shuffle,
+        ):
+            try:
+                record = self._record(sample)
+            except BadSample as error:
+                self.skips.skip(error)
+                continue
+            self.skips.ok()
+            yield record
+
+    def iter_annotations(self) -> Iterator[Annotation]:
+        """Every sample's annotations in shard order, without decoding any image (statistics)."""
+        for shard in range(len(self.urls)):
+            for sample in self._raw_samples(shard):
+                try:
+                    yield self._annotation(sample)
+                except BadSample as error:
+                    self.skips.skip(error)
+
+    def __iter__(self) -> Iterator[Record]:
+        """Records for the calling process: rank from ``torch.distributed`` (if initialised),
+        worker from ``torch.utils.data.get_worker_info()``, epoch from :meth:`set_epoch`."""
+        import torch.distributed as dist
+        from torch.utils.data import get_worker_info
+
+        rank, world_size = 0, 1
+        if dist.is_available() and dist.is_initialized():
+            rank, world_size = dist.get_rank(), dist.get_world_size()
+        worker = get_worker_info()
+        yield from self.iter_records(
+            rank=rank,
+            world_size=world_size,
+            worker_id=worker.id if worker is not None else 0,
+            num_workers=worker.num_workers if worker is not None else 1,
+            epoch=self.epoch,
+            seed=self.seed,
+        )
+
+
+__all__ = [
+    "INDEX_NAME",
+    "SHARD_SUFFIXES",
+    "ShardSource",
+    "expand_shard_spec",
+    "write_shards",
+]

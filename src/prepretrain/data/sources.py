@@ -1,0 +1,666 @@
+"""Map-style sources over files users already have: image folders and manifests.
+
+Every source yields :class:`~prepretrain.data.records.Record` objects and raises
+``BadSample`` for a sample it cannot use, so the loader counts it instead of crashing.
+Listing is done once, at construction, and kept *compact*: paths and manifest rows live in
+one ``bytes`` blob plus a NumPy offset array rather than millions of Python strings/dicts.
+That matters twice: a list of 10M small objects costs GBs, and DataLoader workers forked
+from the main process touch every object's reference count, which copies the pages
+(copy-on-write) and multiplies that memory by the number of workers. A blob and an array
+are never written to after construction, so the pages stay shared.
+
+:func:`open_source` picks a source from a path so the CLI can take ``data=PATH``;
+:func:`describe_source` produces the statistics that ``prepretrain data stats`` prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from prepretrain.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_files, load_image
+from prepretrain.data.records import BadSample, Record, SkipCounter
+
+if TYPE_CHECKING:
+    from prepretrain.data.shards import ShardSource
+
+MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv")
+# Names a dataset directory uses for its splits; a directory that has some of them but not
+# the requested one is an error, not a silent fallback to "all images" (a val split that is
+# secretly the train set is the worst kind of evaluation bug).
+SPLIT_NAMES = ("train", "val", "validation", "test", "eval", "dev")
+_HASHTAG_SEPARATORS = re.compile(r"[\s,|]+")
+
+
+@dataclass
+class Annotation:
+    """Everything about a sample except its pixels: cheap to read for statistics."""
+
+    key: str
+    hashtags: list[str] = field(default_factory=list)
+    caption: str = ""
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+class PackedStrings:
+    """An immutable list of strings stored as one UTF-8 blob plus an int64 offset array.
+
+    Why not ``list[str]``: see the module docstring (memory and copy-on-write in workers).
+    Items are stored as raw bytes, so undecodable bytes survive until :meth:`text` decodes
+    them with ``errors="replace"``.
+    """
+
+    def __init__(self, items: Iterable[str | bytes]):
+        blob = bytearray()
+        ends: list[int] = []
+        for item in items:
+            blob += item.encode("utf-8") if isinstance(item, str) else item
+            ends.append(len(blob))
+        self._blob = bytes(blob)
+        self._offsets = np.zeros(len(ends) + 1, dtype=np.int64)
+        self._offsets[1:] = ends
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def raw(self, index: int) -> bytes:
+        return self._blob[self._offsets[index] : self._offsets[index + 1]]
+
+    def text(self, index: int) -> str:
+        return self.raw(index).decode("utf-8", errors="replace")
+
+    def __getitem__(self, index: int) -> str:
+        return self.text(index)
+
+
+def num_classes_of(source: Any, task: str) -> int:
+    """Classes of ``task`` for any source with ``num_classes_by_task`` or ``class_names``."""
+    known = dict(getattr(source, "num_classes_by_task", None) or {})
+    for name, names in (getattr(source, "class_names", None) or {}).items():
+        known[name] = max(known.get(name, 0), len(names))
+    if task not in known:
+        raise KeyError(f"unknown label task {task!r}; this source has {sorted(known)}")
+    return known[task]
+
+
+def _check_index(index: int, length: int) -> int:
+    if index < 0:
+        index += length
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for a source of {length} samples")
+    return index
+
+
+class _FileSource:
+    """Shared behaviour of sources whose samples are image files on disk."""
+
+    root: Path
+    class_names: dict[str, list[str]]
+    num_classes_by_task: dict[str, int]
+
+    def __init__(self, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.min_size_hint = min_size_hint
+        self.max_pixels = max_pixels
+
+    def num_classes(self, task: str) -> int:
+        """Classes of a label task (same call as ``SyntheticSource.num_classes``)."""
+        return num_classes_of(self, task)
+
+    def __len__(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def entry(self, index: int) -> tuple[Annotation, Path]:  # pragma: no cover - overridden
+        """Annotation and file of sample ``index``, without decoding anything."""
+        raise NotImplementedError
+
+    def annotation(self, index: int) -> Annotation:
+        """Everything but the pixels: what statistics and hashtag vocabularies read."""
+        return self.entry(index)[0]
+
+    def path_of(self, index: int) -> Path:
+        """The file holding sample ``index`` (``write_shards`` copies its original bytes)."""
+        return self.entry(index)[1]
+
+    def get(self, index: int) -> Record:
+        """Decode sample ``index``; raises ``BadSample`` if its file is missing or unusable."""
+        annotation, path = self.entry(index)
+        image = load_image(path, annotation.key, min_size_hint=self.min_size_hint, max_pixels=self.max_pixels)
+        return Record(
+            image=image,
+            key=annotation.key,
+            hashtags=annotation.hashtags,
+            caption=annotation.caption,
+            labels=annotation.labels,
+        )
+
+    __getitem__ = get
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r}, {len(self)} samples)"
+
+
+class FolderSource(_FileSource):
+    """Unlabeled images anywhere under ``root`` (nested folders, mixed formats).
+
+    The input of MAE pre-pretraining: pixels only, so hashtags, caption and labels are empty.
+    The key of a sample is its POSIX path relative to ``root``.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ):
+        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels)
+        self.root = Path(root)
+        files = image_files(self.root)
+        if not files:
+            raise ValueError(
+                f"no images under {self.root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}, hidden files skipped)"
+            )
+        self._paths = PackedStrings(path.relative_to(self.root).as_posix() for path in files)
+        self.class_names = {}
+        self.num_classes_by_task = {}
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def entry(self, index: int) -> tuple[Annotation, Path]:
+        relative = self._paths.text(_check_index(index, len(self)))
+        return Annotation(key=relative), self.root / relative
+
+
+class ImageFolderSource(_FileSource):
+    """The torchvision ImageFolder layout, ``root/<class>/**/<image>``, as labels ``{"label": i}``.
+
+    Classes are the sorted names of the non-hidden immediate subdirectories (torchvision's
+    order, so class indices agree with models trained on it); images may be nested deeper
+    inside a class directory. Empty class directories keep their index, so adding images
+    to one later does not renumber the others. Files directly in ``root`` are ignored.
+    """
+
+    def __init__(
+        self, root: str | os.PathLike, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+    ):
+        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels)
+        self.root = Path(root)
+        classes = sorted(
+            entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
+        )
+        if not classes:
+            raise ValueError(f"{self.root}: an image-folder dataset needs one subdirectory per class")
+        relative: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(classes):
+            for path in image_files(self.root / name):
+                relative.append(path.relative_to(self.root).as_posix())
+                labels.append(label)
+        if not relative:
+            raise ValueError(f"no images in the class directories of {self.root}")
+        self._paths = PackedStrings(relative)
+        self._labels = np.asarray(labels, dtype=np.int32)
+        self.class_names = {"label": classes}
+        self.num_classes_by_task = {"label": len(classes)}
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def entry(self, index: int) -> tuple[Annotation, Path]:
+        index = _check_index(index, len(self))
+        relative = self._paths.text(index)
+        return Annotation(key=relative, labels={"label": int(self._labels[index])}), self.root / relative
+
+
+def split_hashtags(text: str) -> list[str]:
+    """Hashtags from one string: separated by whitespace, commas or ``|`` (CSV manifests)."""
+    return [tag for tag in _HASHTAG_SEPARATORS.split(text) if tag]
+
+
+class ManifestSource(_FileSource):
+    """Images listed in a JSONL or CSV manifest, with hashtags, captions and labels.
+
+    JSONL (``.jsonl``/``.ndjson``), one object per line::
+
+        {"path": "img/0001.jpg", "hashtags": ["#dog", "beach"], "caption": "...",
+         "labels": {"coarse": 3, "fine": 17}}
+
+    CSV (``.csv``; ``.tsv`` is tab-separated), with a header row: ``path`` (required),
+    ``hashtags`` (one string split on whitespace, commas or ``|``), ``caption``, and label
+    columns ``label`` (task ``label``) or ``label_<task>`` (task ``<task>``) holding
+    integers, empty for "no label". Other columns are ignored.
+
+    ``path`` is relative to the manifest's directory, or absolute. Files are *not* checked
+    at construction (a stat per row is minutes on network storage for millions of rows): a
+    missing file is ``BadSample(reason="missing_file")`` when the sample is read. Rows are
+    validated at construction, so a malformed line fails before any compute with
+    ``file:line``. Bytes that are not UTF-8 are decoded with replacement characters: a
+    mangled caption is still a usable image.
+
+    Class names come from ``class_names=``, else from ``classes.json`` next to the manifest
+    (``{"class_names": {task: [...]}}``, as :func:`~prepretrain.data.synthetic.write_synthetic`
+    writes, or ``{task: [...]}``), else are empty; ``num_classes(task)`` is the larger of
+    their count and the largest label seen + 1.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        min_size_hint: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        class_names: dict[str, list[str]] | None = None,
+    ):
+        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels)
+        self.path = Path(path)
+        self.root = self.path.parent
+        suffix = self.path.suffix.lower()
+        if suffix not in MANIFEST_SUFFIXES:
+            raise ValueError(f"{self.path}: a manifest must end in one of {MANIFEST_SUFFIXES}")
+        data = self.path.read_bytes()
+        max_label: dict[str, int] = {}
+        if suffix in (".jsonl", ".ndjson"):
+            rows = self._read_jsonl(data, max_label)
+        else:
+            rows = self._read_csv(data, "\t" if suffix == ".tsv" else ",", max_label)
+        self._rows = PackedStrings(rows)
+        if not len(self._rows):
+            raise ValueError(f"{self.path}: the manifest lists no images")
+        self.class_names = dict(class_names) if class_names is not None else self._sidecar_class_names()
+        self.num_classes_by_task = {task: len(names) for task, names in self.class_names.items()}
+        for task, largest in max_label.items():
+            self.num_classes_by_task[task] = max(self.num_classes_by_task.get(task, 0), largest + 1)
+
+    # -- parsing (construction time) ---------------------------------------------------
+    def _fail(self, line: int, message: str) -> ValueError:
+        return ValueError(f"{self.path}:{line}: {message}")
+
+    def _validate(self, row: Any, line: int, max_label: dict[str, int]) -> None:
+        if not isinstance(row, dict):
+            raise self._fail(line, f"expected a JSON object, got {type(row).__name__}")
+        path = row.get("path")
+        if not isinstance(path, str) or not path:
+            raise self._fail(line, "missing or empty 'path'")
+        hashtags = row.get("hashtags", [])
+        if hashtags is not None and not isinstance(hashtags, (list, str)):
+            raise self._fail(line, "'hashtags' must be a list of strings (or one string)")
+        caption = row.get("caption", "")
+        if caption is not None and not isinstance(caption, str):
+            raise self._fail(line, "'caption' must be a string")
+        labels = row.get("labels", {})
+        if labels is None:
+            return
+        if not isinstance(labels, dict):
+            raise self._fail(line, "'labels' must be an object mapping task -> class index")
+        for task, value in labels.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise self._fail(line, f"label {task!r} must be a non-negative integer, got {value!r}")
+            max_label[task] = max(max_label.get(task, -1), value)
+
+    def _read_jsonl(self, data: bytes, max_label: dict[str, int]) -> Iterator[bytes]:
+        for number, raw in enumerate(data.splitlines(), start=1):
+            stripped = raw.strip()
+            if not stripped or stripped.startswith(b"#"):
+                continue
+            try:
+                row = json.loads(stripped.decode("utf-8", errors="replace"))
+            except json.JSONDecodeError as error:
+                raise self._fail(number, f"malformed JSON ({error.msg} at column {error.colno})") from None
+            self._validate(row, number, max_label)
+            yield stripped
+
+    def _read_csv(self, data: bytes, delimiter: str, max_label: dict[str, int]) -> Iterator[str]:
+        text = data.decode("utf-8-sig", errors="replace")
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [name.strip() for name in header]
+        if "path" not in header:
+            raise self._fail(1, f"the header needs a 'path' column, got {header}")
+        label_columns = {
+            name: ("label" if name == "label" else name[len("label_") :])
+            for name in header
+            if name == "label" or (name.startswith("label_") and len(name) > len("label_"))
+        }
+        column = {name: position for position, name in enumerate(header)}
+        for cells in reader:
+            number = reader.line_num
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) != len(header):
+                raise self._fail(number, f"expected {len(header)} columns, got {len(cells)}")
+            labels: dict[str, int] = {}
+            for name, task in label_columns.items():
+                value = cells[column[name]].strip()
+                if not value:
+                    continue
+                try:
+                    labels[task] = int(value)
+                except ValueError:
+                    raise self._fail(number, f"column {name!r} must be an integer, got {value!r}") from None
+            row = {
+                "path": cells[column["path"]].strip(),
+                "hashtags": split_hashtags(cells[column["hashtags"]]) if "hashtags" in column else [],
+                "caption": cells[column["caption"]] if "caption" in column else "",
+                "labels": labels,
+            }
+            self._validate(row, number, max_label)
+            yield json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+
+    def _sidecar_class_names(self) -> dict[str, list[str]]:
+        sidecar = self.root / "classes.json"
+        if not sidecar.is_file():
+            return {}
+        try:
+            content = json.loads(sidecar.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{sidecar}: malformed JSON ({error.msg})") from None
+        names = content.get("class_names", content) if isinstance(content, dict) else {}
+        return {str(task): [str(name) for name in values] for task, values in names.items() if isinstance(values, list)}
+
+    # -- access ------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __repr__(self) -> str:
+        return f"ManifestSource({str(self.path)!r}, {len(self)} samples)"
+
+    def entry(self, index: int) -> tuple[Annotation, Path]:
+        row = json.loads(self._rows.text(_check_index(index, len(self))))
+        hashtags = row.get("hashtags") or []
+        if isinstance(hashtags, str):
+            hashtags = split_hashtags(hashtags)
+        labels = {str(task): int(value) for task, value in (row.get("labels") or {}).items() if value is not None}
+        annotation = Annotation(
+            key=row["path"],
+            hashtags=[str(tag) for tag in hashtags],
+            caption=row.get("caption") or "",
+            labels=labels,
+        )
+        path = Path(row["path"])
+        return annotation, (path if path.is_absolute() else self.root / path)
+
+
+# -- choosing a source from a path ----------------------------------------------------------
+
+
+def _has_image(directory: Path) -> bool:
+    for _, subdirs, files in os.walk(directory):
+        subdirs[:] = [name for name in subdirs if not name.startswith(".")]
+        if any(not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in files):
+            return True
+    return False
+
+
+def _looks_like_image_folder(root: Path) -> bool:
+    """All non-hidden children are directories holding images, and no image sits in ``root``."""
+    children = [entry for entry in os.scandir(root) if not entry.name.startswith(".")]
+    directories = [Path(entry.path) for entry in children if entry.is_dir()]
+    loose_images = [
+        entry for entry in children if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+    ]
+    return bool(directories) and not loose_images and all(_has_image(path) for path in directories)
+
+
+def _shard_files(directory: Path) -> list[Path]:
+    from prepretrain.data.shards import SHARD_SUFFIXES
+
+    return sorted(path for path in directory.iterdir() if path.is_file() and path.name.lower().endswith(SHARD_SUFFIXES))
+
+
+def open_source(
+    spec: str | os.PathLike, *, split: str | None = None, kind: str | None = None, **kwargs: Any
+) -> FolderSource | ImageFolderSource | ManifestSource | ShardSource:
+    """Pick and build a source from a path (the CLI's ``data=PATH``).
+
+    Resolution, in order:
+
+    - a brace pattern (``shards-{000000..000009}.tar``), a ``.tar`` file, or a directory
+      holding ``.tar`` files -> :class:`~prepretrain.data.shards.ShardSource` (iterable);
+    - a ``.jsonl``/``.ndjson``/``.csv``/``.tsv`` file -> :class:`ManifestSource`;
+    - a directory with ``<split>.jsonl`` (or ``.csv``) -> that manifest; with a ``<split>/``
+      subdirectory -> resolved again inside it. If the directory has *other* splits but not
+      the requested one, that is an error rather than a fallback to every image in it;
+    - a directory whose immediate children are all directories with images ->
+      :class:`ImageFolderSource`;
+    - any other directory -> :class:`FolderSource`.
+
+    ``kind`` (``"folder"``, ``"imagefolder"``, ``"manifest"``, ``"shards"``) overrides the
+    guess for layouts that are ambiguous, e.g. ``photos/2023/...`` is *not* a class per
+    year. Other keyword arguments (``min_size_hint``, ``max_pixels``...) go to the source.
+    The string ``"synthetic"`` is handled by the caller, not here.
+    """
+    from prepretrain.data.shards import SHARD_SUFFIXES, ShardSource, expand_shard_spec
+
+    text = os.fspath(spec)
+    builders = {
+        "folder": FolderSource,
+        "imagefolder": ImageFolderSource,
+        "manifest": ManifestSource,
+        "shards": ShardSource,
+    }
+    if kind is not None:
+        if kind not in builders:
+            raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(builders)}")
+        return builders[kind](text, **kwargs)
+    if "{" in text and "}" in text:
+        expanded = expand_shard_spec(text)
+        return ShardSource(expanded, **kwargs)
+    path = Path(text)
+    if not path.exists():
+        raise FileNotFoundError(f"data source not found: {text}")
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith(SHARD_SUFFIXES):
+            return ShardSource(text, **kwargs)
+        if name.endswith(MANIFEST_SUFFIXES):
+            return ManifestSource(path, **kwargs)
+        raise ValueError(
+            f"{text}: cannot tell what this file is; expected a manifest {MANIFEST_SUFFIXES} or shards {SHARD_SUFFIXES}"
+        )
+    if split is not None:
+        for suffix in MANIFEST_SUFFIXES:
+            manifest = path / f"{split}{suffix}"
+            if manifest.is_file():
+                return ManifestSource(manifest, **kwargs)
+        if (path / split).is_dir():
+            return open_source(path / split, **kwargs)
+        present = sorted(
+            {
+                name
+                for name in SPLIT_NAMES
+                if (path / name).is_dir() or any((path / f"{name}{suffix}").is_file() for suffix in MANIFEST_SUFFIXES)
+            }
+        )
+        if present:
+            raise FileNotFoundError(f"{text} has splits {present} but no {split!r} split")
+    if _shard_files(path):
+        return ShardSource(text, **kwargs)
+    if _looks_like_image_folder(path):
+        return ImageFolderSource(path, **kwargs)
+    return FolderSource(path, **kwargs)
+
+
+# -- statistics -----------------------------------------------------------------------------
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"mean": 0.0, "min": 0.0, "median": 0.0, "max": 0.0}
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "mean": round(float(array.mean()), 3),
+        "min": float(array.min()),
+        "median": float(np.median(array)),
+        "max": float(array.max()),
+    }
+
+
+SIZE_BINS = (64, 128, 256, 512, 1024)
+
+
+def _size_bin(shorter_side: int) -> str:
+    lower = 0
+    for upper in SIZE_BINS:
+        if shorter_side < upper:
+            return f"<{upper}" if lower == 0 else f"{lower}-{upper - 1}"
+        lower = upper
+    return f">={SIZE_BINS[-1]}"
+
+
+def _sample_indices(length: int, limit: int, seed: int) -> list[int]:
+    if length <= limit:
+        return list(range(length))
+    return sorted(random.Random(seed).sample(range(length), limit))
+
+
+def describe_source(source: Any, *, max_images: int = 64, max_annotations: int = 200_000, seed: int = 0) -> dict:
+    """Statistics for ``prepretrain data stats``: what is in a dataset before training on it.
+
+    Annotation statistics (labels, hashtags, captions) cover every sample when the source
+    can read annotations without decoding pixels (manifests, folders, shards) and there are
+    at most ``max_annotations`` of them; otherwise a seeded random subset. Image sizes and
+    bad-sample counts come from decoding ``max_images`` samples (sizes are as decoded, so a
+    source built with ``min_size_hint`` reports reduced JPEG sizes). All keys are strings
+    and all values JSON-serialisable.
+    """
+    from prepretrain.data.shards import ShardSource
+
+    counter = SkipCounter()
+    annotations: list[Annotation] = []
+    sizes: list[tuple[int, int]] = []
+    try:
+        count: int | None = len(source)
+    except TypeError:
+        count = None
+
+    if isinstance(source, ShardSource):
+        # Use scratch counters so statistics neither pollute nor reset the source's own.
+        previous = source.skips
+        try:
+            source.skips = SkipCounter()
+            for annotation in source.iter_annotations():
+                annotations.append(annotation)
+                if len(annotations) >= max_annotations:
+                    break
+            source.skips = SkipCounter()
+            for record in source.iter_records():
+                sizes.append(record.image.size)
+                if len(sizes) >= max_images:
+                    break
+            counter.merge(source.skips)
+        finally:
+            source.skips = previous
+        annotation_scope = "all" if count is not None and len(annotations) == count else "first"
+    else:
+        if count is None:
+            raise TypeError(f"cannot describe {type(source).__name__}: it has no length")
+        image_indices = _sample_indices(count, max_images, seed)
+        records: list[Record] = []
+        for index in image_indices:
+            try:
+                record = source.get(index)
+            except BadSample as error:
+                counter.skip(error)
+                continue
+            counter.ok()
+            records.append(record)
+            sizes.append(record.image.size)
+        if hasattr(source, "annotation"):
+            annotation_indices = _sample_indices(count, max_annotations, seed)
+            annotations = [source.annotation(index) for index in annotation_indices]
+            annotation_scope = "all" if len(annotation_indices) == count else "random_subset"
+        else:
+            annotations = [Annotation(r.key, r.hashtags, r.caption, r.labels) for r in records]
+            annotation_scope = "decoded_sample"
+
+    label_counts: dict[str, Counter] = {}
+    hashtag_counter: Counter = Counter()
+    per_image_tags: list[float] = []
+    caption_chars: list[float] = []
+    caption_words: list[float] = []
+    for annotation in annotations:
+        for task, value in annotation.labels.items():
+            label_counts.setdefault(task, Counter())[value] += 1
+        per_image_tags.append(len(annotation.hashtags))
+        hashtag_counter.update(annotation.hashtags)
+        caption_chars.append(len(annotation.caption))
+        caption_words.append(len(annotation.caption.split()))
+
+    class_names = getattr(source, "class_names", {}) or {}
+    labels: dict[str, Any] = {}
+    for task, counts in sorted(label_counts.items()):
+        names = class_names.get(task, [])
+        labels[task] = {
+            "num_classes": max(len(names), max(counts) + 1),
+            "labeled": sum(counts.values()),
+            "counts": {
+                (names[index] if index < len(names) else str(index)): number for index, number in sorted(counts.items())
+            },
+        }
+
+    widths = [width for width, _ in sizes]
+    heights = [height for _, height in sizes]
+    histogram: dict[str, int] = {}
+    for width, height in sizes:
+        name = _size_bin(min(width, height))
+        histogram[name] = histogram.get(name, 0) + 1
+    return {
+        "type": type(source).__name__,
+        "count": count,
+        "annotations": {"scope": annotation_scope, "read": len(annotations)},
+        "class_names": {task: len(names) for task, names in class_names.items()},
+        "labels": labels,
+        "hashtags": {
+            "per_image": _summary(per_image_tags),
+            "images_without": sum(1 for number in per_image_tags if number == 0),
+            "unique": len(hashtag_counter),
+            "top": [[tag, number] for tag, number in hashtag_counter.most_common(10)],
+        },
+        "caption": {
+            "chars": _summary(caption_chars),
+            "words": _summary(caption_words),
+            "empty": sum(1 for number in caption_chars if number == 0),
+        },
+        "image_size": {
+            "decoded": len(sizes),
+            "width": _summary(widths),
+            "height": _summary(heights),
+            "aspect_ratio": _summary([round(w / h, 3) for w, h in sizes if h]),
+            "shorter_side_histogram": {name: histogram[name] for name in _ordered_bins() if name in histogram},
+        },
+        "skipped": counter.as_dict(),
+    }
+
+
+def _ordered_bins() -> list[str]:
+    names = []
+    lower = 0
+    for upper in SIZE_BINS:
+        names.append(f"<{upper}" if lower == 0 else f"{lower}-{upper - 1}")
+        lower = upper
+    names.append(f">={SIZE_BINS[-1]}")
+    return names
+
+
+__all__ = [
+    "Annotation",
+    "FolderSource",
+    "ImageFolderSource",
+    "ManifestSource",
+    "PackedStrings",
+    "describe_source",
+    "open_source",
+    "split_hashtags",
+]

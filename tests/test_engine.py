@@ -1,0 +1,167 @@
+"""The training loop: exact resume after SIGKILL, atomic checkpoints, the non-finite guard."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prepretrain.config import build_config
+from prepretrain.stages.mae import MAEConfig, MAEStage
+from prepretrain.train import checkpoint as ckpt
+from prepretrain.train.engine import NonFiniteLoss, train
+from prepretrain.train.optim import decays, lr_at, param_groups
+
+TINY = ["num_images=96", "batch_size=16", "steps=12", "ckpt_every=3", "log_every=1", "decoder_embed_dim=32",
+        "decoder_depth=1", "decoder_num_heads=2", "eval_images=16", "progress=false", "tensorboard=false",
+        "warmup_steps=2"]
+
+
+def tiny_cfg(out_dir: Path, *extra: str) -> MAEConfig:
+    return build_config(MAEConfig, None, [*TINY, f"out_dir={out_dir}", *extra])
+
+
+def mae_command(out_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "prepretrain.cli", "mae", *TINY, f"out_dir={out_dir}"]
+
+
+@pytest.mark.slow
+def test_sigkill_then_rerun_ends_with_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(mae_command(straight), check=True, env=env, capture_output=True, timeout=600)
+
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen(mae_command(resumed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = resumed / "checkpoints" / "step_00000006.pt"
+    deadline = time.time() + 300
+    while not target.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert target.exists() and not (resumed / "results.json").exists(), "the run must be killed part-way"
+
+    rerun = subprocess.run(mae_command(resumed), env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stdout
+    a = load_file(straight / "mae_full.safetensors")
+    b = load_file(resumed / "mae_full.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # metrics of the resumed run read like one run: each step once
+    steps = [r["step"] for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 12
+
+
+def test_run_directory_contents_and_loss_falls(tmp_path):
+    results = train(MAEStage(tiny_cfg(tmp_path / "run", "steps=20", "blr=5e-3")))
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "loss_curve.png", "reconstructions.png",
+                 "encoder.safetensors", "mae_full.safetensors"):
+        assert (run / name).exists(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    assert {"step", "loss", "lr", "samples_per_s"} <= set(logged[0])
+    assert logged[-1]["loss"] < logged[0]["loss"]
+    assert results["steps"] == 20 and "val_loss" in results
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000018.pt", "step_00000020.pt"] or len(
+        list((run / "checkpoints").iterdir())) == 2
+
+
+def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    checkpointer = ckpt.Checkpointer(tmp_path, keep_last=2)
+    checkpointer.save(1, {"x": torch.ones(2)})
+
+    def broken_save(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        checkpointer.save(2, {"x": torch.zeros(2)})
+    assert checkpointer.latest().name == "step_00000001.pt"
+    assert torch.equal(checkpointer.load(checkpointer.latest())["x"], torch.ones(2))
+
+
+def test_keep_last_rotates(tmp_path):
+    checkpointer = ckpt.Checkpointer(tmp_path, keep_last=2)
+    for step in range(1, 5):
+        checkpointer.save(step, {"step": step})
+    assert [p.name for p in checkpointer.all()] == ["step_00000003.pt", "step_00000004.pt"]
+
+
+class NaNStage(MAEStage):
+    """Loss becomes non-finite from step ``bad_from`` on (counted in forward calls)."""
+
+    def __init__(self, cfg, bad_from):
+        super().__init__(cfg)
+        self.calls = 0
+        self.bad_from = bad_from
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        self.calls += 1
+        if self.calls > self.bad_from:
+            loss = loss * float("nan")
+        return loss, metrics
+
+
+def test_nonfinite_losses_stop_the_run_without_saving_nan(tmp_path):
+    cfg = tiny_cfg(tmp_path / "nan", "max_nonfinite=2", "ckpt_every=1")
+    with pytest.raises(NonFiniteLoss, match="non-finite"):
+        train(NaNStage(cfg, bad_from=2))
+    saved = sorted((tmp_path / "nan" / "checkpoints").iterdir())
+    assert saved[-1].name == "step_00000004.pt"  # steps 3 and 4 were skipped, step 5 stopped the run
+    for value in torch.load(saved[-1], weights_only=True)["model"].values():
+        assert torch.isfinite(value).all()
+
+
+def test_skipped_nonfinite_step_leaves_weights_unchanged(tmp_path):
+    cfg = tiny_cfg(tmp_path / "one", "steps=3", "ckpt_every=1", "keep_last=5")
+
+    class OneBad(MAEStage):
+        calls = 0
+
+        def loss(self, model, batch):
+            loss, metrics = super().loss(model, batch)
+            type(self).calls += 1
+            return (loss * float("nan") if type(self).calls == 3 else loss), metrics
+
+    results = train(OneBad(cfg))
+    assert results["nonfinite_steps"] == 1
+    files = sorted((tmp_path / "one" / "checkpoints").iterdir())
+    two, three = (torch.load(f, weights_only=True)["model"] for f in files[1:3])
+    assert all(torch.equal(two[k], three[k]) for k in two)
+
+
+def test_weight_decay_groups_follow_reference():
+    from prepretrain.models.mae import create_mae
+
+    model = create_mae("vit_micro4", img_size=32, depth=1, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
+    groups = param_groups(model, 0.05)
+    no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert {"cls_token", "mask_token", "blocks.0.norm1.weight", "blocks.0.attn.qkv.bias"} <= no_decay
+    assert {"blocks.0.attn.qkv.weight", "patch_embed.proj.weight", "decoder_pred.weight"} <= decay
+    assert "pos_embed" not in decay | no_decay  # fixed, not trained
+    assert not decays("pos_embed", torch.zeros(1, 2, 3))
+
+
+def test_lr_schedule_warmup_then_half_cosine():
+    assert lr_at(0, 100, 10, 1.0) == 0.0
+    assert lr_at(5, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_blr_scales_with_global_batch():
+    assert build_config(MAEConfig, None, ["blr=1.5e-4", "batch_size=4096"]).peak_lr == pytest.approx(2.4e-3)
+    assert build_config(MAEConfig, None, ["lr=0.01", "batch_size=4096"]).peak_lr == 0.01
