@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from prepretrain.data.decode import load_image
+from prepretrain.data.decode import load_image, load_tensor, probe_image
 from prepretrain.data.records import BadSample
 from prepretrain.data.shards import ShardSource, write_shards
 from prepretrain.data.sources import FolderSource, ManifestSource
@@ -69,6 +70,29 @@ def test_bad_image_is_skipped_with_reason(tmp_path: Path, name: str, as_file: bo
         load_image(target, key=name)
     assert caught.value.reason == reason
     assert caught.value.key == name
+
+
+@pytest.mark.parametrize("name", sorted(SKIPPED))
+def test_tensor_decoding_skips_with_the_same_reason(name: str) -> None:
+    make, reason = SKIPPED[name]
+    with pytest.raises(BadSample) as caught:
+        load_tensor(make(), key=name)  # torchvision's decoder first, Pillow names the reason
+    assert (caught.value.reason, caught.value.key) == (reason, name)
+    with pytest.raises(BadSample) as caught:
+        probe_image(png_claiming_size(20_000, 20_000), "bomb")  # header checks before any GPU decode
+    assert caught.value.reason == "too_large"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tensor_decoding_applies_every_exif_orientation_like_pillow(orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(noise(40, 24, seed=orientation), "JPEG", quality=95, exif=exif.tobytes())
+    expected = np.asarray(load_image(data, "pil"))
+    assert probe_image(data, "x").upright_size == (expected.shape[1], expected.shape[0])
+    tensor = load_tensor(data, "tensor")
+    assert tensor.dtype == torch.uint8
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), expected)
 
 
 def png_claiming_size(width: int, height: int) -> bytes:

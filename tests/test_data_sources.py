@@ -269,7 +269,9 @@ def test_shards_split_across_ranks_and_workers_exactly_once(dataset: Path, sampl
 
 @pytest.mark.parametrize("with_index", [True, False])
 @pytest.mark.parametrize("samples_per_shard", [3, 10])
-def test_shard_skip_resumes_exactly(dataset: Path, with_index: bool, samples_per_shard: int) -> None:
+@pytest.mark.parametrize("shuffle_block", [0, 4])
+def test_shard_skip_resumes_exactly(dataset: Path, with_index: bool, samples_per_shard: int,
+                                    shuffle_block: int) -> None:
     write_shards(ManifestSource(dataset / "train.jsonl"), dataset / "s", samples_per_shard=samples_per_shard)
     if not with_index:
         (dataset / "s" / INDEX_NAME).unlink()
@@ -278,9 +280,33 @@ def test_shard_skip_resumes_exactly(dataset: Path, with_index: bool, samples_per
     for rank in range(2):
         for worker in range(2):
             split = dict(rank=rank, world_size=2, worker_id=worker, num_workers=2, epoch=1, seed=3)
-            full = reader_keys(source, **split)
+            full = reader_keys(source, shuffle_block=shuffle_block, **split)
+            assert source.reader_count(**split) == len(full)
+            assert sorted(full) == sorted(reader_keys(source, **split))  # the block shuffle only reorders
             for skip in range(len(full) + 2):
-                assert reader_keys(source, skip=skip, **split) == full[skip:]
+                assert reader_keys(source, skip=skip, shuffle_block=shuffle_block, **split) == full[skip:]
+
+
+def test_shuffle_block_mixes_samples_across_shard_boundaries(dataset: Path) -> None:
+    write_shards(ManifestSource(dataset / "train.jsonl"), dataset / "s", samples_per_shard=3, verbose=False)
+    source = ShardSource(dataset / "s")
+    plain = reader_keys(source, epoch=0, seed=1)
+    blocked = [reader_keys(source, epoch=epoch, seed=1, shuffle_block=6) for epoch in (0, 1)]
+    assert sorted(blocked[0]) == sorted(plain) and blocked[0] != plain
+    # each block of 6 holds the same samples as the unshuffled stream's block, permuted
+    for start in range(0, len(plain), 6):
+        assert sorted(blocked[0][start : start + 6]) == sorted(plain[start : start + 6])
+    assert blocked[0] != blocked[1]
+
+
+def test_write_shards_can_shuffle_the_sample_order(dataset: Path) -> None:
+    manifest = ManifestSource(dataset / "train.jsonl")
+    write_shards(manifest, dataset / "s", samples_per_shard=5, verbose=False, shuffle_seed=0)
+    keys = reader_keys(ShardSource(dataset / "s"), shuffle=False)
+    in_source_order = [manifest.get(index).key for index in range(len(manifest))]
+    assert sorted(keys) == sorted(in_source_order) and keys != in_source_order
+    write_shards(manifest, dataset / "t", samples_per_shard=5, verbose=False, shuffle_seed=0)
+    assert reader_keys(ShardSource(dataset / "t"), shuffle=False) == keys  # seeded: reproducible
 
 
 def test_shard_source_without_index_has_no_length(dataset: Path) -> None:

@@ -57,10 +57,16 @@ def _print_results(results: dict[str, Any]) -> None:
 
 
 def _commands() -> dict[str, dict[str, Any]]:
+    from .stages.finetune import FinetuneConfig, FinetuneStage
+    from .stages.lit import LiTConfig, LiTStage
     from .stages.mae import MAEConfig, MAEStage
+    from .stages.wsp import WSPConfig, WSPStage
 
     commands = {
         "mae": _training_command("mae", MAEConfig, MAEStage, "MAE pre-pretraining (masked autoencoder)"),
+        "finetune": _training_command("finetune", FinetuneConfig, FinetuneStage, "full finetuning on a labeled task"),
+        "wsp": _training_command("wsp", WSPConfig, WSPStage, "WSP: weakly supervised hashtag pretraining"),
+        "lit": _training_command("lit", LiTConfig, LiTStage, "LiT: train a text tower against a locked image tower"),
     }
     from . import commands as extra
 

@@ -10,6 +10,10 @@ import json
 from typing import Any
 
 from .config import build_config
+from .evaluate.commands import EVAL_COMMANDS
+from .evaluate.zeroshot import ZEROSHOT_COMMAND
+from .plan import PLAN_COMMAND
+from .train.checkpoint import EXPORT_COMMAND
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +60,8 @@ def _data_run(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["mae", "vit", "data"], help="mae/vit: model step; data: decoding pipeline")
+    parser.add_argument("what", choices=["mae", "vit", "data", "lit"],
+                        help="mae/vit: model step; data: decoding pipeline; lit: cached vs uncached LiT step")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.epilog = (
         "Examples:\n  prepretrain bench mae model=vit_b16 batch_size=64 device=cuda precision=bf16\n"
@@ -66,6 +71,11 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_run(args: argparse.Namespace) -> int:
+    if args.what == "lit":
+        from .stages.lit import LiTBenchConfig, print_lit_benchmark, run_lit_benchmark
+
+        print_lit_benchmark(run_lit_benchmark(build_config(LiTBenchConfig, None, args.overrides)))
+        return 0
     if args.what == "data":
         from .data.bench import BenchDataConfig, run_data_benchmark
 
@@ -82,4 +92,40 @@ COMMANDS: dict[str, dict[str, Any]] = {
     "data": {"help": "make, inspect and convert datasets", "add_arguments": _data_arguments, "run": _data_run},
     "bench": {"help": "throughput benchmarks (samples/s, TFLOP/s, MFU)", "add_arguments": _bench_arguments,
               "run": _bench_run},
+    **EVAL_COMMANDS,  # probe, lowshot, knn
+    "zeroshot": ZEROSHOT_COMMAND,
+    "plan": PLAN_COMMAND,
+    "export": EXPORT_COMMAND,
 }
+
+
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of pipeline keys (applied before overrides)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (stages, FLOPs, memory per GPU, time on gpus=N) and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.epilog = (
+        "Runs MAE; WSP from MAE; WSP from scratch (same budget); MAE alone; LiT on both WSP towers; and the\n"
+        "transfer suite for every encoder, over seeds; then writes report.md and report.html in out_dir.\n"
+        "Examples:\n  prepretrain pipeline\n  prepretrain pipeline seeds=0,1,2 out_dir=runs/pp3\n"
+        "  prepretrain pipeline --dry-run --config configs/pipeline_vit_b16.yaml gpus=64\n"
+    )
+
+
+def _pipeline_run(args: argparse.Namespace) -> int:
+    from .config import dump_config
+    from .pipeline import PipelineConfig, dry_run, run_pipeline
+
+    cfg = build_config(PipelineConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+    elif args.dry_run:
+        print(dry_run(cfg))
+    else:
+        run_pipeline(cfg)
+    return 0
+
+
+COMMANDS["pipeline"] = {"help": "MAE -> WSP -> transfer beside the baselines, over seeds, with a report",
+                        "add_arguments": _pipeline_arguments, "run": _pipeline_run}

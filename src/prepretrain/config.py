@@ -66,6 +66,7 @@ class TrainConfig:
     strategy: str = "auto"  # auto | none | ddp | fsdp
     compile: bool = False
     grad_checkpointing: bool = False
+    dist_timeout_s: float = 600.0  # collective timeout: a dead or stuck rank fails the job after this long
 
     def validate(self) -> None:
         positive = ["image_size", "batch_size", "log_every", "ckpt_every", "keep_last", "num_images"]
@@ -79,6 +80,8 @@ class TrainConfig:
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError("dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         if self.epochs <= 0 and self.steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or steps > 0")
         if not 0 <= self.max_bad_fraction <= 1:

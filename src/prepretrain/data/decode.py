@@ -21,6 +21,12 @@ core), so :func:`load_image` also offers JPEG *draft mode*: with ``min_size_hint
 libjpeg decoder scales by 1/2, 1/4 or 1/8 while decoding (DCT scaling), which is several
 times faster than a full decode followed by a resize when the training crop is small.
 
+:func:`load_tensor` is the same policy with a tensor result: plain JPEGs are decoded by
+libjpeg-turbo straight into a ``uint8`` tensor (``torchvision.io.decode_jpeg``), skipping
+Pillow's per-image overhead and its copy out of its own pixel storage, which together cost
+a third of a decode; everything else still goes through :func:`load_image`. Sources return
+such tensors when built with ``pixels="tensor"``.
+
 Global Pillow state (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``) is
 never changed: a library that flips process-wide switches breaks its callers.
 """
@@ -31,9 +37,11 @@ import io
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from prepretrain.data.records import BadSample
@@ -62,6 +70,8 @@ _SIGNATURES: tuple[bytes, ...] = (
 )
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own error threshold (2 x MAX_IMAGE_PIXELS)
+PIXEL_FORMATS = ("pil", "tensor")  # what sources return in Record.image: RGB PIL image or uint8 (3, H, W)
+FAST_JPEG_MODES = ("RGB", "L")  # JPEGs torchvision converts to RGB exactly as Pillow does
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -173,29 +183,8 @@ def load_image(
     Raises ``BadSample`` (see the module docstring for reasons); never returns a partial
     (truncated) image, because a grey band in a training image is a silent corruption.
     """
-    data = _read_bytes(path_or_bytes, key)
-    if not data:
-        raise BadSample(key, "empty")
-    try:
-        with warnings.catch_warnings():
-            # We enforce our own limit below; Pillow's warning band (MAX_IMAGE_PIXELS to 2x)
-            # would otherwise print once per large image.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as error:
-        raise BadSample(key, "too_large", str(error)) from error
-    except UnidentifiedImageError as error:
-        reason = "unreadable" if _looks_like_image(data) else "not_image"
-        raise BadSample(key, reason, "cannot identify image") from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise BadSample(key, "unreadable", f"{type(error).__name__}: {error}") from error
-
+    image = _open_checked(_read_bytes(path_or_bytes, key), key, max_pixels)
     width, height = image.size
-    if width * height > max_pixels:
-        raise BadSample(key, "too_large", f"{width}x{height} > {max_pixels} pixels")
-    if width == 0 or height == 0:
-        raise BadSample(key, "unreadable", f"zero-sized image {width}x{height}")
-
     if min_size_hint and image.format in {"JPEG", "MPO"} and min(width, height) > min_size_hint:
         # draft() must run before load(); it only changes how libjpeg decodes.
         image.draft("RGB", _draft_request(int(min_size_hint)))
@@ -221,6 +210,163 @@ def load_image(
     except Exception:  # a broken EXIF block must not cost an otherwise good image
         upright = image
     return to_rgb(upright, key)
+
+
+def _open_checked(data: bytes, key: str, max_pixels: int) -> Image.Image:
+    """Parse the header only (no pixel is decoded) and apply the size limits."""
+    if not data:
+        raise BadSample(key, "empty")
+    try:
+        with warnings.catch_warnings():
+            # We enforce our own limit below; Pillow's warning band (MAX_IMAGE_PIXELS to 2x)
+            # would otherwise print once per large image.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise BadSample(key, "too_large", str(error)) from error
+    except UnidentifiedImageError as error:
+        reason = "unreadable" if _looks_like_image(data) else "not_image"
+        raise BadSample(key, reason, "cannot identify image") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise BadSample(key, "unreadable", f"{type(error).__name__}: {error}") from error
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise BadSample(key, "too_large", f"{width}x{height} > {max_pixels} pixels")
+    if width == 0 or height == 0:
+        raise BadSample(key, "unreadable", f"zero-sized image {width}x{height}")
+    return image
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header of an encoded image says, before any pixel is decoded."""
+
+    format: str  # Pillow's format name: "JPEG", "PNG", ...
+    mode: str  # Pillow's mode of the stored pixels: "RGB", "L", "CMYK", ...
+    width: int  # as stored, before the EXIF orientation is applied
+    height: int
+    orientation: int  # EXIF orientation 1-8 (1 = upright; 5-8 swap width and height)
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) of the image as shown, after the EXIF orientation."""
+        return (self.height, self.width) if self.orientation in (5, 6, 7, 8) else (self.width, self.height)
+
+
+def probe_image(
+    path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview,
+    key: str,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ImageInfo:
+    """Read an image's header with the same checks as :func:`load_image`, decoding nothing.
+
+    For decoders other than Pillow (``torchvision.io.decode_jpeg`` on the GPU): they need
+    to know the format and mode before they start, must not be handed a decompression bomb,
+    and do not apply the EXIF orientation themselves. Raises the same ``BadSample`` reasons
+    as :func:`load_image` for everything a header reveals (``empty``, ``not_image``,
+    ``too_large``...); damage further in the file is found only by decoding.
+    """
+    image = _open_checked(_read_bytes(path_or_bytes, key), key, max_pixels)
+    try:
+        orientation = int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # a broken EXIF block: decode as stored, as load_image does
+        orientation = 1
+    if orientation not in range(1, 9):
+        orientation = 1
+    return ImageInfo(str(image.format), image.mode, image.size[0], image.size[1], orientation)
+
+
+def apply_orientation(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Make a ``(C, H, W)`` image upright from its EXIF orientation (as ``ImageOps.exif_transpose``)."""
+    if orientation == 2:
+        return image.flip(-1)
+    if orientation == 3:
+        return image.flip(-2, -1)
+    if orientation == 4:
+        return image.flip(-2)
+    if orientation == 5:
+        return image.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(image, -1, dims=(-2, -1))
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(image, 1, dims=(-2, -1))
+    return image
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> writable ``uint8`` ``(3, H, W)`` (channels-last strides: a view of one HWC copy)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def jpeg_looks_complete(data: bytes) -> bool:
+    """True when a JPEG ends with its end-of-image marker (trailing zero padding allowed).
+
+    nvJPEG returns a cut-off JPEG as an image with a grey or garbage tail instead of failing,
+    so the batched GPU decoder only gets files that end properly; the rest go through Pillow,
+    which either decodes them (harmless trailing bytes) or reports ``truncated``.
+    """
+    return data.rstrip(b"\x00").endswith(b"\xff\xd9")
+
+
+def decode_jpeg_tensors(encoded: list[bytes], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """``torchvision.io.decode_jpeg`` of several JPEGs to RGB (one nvJPEG batch on CUDA); raises on any bad one."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in encoded]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision >= 0.29 flags its decoders as deprecated (TorchCodec)
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+
+
+def load_tensor(
+    path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview,
+    key: str,
+    *,
+    min_size_hint: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> torch.Tensor:
+    """:func:`load_image` with an upright RGB ``uint8`` ``(3, H, W)`` tensor as result.
+
+    Plain RGB/greyscale JPEGs are decoded by ``torchvision.io.decode_jpeg`` unless draft
+    mode would shrink them (``min_size_hint`` at most half the shorter side): DCT scaling
+    beats any full decode. Other formats, CMYK JPEGs, and JPEGs torchvision rejects go
+    through :func:`load_image`, so failures carry the same ``BadSample`` reasons.
+    """
+    data = _read_bytes(path_or_bytes, key)
+    info = probe_image(data, key, max_pixels=max_pixels)
+    drafted = bool(min_size_hint) and min(info.width, info.height) >= 2 * int(min_size_hint or 0)
+    if info.format == "JPEG" and info.mode in FAST_JPEG_MODES and not drafted and jpeg_looks_complete(data):
+        try:
+            (image,) = decode_jpeg_tensors([data])
+        except RuntimeError:
+            pass  # Pillow decides: truncated, unreadable, or something libjpeg-turbo's strict mode refused
+        else:
+            return apply_orientation(image, info.orientation)
+    return pil_to_tensor(load_image(data, key, min_size_hint=min_size_hint, max_pixels=max_pixels))
+
+
+def load_pixels(
+    path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview,
+    key: str,
+    *,
+    pixels: str = "pil",
+    min_size_hint: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image | torch.Tensor:
+    """:func:`load_image` (``pixels="pil"``) or :func:`load_tensor` (``pixels="tensor"``)."""
+    if pixels == "tensor":
+        return load_tensor(path_or_bytes, key, min_size_hint=min_size_hint, max_pixels=max_pixels)
+    return load_image(path_or_bytes, key, min_size_hint=min_size_hint, max_pixels=max_pixels)
+
+
+def check_pixel_format(pixels: str) -> str:
+    if pixels not in PIXEL_FORMATS:
+        raise ValueError(f"pixels must be one of {PIXEL_FORMATS}, got {pixels!r}")
+    return pixels
 
 
 def image_files(root: str | os.PathLike) -> list[Path]:

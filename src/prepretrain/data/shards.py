@@ -25,6 +25,7 @@ among ``jpg jpeg png webp bmp gif tif tiff``; annotations come from ``json`` (``
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import random
@@ -38,7 +39,7 @@ from PIL import Image
 from webdataset import TarWriter, gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from prepretrain.data.decode import DEFAULT_MAX_PIXELS, load_image
+from prepretrain.data.decode import DEFAULT_MAX_PIXELS, check_pixel_format, load_pixels
 from prepretrain.data.records import BadSample, Record, SkipCounter
 from prepretrain.data.sources import Annotation, num_classes_of, split_hashtags
 
@@ -47,6 +48,7 @@ INDEX_NAME = "index.json"
 INDEX_FORMAT = "prepretrain-shards/1"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_LOST = "__lost__"  # marks the placeholder of a sample lost in a cut-off shard
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -141,6 +143,7 @@ def write_shards(
     overwrite: bool = False,
     skips: SkipCounter | None = None,
     verbose: bool = True,
+    shuffle_seed: int | None = None,
 ) -> list[Path]:
     """Convert a map-style source into WebDataset shards plus ``index.json``; returns the shards.
 
@@ -153,6 +156,11 @@ def write_shards(
     conversion never leaves a short shard that looks finished. Existing shards with the
     same prefix are an error unless ``overwrite=True`` (which deletes them), because stale
     extra shards from an earlier, larger run would otherwise be read as part of the set.
+
+    ``shuffle_seed``: write the samples in a permutation seeded by it instead of source order.
+    Readers shuffle shards and (in the training loader) blocks of samples, never the whole
+    set, so shards cut from a class-sorted source (an image folder) would otherwise feed
+    batches drawn from a handful of classes. ``None`` keeps the source order.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -185,7 +193,10 @@ def write_shards(
         handle = writer = None
 
     try:
-        for index in range(len(source)):
+        order = list(range(len(source)))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(order)
+        for index in order:
             try:
                 record = source.get(index)
                 member = _original_bytes(source, index, record.key) or _encode(record.image, image_format)
@@ -244,6 +255,14 @@ def write_shards(
 # -- reading --------------------------------------------------------------------------------
 
 
+class ShardProblem(BadSample):
+    """A shard that is missing or could not be read to its end; ``key`` is its URL.
+
+    Not a sample: it takes no sample position. Its lost samples, when ``index.json`` says how
+    many there were, follow as ``BadSample(reason="lost_in_shard")`` one by one.
+    """
+
+
 def _ceil_div(numerator: int, denominator: int) -> int:
     return -((-numerator) // denominator)
 
@@ -294,12 +313,14 @@ class ShardSource:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
         index: str | os.PathLike | None = None,
+        pixels: str = "pil",
     ):
         self.urls = expand_shard_spec(urls)
         if not self.urls:
             raise ValueError(f"no shards found for {os.fspath(urls) if isinstance(urls, (str, os.PathLike)) else urls}")
         self.min_size_hint = min_size_hint
         self.max_pixels = max_pixels
+        self.pixels = check_pixel_format(pixels)  # Record.image: "pil" image or "tensor" (uint8, 3 x H x W)
         self.seed = seed
         self.epoch = 0
         self.skips = SkipCounter()
@@ -360,7 +381,7 @@ class ShardSource:
         return order
 
     # -- raw tar access -------------------------------------------------------------------
-    def _raw_samples(self, shard: int) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, shard: int, problems: list[ShardProblem] | None = None) -> Iterator[dict[str, Any]]:
         """Grouped tar members of one shard; a shard that is not read to its end is counted.
 
         Python's streaming tar reader treats a damaged or cut-off member header as the end
@@ -368,9 +389,17 @@ class ShardSource:
         After the last sample we therefore also check the count in ``index.json``, that
         nothing but zero padding follows where the reader stopped, and (local files) that
         the file ends with the end-of-archive marker every tar writer emits on close.
+
+        When ``index.json`` gives the shard's count and fewer samples could be read (cut-off
+        or missing shard), one placeholder per lost sample follows; it becomes
+        ``BadSample(reason="lost_in_shard")``. Every shard is then exactly as long as the index
+        says, which keeps resume positions exact (they skip whole shards by their indexed
+        count) and counts lost samples one by one against ``max_bad_fraction``. The problem
+        itself is counted once in ``skips`` and, if given, appended to ``problems``.
         """
         url = self.urls[shard]
         errors: list[str] = []
+        expected = self.counts[shard]
 
         def handler(error: BaseException) -> bool:
             detail = str(error.args[0]) if error.args else ""
@@ -379,30 +408,36 @@ class ShardSource:
                 errors.append(message)
             return True  # keep going: one bad member or a cut-off tail must not stop training
 
+        read = 0
         try:
             stream = _open_shard(url)
         except OSError as error:
-            self._count_shard_problem(url, "missing_shard", str(error))
-            return
-        read = 0
-        with stream:
-            files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
-            for sample in group_by_keys(files, handler=handler):
-                read += 1
-                yield sample
-            if not errors:
-                tail = _tail_problem(stream)
-                if tail:
-                    errors.append(tail)
-        expected = self.counts[shard]
-        if expected is not None and read != expected:
-            errors.append(f"read {read} of {expected} samples listed in {INDEX_NAME}")
-        if errors:
-            self._count_shard_problem(url, "broken_shard", "; ".join(errors))
+            self._count_shard_problem(url, "missing_shard", str(error), problems)
+        else:
+            with stream:
+                files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+                for sample in group_by_keys(files, handler=handler):
+                    read += 1
+                    yield sample
+                if not errors:
+                    tail = _tail_problem(stream)
+                    if tail:
+                        errors.append(tail)
+            if expected is not None and read != expected:
+                errors.append(f"read {read} of {expected} samples listed in {INDEX_NAME}")
+            if errors:
+                self._count_shard_problem(url, "broken_shard", "; ".join(errors), problems)
+        name = Path(_local_path(url)).name
+        for lost in range(read, expected or 0):
+            yield {"__key__": f"lost-{lost:09d}", "__url__": url, _LOST: f"sample {lost} of {expected} in {name}"}
 
-    def _count_shard_problem(self, url: str, reason: str, detail: str) -> None:
+    def _count_shard_problem(
+        self, url: str, reason: str, detail: str, problems: list[ShardProblem] | None = None
+    ) -> None:
         self.skips.skipped[reason] += 1
         self.skips.examples.setdefault(reason, f"{url}: {detail}")
+        if problems is not None:
+            problems.append(ShardProblem(url, reason, detail))
 
     def _assigned_samples(
         self,
@@ -415,14 +450,11 @@ class ShardSource:
         seed: int,
         skip: int,
         shuffle: bool,
+        problems: list[ShardProblem] | None = None,
     ) -> Iterator[dict[str, Any]]:
-        if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
-            raise ValueError(f"bad split: rank {rank}/{world_size}, worker {worker_id}/{num_workers}")
+        order, slot, slots = self._reader_slot(rank, world_size, worker_id, num_workers, epoch, seed, shuffle)
         if skip < 0:
             raise ValueError(f"skip must be >= 0, got {skip}")
-        order = self.shard_order(epoch, seed, shuffle)
-        slots = world_size * num_workers
-        slot = rank * num_workers + worker_id
         if len(order) >= slots:
             # Whole shards per (rank, worker): each tar is read by exactly one reader.
             for shard in order[slot::slots]:
@@ -430,7 +462,7 @@ class ShardSource:
                 if count is not None and skip >= count:
                     skip -= count  # resume without opening shards that were fully consumed
                     continue
-                for sample in self._raw_samples(shard):
+                for sample in self._raw_samples(shard, problems):
                     if skip:
                         skip -= 1
                         continue
@@ -448,7 +480,8 @@ class ShardSource:
                     start += count
                     continue
             position = start
-            for sample in self._raw_samples(shard):
+            # Every reader reads this shard; only one of them reports a problem with it.
+            for sample in self._raw_samples(shard, problems if shard % slots == slot else None):
                 if position % slots == slot:
                     if skip:
                         skip -= 1
@@ -457,10 +490,54 @@ class ShardSource:
                 position += 1
             start = position
 
+    def _reader_slot(
+        self, rank: int, world_size: int, worker_id: int, num_workers: int, epoch: int, seed: int, shuffle: bool
+    ) -> tuple[list[int], int, int]:
+        """(shard order of the epoch, this reader's slot, number of slots), validated."""
+        if not (0 <= rank < world_size and 0 <= worker_id < num_workers):
+            raise ValueError(f"bad split: rank {rank}/{world_size}, worker {worker_id}/{num_workers}")
+        return self.shard_order(epoch, seed, shuffle), rank * num_workers + worker_id, world_size * num_workers
+
+    def reader_count(
+        self,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        worker_id: int = 0,
+        num_workers: int = 1,
+        epoch: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> int:
+        """How many sample positions one reader has in one epoch: the unit of ``skip``.
+
+        From ``index.json`` when it lists the reader's shards (instant), otherwise by reading
+        the tar headers of those shards without decoding anything (the resume of a run on
+        shards without an index pays this once per epoch it skips).
+        """
+        order, slot, slots = self._reader_slot(rank, world_size, worker_id, num_workers, epoch, seed, shuffle)
+        if len(order) < slots:
+            if self.num_samples is not None:
+                return _kept_in_range(0, self.num_samples, slot, slots)
+            shards = order
+        else:
+            shards = order[slot::slots]
+        total = 0
+        scratch, self.skips = self.skips, SkipCounter()  # counting must not count shard problems twice
+        try:
+            for shard in shards:
+                count = self.counts[shard]
+                total += count if count is not None else sum(1 for _ in self._raw_samples(shard))
+        finally:
+            self.skips = scratch
+        return total if len(order) >= slots else _kept_in_range(0, total, slot, slots)
+
     # -- records --------------------------------------------------------------------------
     def _annotation(self, sample: dict[str, Any]) -> Annotation:
         shard_name = Path(_local_path(sample.get("__url__", ""))).name
         fallback_key = f"{shard_name}/{sample['__key__']}"
+        if _LOST in sample:
+            raise BadSample(fallback_key, "lost_in_shard", sample[_LOST])
         meta: dict[str, Any] = {}
         if "json" in sample:
             try:
@@ -490,7 +567,10 @@ class ShardSource:
         member = next((name for name in IMAGE_MEMBERS if name in sample), None)
         if member is None:
             raise BadSample(annotation.key, "missing_image", f"members: {sorted(k for k in sample if k[0] != '_')}")
-        image = load_image(sample[member], annotation.key, min_size_hint=self.min_size_hint, max_pixels=self.max_pixels)
+        image = load_pixels(
+            sample[member], annotation.key, pixels=self.pixels, min_size_hint=self.min_size_hint,
+            max_pixels=self.max_pixels,
+        )
         return Record(
             image=image,
             key=annotation.key,
@@ -498,6 +578,56 @@ class ShardSource:
             caption=annotation.caption,
             labels=annotation.labels,
         )
+
+    def iter_outcomes(
+        self,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        worker_id: int = 0,
+        num_workers: int = 1,
+        epoch: int = 0,
+        seed: int = 0,
+        skip: int = 0,
+        shuffle: bool = True,
+        shuffle_block: int = 0,
+    ) -> Iterator[Record | BadSample]:
+        """One outcome per sample position of a reader: a ``Record`` or the ``BadSample``.
+
+        What :meth:`iter_records` filters, for callers that must account for every position
+        themselves (the training loader puts bad samples into the batch that reaches them,
+        so they are counted where they occur). Samples are *not* counted in ``skips`` here;
+        a shard that cannot be read to its end is, and is also yielded as a
+        :class:`ShardProblem`, which takes no position.
+
+        ``shuffle_block``: with ``shuffle``, the reader's stream of an epoch is cut into
+        blocks of this many samples, each block permuted by ``(seed, epoch, reader, block)``
+        before decoding. This is WebDataset's shuffle buffer made resumable: skipping ``n``
+        positions drops ``n // block`` whole blocks undecoded and ``n % block`` samples of the
+        next permuted block. It holds one block of encoded samples in memory. 0 or 1: off.
+        """
+        problems: list[ShardProblem] = []
+        block = max(1, shuffle_block) if shuffle else 1
+        first_block, drop = divmod(skip, block)
+        raw = self._assigned_samples(
+            rank=rank, world_size=world_size, worker_id=worker_id, num_workers=num_workers, epoch=epoch,
+            seed=seed, skip=first_block * block, shuffle=shuffle, problems=problems,
+        )  # fmt: skip
+        slot = rank * num_workers + worker_id
+        for block_number in itertools.count(first_block):
+            chunk = list(itertools.islice(raw, block))
+            yield from problems
+            problems.clear()
+            if not chunk:
+                return
+            if block > 1:
+                random.Random(f"{seed}/{epoch}/{slot}/{block_number}").shuffle(chunk)
+            for sample in chunk[drop:]:
+                try:
+                    yield self._record(sample)
+                except BadSample as error:
+                    yield error
+            drop = 0
 
     def iter_records(
         self,
@@ -510,6 +640,7 @@ class ShardSource:
         seed: int = 0,
         skip: int = 0,
         shuffle: bool = True,
+        shuffle_block: int = 0,
     ) -> Iterator[Record]:
         """The records of one (rank, worker) reader for one epoch.
 
@@ -517,17 +648,18 @@ class ShardSource:
         round-robin to the ``world_size * num_workers`` readers (reader ``rank *
         num_workers + worker_id``), so within an epoch every sample is read by exactly one
         reader. With fewer shards than readers, samples (not shards) are dealt round-robin.
-        Readers may get unequal counts when shards do; a DDP loop must stop all ranks at
-        the same step (e.g. after ``len(source) // world_size // batch`` steps).
+        Readers may get unequal counts when shards do; the training loader
+        (``prepretrain.data.loader.train_loader``) therefore streams each reader endlessly,
+        epoch after epoch, so no rank ever runs dry (see that module).
 
         ``skip``: the number of this reader's samples to pass over without decoding, for
         resume. It counts samples, good or bad, i.e. records yielded plus samples skipped
         as bad (``skips.seen`` of a fresh counter), so a resumed reader continues exactly
         where the interrupted one stopped. Whole shards are skipped without being opened
         when ``index.json`` gives their counts. ``shuffle=False`` keeps the shard order
-        (evaluation).
+        (evaluation). ``shuffle_block``: see :meth:`iter_outcomes`.
         """
-        for sample in self._assigned_samples(
+        for outcome in self.iter_outcomes(
             rank=rank,
             world_size=world_size,
             worker_id=worker_id,
@@ -536,14 +668,15 @@ class ShardSource:
             seed=seed,
             skip=skip,
             shuffle=shuffle,
+            shuffle_block=shuffle_block,
         ):
-            try:
-                record = self._record(sample)
-            except BadSample as error:
-                self.skips.skip(error)
+            if isinstance(outcome, ShardProblem):
+                continue  # already counted once by _count_shard_problem
+            if isinstance(outcome, BadSample):
+                self.skips.skip(outcome)
                 continue
             self.skips.ok()
-            yield record
+            yield outcome
 
     def iter_annotations(self) -> Iterator[Annotation]:
         """Every sample's annotations in shard order, without decoding any image (statistics)."""
@@ -577,6 +710,7 @@ class ShardSource:
 __all__ = [
     "INDEX_NAME",
     "SHARD_SUFFIXES",
+    "ShardProblem",
     "ShardSource",
     "expand_shard_spec",
     "write_shards",

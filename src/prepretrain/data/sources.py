@@ -29,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from prepretrain.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_files, load_image
+from prepretrain.data.decode import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    check_pixel_format,
+    image_files,
+    load_pixels,
+)
 from prepretrain.data.records import BadSample, Record, SkipCounter
 
 if TYPE_CHECKING:
@@ -109,9 +115,11 @@ class _FileSource:
     class_names: dict[str, list[str]]
     num_classes_by_task: dict[str, int]
 
-    def __init__(self, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 pixels: str = "pil"):
         self.min_size_hint = min_size_hint
         self.max_pixels = max_pixels
+        self.pixels = check_pixel_format(pixels)
 
     def num_classes(self, task: str) -> int:
         """Classes of a label task (same call as ``SyntheticSource.num_classes``)."""
@@ -133,9 +141,15 @@ class _FileSource:
         return self.entry(index)[1]
 
     def get(self, index: int) -> Record:
-        """Decode sample ``index``; raises ``BadSample`` if its file is missing or unusable."""
+        """Decode sample ``index``; raises ``BadSample`` if its file is missing or unusable.
+
+        ``Record.image`` is an RGB PIL image, or with ``pixels="tensor"`` an RGB ``uint8``
+        ``(3, H, W)`` tensor (``decode.load_tensor``: faster, for tensor transforms).
+        """
         annotation, path = self.entry(index)
-        image = load_image(path, annotation.key, min_size_hint=self.min_size_hint, max_pixels=self.max_pixels)
+        image = load_pixels(
+            path, annotation.key, pixels=self.pixels, min_size_hint=self.min_size_hint, max_pixels=self.max_pixels
+        )
         return Record(
             image=image,
             key=annotation.key,
@@ -158,9 +172,10 @@ class FolderSource(_FileSource):
     """
 
     def __init__(
-        self, root: str | os.PathLike, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+        self, root: str | os.PathLike, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+        pixels: str = "pil",
     ):
-        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels)
+        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels, pixels=pixels)
         self.root = Path(root)
         files = image_files(self.root)
         if not files:
@@ -189,9 +204,10 @@ class ImageFolderSource(_FileSource):
     """
 
     def __init__(
-        self, root: str | os.PathLike, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+        self, root: str | os.PathLike, *, min_size_hint: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+        pixels: str = "pil",
     ):
-        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels)
+        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels, pixels=pixels)
         self.root = Path(root)
         classes = sorted(
             entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
@@ -258,8 +274,9 @@ class ManifestSource(_FileSource):
         min_size_hint: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         class_names: dict[str, list[str]] | None = None,
+        pixels: str = "pil",
     ):
-        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels)
+        super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels, pixels=pixels)
         self.path = Path(path)
         self.root = self.path.parent
         suffix = self.path.suffix.lower()
@@ -438,7 +455,7 @@ def open_source(
 
     ``kind`` (``"folder"``, ``"imagefolder"``, ``"manifest"``, ``"shards"``) overrides the
     guess for layouts that are ambiguous, e.g. ``photos/2023/...`` is *not* a class per
-    year. Other keyword arguments (``min_size_hint``, ``max_pixels``...) go to the source.
+    year. Other keyword arguments (``min_size_hint``, ``max_pixels``, ``pixels``) go to the source.
     The string ``"synthetic"`` is handled by the caller, not here.
     """
     from prepretrain.data.shards import SHARD_SUFFIXES, ShardSource, expand_shard_spec

@@ -1,21 +1,39 @@
-"""Atomic, rotating training checkpoints that restore a run exactly.
+"""Atomic, rotating training checkpoints that restore a run exactly, on any number of ranks.
 
-A checkpoint holds model, optimizer, scaler, step and every RNG state. Files are written to a
-temporary name and renamed, so a crash mid-save leaves the previous checkpoint intact; they
-are read with ``weights_only=True``, so a checkpoint file cannot execute code.
+Two layouts live side by side in ``run_dir/checkpoints``:
+
+- ``step_XXXXXXXX.pt``: one process. A plain ``torch.save`` of model, optimizer, scaler, RNG
+  and step, read back with ``weights_only=True`` so a checkpoint cannot execute code.
+- ``step_XXXXXXXX/``: several ranks (DDP or FSDP2). A ``torch.distributed.checkpoint`` (DCP)
+  folder: every rank writes its own shards of the model and optimizer (never gathered on one
+  rank, so a 6.5B model saves without 100 GB on rank 0), plus ``rng_rankNNNNN.pt`` per rank
+  and ``meta.pt`` (step, world size, scaler). DCP re-shards on load, so a run saved on N ranks
+  resumes on M ranks, and one process can read it too.
+
+Both are atomic: a file is written under a temporary name and renamed; a folder is written
+as ``.step_XXXXXXXX.tmp`` and renamed once every rank has finished, ``meta.pt`` last, so a
+crash mid-save leaves the previous checkpoint as the newest complete one. ``export_weights``
+turns either layout into one safetensors file for sharing.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
+SHARDED_PATTERN = re.compile(r"^step_(\d{8})$")
+SHARDED_META = "meta.pt"
+MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -44,29 +62,307 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a checkpoint file or folder was taken after."""
+    name = Path(path).name
+    match = CHECKPOINT_PATTERN.match(name) or SHARDED_PATTERN.match(name)
+    if not match:
+        raise ValueError(f"{path} is not a checkpoint (expected step_XXXXXXXX.pt or a step_XXXXXXXX folder)")
+    return int(match.group(1))
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return Path(path).is_dir()
+
+
 class Checkpointer:
-    """Keeps the newest ``keep_last`` checkpoints in ``run_dir/checkpoints``."""
+    """Keeps the newest ``keep_last`` checkpoints (files or DCP folders) in ``run_dir/checkpoints``."""
 
     def __init__(self, run_dir: str | Path, keep_last: int = 2):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
 
     def all(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a folder counts once its ``meta.pt`` exists)."""
         if not self.dir.is_dir():
             return []
-        found = [p for p in self.dir.iterdir() if CHECKPOINT_PATTERN.match(p.name)]
-        return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.match(p.name).group(1)))
+        found = []
+        for path in self.dir.iterdir():
+            if CHECKPOINT_PATTERN.match(path.name) and path.is_file():
+                found.append(path)
+            elif SHARDED_PATTERN.match(path.name) and (path / SHARDED_META).is_file():
+                found.append(path)
+        return sorted(found, key=lambda p: (checkpoint_step(p), p.is_dir()))
 
     def latest(self) -> Path | None:
         found = self.all()
         return found[-1] if found else None
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
+        """One-process checkpoint: ``state`` in one file."""
         path = self.dir / f"step_{step:08d}.pt"
         atomic_save(state, path)
-        for old in self.all()[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+        self.rotate()
         return path
 
+    def save_sharded(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     meta: dict[str, Any], rank: int) -> Path:
+        """Collective: every rank writes its shards and RNG; rank 0 then publishes the folder.
+
+        ``meta`` (step, scaler, ...) is written by rank 0 as the completion marker.
+        """
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = self.dir / f"step_{step:08d}"
+        tmp = self.dir / f".step_{step:08d}.tmp"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}, checkpoint_id=str(tmp))
+        atomic_save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+        dist.barrier()
+        if rank == 0:
+            atomic_save({**meta, "step": step, "world_size": dist.get_world_size(), "format": "dcp"},
+                        tmp / SHARDED_META)
+            _replace_dir(tmp, final)
+            self.rotate()
+        dist.barrier()
+        return final
+
+    def rotate(self) -> None:
+        for old in self.all()[: -self.keep_last]:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
     def load(self, path: str | Path) -> dict[str, Any]:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        """The whole checkpoint in this process: a ``.pt`` file as saved, a DCP folder consolidated.
+
+        A folder gives ``model`` (full tensors), ``step``, ``scaler``, ``world_size`` and rank 0's
+        ``rng``; its optimizer shards are left on disk (``load_training_state`` reads them).
+        """
+        path = Path(path)
+        if not path.is_dir():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+        state = {**meta, MODEL_KEY: read_model_weights(path)}
+        rank0 = path / "rng_rank00000.pt"
+        if rank0.exists():
+            state["rng"] = torch.load(rank0, map_location="cpu", weights_only=True)
+        return state
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (same step saved again) is moved aside first."""
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old{os.getpid()}")
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler_state: dict, step: int) -> dict:
+    """What a one-process checkpoint file holds (unchanged format: plain state dicts)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler_state,
+            "rng": rng_state(), "step": step}
+
+
+def save_training_state(checkpointer: Checkpointer, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        scaler_state: dict, *, rank: int = 0, distributed: bool = False) -> Path | None:
+    """A file from one process, a DCP folder from a process group (every rank must call)."""
+    if distributed:
+        return checkpointer.save_sharded(step, model, optimizer, {"scaler": scaler_state}, rank)
+    return checkpointer.save(step, training_state(model, optimizer, scaler_state, step))
+
+
+def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                        rank: int = 0, world_size: int = 1, distributed: bool = False,
+                        seed: int = 0) -> dict[str, Any]:
+    """Restore model, optimizer and RNG from either layout into this run; returns step and scaler.
+
+    Any layout loads into any rank count: a file is read whole on every rank and, under a
+    process group, scattered into the (possibly sharded) model; a DCP folder is re-sharded by
+    DCP. RNG streams are per rank, so they are restored exactly only when the rank count is
+    unchanged; otherwise each rank starts a fresh stream seeded by ``(seed, step, rank)``
+    (model, optimizer, schedule and data position are still exact).
+    """
+    path = Path(path)
+    if path.is_dir():
+        meta = _load_sharded(path, model, optimizer)
+        rng_file = path / f"rng_rank{rank:05d}.pt"
+        rng = (torch.load(rng_file, map_location="cpu", weights_only=True)
+               if rng_file.exists() and meta.get("world_size") == world_size else None)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        _load_full(state, model, optimizer, distributed)
+        meta = {k: v for k, v in state.items() if k not in (MODEL_KEY, OPTIMIZER_KEY)}
+        rng = state.get("rng") if world_size == 1 else None
+    step = int(meta["step"])
+    if rng is not None:
+        set_rng_state(rng)
+    else:
+        reseed(seed, step, rank)
+    return {"step": step, "scaler": meta.get("scaler") or {}, "world_size": int(meta.get("world_size", 1))}
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """A deterministic fresh RNG stream for ``(seed, step, rank)`` (resume on another rank count)."""
+    value = (seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1)
+    torch.manual_seed(value)
+    random.seed(value)
+
+
+def _load_full(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> None:
+    optimizer_state = state[OPTIMIZER_KEY]
+    if not distributed:
+        model.load_state_dict(state[MODEL_KEY])
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model, optimizer, model_state_dict=state[MODEL_KEY],
+        optim_state_dict=optimizer_state_by_name(optimizer_state, optimizer, model),
+        options=StateDictOptions(full_state_dict=True, strict=True),
+    )
+
+
+def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # templates in this run's sharding
+    state = {MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIMIZER_KEY])
+    return torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+
+
+def optimizer_state_by_name(saved: dict[str, Any], optimizer: torch.optim.Optimizer,
+                            model: nn.Module) -> dict[str, Any]:
+    """A ``optimizer.state_dict()`` (parameters numbered) re-keyed by parameter name.
+
+    ``set_state_dict`` needs names to place state into DDP or sharded FSDP parameters. The
+    numbering follows the optimizer's parameter order, which the same stage rebuilds identically.
+    """
+    groups = saved["param_groups"]
+    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], str):
+        return saved  # already keyed by name
+    names = {id(param): name for name, param in model.named_parameters()}
+    current = [param for group in optimizer.param_groups for param in group["params"]]
+    numbers = [number for group in groups for number in group["params"]]
+    if len(numbers) != len(current):
+        from ..models.checkpoints import CheckpointMismatch
+
+        raise CheckpointMismatch(
+            f"checkpoint optimizer has {len(numbers)} parameters, this run's has {len(current)}"
+        )
+    name_of = {number: names[id(param)] for number, param in zip(numbers, current)}
+    return {
+        "state": {name_of[number]: value for number, value in saved["state"].items()},
+        "param_groups": [{**group, "params": [name_of[n] for n in group["params"]]} for group in groups],
+    }
+
+
+# ---------------------------------------------------------------------------- export
+def read_model_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """Full (consolidated) model weights from a checkpoint file or DCP folder, in one process.
+
+    For a folder only the model's tensors are read (the optimizer's twice-as-large state stays
+    on disk), using DCP's own metadata for names and shapes.
+    """
+    path = Path(checkpoint)
+    if not path.is_dir():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return dict(state[MODEL_KEY])
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    prefix = MODEL_KEY + "."
+    weights = {
+        key[len(prefix):]: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*single process.*")
+        dcp.load({MODEL_KEY: weights}, checkpoint_id=str(path))
+    return weights
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint from a run folder, its ``checkpoints`` folder, or the checkpoint itself."""
+    path = Path(path)
+    if CHECKPOINT_PATTERN.match(path.name) or SHARDED_PATTERN.match(path.name):
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return path
+    run_dir = path.parent if path.name == "checkpoints" else path
+    latest = Checkpointer(run_dir).latest()
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {path} (expected checkpoints/step_XXXXXXXX[.pt])")
+    return latest
+
+
+def export_weights(checkpoint: str | Path, out: str | Path, part: str = "model") -> Path:
+    """One safetensors file of the consolidated weights; ``part=encoder`` drops an MAE's decoder.
+
+    The encoder of an MAE is key-for-key a timm ViT, so the file loads into later stages and
+    into timm; ``part=model`` keeps every key (for an MAE: the official "full" layout).
+    """
+    from safetensors.torch import save_file
+
+    from ..models.checkpoints import encoder_from_any
+
+    if part not in ("model", "encoder"):
+        raise ValueError(f"part must be model or encoder, got '{part}'")
+    source = resolve_checkpoint(checkpoint)
+    weights = read_model_weights(source)
+    if part == "encoder":
+        weights = encoder_from_any(weights)
+    weights = {key: tensor.detach().cpu().contiguous() for key, tensor in weights.items()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    save_file(weights, str(tmp), metadata={"source": str(source), "step": str(checkpoint_step(source)),
+                                           "part": part})
+    os.replace(tmp, out)
+    return out
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run folder (newest checkpoint), step_XXXXXXXX.pt or a step_XXXXXXXX/ "
+                                           "DCP folder")
+    parser.add_argument("--out", help="output .safetensors (default: <run>/export_step_XXXXXXXX.safetensors)")
+    parser.add_argument("--part", default="model", choices=["model", "encoder"],
+                        help="model: every weight; encoder: the timm ViT part of an MAE")
+    parser.epilog = (
+        "Examples:\n  prepretrain export runs/mae\n"
+        "  prepretrain export runs/mae/checkpoints/step_00001000 --part encoder --out mae_encoder.safetensors\n"
+    )
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    source = resolve_checkpoint(args.checkpoint)
+    out = args.out or source.parent.parent / f"export_step_{checkpoint_step(source):08d}.safetensors"
+    path = export_weights(source, out, args.part)
+    print(f"wrote {path} from {source}")
+    return 0
+
+
+EXPORT_COMMAND: dict[str, Any] = {
+    "help": "consolidate a (sharded) training checkpoint into one safetensors file",
+    "add_arguments": _export_arguments,
+    "run": _export_run,
+}

@@ -24,8 +24,19 @@ from torch.utils.data import Dataset
 from ..config import TrainConfig, dump_config
 from ..data.loader import SampleStream, train_loader
 from ..data.records import SkipCounter
-from .checkpoint import Checkpointer, rng_state, set_rng_state
-from .distributed import all_reduce_sum, barrier, init_distributed, unwrap, wrap_model
+from .checkpoint import Checkpointer, load_training_state, save_training_state
+from .distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    clip_grad_norm_,
+    consolidated_model,
+    init_distributed,
+    is_distributed,
+    report_failure,
+    resolve_strategy,
+    wrap_model,
+)
 from .metrics import MetricsLogger, detect_peak_tflops, plot_curves
 from .optim import build_optimizer, lr_at, param_groups, set_lr
 
@@ -82,6 +93,9 @@ class Stage(ABC):
         """Training FLOPs per sample (forward x 3), for TFLOP/s and MFU; 0 when unknown."""
         return 0.0
 
+    def after_step(self, model: nn.Module, step: int) -> None:  # noqa: B027 - an optional hook
+        """Called after each optimizer step that was taken (``step`` = steps done), e.g. to update a weight EMA."""
+
 
 @dataclass
 class Precision:
@@ -128,9 +142,23 @@ def schedule_lengths(cfg: TrainConfig, epoch_size: int) -> tuple[int, int]:
 
 
 def train(stage: Stage) -> dict[str, Any]:
-    """Run (or resume) ``stage`` to the end; returns the results written to results.json."""
+    """Run (or resume) ``stage`` to the end; returns the results written to results.json.
+
+    Under torchrun an exception on any rank is printed with the rank number and tears the
+    process group down, so the other ranks fail promptly instead of hanging in a collective.
+    """
     cfg = stage.cfg
-    info, device = init_distributed(cfg.device)
+    info, device = init_distributed(cfg.device, cfg.dist_timeout_s, cfg.strategy)
+    try:
+        return _train(stage, info, device)
+    except BaseException as error:
+        if info.enabled or is_distributed():
+            report_failure(info, error)
+        raise
+
+
+def _train(stage: Stage, info: DistInfo, device: torch.device) -> dict[str, Any]:
+    cfg = stage.cfg
     run_dir = default_out_dir(cfg, stage.name)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +177,17 @@ def train(stage: Stage) -> dict[str, Any]:
     model = stage.build_model().to(device)
     if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
+    strategy = resolve_strategy(cfg.strategy, info, device, sum(p.numel() for p in model.parameters()))
+    if strategy == "fsdp" and precision.scaler is not None:
+        raise ValueError("precision=fp16 is not supported with strategy=fsdp; use precision=bf16")
+    # FSDP2 shards `model` in place (and replaces its parameters: build the optimizer after this);
+    # DDP wraps it. `model` stays the module whose state dict is the checkpoint.
+    trained = wrap_model(model, strategy, info, device, param_dtype=precision.dtype if strategy == "fsdp" else None,
+                         compile_blocks=cfg.compile and strategy == "fsdp")
+    if cfg.compile and strategy != "fsdp":
+        trained = torch.compile(trained)
+    if info.enabled:
+        torch.manual_seed(cfg.seed + info.rank)  # per-rank streams: masks and drop-path differ across ranks
     data = stage.train_data()
     epoch_size = data.epoch_size or data.num_samples
     total_steps, warmup_steps = schedule_lengths(cfg, epoch_size)
@@ -158,19 +197,13 @@ def train(stage: Stage) -> dict[str, Any]:
     start_step = 0
     latest = checkpointer.latest() if cfg.resume else None
     if latest is not None:
-        state = checkpointer.load(latest)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if precision.scaler is not None and state.get("scaler"):
-            precision.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_step = int(state["step"])
+        restored = load_training_state(latest, model, optimizer, rank=info.rank, world_size=info.world_size,
+                                       distributed=is_distributed(), seed=cfg.seed)
+        if precision.scaler is not None and restored["scaler"]:
+            precision.scaler.load_state_dict(restored["scaler"])
+        start_step = restored["step"]
         if info.is_main:
             print(f"[{stage.name}] resuming from {latest} at step {start_step}/{total_steps}", flush=True)
-
-    trained = wrap_model(model, cfg.strategy, info, device)
-    if cfg.compile:
-        trained = torch.compile(trained)
 
     logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
     logger.truncate_after(start_step)
@@ -194,7 +227,7 @@ def train(stage: Stage) -> dict[str, Any]:
         finite = True
         for micro_step in range(accum):
             batch = next(loader)
-            _count_skips(stats.skips, batch, cfg.max_bad_fraction)
+            _count_skips(stats.skips, batch, cfg.max_bad_fraction, info.rank)
             batch = {
                 k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
             }
@@ -218,12 +251,13 @@ def train(stage: Stage) -> dict[str, Any]:
             if precision.scaler is not None:
                 precision.scaler.unscale_(optimizer)
             if cfg.clip_grad > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(trained.parameters(), cfg.clip_grad)
+                grad_norm = clip_grad_norm_(list(model.parameters()), cfg.clip_grad)
             if precision.scaler is not None:
                 precision.scaler.step(optimizer)
                 precision.scaler.update()
             else:
                 optimizer.step()
+            stage.after_step(model, step + 1)
             stats.nonfinite_streak = 0
         else:
             stats.nonfinite_streak += 1
@@ -270,9 +304,11 @@ def train(stage: Stage) -> dict[str, Any]:
     progress.close()
     eval_metrics = _evaluate(stage, model, device, logger, total_steps)
     results: dict[str, Any] = {}
+    export_model = consolidated_model(model, stage.build_model, info)  # collective under FSDP
     if info.is_main:
+        export_device = device if export_model is model else torch.device("cpu")
         with torch.random.fork_rng(devices=[]):
-            results = stage.finish(model, run_dir, device) or {}
+            results = stage.finish(export_model, run_dir, export_device) or {}
         plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", ("loss", "lr"), title=stage.name)
         results = {
             "stage": stage.name,
@@ -306,19 +342,15 @@ def _evaluate(stage: Stage, model: nn.Module, device: torch.device, logger: Metr
 
 
 def _save(checkpointer: Checkpointer, info, model: nn.Module, optimizer, precision: Precision, step: int) -> None:
-    state = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": precision.scaler.state_dict() if precision.scaler is not None else {},
-        "rng": rng_state(),
-        "step": step,
-    }
-    if info.is_main:
-        checkpointer.save(step, state)
+    """A file from one process; a sharded DCP folder, written by every rank, under a process group."""
+    scaler_state = precision.scaler.state_dict() if precision.scaler is not None else {}
+    distributed = is_distributed()
+    if distributed or info.is_main:
+        save_training_state(checkpointer, step, model, optimizer, scaler_state, rank=info.rank, distributed=distributed)
     barrier()
 
 
-def _count_skips(skips: SkipCounter, batch: dict[str, Any], max_bad_fraction: float) -> None:
+def _count_skips(skips: SkipCounter, batch: dict[str, Any], max_bad_fraction: float, rank: int = 0) -> None:
     from ..data.records import BadSample
 
     bad = batch.pop("_skipped", [])
@@ -326,6 +358,11 @@ def _count_skips(skips: SkipCounter, batch: dict[str, Any], max_bad_fraction: fl
     for reason, key in bad:
         skips.skip(BadSample(key, reason))
     skips.seen += seen - len(bad)
+    if seen and len(bad) == seen:
+        # Nothing to compute a loss on. Under several ranks this error ends the whole job
+        # (train() tears the process group down) rather than leaving the others in a collective.
+        examples = ", ".join(f"{r}: {k}" for r, k in bad[:5])
+        raise TooManyBadSamples(f"rank {rank}: all {seen} samples of a micro-batch were unreadable ({examples})")
     if skips.seen >= 50 and skips.bad_fraction > max_bad_fraction:
         examples = ", ".join(f"{r}: {k}" for r, k in list(skips.examples.items())[:5])
         raise TooManyBadSamples(

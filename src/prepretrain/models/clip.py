@@ -1,0 +1,315 @@
+"""The LiT / MAWS-CLIP model: a (locked) timm ViT, a RoBERTa text tower, two projections.
+
+Why this layout: MAWS's zero-shot checkpoints are plain state dicts with ``logit_scale``,
+``vision_projection`` [vision width, embed], ``text_projection`` [text width, embed],
+``vision_encoder.*`` (a timm ``VisionTransformer`` without head, CLS-pooled) and
+``text_encoder.*`` (torchtext RoBERTa, see :mod:`prepretrain.models.text`). :class:`CLIPModel`
+has exactly these names, so the official checkpoints load strictly and our LiT runs export
+files in the same layout. Embeddings are ``feature @ projection`` (no bias), L2-normalised.
+
+LiT ("locked-image tuning") keeps the image tower frozen: its parameters do not require
+gradients and it always runs in eval mode, so its features for an un-augmented image never
+change during training and can be computed once (:meth:`CLIPModel.forward` takes
+``image_features`` instead of images for that cached path).
+
+Loss: the symmetric CLIP loss ``(CE(s * I T^T, diag) + CE(s * T I^T, diag)) / 2`` with the
+learnable temperature ``s = exp(logit_scale)`` (init 1/0.07, capped at 100). Across ranks each
+rank gathers every rank's embeddings with ``torch.distributed.nn.functional.all_gather``
+(whose backward sums the gradients of all ranks into the local shard) and computes the rows
+of its own samples against all columns. The mean of the rank losses is then exactly the
+single-process loss of the global batch, and the gradients after DDP's averaging are exactly
+its gradients: the sum over ranks of the rank losses' gradients, divided by the world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import CheckpointMismatch, check_fit, load_encoder, read_state_dict
+from .text import TextEncoder, TextShape, create_text_encoder, infer_text_shape
+from .tokenizers import Tokenizer, build_tokenizer, tokenizer_from_info
+from .vit import VIT_SHAPES, create_vit
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+# The released MAWS CLIP models (model_builder.py): vision tower, text tower, embed dim.
+MAWS_CLIP_MODELS: dict[str, tuple[str, str, int]] = {
+    "vit_b16_xlmr_b": ("vit_b16", "xlmr_base", 768),
+    "vit_l16_xlmr_l": ("vit_l16", "xlmr_large", 1024),
+    "vit_h14_xlmr_l": ("vit_h14", "xlmr_large", 1024),
+    "vit_2b14_xlmr_l": ("vit_2b14", "xlmr_large", 2048),
+}
+
+
+class CLIPModel(nn.Module):
+    """Image tower + text tower + projections + temperature, in the MAWS CLIP layout."""
+
+    def __init__(self, vision_encoder: nn.Module, text_encoder: TextEncoder, embed_dim: int,
+                 lock_vision: bool = True, lock_vision_projection: bool = False):
+        super().__init__()
+        vision_width = int(vision_encoder.embed_dim)
+        self.vision_encoder = vision_encoder
+        self.text_encoder = text_encoder
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.vision_projection = nn.Parameter(torch.randn(vision_width, embed_dim) * vision_width**-0.5)
+        self.text_projection = nn.Parameter(torch.randn(text_encoder.width, embed_dim) * text_encoder.width**-0.5)
+        self.embed_dim = embed_dim
+        self.lock_vision = lock_vision
+        if lock_vision:
+            self.vision_encoder.requires_grad_(False)
+            self.vision_encoder.eval()
+        if lock_vision_projection:
+            self.vision_projection.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> CLIPModel:
+        """A locked image tower stays in eval mode (no drop-path), so its features are fixed."""
+        super().train(mode)
+        if self.lock_vision:
+            self.vision_encoder.eval()
+        return self
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled (CLS) image-tower features before the projection; no graph when locked."""
+        if self.lock_vision:
+            with torch.no_grad():
+                return self.vision_encoder(images)
+        return self.vision_encoder(images)
+
+    def project_images(self, features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = features.to(self.vision_projection.dtype) @ self.vision_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_images(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.project_images(self.image_features(images), normalize)
+
+    def encode_texts(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.text_encoder(tokens) @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def temperature(self) -> torch.Tensor:
+        """``exp(logit_scale)`` capped at 100 (as CLIP clamps it)."""
+        return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+
+    def forward(self, tokens: torch.Tensor, images: torch.Tensor | None = None,
+                image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalised image and text embeddings and the temperature.
+
+        Pass ``images``, or ``image_features`` already computed by the locked image tower.
+        """
+        if (images is None) == (image_features is None):
+            raise ValueError("pass exactly one of images or image_features")
+        if image_features is None:
+            image_features = self.image_features(images)
+        return self.project_images(image_features), self.encode_texts(tokens), self.temperature()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.text_encoder.set_grad_checkpointing(enable)
+        if not self.lock_vision and hasattr(self.vision_encoder, "set_grad_checkpointing"):
+            self.vision_encoder.set_grad_checkpointing(enable)
+
+
+def build_clip(vision_model: str = "vit_micro4", text_model: str = "text_micro", *, embed_dim: int = 0,
+               image_size: int = 0, vision_depth: int = 0, text_overrides: dict[str, Any] | None = None,
+               text_dropout: float = 0.0, lock_vision: bool = True, lock_vision_projection: bool = False,
+               device: str | torch.device | None = None) -> CLIPModel:
+    """A CLIP/LiT model from registry names; ``embed_dim`` 0 = the text tower's width."""
+    vit_overrides: dict[str, Any] = {}
+    if image_size:
+        vit_overrides["img_size"] = image_size
+    if vision_depth:
+        vit_overrides["depth"] = vision_depth
+    with torch.device(device) if device is not None else nullcontext():
+        vision = create_vit(vision_model, **vit_overrides)
+        text = create_text_encoder(text_model, dropout=text_dropout, **(text_overrides or {}))
+        return CLIPModel(vision, text, embed_dim or text.width, lock_vision, lock_vision_projection)
+
+
+def build_maws_clip(name: str, device: str | torch.device | None = None) -> CLIPModel:
+    """The architecture of a released MAWS CLIP model (e.g. ``vit_b16_xlmr_b``), random init."""
+    if name not in MAWS_CLIP_MODELS:
+        raise ValueError(f"unknown MAWS CLIP model {name!r}; known: {', '.join(MAWS_CLIP_MODELS)}")
+    vision, text, embed = MAWS_CLIP_MODELS[name]
+    return build_clip(vision, text, embed_dim=embed, device=device)
+
+
+# ------------------------------------------------------------------------------ loss
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows concatenated in rank order; gradients flow back to each rank's shard."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
+              gather: bool = True) -> torch.Tensor:
+    """Symmetric contrastive loss of a batch whose i-th image and i-th text match.
+
+    With several ranks (``gather``), this rank's rows are scored against all ranks' columns;
+    the mean over ranks of the returned value equals the loss of the whole global batch.
+    """
+    image_emb, text_emb = image_emb.float(), text_emb.float()
+    if gather:
+        all_images, all_texts = gather_with_grad(image_emb), gather_with_grad(text_emb)
+    else:
+        all_images, all_texts = image_emb, text_emb
+    offset = 0
+    if all_images.shape[0] != image_emb.shape[0]:
+        offset = dist.get_rank() * image_emb.shape[0]  # equal shards: the engine's micro batches
+    targets = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
+    image_logits = scale * image_emb @ all_texts.t()
+    text_logits = scale * text_emb @ all_images.t()
+    return (F.cross_entropy(image_logits, targets) + F.cross_entropy(text_logits, targets)) / 2
+
+
+def retrieval_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
+    """Fraction of images whose own caption is the nearest of the batch (a training signal)."""
+    scores = image_emb.float() @ text_emb.float().t()
+    return float((scores.argmax(dim=1) == torch.arange(len(scores), device=scores.device)).float().mean())
+
+
+# ------------------------------------------------------------------------------ files
+
+CLIP_FORMAT = "maws-clip"
+
+
+def clip_metadata(model: CLIPModel, tokenizer_info: dict[str, Any], image_size: int,
+                  vision_model: str) -> dict[str, str]:
+    """Strings saved beside the weights: enough to rebuild the model and its tokenizer."""
+    shape: TextShape = model.text_encoder.shape
+    vision_shape = getattr(model.vision_encoder, "prepretrain_shape", None)
+    return {
+        "format": CLIP_FORMAT,
+        "vision_model": vision_model,
+        "vision_depth": str(vision_shape.depth if vision_shape else len(model.vision_encoder.blocks)),
+        "image_size": str(image_size),
+        "embed_dim": str(model.embed_dim),
+        "text_shape": json.dumps(shape.__dict__),
+        "tokenizer": json.dumps(tokenizer_info),
+    }
+
+
+def save_clip(model: CLIPModel, path: str | Path, tokenizer_info: dict[str, Any], image_size: int,
+              vision_model: str) -> Path:
+    """Write the whole model (safetensors, MAWS CLIP key names) + metadata, atomically.
+
+    ``tokenizer_info`` is :meth:`Tokenizer.describe` output; a relative ``model_file`` in it is
+    resolved against the file's directory when loading.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=clip_metadata(model, tokenizer_info, image_size, vision_model))
+    tmp.replace(path)
+    return path
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def find_clip_file(spec: str | Path) -> Path:
+    """A run directory (its ``clip.safetensors``) or a checkpoint file."""
+    path = Path(spec)
+    if path.is_dir():
+        candidate = path / "clip.safetensors"
+        if candidate.is_file():
+            return candidate
+        results = path / "results.json"
+        if results.is_file():
+            named = json.loads(results.read_text()).get("clip_model")
+            if named and Path(named).is_file():
+                return Path(named)
+        raise FileNotFoundError(f"{path} holds no clip.safetensors: is it a finished LiT run directory?")
+    if not path.is_file():
+        raise FileNotFoundError(f"model not found: {path}")
+    return path
+
+
+def _vision_name_from_state(vision: dict[str, torch.Tensor]) -> tuple[str, int, int]:
+    """(registry name, depth, image size) of a timm ViT state dict, matched by its shapes."""
+    patch = int(vision["patch_embed.proj.weight"].shape[-1])
+    width = int(vision["patch_embed.proj.weight"].shape[0])
+    depth = 1 + max(int(k.split(".")[1]) for k in vision if k.startswith("blocks."))
+    mlp = int(vision["blocks.0.mlp.fc1.weight"].shape[0])
+    grid = math.isqrt(vision["pos_embed"].shape[1] - 1)
+    matches = [n for n, s in VIT_SHAPES.items() if (s.patch_size, s.embed_dim, s.mlp_dim) == (patch, width, mlp)]
+    if not matches:
+        raise CheckpointMismatch(f"no registered ViT has patch {patch}, width {width}, MLP {mlp}")
+    exact = [n for n in matches if VIT_SHAPES[n].depth == depth]
+    return (exact or matches)[0], depth, grid * patch
+
+
+def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device = "cpu",
+              ) -> tuple[CLIPModel, Tokenizer, dict[str, Any]]:
+    """Load a LiT run directory, our ``clip.safetensors``, or an official MAWS CLIP file.
+
+    Returns (model in eval mode, tokenizer, info with ``image_size`` and ``vision_model``).
+    Our files carry their architecture and tokenizer in metadata; for an official MAWS file
+    the towers are read from the weights' shapes and ``tokenizer`` (the XLM-R SentencePiece
+    ``.model``) is required. Loading is strict: every key must fit.
+    """
+    path = find_clip_file(spec)
+    metadata = _read_metadata(path)
+    state = read_state_dict(path)
+    if not any(k.startswith("text_encoder.") for k in state):
+        raise CheckpointMismatch(f"{path} has no text_encoder.* weights: not a CLIP/LiT checkpoint")
+    vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    if metadata.get("format") == CLIP_FORMAT:
+        text_shape_ = TextShape(**json.loads(metadata["text_shape"]))
+        vision_model = metadata["vision_model"]
+        vision_depth = int(metadata["vision_depth"])
+        image_size = int(metadata["image_size"])
+        info_tokenizer = json.loads(metadata["tokenizer"])
+    else:
+        text_shape_ = infer_text_shape(state, prefix="text_encoder.")
+        vision_model, vision_depth, image_size = _vision_name_from_state(vision_state)
+        info_tokenizer = None
+    embed_dim = int(state["text_projection"].shape[1])
+    with torch.device("meta"):  # no random init of billions of parameters that are overwritten anyway
+        vision = create_vit(vision_model, img_size=image_size, depth=vision_depth)
+        model = CLIPModel(vision, TextEncoder(text_shape_), embed_dim)
+    check_fit(model, state)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.vision_encoder.requires_grad_(False)
+    if tokenizer:
+        tok = build_tokenizer(tokenizer)
+    elif info_tokenizer is not None:
+        tok = tokenizer_from_info(info_tokenizer, base_dir=path.parent)
+    else:
+        raise ValueError(
+            f"{path} is not a prepretrain LiT file: pass tokenizer=/path/to/xlmr.sentencepiece.bpe.model "
+            "(the XLM-R SentencePiece model of the MAWS CLIP release)"
+        )
+    if tok.vocab_size > text_shape_.vocab_size:
+        raise CheckpointMismatch(
+            f"tokenizer has {tok.vocab_size} ids but the text tower only {text_shape_.vocab_size} embeddings"
+        )
+    model.to(device).eval()
+    info = {"path": str(path), "image_size": image_size, "vision_model": vision_model}
+    return model, tok, info
+
+
+def init_vision_from(model: CLIPModel, source: str | Path) -> list[str]:
+    """Load a pretrained image tower (MAE/WSP/MAWS/timm file) into a LiT model's vision encoder."""
+    return load_encoder(model.vision_encoder, source)

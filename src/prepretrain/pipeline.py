@@ -1,0 +1,309 @@
+"""``prepretrain pipeline``: MAE -> WSP -> transfer beside the baselines, over seeds, with a report.
+
+For each seed the pipeline runs: MAE; WSP initialised from MAE; WSP from scratch with the same
+WSP budget; LiT on both WSP towers; and for every encoder (MAE->WSP, WSP, MAE, random init) the
+transfer suite: linear probe, kNN, low-shot 1/5/10, zero-shot (where a text tower exists) and a
+short finetune. Each job is cached by a hash of its resolved config (and of the jobs it reads),
+so a rerun skips what is done and an interrupted pipeline resumes where it stopped (training
+stages also resume mid-run from their checkpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, build_config, config_to_dict, dump_config
+
+ENCODERS = {"mae_wsp": "MAE→WSP", "wsp": "WSP", "mae": "MAE", "random": "random init"}
+
+
+@dataclass
+class PipelineConfig:
+    """The whole experiment. Defaults: the CPU demo on the synthetic dataset (about 15 min on 2 cores)."""
+
+    stage_name = "pipeline"
+    out_dir: str = "runs/pipeline"
+    seeds: tuple[int, ...] = (0, 1)
+    data: str = "synthetic"
+    num_images: int = 2000
+    model: str = "vit_micro4"
+    image_size: int = 32
+    device: str = "auto"
+    precision: str = "auto"
+    # budgets of the CPU demo (optimizer steps); ignored for a stage given a recipe file
+    mae_steps: int = 120
+    wsp_steps: int = 150
+    lit_steps: int = 60
+    finetune_steps: int = 40
+    batch_size: int = 64
+    eval_every: int = 50  # WSP evaluation interval: the convergence curves
+    # paper-scale recipes (configs/*.yaml); the pipeline then only sets data, seed and out_dir
+    mae_config: str = ""
+    wsp_config: str = ""
+    lit_config: str = ""
+    finetune_config: str = ""
+    evaluations: tuple[str, ...] = ("probe", "knn", "lowshot", "zeroshot", "finetune")
+    tasks: tuple[str, ...] = ("coarse", "fine")
+    random_baseline: bool = True
+    # --dry-run estimates
+    gpus: int = 8
+    gpu_memory_gib: float = 80.0
+    assumed_mfu: float = 0.3
+
+    def validate(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds", "give at least one seed")
+        for key in ("mae_steps", "wsp_steps", "lit_steps", "finetune_steps", "batch_size", "num_images", "gpus"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
+        known = {"probe", "knn", "lowshot", "zeroshot", "finetune"}
+        unknown = set(self.evaluations) - known
+        if unknown:
+            raise ConfigError("evaluations", f"unknown {sorted(unknown)}; known: {sorted(known)}")
+        if not 0 < self.assumed_mfu <= 1:
+            raise ConfigError("assumed_mfu", "must be in (0, 1]")
+        for key in ("mae_config", "wsp_config", "lit_config", "finetune_config"):
+            if getattr(self, key) and not Path(getattr(self, key)).exists():
+                raise ConfigError(key, f"file not found: {getattr(self, key)}")
+
+
+@dataclass
+class Job:
+    """One cached unit of work: a training stage or an evaluation, in ``out_dir/<name>``."""
+
+    name: str
+    kind: str
+    values: dict[str, Any]
+    deps: list[str] = field(default_factory=list)
+    config_file: str = ""
+    key: str = ""
+
+
+# --------------------------------------------------------------------------------- the plan
+def stage_classes(kind: str) -> tuple[type, Callable[[Any], Any]]:
+    from .train.engine import train
+
+    if kind == "mae":
+        from .stages.mae import MAEConfig, MAEStage
+
+        return MAEConfig, lambda cfg: train(MAEStage(cfg))
+    if kind == "wsp":
+        from .stages.wsp import WSPConfig, WSPStage
+
+        return WSPConfig, lambda cfg: train(WSPStage(cfg))
+    if kind == "lit":
+        from .stages.lit import LiTConfig, LiTStage
+
+        return LiTConfig, lambda cfg: train(LiTStage(cfg))
+    if kind == "finetune":
+        from .stages.finetune import FinetuneConfig, FinetuneStage
+
+        return FinetuneConfig, lambda cfg: train(FinetuneStage(cfg))
+    if kind == "zeroshot":
+        from .evaluate.zeroshot import ZeroShotConfig, run_zeroshot
+
+        return ZeroShotConfig, run_zeroshot
+    raise KeyError(kind)
+
+
+def plan_jobs(cfg: PipelineConfig) -> list[Job]:
+    """Every job of the pipeline in the order it runs (dependencies first)."""
+    out = Path(cfg.out_dir)
+    common = {"data": cfg.data, "device": cfg.device, "precision": cfg.precision}
+    demo = {"model": cfg.model, "image_size": cfg.image_size, "num_images": cfg.num_images,
+            "batch_size": cfg.batch_size, "progress": False}
+    jobs: list[Job] = []
+
+    def train_values(kind: str, steps: int, recipe: str, seed: int, name: str, **extra: Any) -> Job:
+        values = {**common, "seed": seed, "out_dir": str(out / name), **extra}
+        if not recipe:
+            values.update(demo)
+            values["steps"] = steps
+        if kind == "lit":
+            values.pop("image_size", None) if recipe else None
+        return Job(name, kind, values, config_file=recipe)
+
+    for seed in cfg.seeds:
+        s = f"seed{seed}"
+        jobs.append(train_values("mae", cfg.mae_steps, cfg.mae_config, seed, f"{s}/mae"))
+        wsp_extra = {"eval_every": cfg.eval_every}
+        job = train_values("wsp", cfg.wsp_steps, cfg.wsp_config, seed, f"{s}/wsp_mae",
+                           init=str(out / f"{s}/mae"), **wsp_extra)
+        job.deps = [f"{s}/mae"]
+        jobs.append(job)
+        jobs.append(train_values("wsp", cfg.wsp_steps, cfg.wsp_config, seed, f"{s}/wsp", init="", **wsp_extra))
+        encoders = {"mae_wsp": f"{s}/wsp_mae", "wsp": f"{s}/wsp", "mae": f"{s}/mae"}
+        if cfg.random_baseline:
+            encoders["random"] = ""
+        if "zeroshot" in cfg.evaluations:
+            for label in ("mae_wsp", "wsp"):
+                lit = train_values("lit", cfg.lit_steps, cfg.lit_config, seed, f"{s}/lit_{label}",
+                                   encoder=str(out / encoders[label]))
+                lit.values.pop("num_images", None) if cfg.lit_config else None
+                lit.deps = [encoders[label]]
+                jobs.append(lit)
+                zs = Job(f"{s}/eval/{label}/zeroshot", "zeroshot",
+                         {"model": str(out / f"{s}/lit_{label}"), "out_dir": str(out / f"{s}/eval/{label}/zeroshot"),
+                          "data": cfg.data, "device": cfg.device, "num_images": cfg.num_images},
+                         deps=[f"{s}/lit_{label}"])
+                jobs.append(zs)
+        frozen = tuple(e for e in ("probe", "knn", "lowshot") if e in cfg.evaluations)
+        for label, source in encoders.items():
+            encoder = str(out / source) if source else ""
+            for task in cfg.tasks:
+                if frozen:
+                    jobs.append(Job(f"{s}/eval/{label}/{task}", "frozen",
+                                    {"encoder": encoder, "task": task, "evaluations": list(frozen), "seed": seed,
+                                     "model": cfg.model, "image_size": cfg.image_size, **common,
+                                     "num_images": cfg.num_images},
+                                    deps=[source] if source else []))
+            if "finetune" in cfg.evaluations:
+                job = train_values("finetune", cfg.finetune_steps, cfg.finetune_config, seed,
+                                   f"{s}/eval/{label}/finetune", encoder=encoder, task=cfg.tasks[0])
+                job.deps = [source] if source else []
+                jobs.append(job)
+    by_name = {job.name: job for job in jobs}
+    for job in jobs:
+        payload = json.dumps({"kind": job.kind, "values": job.values, "file": _file_text(job.config_file),
+                              "deps": [by_name[d].key for d in job.deps if d in by_name]}, sort_keys=True)
+        job.key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return jobs
+
+
+def _file_text(path: str) -> str:
+    return Path(path).read_text() if path else ""
+
+
+def build_job_config(job: Job) -> Any:
+    if job.kind == "frozen":
+        return None
+    config_cls, _ = stage_classes(job.kind)
+    return build_config(config_cls, job.config_file or None, {k: v for k, v in job.values.items()})
+
+
+# ------------------------------------------------------------------------------- running
+def run_job(job: Job) -> dict[str, Any]:
+    if job.kind == "frozen":
+        from .evaluate.runner import evaluate_encoder
+
+        values = dict(job.values)
+        evaluations = tuple(values.pop("evaluations"))
+        return evaluate_encoder(values.pop("encoder"), Path(values["out_dir"]) if "out_dir" in values
+                                else _job_dir(job), evaluations, overrides=values)
+    cfg = build_job_config(job)
+    _, runner = stage_classes(job.kind)
+    return runner(cfg)
+
+
+def _job_dir(job: Job) -> Path:
+    return Path(job.values.get("out_dir", "")) if "out_dir" in job.values else Path(job.name)
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    """Run every job not already done with the same key, then write the report."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.yaml").write_text(dump_config(cfg))
+    jobs = plan_jobs(cfg)
+    for job in jobs:
+        if job.kind == "frozen":
+            job.values["out_dir"] = str(out / job.name)
+        if not job.deps:
+            build_job_config(job)  # config mistakes surface before any compute (jobs reading others: at their turn)
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    ran: list[float] = []
+    for index, job in enumerate(jobs, 1):
+        job_dir = out / job.name
+        marker = job_dir / "pipeline_job.json"
+        if marker.exists():
+            saved = json.loads(marker.read_text())
+            if saved.get("key") == job.key:
+                results[job.name] = saved["results"]
+                print(f"[pipeline {index}/{len(jobs)}] {job.name}: cached", flush=True)
+                continue
+        remaining = len(jobs) - index + 1
+        eta = f", ETA ~{_clock(remaining * sum(ran) / len(ran))}" if ran else ""
+        print(f"[pipeline {index}/{len(jobs)}] {job.name} ({job.kind}); elapsed {_clock(time.perf_counter() - start)}"
+              f"{eta}", flush=True)
+        job_start = time.perf_counter()
+        result = run_job(job)
+        ran.append(time.perf_counter() - job_start)
+        results[job.name] = _jsonable(result)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"key": job.key, "kind": job.kind, "values": job.values,
+                                      "seconds": ran[-1], "results": results[job.name]}, indent=2))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    from .pipeline_report import write_pipeline_report
+
+    md, html = write_pipeline_report(cfg, jobs, results)
+    print(f"[pipeline] done in {_clock(time.perf_counter() - start)}; report: {md} and {html}", flush=True)
+    return results
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# ------------------------------------------------------------------------------- dry run
+def dry_run(cfg: PipelineConfig) -> str:
+    """The plan: stages, FLOPs, memory per GPU and estimated time on ``cfg.gpus`` GPUs."""
+    from .plan import plan_config_from, plan_run
+
+    lines = [f"pipeline plan: {len(cfg.seeds)} seed(s), {cfg.gpus} GPU(s) of {cfg.gpu_memory_gib:g} GiB, "
+             f"assumed MFU {cfg.assumed_mfu:.0%}"]
+    jobs = plan_jobs(cfg)
+    total_flops = 0.0
+    peak = 989e12
+    lines.append(f"{'job':<32} {'kind':<9} {'model':<11} {'steps':>8} {'PFLOP':>12} {'mem/GPU GiB':>12} "
+                 f"{'fits':>5} {'est. hours':>10}")
+    for job in jobs:
+        if job.kind in ("frozen", "zeroshot"):
+            lines.append(f"{job.name:<32} {job.kind:<9} {'(inference)':<11}")
+            continue
+        stage_cfg = build_job_config(job)
+        strategy = getattr(stage_cfg, "strategy", "auto")
+        plan = plan_run(replace(plan_config_from(stage_cfg), gpus=cfg.gpus, gpu_memory_gib=cfg.gpu_memory_gib,
+                                strategy="auto" if strategy == "none" else strategy))
+        steps = _steps_of(stage_cfg)
+        flops = float(plan["train_flops_per_step"]) * steps
+        total_flops += flops
+        hours = flops / (cfg.gpus * peak * cfg.assumed_mfu) / 3600 if flops else float("nan")
+        memory = plan["total_gib"]
+        lines.append(f"{job.name:<32} {job.kind:<9} {getattr(stage_cfg, 'model', ''):<11} {steps:>8} "
+                     f"{flops / 1e15:>12.1f} {float(memory):>12.1f} {str(plan.get('fits', '?')):>5} {hours:>10.2f}")
+    hours = total_flops / (cfg.gpus * peak * cfg.assumed_mfu) / 3600
+    lines.append(f"total training: {total_flops / 1e18:.2f} EFLOP, about {hours:.1f} hours on {cfg.gpus} GPUs "
+                 f"at {cfg.assumed_mfu:.0%} MFU of 989 TFLOP/s")
+    return "\n".join(lines)
+
+
+def _steps_of(stage_cfg: Any) -> int:
+    if getattr(stage_cfg, "steps", 0):
+        return int(stage_cfg.steps)
+    if stage_cfg.data == "synthetic":
+        samples = stage_cfg.num_images
+    else:
+        samples = int(getattr(stage_cfg, "epoch_size", 0) or 0) or _dataset_size_guess(stage_cfg.data)
+    return max(1, math.ceil(stage_cfg.epochs * samples / stage_cfg.batch_size))
+
+
+def _dataset_size_guess(data: str) -> int:
+    """Without the data at hand a dry run assumes IG-3B scale (the paper's pretraining set)."""
+    return 3_000_000_000
+
+
+def config_summary(cfg: PipelineConfig) -> dict[str, Any]:
+    return config_to_dict(cfg)

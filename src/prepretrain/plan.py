@@ -1,0 +1,327 @@
+"""``prepretrain plan``: will this run fit, and what will a step cost? Answered before any GPU is touched.
+
+The model is built on the meta device (no memory), its parameters counted, and memory per
+GPU estimated from first principles:
+
+- model state (AdamW): fp32 parameters (they are the master copy; bf16 copies are transient),
+  fp32 gradients and two fp32 moments: 4 + 4 + 8 bytes per trainable parameter, divided by the
+  number of GPUs under FSDP;
+- transient parameter copies: under FSDP the gathered bf16 root and two blocks (running and
+  prefetched) plus their unsharded gradients; under DDP/none with bf16 autocast the cached
+  bf16 copies of the weights (2 bytes per parameter);
+- activations saved for backward, per block and sample (timm ``Block``, fused attention, no
+  dropout; N tokens, width D, MLP width M, a heads, e bytes per activation element, r bytes per
+  residual-stream element):
+
+      bytes = N * (2 r D + 6 e D + 2 e M + 16 + 4 a)
+
+  2 r D: inputs of the two LayerNorms (the residual stream); 6 e D: LayerNorm-1 output (qkv
+  input), q, k, v, attention output (proj input), LayerNorm-2 output (fc1 input); 2 e M: fc1
+  output (GELU input) and GELU output (fc2 input); 16 N: LayerNorm means and inverse stds (fp32);
+  4 a N: the attention log-sum-exp (fp32). With bf16 autocast e = 2 and r = 4 (the residual
+  stream stays fp32); with FSDP bf16 parameters r = 2 too; fp32 has e = r = 4. For ViT-B/16
+  (N 197, D 768, M 3072) in bf16 that is 5.5 MB per image and block. The formula equals the
+  tensors autograd saves for a timm block, byte for byte (tests/test_plan.py measures it).
+  With activation checkpointing only each block's input (r N D) is kept and one block's
+  activations are rebuilt at a time during backward. One more block's worth is added as
+  backward workspace (activation gradients), plus the stem and head (images, patch tokens,
+  logits);
+- a fixed reserve (``reserved_gib``) for the CUDA context, NCCL buffers and allocator slack.
+
+FLOPs per step = global batch x (3 x forward FLOPs, 4 x with activation checkpointing), with
+the forward FLOPs of ``models.vit.forward_flops`` / ``models.mae.mae_forward_flops``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError
+
+GIB = 2**30
+STAGES = ("mae", "wsp", "finetune")
+DEFAULT_CLASSES = {"wsp": 28_000, "finetune": 1000}  # IG-3B hashtag vocabulary ~28K; ImageNet-1k
+ADAMW_STATE_BYTES = 8  # two fp32 moments per trainable parameter
+
+
+@dataclass
+class PlanConfig:
+    """What a run's memory and cost depend on; the global batch follows the training configs."""
+
+    model: str = "vit_b16"
+    stage: str = "mae"  # mae | wsp | finetune
+    gpus: int = 1
+    strategy: str = "auto"  # auto | none | ddp | fsdp
+    batch_size: int = 4096  # global batch per optimizer step
+    micro_batch_size: int = 0  # per GPU per forward; 0 = batch_size / gpus (no accumulation)
+    image_size: int = 0  # 0 = the model's own resolution
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    grad_checkpointing: bool = False
+    gpu_memory_gib: float = 80.0
+    reserved_gib: float = 3.0  # CUDA context, NCCL buffers, allocator fragmentation
+    mask_ratio: float = 0.75
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    num_classes: int = 0  # 0 = the stage's default (wsp 28000 hashtags, finetune 1000)
+    peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H100 SXM)
+    assumed_mfu: float = 0.4  # for the step-time estimate
+
+    def validate(self) -> None:
+        from .models.vit import VIT_SHAPES, resolve_name
+
+        try:
+            shape = VIT_SHAPES[resolve_name(self.model)]
+        except ValueError as error:
+            raise ConfigError("model", str(error)) from None
+        if self.stage not in STAGES:
+            raise ConfigError("stage", f"must be one of {', '.join(STAGES)}; got '{self.stage}'")
+        if self.strategy not in ("auto", "none", "ddp", "fsdp"):
+            raise ConfigError("strategy", f"must be auto, none, ddp or fsdp; got '{self.strategy}'")
+        if self.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError("precision", f"must be bf16, fp16 or fp32; got '{self.precision}'")
+        for key in ("gpus", "batch_size", "gpu_memory_gib", "peak_tflops"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
+        for key in ("micro_batch_size", "image_size", "num_classes", "reserved_gib"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.assumed_mfu <= 1:
+            raise ConfigError("assumed_mfu", f"must be in (0, 1], got {self.assumed_mfu}")
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError("mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
+        if self.strategy == "none" and self.gpus > 1:
+            raise ConfigError("strategy", "none trains one process; use ddp or fsdp with gpus > 1")
+        micro = self.micro_batch_size or self.batch_size // self.gpus
+        if micro <= 0 or self.batch_size % (micro * self.gpus):
+            raise ConfigError("batch_size", f"{self.batch_size} is not a multiple of micro_batch_size {micro} x "
+                                            f"{self.gpus} GPUs")
+        if (self.image_size or shape.img_size) % shape.patch_size:
+            raise ConfigError("image_size", f"must be a multiple of the patch size {shape.patch_size}")
+
+
+def block_activation_bytes(tokens: int, dim: int, mlp_dim: int, heads: int, act_bytes: int,
+                           residual_bytes: int) -> int:
+    """Bytes one transformer block saves for backward per sample (formula in the module docstring)."""
+    return tokens * (2 * residual_bytes * dim + 6 * act_bytes * dim + 2 * act_bytes * mlp_dim + 16 + 4 * heads)
+
+
+def plan_config_from(cfg: Any) -> PlanConfig:
+    """A plan for a stage config (MAEConfig, WSPConfig, ...): what the pipeline's dry run needs."""
+    if isinstance(cfg, PlanConfig):
+        return cfg
+    import torch
+
+    precision = getattr(cfg, "precision", "auto")
+    if precision == "auto":
+        on_gpu = getattr(cfg, "device", "auto") != "cpu" and torch.cuda.is_available()
+        precision = "bf16" if on_gpu else "fp32"
+    gpus = int(getattr(cfg, "gpus", 0) or os.environ.get("WORLD_SIZE", "1"))
+    memory = 80.0
+    if torch.cuda.is_available():
+        memory = torch.cuda.get_device_properties(0).total_memory / GIB
+    stage = getattr(cfg, "stage_name", "mae")
+    values = {
+        "model": getattr(cfg, "model", "vit_b16"),
+        "stage": stage if stage in STAGES else "finetune",
+        "gpus": gpus,
+        "strategy": getattr(cfg, "strategy", "auto") if gpus > 1 else "none",
+        "batch_size": cfg.batch_size,
+        "micro_batch_size": getattr(cfg, "micro_batch_size", 0),
+        "image_size": getattr(cfg, "image_size", 0),
+        "precision": precision,
+        "grad_checkpointing": getattr(cfg, "grad_checkpointing", False),
+        "gpu_memory_gib": memory,
+        "num_classes": getattr(cfg, "num_classes", 0) or 0,
+    }
+    for key in ("mask_ratio", "decoder_embed_dim", "decoder_depth", "decoder_num_heads"):
+        if hasattr(cfg, key):
+            values[key] = getattr(cfg, key)
+    plan = PlanConfig(**values)
+    plan.validate()
+    return plan
+
+
+def _meta_model(cfg: PlanConfig, image_size: int):
+    from .models.mae import create_mae
+    from .models.vit import create_vit
+
+    if cfg.stage == "mae":
+        return create_mae(cfg.model, img_size=image_size, decoder_embed_dim=cfg.decoder_embed_dim,
+                          decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads, device="meta")
+    classes = cfg.num_classes or DEFAULT_CLASSES[cfg.stage]
+    return create_vit(cfg.model, num_classes=classes, img_size=image_size, device="meta")
+
+
+def _choose_strategy(cfg: PlanConfig, trainable: int) -> str:
+    """As the engine's ``auto``: DDP while AdamW state takes at most half a GPU, else FSDP."""
+    from .train.distributed import AUTO_FSDP_MEMORY_SHARE, MODEL_STATE_BYTES_PER_PARAM
+
+    if cfg.strategy != "auto":
+        return cfg.strategy
+    if cfg.gpus == 1:
+        return "none"
+    model_state = trainable * MODEL_STATE_BYTES_PER_PARAM
+    return "fsdp" if model_state > AUTO_FSDP_MEMORY_SHARE * cfg.gpu_memory_gib * GIB else "ddp"
+
+
+def plan_run(cfg: Any) -> dict[str, Any]:
+    """Memory per GPU (bytes and GiB), FLOPs per step and whether it fits; ``cfg``: PlanConfig or a stage config."""
+    from .models.mae import mae_forward_flops
+    from .models.vit import forward_flops, vit_shape
+
+    cfg = plan_config_from(cfg)
+    shape = vit_shape(cfg.model)
+    image_size = cfg.image_size or shape.img_size
+    model = _meta_model(cfg, image_size)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    block_params = [sum(p.numel() for p in block.parameters()) for block in model.blocks]
+    block_params += [sum(p.numel() for p in block.parameters()) for block in getattr(model, "decoder_blocks", [])]
+    root_params = total - sum(block_params)
+    largest_block = max(block_params)
+    strategy = _choose_strategy(cfg, trainable)
+    shards = cfg.gpus if strategy == "fsdp" else 1
+    micro = cfg.micro_batch_size or cfg.batch_size // cfg.gpus
+    accumulation = cfg.batch_size // (micro * cfg.gpus)
+    half = cfg.precision in ("bf16", "fp16")
+    act_bytes = 2 if half else 4
+    residual_bytes = 2 if half and strategy == "fsdp" else 4
+
+    # ---- model state
+    memory: dict[str, float] = {
+        "parameters": 4 * total / shards,
+        "gradients": 4 * trainable / shards,
+        "optimizer": ADAMW_STATE_BYTES * trainable / shards,
+    }
+    if strategy == "fsdp":
+        # gathered root + running and prefetched block, and their unsharded grads (compute dtype + fp32 reduce copy)
+        memory["gathered_parameters"] = act_bytes * (root_params + 2 * largest_block) + (act_bytes + 4) * (
+            root_params + 2 * largest_block
+        )
+    elif half:
+        memory["autocast_weight_copies"] = 2 * total
+
+    # ---- activations per sample
+    patches = (image_size // shape.patch_size) ** 2
+    towers = []  # (tokens, dim, mlp_dim, heads, depth)
+    if cfg.stage == "mae":
+        kept = int(patches * (1 - cfg.mask_ratio)) + 1
+        towers.append((kept, shape.embed_dim, shape.mlp_dim, shape.num_heads, shape.depth))
+        towers.append((patches + 1, cfg.decoder_embed_dim, 4 * cfg.decoder_embed_dim, cfg.decoder_num_heads,
+                       cfg.decoder_depth))
+        pixels_out = patches * shape.patch_size**2 * 3
+        head = pixels_out * (act_bytes + 4 + 4)  # prediction, its fp32 copy, the target
+    else:
+        towers.append((patches + 1, shape.embed_dim, shape.mlp_dim, shape.num_heads, shape.depth))
+        head = (cfg.num_classes or DEFAULT_CLASSES[cfg.stage]) * (act_bytes + 4 + 4)  # logits, log-softmax, grad
+    per_block = [block_activation_bytes(n, d, m, a, act_bytes, residual_bytes) for n, d, m, a, _ in towers]
+    stored_blocks = sum(b * depth for b, (*_, depth) in zip(per_block, towers))
+    block_inputs = sum(residual_bytes * n * d * depth for n, d, _, _, depth in towers)
+    stem = 3 * image_size**2 * 4 + 3 * residual_bytes * patches * shape.embed_dim + head
+    workspace = max(per_block)  # activation gradients of the block in backward
+    if cfg.grad_checkpointing:
+        activations_per_sample = block_inputs + max(per_block) + workspace + stem
+    else:
+        activations_per_sample = stored_blocks + workspace + stem
+    memory["activations"] = activations_per_sample * micro
+    memory["reserved"] = cfg.reserved_gib * GIB
+    total_bytes = sum(memory.values())
+    budget = cfg.gpu_memory_gib * GIB
+    fixed = total_bytes - memory["activations"]
+    largest_micro = max(0, int((budget - fixed) // activations_per_sample))
+
+    # ---- FLOPs
+    if cfg.stage == "mae":
+        forward = mae_forward_flops(shape, cfg.mask_ratio, cfg.decoder_embed_dim, cfg.decoder_depth,
+                                    img_size=image_size)
+    else:
+        forward = forward_flops(shape, img_size=image_size) + 2 * shape.embed_dim * (
+            cfg.num_classes or DEFAULT_CLASSES[cfg.stage]
+        )
+    train_factor = 4 if cfg.grad_checkpointing else 3
+    step_flops = train_factor * forward * cfg.batch_size
+    seconds = step_flops / cfg.gpus / (cfg.peak_tflops * 1e12 * cfg.assumed_mfu)
+
+    return {
+        "model": cfg.model, "stage": cfg.stage, "image_size": image_size, "gpus": cfg.gpus, "strategy": strategy,
+        "precision": cfg.precision, "grad_checkpointing": cfg.grad_checkpointing,
+        "parameters": total, "trainable_parameters": trainable, "largest_block_parameters": largest_block,
+        "batch_size": cfg.batch_size, "micro_batch_size": micro, "accumulation_steps": accumulation,
+        "memory_bytes": memory, "memory_gib": {k: v / GIB for k, v in memory.items()},
+        "activation_bytes_per_sample": activations_per_sample,
+        "total_gib": total_bytes / GIB, "gpu_memory_gib": cfg.gpu_memory_gib, "fits": total_bytes <= budget,
+        "largest_micro_batch_that_fits": largest_micro,
+        "forward_flops_per_sample": forward, "train_flops_per_step": step_flops,
+        "train_flops_per_step_per_gpu": step_flops / cfg.gpus,
+        "seconds_per_step_at_assumed_mfu": seconds, "assumed_mfu": cfg.assumed_mfu, "peak_tflops": cfg.peak_tflops,
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The plan as a short human-readable table and a verdict with what to change when it does not fit."""
+    lines = [
+        f"plan: {plan['stage']} {plan['model']} @{plan['image_size']}px on {plan['gpus']} GPU(s), "
+        f"strategy={plan['strategy']}, precision={plan['precision']}, grad_checkpointing="
+        f"{str(plan['grad_checkpointing']).lower()}",
+        f"  parameters        {plan['parameters'] / 1e9:.3f} B ({plan['trainable_parameters'] / 1e9:.3f} B trainable)",
+        f"  global batch      {plan['batch_size']} = {plan['gpus']} GPUs x micro-batch {plan['micro_batch_size']} "
+        f"x {plan['accumulation_steps']} accumulation steps",
+        "  memory per GPU (GiB)",
+    ]
+    for key, value in plan["memory_gib"].items():
+        lines.append(f"    {key.replace('_', ' '):<26}{value:9.2f}")
+    lines.append(f"    {'total':<26}{plan['total_gib']:9.2f}  of {plan['gpu_memory_gib']:.0f}")
+    lines.append(
+        f"  FLOPs per step    {plan['train_flops_per_step'] / 1e15:.3f} PFLOP "
+        f"({plan['train_flops_per_step_per_gpu'] / 1e12:.1f} TFLOP per GPU); "
+        f"~{plan['seconds_per_step_at_assumed_mfu']:.2f} s/step at {plan['assumed_mfu']:.0%} MFU of "
+        f"{plan['peak_tflops']:.0f} TFLOP/s"
+    )
+    if plan["fits"]:
+        lines.append(f"  fits: yes ({plan['total_gib']:.1f} of {plan['gpu_memory_gib']:.0f} GiB)")
+    else:
+        hints = []
+        if plan["largest_micro_batch_that_fits"] > 0:
+            hints.append(f"micro_batch_size<={plan['largest_micro_batch_that_fits']} (accumulation fills the batch)")
+        if not plan["grad_checkpointing"]:
+            hints.append("grad_checkpointing=true")
+        if plan["strategy"] != "fsdp" and plan["gpus"] > 1:
+            hints.append("strategy=fsdp")
+        if plan["largest_micro_batch_that_fits"] == 0 and plan["strategy"] == "fsdp":
+            hints.append("more GPUs (model state alone does not fit)")
+        lines.append(f"  fits: NO ({plan['total_gib']:.1f} of {plan['gpu_memory_gib']:.0f} GiB); try "
+                     + ", ".join(hints or ["a smaller model"]))
+    return "\n".join(lines)
+
+
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    keys = ", ".join(PlanConfig.__dataclass_fields__)
+    parser.epilog = (
+        "Examples:\n  prepretrain plan model=vit_6.5b14 gpus=8 strategy=fsdp batch_size=4096 micro_batch_size=16 "
+        "grad_checkpointing=true\n  prepretrain plan model=vit_b16 stage=wsp gpus=8 batch_size=8192\n"
+        f"\nKeys: {keys}\n"
+    )
+
+
+def _plan_run(args: argparse.Namespace) -> int:
+    from .config import build_config
+
+    plan = plan_run(build_config(PlanConfig, None, args.overrides))
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+PLAN_COMMAND: dict[str, Any] = {
+    "help": "estimate memory per GPU and FLOPs per step of a run (meta device: no GPU needed)",
+    "add_arguments": _plan_arguments,
+    "run": _plan_run,
+}
+
+__all__ = ["PLAN_COMMAND", "PlanConfig", "block_activation_bytes", "format_plan", "plan_config_from", "plan_run"]

@@ -1,0 +1,186 @@
+"""Plots and the Markdown/HTML report of a pipeline run.
+
+A report is a list of blocks (heading, paragraph, table, image, code); the same blocks render to
+``report.md`` and to a self-contained-looking ``report.html`` (images are files beside it), so
+the two never disagree.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Block:
+    kind: str  # heading | paragraph | table | image | code | list
+    text: str = ""
+    level: int = 2
+    rows: list[list[str]] = field(default_factory=list)
+    header: list[str] = field(default_factory=list)
+    items: list[str] = field(default_factory=list)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = mean_std(values)
+    if math.isnan(mean):
+        return "–"
+    if len(values) > 1:
+        return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f}"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(curves: dict[str, list[list[tuple[float, float]]]], path: Path, xlabel: str, ylabel: str,
+                title: str, logx: bool = False) -> Path:
+    """One line per label (mean over seeds at shared x), with a band of ± one std when several seeds."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, runs in curves.items():
+        runs = [r for r in runs if r]
+        if not runs:
+            continue
+        xs = sorted({x for run in runs for x, _ in run})
+        means, stds, shown = [], [], []
+        for x in xs:
+            ys = [y for run in runs for rx, y in run if rx == x]
+            if len(ys) == len(runs):
+                m, s = mean_std(ys)
+                shown.append(x)
+                means.append(m)
+                stds.append(s)
+        if not shown:
+            continue
+        line = ax.plot(shown, means, marker="o", markersize=3, label=label)[0]
+        if len(runs) > 1:
+            ax.fill_between(shown, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            alpha=0.2, color=line.get_color())
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(table: dict[str, dict[str, list[float]]], path: Path, title: str) -> Path:
+    """Grouped bars: tasks on x, one bar per encoder (mean ± std over seeds)."""
+    plt = _pyplot()
+    tasks = list(table)
+    encoders = sorted({e for row in table.values() for e in row}, key=lambda e: list(ENCODER_ORDER).index(e)
+                      if e in ENCODER_ORDER else 99)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(encoders)) / 2), 4))
+    width = 0.8 / max(1, len(encoders))
+    for i, encoder in enumerate(encoders):
+        stats = [mean_std(table[t].get(encoder, [])) for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], [100 * (m if not math.isnan(m) else 0) for m, _ in stats],
+               width, yerr=[100 * (s if not math.isnan(s) else 0) for _, s in stats], label=encoder, capsize=2)
+    ax.set_xticks([j + width * (len(encoders) - 1) / 2 for j in range(len(tasks))])
+    ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+ENCODER_ORDER = ("MAE→WSP", "WSP", "MAE", "random init")
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for block in blocks:
+        if block.kind == "heading":
+            out.append(f"{'#' * block.level} {block.text}\n")
+        elif block.kind == "paragraph":
+            out.append(block.text + "\n")
+        elif block.kind == "list":
+            out.append("\n".join(f"- {item}" for item in block.items) + "\n")
+        elif block.kind == "table":
+            out.append("| " + " | ".join(block.header) + " |")
+            out.append("|" + "---|" * len(block.header))
+            out.extend("| " + " | ".join(row) + " |" for row in block.rows)
+            out.append("")
+        elif block.kind == "image":
+            out.append(f"![{block.text}]({block.items[0]})\n")
+        elif block.kind == "code":
+            out.append(f"```\n{block.text}\n```\n")
+    return "\n".join(out)
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    body: list[str] = []
+    for block in blocks:
+        if block.kind == "heading":
+            body.append(f"<h{block.level}>{html.escape(block.text)}</h{block.level}>")
+        elif block.kind == "paragraph":
+            body.append(f"<p>{_inline(block.text)}</p>")
+        elif block.kind == "list":
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block.items) + "</ul>")
+        elif block.kind == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
+            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in block.rows)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif block.kind == "image":
+            body.append(f'<figure><img src="{html.escape(block.items[0])}" alt="{html.escape(block.text)}">'
+                        f"<figcaption>{html.escape(block.text)}</figcaption></figure>")
+        elif block.kind == "code":
+            body.append(f"<pre><code>{html.escape(block.text)}</code></pre>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+        "pre{background:#f6f6f6;padding:8px;overflow-x:auto}figure{margin:1em 0}figcaption{color:#666;font-size:90%}"
+        ".verdict{font-size:110%;padding:8px;background:#eef6ee;border-left:4px solid #4a4}"
+    )
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+def _inline(text: str) -> str:
+    """Escape, then render **bold** and `code` spans."""
+    escaped = html.escape(text)
+    parts = escaped.split("**")
+    escaped = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+    parts = escaped.split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def write_report(run_dir: Path, blocks: list[Block], title: str) -> tuple[Path, Path]:
+    md = run_dir / "report.md"
+    page = run_dir / "report.html"
+    md.write_text(render_markdown(blocks))
+    page.write_text(render_html(blocks, title))
+    return md, page
+
+
+def table_block(header: list[str], rows: list[list[Any]]) -> Block:
+    return Block("table", header=header, rows=[[str(c) for c in row] for row in rows])

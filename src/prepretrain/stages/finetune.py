@@ -1,0 +1,378 @@
+"""Full finetuning of a pretrained encoder on a labeled task (``prepretrain finetune``).
+
+What the stage builds (the loop is ``prepretrain.train.engine``): a timm ViT classifier
+initialised from any encoder (run dir, MAE/MAWS/timm/CLIP file, or random init), with the
+MAE reference finetuning recipe (REFERENCE.md section 5): layer-wise lr decay, drop path,
+RandAugment, random erasing, mixup + cutmix with label smoothing, and optionally a weight
+EMA. Position embeddings are interpolated (bicubic) when finetuning at another resolution;
+``global_pool=token`` pools the CLS token (MAWS finetunes), ``avg`` averages the patch
+tokens into a fresh ``fc_norm`` (MAE finetunes).
+
+Outputs in the run dir: ``last.safetensors`` and ``best.safetensors`` (timm classifier
+state dicts with ``model``/``image_size``/``num_classes``/``global_pool`` metadata),
+``ema.safetensors`` when the EMA is on, and top-1/top-5 on the test split in results.json.
+"Best" is chosen on the ``val`` split, never on ``test`` (for image folders that have no
+``test/``, ``val/`` is both; results.json then says ``best_selected_on_test: true``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from ..config import ConfigError, TrainConfig
+from ..data.loader import RecordDataset, eval_loader
+from ..data.records import BadSample, Record
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..evaluate.common import EvalData, open_eval_data, topk_accuracy
+from ..evaluate.encoders import EncoderSpec, build_encoder, resolve_encoder
+from ..models.vit import VIT_SHAPES, forward_flops, resolve_name, vit_shape
+from ..train.checkpoint import Checkpointer
+from ..train.distributed import is_sharded
+from ..train.engine import Stage, TrainData, default_out_dir
+from ..train.optim import param_groups
+
+EMBEDDING_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Finetuning recipe. Defaults are the CPU demo; configs/finetune_*.yaml hold the paper recipes."""
+
+    stage_name = "finetune"
+    encoder: str = ""  # run directory or weights file; empty = random init (the baseline)
+    model: str = "vit_micro4"  # architecture when the weights carry no metadata
+    task: str = "auto"  # coarse | fine (synthetic), label (image folders)
+    global_pool: str = "token"  # token (MAWS: CLS) | avg (MAE: mean of patch tokens + fc_norm)
+    layer_decay: float = 0.75  # lr scale decay^(num_layers + 1 - layer_id)
+    drop_path: float = 0.1
+    mixup: float = 0.8  # mixup alpha; 0 = off
+    cutmix: float = 1.0  # cutmix alpha; 0 = off
+    mixup_prob: float = 1.0  # probability of mixing a batch at all
+    mixup_switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    label_smoothing: float = 0.1
+    randaugment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; "" = off
+    random_erasing: float = 0.25  # probability (pixel mode)
+    min_crop_scale: float = 0.08  # RandomResizedCrop scale lower bound
+    ema_decay: float = 0.0  # weight EMA (timm ModelEmaV3, warmed up); 0 = off (the MAE reference has none)
+    eval_batch_size: int = 256
+    # CPU-demo schedule (the reference: blr 5e-4 (B) / 1e-3 (L, H), batch 1024, 100 / 50 epochs, 5 warmup)
+    blr: float = 2e-3
+    epochs: float = 3.0
+    warmup_epochs: float = 0.5
+    min_lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.05
+
+    def validate(self) -> None:
+        super().validate()
+        if self.global_pool not in ("token", "avg"):
+            raise ConfigError("global_pool", f"must be token or avg; got '{self.global_pool}'")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError("layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        for key in ("drop_path", "mixup_prob", "mixup_switch_prob", "random_erasing"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(key, f"must be in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
+        for key in ("mixup", "cutmix"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        if self.eval_batch_size <= 0:
+            raise ConfigError("eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
+        if self.randaugment and not self.randaugment.startswith("rand"):
+            raise ConfigError("randaugment", f"expected a timm RandAugment spec like 'rand-m9-mstd0.5-inc1', "
+                                             f"got '{self.randaugment}'")
+        try:
+            name = resolve_name(self.model)
+        except ValueError as error:
+            raise ConfigError("model", str(error)) from None
+        if self.image_size % VIT_SHAPES[name].patch_size:
+            raise ConfigError("image_size", f"{self.image_size} is not a multiple of the patch size")
+        if self.data == "synthetic" and self.task not in ("auto", "coarse", "fine"):
+            raise ConfigError("task", f"the synthetic dataset has tasks coarse and fine; got '{self.task}'")
+        if self.encoder and not Path(self.encoder).exists():
+            raise ConfigError("encoder", f"no such run directory or weights file: {self.encoder}")
+
+
+# --------------------------------------------------------------------- layer-wise lr decay
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a timm-ViT parameter: embeddings 0, ``blocks.i`` i + 1, everything after (norm, head) L + 1."""
+    if name in EMBEDDING_PARAMS or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def layer_decay_scale(name: str, num_layers: int, decay: float) -> float:
+    """lr multiplier ``decay ** (num_layers + 1 - layer_id)``: the head trains at the full lr,
+    each block below at ``decay`` times the one above (lower layers hold more general features)."""
+    return decay ** (num_layers + 1 - layer_id(name, num_layers))
+
+
+# --------------------------------------------------------------------------------- model
+
+
+class FinetuneModel(nn.Module):
+    """The classifier and its optional weight EMA in one module, so training checkpoints hold both
+    (resume then restores the EMA exactly) while the EMA copy gets no gradients or optimizer state."""
+
+    def __init__(self, net: nn.Module, ema_decay: float = 0.0):
+        super().__init__()
+        self.net = net
+        self.ema: ModelEmaV3 | None = None
+        if ema_decay > 0:
+            self.ema = ModelEmaV3(net, decay=ema_decay, use_warmup=True)
+            for param in self.ema.parameters():
+                param.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.net.set_grad_checkpointing(enable)
+
+    def classifier_state_dict(self, ema: bool = False) -> dict[str, torch.Tensor]:
+        """The timm state dict of the classifier (or its EMA), gathered whole when FSDP shards it.
+
+        Every rank must call this under FSDP (the gather is a collective).
+        """
+        prefix = "ema.module." if ema else "net."
+        if is_sharded(self):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            state = self.state_dict()
+        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def classifier_metadata(cfg: FinetuneConfig, num_classes: int, task: str) -> dict[str, str]:
+    return {"model": resolve_name(cfg.model), "image_size": str(cfg.image_size), "num_classes": str(num_classes),
+            "global_pool": cfg.global_pool, "task": task, "format": "timm-vit-classifier"}
+
+
+def _is_main_process() -> bool:
+    """Rank 0, also before the process group exists (torchrun sets RANK)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Atomic safetensors export (temp file + rename)."""
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+@contextmanager
+def numpy_seeded(seed: int) -> Iterator[None]:
+    """Run a block with NumPy's global RNG seeded, then put the caller's NumPy state back."""
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
+
+
+def _posterize_zero_bits_black(original):
+    def posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+        if bits_to_keep <= 0:
+            return Image.new(image.mode, image.size)  # keeping no bit leaves 0 everywhere
+        return original(image, bits_to_keep, **kwargs)
+
+    return posterize
+
+
+def allow_zero_bit_posterize(transform: Any) -> Any:
+    """Keep RandAugment's strongest posterize working on current Pillow.
+
+    timm's "increasing" posterize keeps ``4 - int(4 * m / 10)`` bits, i.e. 0 bits when a
+    magnitude jittered by ``mstd`` reaches 10. Pillow used to return a black image for that
+    (what the MAE reference runs saw); recent Pillow raises instead. This restores the black image.
+    """
+    for step in getattr(transform, "transforms", []):
+        for op in getattr(step, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _posterize_zero_bits_black(op.aug_fn)
+    return transform
+
+
+class FinetuneStage(Stage):
+    """A pretrained (or random-init) ViT finetuned end to end on a labeled task."""
+
+    name = "finetune"
+    cfg: FinetuneConfig
+
+    def __init__(self, cfg: FinetuneConfig):
+        super().__init__(cfg)
+        self.spec: EncoderSpec = resolve_encoder(cfg.encoder, cfg.model, cfg.image_size, cfg.seed)
+        self.data: EvalData = open_eval_data(cfg.data, cfg.task, cfg.image_size, cfg.num_images)
+        self.num_layers = self.spec.depth
+        self.run_dir = default_out_dir(cfg, self.name)
+        self.best_file = self.run_dir / "best.json"
+        resuming = cfg.resume and Checkpointer(self.run_dir).latest() is not None
+        # The best evaluation so far, kept on every rank (all ranks must agree to gather weights);
+        # a resumed run continues from the file, a fresh one must not inherit an older run's best.
+        self.best: dict[str, Any] = {}
+        if resuming and self.best_file.is_file():
+            self.best = json.loads(self.best_file.read_text())
+        elif not resuming and _is_main_process():
+            self.best_file.unlink(missing_ok=True)
+            (self.run_dir / "best.safetensors").unlink(missing_ok=True)
+        self.steps_done = 0
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
+                               num_classes=self.data.num_classes)
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    # ------------------------------------------------------------------ what it trains
+    def build_model(self) -> FinetuneModel:
+        cfg = self.cfg
+        net = build_encoder(self.spec, num_classes=self.data.num_classes, global_pool=cfg.global_pool,
+                            drop_path_rate=cfg.drop_path)
+        nn.init.trunc_normal_(net.head.weight, std=2e-5)  # MAE reference: a near-zero head
+        nn.init.zeros_(net.head.bias)
+        return FinetuneModel(net, cfg.ema_decay)
+
+    def train_transform(self):
+        """timm's ImageNet training transform: random-resized crop, flip, RandAugment, erasing."""
+        cfg = self.cfg
+        transform = create_transform(
+            cfg.image_size, is_training=True, scale=(cfg.min_crop_scale, 1.0), interpolation="bicubic",
+            auto_augment=cfg.randaugment or None, color_jitter=None, re_prob=cfg.random_erasing, re_mode="pixel",
+            re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        )
+        return allow_zero_bit_posterize(transform)
+
+    def train_data(self) -> TrainData:
+        augment, task = self.train_transform(), self.data.task
+
+        def transform(record: Record) -> dict[str, Any]:
+            if task not in record.labels:
+                raise BadSample(record.key, "missing_label", f"no '{task}' label")
+            # timm's RandAugment picks its ops with NumPy's global RNG, which the loader does not
+            # seed per sample: seed it from Python's (which it does) so augmentation is reproducible.
+            with numpy_seeded(random.getrandbits(32)):
+                image = augment(record.image)
+            return {"image": image, "label": int(record.labels[task])}
+
+        source = self.data.source("train")
+        return TrainData(RecordDataset(source, transform), len(source))
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        images, labels = batch["image"], batch["label"]
+        if self.mixup is None:
+            return self.criterion(model(images), labels), {}
+        if len(images) % 2:  # timm mixes pairs; drop the odd sample (only when a bad one was skipped)
+            images, labels = images[:-1], labels[:-1]
+        # timm's Mixup draws from NumPy's global RNG, which checkpoints do not hold: seed it from
+        # torch's (which they do) so a resumed run mixes exactly as an uninterrupted one.
+        with numpy_seeded(int(torch.randint(0, 2**31 - 1, (1,)))):
+            images, targets = self.mixup(images, labels)
+        return self.criterion(model(images), targets), {}
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        def scale(name: str) -> float:
+            return layer_decay_scale(name.removeprefix("net."), self.num_layers, self.cfg.layer_decay)
+
+        return param_groups(model, self.cfg.weight_decay, lr_scale=scale)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.steps_done = step
+        if getattr(model, "ema", None) is not None:
+            model.ema.update(model.net, step=step)
+
+    def flops_per_sample(self) -> float:
+        shape = vit_shape(self.spec.model, depth=self.spec.depth, img_size=self.cfg.image_size)
+        return 3 * forward_flops(shape)
+
+    # --------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def _accuracy(self, net: nn.Module, role: str, device: torch.device) -> dict[str, float]:
+        task, transform = self.data.task, eval_transform(self.cfg.image_size)
+
+        def to_tensors(record: Record) -> dict[str, Any]:
+            return {"image": transform(record.image), "label": int(record.labels.get(task, -1))}
+
+        dataset = RecordDataset(self.data.source(role), to_tensors)
+        use_bf16 = device.type == "cuda" and self.cfg.precision in ("auto", "bf16")
+        scores, labels = [], []
+        for batch in eval_loader(dataset, self.cfg.eval_batch_size, self.cfg.num_workers):
+            if "image" not in batch:
+                continue
+            keep = batch["label"] >= 0
+            with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext():
+                logits = net(batch["image"][keep].to(device))
+            scores.append(logits.float().cpu())
+            labels.append(batch["label"][keep])
+        return topk_accuracy(torch.cat(scores), torch.cat(labels))
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Top-1/top-5 on test (reported) and val (for choosing the best checkpoint)."""
+        metrics = self._accuracy(model.net, "test", device)
+        val = metrics if self.data.selection_is_test else self._accuracy(model.net, "val", device)
+        metrics["val_top1"] = val["top1"]
+        if model.ema is not None:
+            ema = self._accuracy(model.ema.module, "test", device)
+            metrics.update({f"ema_{key}": value for key, value in ema.items()})
+        if not self.best or val["top1"] > self.best["val_top1"]:
+            # Every rank evaluated the same images, so all take this branch (the gather is collective).
+            state = model.classifier_state_dict()
+            self.best = {"val_top1": val["top1"], "step": self.steps_done, "top1": metrics["top1"],
+                         "top5": metrics.get("top5", math.nan)}
+            if _is_main_process():
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                _save_weights(state, self.run_dir / "best.safetensors",
+                              classifier_metadata(self.cfg, self.data.num_classes, self.data.task))
+                self.best_file.write_text(json.dumps(self.best))
+        return metrics
+
+    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """Export the last weights (and the EMA); report the best checkpoint's numbers."""
+        metadata = classifier_metadata(self.cfg, self.data.num_classes, self.data.task)
+        _save_weights(model.classifier_state_dict(), run_dir / "last.safetensors", metadata)
+        results: dict[str, Any] = {"last": str(run_dir / "last.safetensors"), "task": self.data.task,
+                                   "num_classes": self.data.num_classes, "encoder": self.spec.description,
+                                   "test_split": self.data.split_names["test"]}
+        if model.ema is not None:
+            _save_weights(model.classifier_state_dict(ema=True), run_dir / "ema.safetensors", metadata)
+            results["ema"] = str(run_dir / "ema.safetensors")
+        best = self.best
+        if best:
+            results.update({"best": str(run_dir / "best.safetensors"), "best_step": best["step"],
+                            "best_val_top1": best["val_top1"], "best_top1": best["top1"], "best_top5": best["top5"],
+                            "best_selected_on_test": self.data.selection_is_test})
+        return results

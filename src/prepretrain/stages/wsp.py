@@ -1,0 +1,448 @@
+"""WSP, weakly supervised hashtag pretraining: what the stage builds (the loop is the engine's).
+
+The second stage of MAWS (REFERENCE.md section 4): a ViT, initialised from the MAE encoder
+(``init=``), learns to predict each image's hashtags out of a vocabulary built from the
+training data, with tail tags resampled. Everything about vocabularies, targets and
+resampling lives in :mod:`prepretrain.data.hashtags`; the head, losses and tag-prediction
+metrics in :mod:`prepretrain.models.heads`.
+
+Run directory additions: ``vocab.json`` (written before the first step and reused on resume,
+so the head's rows always have names), ``encoder.safetensors`` (timm keys, no head: every
+consumer of MAE encoders takes a WSP run the same way), ``head.safetensors``
+(``head.weight``/``head.bias``) and results with held-out precision@1/@5 and mAP next to the
+most-frequent-tag baseline.
+
+``init=`` accepts an MAE run directory (its ``encoder.safetensors``), a WSP run directory,
+an MAE "full" checkpoint (decoder dropped; the fixed sin-cos ``pos_embed`` becomes the
+learnable timm one), or a MAWS/MAE/timm encoder file. A classifier head in the file is never
+reused, except the head of a WSP run directory whose ``vocab.json`` is the same tag list as
+this run's, which continues WSP where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..config import ConfigError, TrainConfig
+from ..data.hashtags import (
+    EncodedTags,
+    HashtagVocab,
+    build_vocab,
+    encode_images,
+    load_synonyms,
+    pad_tags,
+    sampling_weights,
+    source_hashtags,
+    synonym_map,
+    tag_image_counts,
+    target_prior,
+)
+from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.records import BadSample, Record
+from ..data.synthetic import ATTRIBUTE_TAGS, SyntheticSource
+from ..data.transforms import decode_hint, eval_transform, pretrain_transform
+from ..models.checkpoints import CheckpointMismatch, encoder_from_any, load_encoder, load_strict, read_state_dict
+from ..models.heads import (
+    LOSSES,
+    init_head,
+    load_head,
+    multi_hot,
+    multilabel_loss,
+    prior_bias,
+    save_head,
+    split_head,
+    tag_prediction_metrics,
+)
+from ..models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape
+from ..train.checkpoint import Checkpointer
+from ..train.engine import Stage, TrainData, default_out_dir
+
+MAX_WEIGHTED_IMAGES = 2**24  # torch.multinomial's limit on categories (the loader's weighted draw)
+
+
+@dataclass
+class WSPConfig(TrainConfig):
+    """WSP recipe. Defaults are the CPU demo on the synthetic hashtags; configs/wsp_*.yaml hold
+    the paper-scale recipes."""
+
+    stage_name = "wsp"
+    model: str = "vit_micro4"
+    depth: int = 0  # blocks; 0 = the model's own depth (a smaller value makes tiny test models)
+    drop_path: float = 0.0
+    init: str = ""  # MAE/WSP run dir, MAE full checkpoint, MAWS/timm encoder file; empty = from scratch
+    # vocabulary
+    vocab: str = ""  # fixed vocabulary file (.json/.txt); empty = built from the training data
+    vocab_size: int = 28_000  # top-K most frequent tags (the paper: ~28K)
+    vocab_min_count: int = 2  # images a tag must appear in to enter the vocabulary
+    tag_synonyms: str = "auto"  # auto (the source's own table, if any) | none | PATH (.json/.txt synonym groups)
+    max_tags: int = 64  # known tags kept per image (the rarest when there are more)
+    # targets, loss, resampling
+    loss: str = "softmax"  # softmax (normalised multi-hot, the paper's) | sigmoid (per-tag BCE)
+    resample_power: float = 0.5  # image weight from count ** -power; 0.5 = inverse square root, 0 = off
+    resample_reduce: str = "max"  # max | mean over the image's tags
+    epoch_size: int = 0  # samples per epoch; 0 = the number of training images
+    head_bias: str = "prior"  # prior (log-prior of the resampled targets) | zero
+    head_init_std: float = 0.0  # 0 = zero-initialised head weights
+    min_crop_scale: float = 0.35
+    # evaluation
+    eval_images: int = 2000  # held-out images (the "val" split) for precision@k and mAP; 0 = all
+    eval_batch_size: int = 256
+    # CPU-demo schedule: lr 1e-3 at batch 64, ~310 steps (paper-scale settings in configs/wsp_*.yaml)
+    batch_size: int = 64
+    blr: float = 4e-3
+    epochs: float = 5.0
+    warmup_epochs: float = 0.25
+    weight_decay: float = 0.05
+
+    def validate(self) -> None:
+        super().validate()
+        try:
+            shape = VIT_SHAPES[resolve_name(self.model)]
+        except ValueError as error:
+            raise ConfigError("model", str(error)) from None
+        if self.image_size % shape.patch_size:
+            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch size {shape.patch_size}")
+        for key in ("depth", "epoch_size", "eval_images", "head_init_std", "drop_path", "resample_power"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("vocab_size", "vocab_min_count", "max_tags", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
+        if self.drop_path >= 1:
+            raise ConfigError("drop_path", f"must be < 1, got {self.drop_path}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
+        for key, options in (("loss", LOSSES), ("resample_reduce", ("max", "mean")), ("head_bias", ("prior", "zero"))):
+            if getattr(self, key) not in options:
+                raise ConfigError(key, f"must be one of {', '.join(options)}; got '{getattr(self, key)}'")
+        if self.tag_synonyms not in ("auto", "none") and not Path(self.tag_synonyms).is_file():
+            raise ConfigError("tag_synonyms", f"must be auto, none or a file; not found: {self.tag_synonyms}")
+        if self.vocab and not Path(self.vocab).is_file():
+            raise ConfigError("vocab", f"vocabulary file not found: {self.vocab}")
+        if self.init and not Path(self.init).exists():
+            raise ConfigError("init", f"checkpoint or run directory not found: {self.init}")
+
+
+class HashtagTransform:
+    """Record -> ``{"image", "tags"}`` (padded vocabulary indices); a class, not a closure, so
+    DataLoader workers can pickle it under any start method."""
+
+    def __init__(self, vocab: HashtagVocab, image_transform: Any, max_tags: int):
+        self.vocab = vocab
+        self.image_transform = image_transform
+        self.max_tags = max_tags
+
+    def __call__(self, record: Record) -> dict[str, Any]:
+        known, _ = self.vocab.encode(record.hashtags)
+        if not known:  # never drawn in training (weight 0); counted, not fed, in evaluation
+            raise BadSample(record.key, "no_known_tag")
+        return {"image": self.image_transform(record.image), "tags": pad_tags(known, self.max_tags)}
+
+
+@dataclass
+class HashtagData:
+    """What the stage derives from the training split before building anything."""
+
+    source: Any
+    vocab: HashtagVocab
+    encoded: EncodedTags
+    weights: torch.Tensor  # per image, float64
+    tag_counts: np.ndarray  # training images per tag (the most-frequent-tag baseline ranks by it)
+    prior: torch.Tensor  # best constant prediction under resampling (head bias init)
+
+
+@dataclass
+class InitFiles:
+    """Where ``init=`` points: the encoder weights and, for a WSP run, its head and vocabulary."""
+
+    encoder: Path
+    head: Path | None = None
+    vocab: Path | None = None
+
+
+def resolve_init(path: str | Path) -> InitFiles:
+    """An MAE/WSP run directory -> its exported files; a file -> itself."""
+    path = Path(path)
+    if not path.is_dir():
+        return InitFiles(path)
+    for name in ("encoder.safetensors", "mae_full.safetensors"):
+        if (path / name).is_file():
+            head, vocab = path / "head.safetensors", path / "vocab.json"
+            if head.is_file() and vocab.is_file():
+                return InitFiles(path / name, head, vocab)
+            return InitFiles(path / name)
+    raise FileNotFoundError(
+        f"init={path} is a directory without encoder.safetensors: is it a finished MAE/WSP run? "
+        "(or pass a checkpoint file)"
+    )
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """safetensors metadata (model name, image size) when the file has any."""
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+class FirstRecords:
+    """The first ``count`` records of a map source (a fixed, reproducible evaluation subset)."""
+
+    def __init__(self, source: Any, count: int):
+        self.source = source
+        self.count = min(count, len(source))
+
+    def __len__(self) -> int:
+        return self.count
+
+    def get(self, index: int) -> Record:
+        if not 0 <= index < self.count:
+            raise IndexError(f"index {index} out of range for {self.count} records")
+        return self.source.get(index)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class WSPStage(Stage):
+    name = "wsp"
+    cfg: WSPConfig
+
+    def __init__(self, cfg: WSPConfig):
+        super().__init__(cfg)
+        self._data: HashtagData | None = None
+
+    # ------------------------------------------------------------------ data preparation
+    @property
+    def run_dir(self) -> Path:
+        return default_out_dir(self.cfg, self.name)
+
+    def _shape_overrides(self) -> dict[str, int]:
+        overrides = {"img_size": self.cfg.image_size}
+        if self.cfg.depth:
+            overrides["depth"] = self.cfg.depth
+        return overrides
+
+    def _synonyms(self, source: Any) -> dict[str, str]:
+        """The hashtag -> class map (the paper's hashtag-to-synset step): a file, or with
+        ``auto`` the table the source ships (``source.hashtag_synonyms`` groups; for the
+        synthetic set, its attribute tag groups such as ``circle/round/disc``)."""
+        choice = self.cfg.tag_synonyms
+        if choice == "none":
+            return {}
+        if choice != "auto":
+            return load_synonyms(choice)
+        groups = getattr(source, "hashtag_synonyms", None)
+        if groups is None and isinstance(source, SyntheticSource):
+            groups = [group for attribute in ATTRIBUTE_TAGS.values() for group in attribute]
+        return synonym_map(groups) if groups else {}
+
+    def _choose_vocab(self, source: Any) -> HashtagVocab:
+        """Resume -> the run's own vocab.json; ``vocab=`` -> that file (with its own synonyms,
+        else ``tag_synonyms``); otherwise built from the training tags."""
+        cfg = self.cfg
+        saved = self.run_dir / "vocab.json"
+        if cfg.resume and saved.is_file() and Checkpointer(self.run_dir).latest() is not None:
+            return HashtagVocab.load(saved)
+        aliases = self._synonyms(source)
+        if cfg.vocab:
+            vocab = HashtagVocab.load(cfg.vocab)
+            if not vocab.aliases and aliases:
+                kept = {alias: tag for alias, tag in aliases.items() if tag in vocab.index and alias not in vocab.index}
+                vocab = HashtagVocab(vocab.tags, vocab.counts, vocab.info, kept)
+            return vocab
+        return build_vocab(source_hashtags(source), min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
+                           aliases=aliases)
+
+    def prepare(self) -> HashtagData:
+        """Open the training split, fix the vocabulary, encode every image's tags and derive
+        the sampling weights (done once; the same on every rank because it is deterministic)."""
+        if self._data is not None:
+            return self._data
+        cfg = self.cfg
+        source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
+                           min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale))
+        if not hasattr(source, "get"):
+            raise ValueError(
+                f"data={cfg.data} is a streaming (WebDataset) source; WSP resampling needs random access: "
+                "point data= at a manifest or image folder with hashtags"
+            )
+        if len(source) > MAX_WEIGHTED_IMAGES:
+            raise ValueError(
+                f"{len(source)} training images: weighted resampling draws from at most {MAX_WEIGHTED_IMAGES} "
+                "images per source (torch.multinomial); split the manifest into parts"
+            )
+        vocab = self._choose_vocab(source)
+        encoded = encode_images(vocab, source_hashtags(source))
+        if encoded.images_without_known_tag == len(encoded):
+            raise ValueError(
+                f"none of the {len(encoded)} training images has a tag in the {len(vocab)}-tag vocabulary"
+            )
+        tag_counts = tag_image_counts(encoded, len(vocab))
+        weights = sampling_weights(encoded, tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce)
+        prior = target_prior(encoded, weights, len(vocab), cfg.loss)
+        if _is_main_process():
+            vocab.info = {**vocab.info, "data": cfg.data, **encoded.stats()}
+            vocab.save(self.run_dir / "vocab.json")
+        self._data = HashtagData(source, vocab, encoded, weights, tag_counts, prior)
+        return self._data
+
+    # ------------------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        data = self.prepare()
+        model = create_vit(cfg.model, num_classes=len(data.vocab), drop_path_rate=cfg.drop_path,
+                           **self._shape_overrides())
+        bias = prior_bias(data.prior, cfg.loss) if cfg.head_bias == "prior" else None
+        init_head(model.head, bias=bias, weight_std=cfg.head_init_std)
+        if cfg.init:
+            self.load_init(model, data.vocab)
+        return model
+
+    def load_init(self, model: nn.Module, vocab: HashtagVocab) -> list[str]:
+        """Copy the encoder of ``init`` into ``model`` (exactly, pos-embed interpolated only when
+        the resolution differs); returns the keys left at their fresh initialisation."""
+        cfg = self.cfg
+        files = resolve_init(cfg.init)
+        state = encoder_from_any(read_state_dict(files.encoder))
+        encoder_state, _ = split_head(state)  # a head trained for other classes is never reused
+        encoder_state = {k: v for k, v in encoder_state.items() if not k.startswith("fc_norm.")}
+        try:
+            left = load_encoder(model, encoder_state)
+        except CheckpointMismatch as error:
+            saved = file_metadata(files.encoder)
+            origin = f" (it was saved for model={saved['model']})" if saved.get("model") else ""
+            depth = f" depth={cfg.depth}" if cfg.depth else ""
+            message = f"init={cfg.init}{origin} does not fit model={cfg.model}{depth}: {error}"
+            raise CheckpointMismatch(message) from None
+        if files.head is not None and files.vocab is not None:
+            init_vocab = HashtagVocab.load(files.vocab)
+            head = load_head(files.head, num_classes=len(init_vocab))
+            if init_vocab == vocab:
+                load_strict(model.head, {k[len("head.") :]: v for k, v in head.items()})
+                left = [k for k in left if not k.startswith("head.")]
+        return left
+
+    # ------------------------------------------------------------------------------- data
+    def train_data(self) -> TrainData:
+        cfg = self.cfg
+        data = self.prepare()
+        transform = HashtagTransform(data.vocab, pretrain_transform(cfg.image_size, cfg.min_crop_scale), cfg.max_tags)
+        return TrainData(RecordDataset(data.source, transform), len(data.source), weights=data.weights,
+                         epoch_size=cfg.epoch_size or len(data.source))
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        if "image" not in batch:  # every sample of this micro-batch was unreadable: a no-op step
+            zero = sum(p.sum() for p in model.parameters()) * 0.0
+            return zero, {}
+        logits = model(batch["image"])
+        return multilabel_loss(logits, batch["tags"], self.cfg.loss), {}
+
+    def flops_per_sample(self) -> float:
+        cfg = self.cfg
+        shape = vit_shape(cfg.model, **self._shape_overrides())
+        num_tags = len(self._data.vocab) if self._data is not None else cfg.vocab_size
+        return 3 * (forward_flops(shape, img_size=cfg.image_size) + 2 * shape.embed_dim * num_tags)
+
+    # ------------------------------------------------------------------------- evaluation
+    def _val_source(self) -> Any | None:
+        cfg = self.cfg
+        try:
+            source = open_data(cfg.data, split="val", image_size=cfg.image_size, num_images=cfg.num_images)
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+        return source if hasattr(source, "get") and len(source) else None
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Held-out tag prediction: precision@1/@5 and mAP beside the most-frequent-tag baseline;
+        images without a known tag are skipped and counted."""
+        cfg = self.cfg
+        data = self.prepare()
+        results: dict[str, float] = {
+            "train_images_without_known_tag": data.encoded.images_without_known_tag,
+            "train_unknown_tag_occurrences": data.encoded.unknown_occurrences,
+        }
+        source = self._val_source()
+        if source is None:
+            return results
+        if cfg.eval_images and len(source) > cfg.eval_images:
+            source = FirstRecords(source, cfg.eval_images)
+        transform = HashtagTransform(data.vocab, eval_transform(cfg.image_size), cfg.max_tags)
+        scores, targets = [], []
+        skipped: dict[str, int] = {}
+        with torch.no_grad():
+            for batch in eval_loader(RecordDataset(source, transform), batch_size=cfg.eval_batch_size):
+                for reason, _ in batch.pop("_skipped", []):
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                if "image" not in batch:
+                    continue
+                logits = model(batch["image"].to(device)).float()
+                # softmax: rank tags across images by log-probability, not by raw logit
+                scores.append((logits.log_softmax(-1) if cfg.loss == "softmax" else logits).cpu())
+                targets.append(multi_hot(batch["tags"], len(data.vocab)))
+        results["val_images_without_known_tag"] = skipped.pop("no_known_tag", 0)
+        results["val_images_unreadable"] = sum(skipped.values())
+        if not scores:
+            return results
+        counts = torch.from_numpy(data.tag_counts).double()
+        metrics = tag_prediction_metrics(torch.cat(scores), torch.cat(targets), counts, prefix="val_")
+        results["val_images"] = sum(len(s) for s in scores)
+        return {**results, **metrics}
+
+    # ----------------------------------------------------------------------------- export
+    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, Any]:
+        """Export the encoder (timm keys, the format every later stage reads), the head and the
+        vocabulary that names the head's rows."""
+        from .mae import encoder_metadata
+
+        cfg = self.cfg
+        data = self.prepare()
+        encoder, _ = split_head({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        metadata = {**encoder_metadata(cfg), "stage": "wsp", "depth": str(len(model.blocks)),
+                    "num_tags": str(len(data.vocab)), "loss": cfg.loss}
+        save_file(encoder, str(run_dir / "encoder.safetensors"), metadata=metadata)
+        save_head(run_dir / "head.safetensors", model, metadata={"loss": cfg.loss, "model": cfg.model})
+        data.vocab.save(run_dir / "vocab.json")
+        truncated = int((data.encoded.num_tags > cfg.max_tags).sum())
+        return {
+            "encoder": str(run_dir / "encoder.safetensors"),
+            "head": str(run_dir / "head.safetensors"),
+            "vocab": str(run_dir / "vocab.json"),
+            "model": cfg.model,
+            "vocab_size": len(data.vocab),
+            "loss_type": cfg.loss,
+            "train_images": len(data.encoded),
+            "train_images_without_known_tag": data.encoded.images_without_known_tag,
+            "train_unknown_tag_occurrences": data.encoded.unknown_occurrences,
+            "train_known_tag_occurrences": data.encoded.known_occurrences,
+            "train_images_with_tags_truncated": truncated,
+        }
+
+
+def load_tagger(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, HashtagVocab]:
+    """A finished WSP run as (timm ViT with its hashtag head, vocabulary): predict tags with
+    ``vocab.tags[i] for i in model(images).topk(5).indices[0]``. A vocab.json that does not
+    match the head raises ``prepretrain.data.hashtags.VocabularyMismatch``."""
+    run_dir = Path(run_dir)
+    vocab = HashtagVocab.load(run_dir / "vocab.json")
+    head = load_head(run_dir / "head.safetensors", num_classes=len(vocab))
+    encoder_path = run_dir / "encoder.safetensors"
+    metadata = file_metadata(encoder_path)
+    if not metadata.get("model"):
+        raise ValueError(f"{encoder_path} has no model metadata: not a WSP export")
+    overrides = {"img_size": int(metadata.get("image_size", 224))}
+    if metadata.get("depth"):
+        overrides["depth"] = int(metadata["depth"])
+    model = create_vit(metadata["model"], num_classes=len(vocab), **overrides)
+    load_strict(model, {**read_state_dict(encoder_path), **head})
+    return model.to(device).eval(), vocab

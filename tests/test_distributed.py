@@ -1,0 +1,236 @@
+"""Scale-out: DDP and FSDP2 reproduce one process, sharded checkpoints move between rank counts,
+and a failing rank ends the job.
+
+The multi-rank tests launch ``torchrun --standalone --nproc-per-node 2`` on this file (gloo on
+CPU); the ``__main__`` block at the bottom is the worker. Its stage draws each sample's MAE mask
+noise from the sample's own seed, so the masks do not depend on how a global batch is split
+across ranks: one process and two ranks must then compute the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from prepretrain.config import build_config
+from prepretrain.models.mae import create_mae
+from prepretrain.stages.mae import MAEConfig, MAEStage
+from prepretrain.train.checkpoint import Checkpointer, checkpoint_step, export_weights, read_model_weights
+from prepretrain.train.distributed import DistInfo, resolve_strategy, shard_units
+from prepretrain.train.engine import TrainData, train
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+FAIL_ENV = "PREPRETRAIN_TEST_FAIL_AT"  # "rank:loss_call": that rank raises on that call of loss()
+TIMEOUT_S = 60
+
+# 4 optimizer steps of a global batch of 8 (4 per rank on two ranks), checkpoints at steps 2 and 4.
+RUN_SETTINGS = {
+    "steps": 4, "batch_size": 8, "num_images": 64, "eval_images": 8, "lr": 2e-3, "warmup_steps": 0,
+    "clip_grad": 0.05, "log_every": 1, "ckpt_every": 2, "keep_last": 2, "progress": False, "tensorboard": False,
+    "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2, "dist_timeout_s": TIMEOUT_S,
+}
+
+
+class SeededMaskMAE(MAEStage):
+    """A one-block MAE whose mask noise is part of each sample (seeded like its augmentation)."""
+
+    def build_model(self) -> nn.Module:
+        cfg = self.cfg
+        return create_mae(cfg.model, img_size=cfg.image_size, depth=1, decoder_embed_dim=cfg.decoder_embed_dim,
+                          decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads)
+
+    def train_data(self) -> TrainData:
+        data = super().train_data()
+        image_transform = data.dataset.transform
+        num_patches = (self.cfg.image_size // 4) ** 2
+
+        def with_noise(record: Any) -> dict[str, Any]:
+            sample = image_transform(record)
+            sample["noise"] = torch.rand(num_patches)
+            return sample
+
+        data.dataset.transform = with_noise
+        self.loss_calls = 0
+        return data
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        fail_at = os.environ.get(FAIL_ENV)
+        if fail_at:
+            rank, call = (int(part) for part in fail_at.split(":"))
+            if int(os.environ.get("RANK", "0")) == rank and self.loss_calls == call:
+                raise RuntimeError(f"injected failure on rank {rank} at loss call {call}")
+        self.loss_calls += 1
+        loss, _, _ = model(batch["image"], mask_ratio=self.cfg.mask_ratio, noise=batch["noise"])
+        return loss, {}
+
+
+def run_config(out_dir: Path, **extra: Any) -> MAEConfig:
+    values = {**RUN_SETTINGS, **extra, "out_dir": str(out_dir)}
+    return build_config(MAEConfig, None, [f"{key}={value}" for key, value in values.items()])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def launch(out_dir: Path, fail_at: str = "", **extra: Any) -> tuple[subprocess.CompletedProcess, float]:
+    """torchrun with two gloo ranks on this file; returns the finished process and its wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(FAIL_ENV, None)
+    if fail_at:
+        env[FAIL_ENV] = fail_at
+    overrides = json.dumps({**RUN_SETTINGS, **extra, "out_dir": str(out_dir)})
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", __file__, overrides]
+    started = time.monotonic()
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=4 * TIMEOUT_S)
+    return result, time.monotonic() - started
+
+
+def assert_launch_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+def assert_same_losses(got: dict[int, float], expected: dict[int, float], steps: list[int]) -> None:
+    for step in steps:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), f"step {step}: {got} vs {expected}"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process run every distributed run is compared with."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train(SeededMaskMAE(run_config(run_dir, strategy="none")))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    result, _ = launch(run_dir, strategy="fsdp")
+    assert_launch_ok(result)
+    return run_dir
+
+
+# ------------------------------------------------------------------------------ fast units
+def test_shard_units_are_the_encoder_and_decoder_blocks() -> None:
+    model = create_mae("vit_micro4", img_size=32, depth=3, decoder_embed_dim=32, decoder_depth=2,
+                       decoder_num_heads=2, device="meta")
+    units = shard_units(model)
+    assert units == [*model.blocks, *model.decoder_blocks]
+
+
+def test_auto_strategy_and_none_under_several_ranks() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_strategy("auto", DistInfo(0, 1, 0), cpu, 10**9) == "none"
+    assert resolve_strategy("auto", DistInfo(0, 2, 0), cpu, 10**6) == "ddp"
+    assert resolve_strategy("fsdp", DistInfo(0, 1, 0), cpu, 10**6) == "fsdp"
+    with pytest.raises(ValueError, match="strategy=none"):
+        resolve_strategy("none", DistInfo(1, 2, 1), cpu, 10**6)
+
+
+def test_checkpointer_sees_files_and_complete_folders_only_and_rotates(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(tmp_path, keep_last=2)
+    checkpointer.save(1, {"step": 1})
+    complete = checkpointer.dir / "step_00000002"
+    complete.mkdir()
+    torch.save({"step": 2}, complete / "meta.pt")
+    (checkpointer.dir / "step_00000003").mkdir()  # shards written, meta.pt not yet: a crash mid-save
+    (checkpointer.dir / ".step_00000004.tmp").mkdir()
+    assert [p.name for p in checkpointer.all()] == ["step_00000001.pt", "step_00000002"]
+    assert checkpointer.latest() == complete and checkpoint_step(complete) == 2
+    checkpointer.save(5, {"step": 5})
+    checkpointer.keep_last = 1
+    checkpointer.rotate()
+    assert [p.name for p in checkpointer.all()] == ["step_00000005.pt"]
+    assert not complete.exists()
+
+
+@pytest.mark.slow
+def test_one_process_resume_is_bitwise_exact(reference_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "resumed"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference_run / "checkpoints" / "step_00000002.pt", run_dir / "checkpoints")
+    train(SeededMaskMAE(run_config(run_dir, strategy="none")))
+    resumed = torch.load(run_dir / "checkpoints" / "step_00000004.pt", weights_only=True)
+    uninterrupted = torch.load(reference_run / "checkpoints" / "step_00000004.pt", weights_only=True)
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), key
+    for number, state in uninterrupted["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][number]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+# --------------------------------------------------------------------------- multi-rank
+@pytest.mark.slow
+def test_ddp_two_ranks_reproduce_one_process(reference_run: Path, tmp_path: Path) -> None:
+    result, _ = launch(tmp_path / "ddp", strategy="ddp")
+    assert_launch_ok(result)
+    assert_same_losses(losses(tmp_path / "ddp"), losses(reference_run), [1, 2, 3, 4])
+    reference = read_model_weights(reference_run / "checkpoints" / "step_00000004.pt")
+    shared = read_model_weights(tmp_path / "ddp" / "checkpoints" / "step_00000004")
+    assert shared.keys() == reference.keys()
+    for key in reference:  # Adam turns float-rounding gradient differences into ~1e-6 weight differences
+        torch.testing.assert_close(shared[key], reference[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_reproduce_one_process_and_export_consolidates(
+    reference_run: Path, fsdp_run: Path, tmp_path: Path
+) -> None:
+    assert_same_losses(losses(fsdp_run), losses(reference_run), [1, 2, 3, 4])
+    shards = sorted(p.name for p in (fsdp_run / "checkpoints" / "step_00000004").glob("*.distcp"))
+    assert len(shards) == 2  # each rank wrote its own shard
+    # DCP folder -> one safetensors file equals what rank 0 exported after gathering the shards.
+    from safetensors.torch import load_file
+
+    exported = load_file(str(export_weights(fsdp_run, tmp_path / "model.safetensors")))
+    finished = load_file(str(fsdp_run / "mae_full.safetensors"))
+    assert exported.keys() == finished.keys()
+    for key in finished:
+        assert torch.equal(exported[key], finished[key]), key
+    encoder = load_file(str(export_weights(fsdp_run, tmp_path / "encoder.safetensors", part="encoder")))
+    assert encoder.keys() == load_file(str(fsdp_run / "encoder.safetensors")).keys()
+
+
+@pytest.mark.slow
+def test_failing_rank_ends_job_and_two_rank_checkpoint_resumes_on_one(reference_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "crash"
+    # Rank 1 raises in the third step (loss call 2 with one micro-batch per step), after the step-2 checkpoint.
+    result, seconds = launch(run_dir, fail_at="1:2", strategy="fsdp")
+    assert result.returncode != 0
+    assert seconds < TIMEOUT_S, f"the job took {seconds:.0f}s to end (collective timeout {TIMEOUT_S}s)"
+    assert "rank 1/2 failed: RuntimeError: injected failure on rank 1 at loss call 2" in result.stderr
+    assert [p.name for p in Checkpointer(run_dir).all()] == ["step_00000002"]
+    # Resume the two-rank (sharded) checkpoint in this single process: steps 3 and 4 as if never stopped.
+    train(SeededMaskMAE(run_config(run_dir, strategy="none")))
+    assert_same_losses(losses(run_dir), losses(reference_run), [1, 2, 3, 4])
+    assert (run_dir / "checkpoints" / "step_00000004.pt").is_file()
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two_ranks(reference_run: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "grow"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(reference_run / "checkpoints" / "step_00000002.pt", run_dir / "checkpoints")
+    first_two = [line for line in (reference_run / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["step"] <= 2]
+    (run_dir / "metrics.jsonl").write_text("\n".join(first_two) + "\n")
+    result, _ = launch(run_dir, strategy="fsdp")
+    assert_launch_ok(result)
+    assert "resuming from" in result.stdout
+    assert_same_losses(losses(run_dir), losses(reference_run), [3, 4])
+
+
+if __name__ == "__main__":  # torchrun worker: python test_distributed.py '<json of config values>'
+    settings = json.loads(sys.argv[1])
+    train(SeededMaskMAE(build_config(MAEConfig, None, [f"{k}={v}" for k, v in settings.items()])))
