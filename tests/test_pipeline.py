@@ -1,0 +1,115 @@
+"""The pipeline: jobs cached by config, same seed -> same numbers, report with plots, paper plans."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from prepretrain.config import ConfigError, build_config
+from prepretrain.pipeline import PipelineConfig, dry_run, plan_jobs, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"seeds": "0", "num_images": 120, "mae_steps": 3, "wsp_steps": 4, "lit_steps": 2, "finetune_steps": 2,
+        "eval_every": 2, "batch_size": 16, "evaluations": "probe,knn,zeroshot", "tasks": "coarse",
+        "random_baseline": "false"}
+
+
+def numbers(results: dict) -> dict:
+    """Every numeric result, flattened, without timings."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if "second" not in key and key not in ("features_computed",):
+                    walk(f"{prefix}/{key}", inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[prefix] = value
+
+    walk("", results)
+    return flat
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_report_cache_and_determinism(tmp_path):
+    first = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "a")})
+    results = run_pipeline(first)
+    out = tmp_path / "a"
+    for name in ("report.md", "report.html", "results.json", "transfer.png", "wsp_convergence.png",
+                 "accuracy_vs_flops.png", "mae_reconstructions.png"):
+        assert (out / name).exists(), name
+    report = (out / "report.md").read_text()
+    assert "MAE→WSP" in report and ("beat WSP alone" in report)
+    assert "linear probe (coarse)" in report and "zero-shot (coarse)" in report
+    assert "prepretrain pipeline --config" in report
+
+    # a rerun reuses every job
+    start = time.perf_counter()
+    again = run_pipeline(first)
+    assert time.perf_counter() - start < 30
+    assert numbers(again) == numbers(results)
+
+    # the same seed in another directory gives the same numbers
+    second = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "b")})
+    other = run_pipeline(second)
+    a, b = numbers(results), numbers(other)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def test_jobs_cover_the_experiment_and_keys_follow_dependencies(tmp_path):
+    cfg = build_config(PipelineConfig, None, {"out_dir": str(tmp_path), "seeds": "0,1"})
+    jobs = plan_jobs(cfg)
+    names = [job.name for job in jobs]
+    for seed in (0, 1):
+        for name in ("mae", "wsp_mae", "wsp", "lit_mae_wsp", "lit_wsp", "eval/mae_wsp/coarse", "eval/wsp/fine",
+                     "eval/mae/coarse", "eval/random/coarse", "eval/mae_wsp/zeroshot", "eval/wsp/finetune"):
+            assert f"seed{seed}/{name}" in names
+    by_name = {job.name: job for job in jobs}
+    assert by_name["seed0/wsp_mae"].values["init"].endswith("seed0/mae")
+    assert by_name["seed0/wsp"].values["init"] == ""
+    assert by_name["seed0/wsp_mae"].values["steps"] == by_name["seed0/wsp"].values["steps"]  # same WSP budget
+    # changing the MAE stage changes the key of everything that reads it, and nothing else
+    changed = {job.name: job.key for job in plan_jobs(build_config(
+        PipelineConfig, None, {"out_dir": str(tmp_path), "seeds": "0,1", "mae_steps": 7}))}
+    assert changed["seed0/mae"] != by_name["seed0/mae"].key
+    assert changed["seed0/wsp_mae"] != by_name["seed0/wsp_mae"].key
+    assert changed["seed0/wsp"] == by_name["seed0/wsp"].key
+
+
+@pytest.mark.parametrize("size", ["b16", "l16", "h14", "2b14", "6.5b14"])
+def test_paper_scale_pipeline_configs_validate_and_dry_run(size):
+    path = ROOT / "configs" / f"pipeline_vit_{size}.yaml"
+    cfg = build_config(PipelineConfig, path)
+    plan = dry_run(cfg)
+    assert "total training" in plan and f"vit_{size}" in plan
+    rows = [line for line in plan.splitlines() if line.startswith("seed0/") and "(inference)" not in line]
+    assert rows and all(" True " in row for row in rows if " lit " not in row)  # every trained stage fits
+
+
+def test_every_paper_recipe_validates():
+    from prepretrain.pipeline import stage_classes
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        kind = path.name.split("_")[0]
+        if kind == "pipeline":
+            continue
+        config_cls, _ = stage_classes(kind)
+        try:
+            build_config(config_cls, path)
+        except ConfigError as error:  # files a recipe names (tokenizer, init, encoder) are absent here
+            assert error.key in ("tokenizer", "encoder", "init"), (path, error)
+
+
+def test_pipeline_config_mistakes_name_the_key():
+    with pytest.raises(ConfigError, match="evaluations"):
+        build_config(PipelineConfig, None, {"evaluations": "probe,magic"})
+    with pytest.raises(ConfigError, match="mae_config"):
+        build_config(PipelineConfig, None, {"mae_config": "/nope.yaml"})
+
+
+def test_results_json_is_valid(tmp_path):
+    cfg = build_config(PipelineConfig, None, {"out_dir": str(tmp_path)})
+    assert json.loads(json.dumps([job.values for job in plan_jobs(cfg)]))
