@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def _check_index(index: int, length: int) -> int:
     return index
 
 
-class _FileSource:
+class _FileSource(ABC):
     """Shared behaviour of sources whose samples are image files on disk."""
 
     root: Path
@@ -125,12 +126,13 @@ class _FileSource:
         """Classes of a label task (same call as ``SyntheticSource.num_classes``)."""
         return num_classes_of(self, task)
 
-    def __len__(self) -> int:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of samples listed."""
 
-    def entry(self, index: int) -> tuple[Annotation, Path]:  # pragma: no cover - overridden
+    @abstractmethod
+    def entry(self, index: int) -> tuple[Annotation, Path]:
         """Annotation and file of sample ``index``, without decoding anything."""
-        raise NotImplementedError
 
     def annotation(self, index: int) -> Annotation:
         """Everything but the pixels: what statistics and hashtag vocabularies read."""

@@ -21,6 +21,7 @@ trained LiT model can be reloaded with the exact tokenizer it was trained with.
 from __future__ import annotations
 
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ MAWS_MAX_TOKENS = 100  # truncation of the MAWS CLIP tokenizer (length 102 with 
 BYTE_MAX_TOKENS = 78  # default for bytes: the synthetic captions are < 80 bytes 95% of the time
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """Shared framing: truncate, add BOS/EOS, pad to a fixed length, return a LongTensor."""
 
     kind = "base"
@@ -56,9 +57,9 @@ class Tokenizer:
     def pad_id(self) -> int:
         return PAD_ID
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Ids of ``text`` without specials and without truncation."""
-        raise NotImplementedError
 
     def frame(self, ids: Sequence[int]) -> list[int]:
         """``[BOS] + ids[:max_tokens] + [EOS]`` padded with ``PAD_ID`` to ``context_length``."""
