@@ -39,9 +39,9 @@ def _training_command(name: str, config_cls: Callable[[], Any], stage_cls: Calla
         return 0
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--config", help="YAML file of key: value settings (applied before overrides)")
-        parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        parser.add_argument("overrides", nargs="*", metavar="key=value")
+        from prepretrain.config import add_config_arguments
+
+        add_config_arguments(parser)
         keys = ", ".join(f.name for f in fields(config_cls))
         parser.epilog = TRAINING_EPILOG.format(name=name) + f"\nKeys: {keys}\n"
 

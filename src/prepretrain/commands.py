@@ -100,11 +100,11 @@ COMMANDS: dict[str, dict[str, Any]] = {
 
 
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file of pipeline keys (applied before overrides)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    from .config import add_config_arguments
+
+    add_config_arguments(parser, "YAML file of pipeline keys")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (stages, FLOPs, memory per GPU, time on gpus=N) and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.epilog = (
         "Runs MAE; WSP from MAE; WSP from scratch (same budget); MAE alone; LiT on both WSP towers; and the\n"
         "transfer suite for every encoder, over seeds; then writes report.md and report.html in out_dir.\n"

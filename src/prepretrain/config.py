@@ -189,6 +189,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(cls)}
 
 
+def add_config_arguments(parser: Any, config_help: str = "YAML file of key: value settings") -> None:
+    """The arguments every configured command shares: ``--config``, ``--print-config``, ``key=value``."""
+    parser.add_argument("--config", help=f"{config_help} (applied before overrides)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["seed=1", "out_dir=runs/x"]`` -> ``{"seed": "1", "out_dir": "runs/x"}``."""
     result = {}

@@ -162,6 +162,7 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                 if frozen:
                     jobs.append(Job(f"{s}/eval/{label}/{task}", "frozen",
                                     {"encoder": encoder, "task": task, "evaluations": list(frozen), "seed": seed,
+                                     "out_dir": str(out / f"{s}/eval/{label}/{task}"),
                                      "model": cfg.model, "image_size": cfg.image_size, **common,
                                      "data": eval_data, "num_images": cfg.num_images},
                                     deps=[source] if source else []))
@@ -197,15 +198,11 @@ def run_job(job: Job) -> dict[str, Any]:
 
         values = dict(job.values)
         evaluations = tuple(values.pop("evaluations"))
-        return evaluate_encoder(values.pop("encoder"), Path(values["out_dir"]) if "out_dir" in values
-                                else _job_dir(job), evaluations, overrides=values)
+        out_dir = Path(values.pop("out_dir"))  # each evaluation writes to out_dir/<evaluation>
+        return evaluate_encoder(values.pop("encoder"), out_dir, evaluations, overrides=values)
     cfg = build_job_config(job)
     _, runner = stage_classes(job.kind)
     return runner(cfg)
-
-
-def _job_dir(job: Job) -> Path:
-    return Path(job.values.get("out_dir", "")) if "out_dir" in job.values else Path(job.name)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -215,8 +212,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     (out / "pipeline.yaml").write_text(dump_config(cfg))
     jobs = plan_jobs(cfg)
     for job in jobs:
-        if job.kind == "frozen":
-            job.values["out_dir"] = str(out / job.name)
         if not job.deps:
             build_job_config(job)  # config mistakes surface before any compute (jobs reading others: at their turn)
     results: dict[str, Any] = {}

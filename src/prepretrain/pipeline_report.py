@@ -51,11 +51,10 @@ def collect_table(cfg, results: dict[str, Any]) -> dict[str, dict[str, list[floa
 
 
 def _flops_per_sample(cfg, kind: str, job_values: dict[str, Any], config_file: str) -> float:
-    from .pipeline import Job, build_job_config, stage_classes
+    from .pipeline import Job, build_job_config
 
     try:
         stage_cfg = build_job_config(Job("x", kind, job_values, config_file=config_file))
-        config_cls, _ = stage_classes(kind)
         if kind == "mae":
             from .stages.mae import MAEStage
 

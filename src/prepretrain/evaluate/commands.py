@@ -35,9 +35,9 @@ def evaluation_command(name: str) -> dict[str, Any]:
         return EVALUATIONS[name][0]
 
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--config", help="YAML file of key: value settings (applied before overrides)")
-        parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-        parser.add_argument("overrides", nargs="*", metavar="key=value")
+        from prepretrain.config import add_config_arguments
+
+        add_config_arguments(parser)
         keys = ", ".join(f.name for f in fields(config_class()))
         parser.epilog = EPILOG.format(name=name) + f"\nKeys: {keys}\n"
 

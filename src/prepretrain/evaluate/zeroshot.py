@@ -302,9 +302,9 @@ Class files: one class per line, synonyms separated by commas (or JSON). Templat
 def _zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    parser.add_argument("--config", help="YAML file of key: value settings (applied before overrides)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    from prepretrain.config import add_config_arguments
+
+    add_config_arguments(parser)
     keys = ", ".join(f.name for f in fields(ZeroShotConfig))
     parser.epilog = ZEROSHOT_EPILOG + f"Keys: {keys}\n"
 
