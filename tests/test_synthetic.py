@@ -18,10 +18,14 @@ from PIL import Image
 from prepretrain.data.records import MapSource, Record
 from prepretrain.data.synthetic import (
     ATTRIBUTE_TAGS,
+    COLOUR_NAMES,
     HASHTAG_VOCAB,
     SHAPES,
     TEXTURES,
+    TYPICAL_COLOUR_PROB,
+    TYPICAL_COLOURS,
     SyntheticSource,
+    colour_only_accuracy,
     synthetic_split_sizes,
     write_synthetic,
 )
@@ -275,3 +279,20 @@ def test_coarse_task_is_learnable_but_not_trivial(train_records):
     accuracy = float(np.mean((((test_x - mean) / std) @ weights + bias).argmax(axis=1) == test_y))
     chance = 1.0 / 10
     assert 2 * chance < accuracy < 0.95, accuracy
+
+
+def test_shapes_take_their_typical_colour_at_the_stated_rate():
+    """The colour prior: P(typical colour | shape) = p + (1 - p) / 8, and the Bayes rate of
+    predicting the shape from the colour alone matches :func:`colour_only_accuracy`."""
+    source = SyntheticSource(3000, image_size=32, split="train")
+    attributes = [source.attributes(i) for i in range(len(source))]
+    typical = [COLOUR_NAMES.index(TYPICAL_COLOURS[a["shape"]]) for a in attributes]
+    rate = np.mean([a["colour"] == t for a, t in zip(attributes, typical)])
+    expected = TYPICAL_COLOUR_PROB + (1 - TYPICAL_COLOUR_PROB) / len(COLOUR_NAMES)
+    assert abs(rate - expected) < 0.03, (rate, expected)
+    counts = np.zeros((len(SHAPES), len(COLOUR_NAMES)))
+    for a in attributes:
+        counts[a["shape"], a["colour"]] += 1
+    empirical_bayes = counts.max(axis=0).sum() / counts.sum()
+    assert abs(empirical_bayes - colour_only_accuracy()) < 0.03, (empirical_bayes, colour_only_accuracy())
+    assert 0.4 < colour_only_accuracy() < 0.6  # colour helps, shape is still needed for the rest

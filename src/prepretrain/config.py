@@ -40,6 +40,7 @@ class TrainConfig:
     image_size: int = 32
     num_images: int = 4000  # size of the synthetic training split
     num_workers: int = 0
+    decode: str = "auto"  # auto (= tensor) | pil | tensor | gpu: where training images are decoded and augmented
     max_bad_fraction: float = 0.05  # stop the run when more samples than this are unreadable
     # schedule
     batch_size: int = 128  # global batch per optimizer step (all ranks, all accumulation steps)
@@ -84,6 +85,12 @@ class TrainConfig:
             raise ConfigError("dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         if self.epochs <= 0 and self.steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or steps > 0")
+        if self.decode not in ("auto", "pil", "tensor", "gpu"):
+            raise ConfigError("decode", f"must be auto, pil, tensor or gpu; got '{self.decode}'")
+        if self.decode == "gpu" and self.data == "synthetic":
+            raise ConfigError("decode", "decode=gpu decodes image files on the device; the synthetic dataset is "
+                              "drawn in memory (use decode=tensor, or export it: "
+                              "prepretrain data synth --out DIR --format jpg)")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
         for i, beta in enumerate(self.betas):

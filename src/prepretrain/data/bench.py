@@ -3,24 +3,27 @@
 Every path turns the same JPEG files into the same kind of training batch (normalised
 float ``(N, 3, S, S)``, RandomResizedCrop(S, scale min_scale-1, bicubic) + horizontal
 flip), one process, ``threads`` torch threads, so samples/s divided by ``threads`` is a
-per-core figure. Paths, side by side with their ratio to the first:
+per-core figure. Except ``baseline``, each path is a training stage's ``decode=`` mode
+exactly as the stages build it (``data.pixels.train_pixels``, ``train_loader``). Paths,
+side by side with their ratio to the first:
 
 ``baseline``   what most training scripts do: ``Image.open().convert("RGB")``, torchvision
                ``RandomResizedCrop`` (Pillow bicubic) + flip + ``ToTensor`` + ``Normalize``
                per sample, ``DataLoader`` default collate. No project code.
-``draft``      the project loader as stages use it today: a file source decoding with
+``draft``      ``decode=pil``: a file source decoding with Pillow and
                ``min_size_hint = decode_hint(S, min_scale)`` (JPEG draft mode, which only
                helps once the shorter side exceeds twice the hint), the same torchvision
-               transform, ``train_loader``.
-``tensor``     the project loader with the source decoding to tensors (``pixels="tensor"``:
-               torchvision.io/libjpeg-turbo straight into a uint8 tensor, no Pillow),
+               transform.
+``tensor``     ``decode=tensor`` (the default): the source decodes to tensors
+               (torchvision.io/libjpeg-turbo straight into a uint8 tensor, no Pillow),
                ``gpu.TensorRandomResizedCrop`` (crop a view, torch's uint8 antialiased bicubic
                resize, uint8 flip) and ``gpu.NormalizeImages`` on the collated batch: no
                per-sample float work.
-``batch_cpu``  ``gpu.BatchAugment`` on the CPU: torchvision.io JPEG decode, crop/resize/flip/
-               normalise per batch: the GPU path's code measured on the host.
-``gpu``        ``gpu.BatchAugment`` on CUDA: nvJPEG batched decode and augmentation on the
-               device (only when CUDA is available; the host reads files and checks headers).
+``batch_cpu``  ``decode=gpu`` with the CPU as the device: the loader reads files and checks
+               headers, ``DeviceAugment`` decodes and augments the batch: the GPU path's code
+               measured on the host.
+``gpu``        ``decode=gpu`` on CUDA: nvJPEG batched decode and augmentation on the device
+               (only when CUDA is available; the host reads files and checks headers).
 
 The images are generated (photo-like: smooth colour fields, edges and fine texture, so
 they compress like photos rather than like noise or flat colour) into a temporary folder,
@@ -36,7 +39,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +52,11 @@ from torchvision import transforms as T
 
 from ..config import ConfigError
 from .decode import image_files
-from .gpu import BatchAugment, NormalizeImages, TensorRandomResizedCrop
 from .loader import RecordDataset, SampleStream, train_loader
+from .pixels import train_pixels
 from .records import Record
 from .sources import open_source
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_hint, pretrain_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_hint
 
 PATHS = ("baseline", "draft", "tensor", "batch_cpu", "gpu")
 
@@ -175,45 +178,27 @@ def _baseline_pass(files: list[Path], cfg: BenchDataConfig) -> Callable[[], int]
     return run
 
 
-def _project_pass(folder: Path, count: int, cfg: BenchDataConfig, fast: bool) -> Callable[[], int]:
+def _stage_pass(folder: Path, count: int, cfg: BenchDataConfig, decode: str,
+                device: torch.device | None = None) -> Callable[[], int]:
+    """What a training stage's loader does with ``decode=`` (and, for ``gpu``, its device transform)."""
+    pixels = train_pixels(decode, str(folder), cfg.image_size, cfg.min_scale)
     # A FolderSource lists the same sorted files as image_files, so indices < count are the benchmark's files.
     source = open_source(folder, kind="folder", min_size_hint=decode_hint(cfg.image_size, cfg.min_scale),
-                         pixels="tensor" if fast else "pil")
-    if fast:
-        dataset = RecordDataset(
-            source, ImageOnly(TensorRandomResizedCrop(cfg.image_size, (cfg.min_scale, 1.0))), NormalizeImages()
-        )
-    else:
-        dataset = RecordDataset(source, ImageOnly(pretrain_transform(cfg.image_size, cfg.min_scale)))
+                         pixels=pixels.pixels)
+    dataset = RecordDataset(source, ImageOnly(pixels.sample), pixels.batch)
     batches = math.ceil(count / cfg.batch_size)
     stream = SampleStream(count, cfg.batch_size, seed=cfg.seed)
 
     def run() -> int:
         iterator = iter(train_loader(dataset, stream, num_workers=0))
         seen = 0
-        for _ in range(batches):
+        for index in range(batches):
             batch = next(iterator)
+            if pixels.device is not None:
+                batch = pixels.device(batch, device, seed=cfg.seed, position=index * cfg.batch_size)
             assert batch["image"].dtype == torch.float32
             seen += batch["_seen"]
-        return seen
-
-    return run
-
-
-def _batch_pass(files: list[Path], cfg: BenchDataConfig, device: torch.device) -> Callable[[], int]:
-    augment = BatchAugment(cfg.image_size, (cfg.min_scale, 1.0), device=device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-
-    def chunks() -> Iterator[list[Path]]:
-        for start in range(0, len(files), cfg.batch_size):
-            yield files[start : start + cfg.batch_size]
-
-    def run() -> int:
-        seen = 0
-        for chunk in chunks():
-            batch = augment([path.read_bytes() for path in chunk], [path.name for path in chunk], generator)
-            seen += batch["_seen"]
-        if device.type == "cuda":
+        if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
         return seen
 
@@ -253,12 +238,12 @@ def _run(cfg: BenchDataConfig, folder: Path, files: list[Path]) -> dict[str, Any
     gpu = _gpu_device(cfg)
     builders: dict[str, Callable[[], Callable[[], int]]] = {
         "baseline": lambda: _baseline_pass(files, cfg),
-        "draft": lambda: _project_pass(folder, len(files), cfg, fast=False),
-        "tensor": lambda: _project_pass(folder, len(files), cfg, fast=True),
-        "batch_cpu": lambda: _batch_pass(files, cfg, torch.device("cpu")),
+        "draft": lambda: _stage_pass(folder, len(files), cfg, "pil"),
+        "tensor": lambda: _stage_pass(folder, len(files), cfg, "tensor"),
+        "batch_cpu": lambda: _stage_pass(folder, len(files), cfg, "gpu", torch.device("cpu")),
     }
     if gpu is not None:
-        builders["gpu"] = lambda: _batch_pass(files, cfg, gpu)
+        builders["gpu"] = lambda: _stage_pass(folder, len(files), cfg, "gpu", gpu)
     names = [name for name in cfg.paths if name in builders]
     if "baseline" not in names:
         names.insert(0, "baseline")  # ratios need it

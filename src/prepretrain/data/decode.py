@@ -39,6 +39,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,9 @@ _SIGNATURES: tuple[bytes, ...] = (
 )
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own error threshold (2 x MAX_IMAGE_PIXELS)
-PIXEL_FORMATS = ("pil", "tensor")  # what sources return in Record.image: RGB PIL image or uint8 (3, H, W)
+# What sources return in Record.image: an RGB PIL image, a uint8 (3, H, W) tensor, or the
+# encoded file (EncodedImage, header checked) for decoding on the training device.
+PIXEL_FORMATS = ("pil", "tensor", "bytes")
 FAST_JPEG_MODES = ("RGB", "L")  # JPEGs torchvision converts to RGB exactly as Pillow does
 _EXIF_ORIENTATION = 0x0112
 
@@ -349,6 +352,21 @@ def load_tensor(
     return pil_to_tensor(load_image(data, key, min_size_hint=min_size_hint, max_pixels=max_pixels))
 
 
+class EncodedImage(bytes):
+    """An image file's bytes with the key of its sample (``pixels="bytes"``), so a decoder
+    running later, on another device, can still name the sample it could not read."""
+
+    key: str
+
+    def __new__(cls, data: bytes, key: str) -> EncodedImage:
+        obj = super().__new__(cls, data)
+        obj.key = key
+        return obj
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes, str]]:
+        return EncodedImage, (bytes(self), self.key)
+
+
 def load_pixels(
     path_or_bytes: str | os.PathLike | bytes | bytearray | memoryview,
     key: str,
@@ -356,8 +374,14 @@ def load_pixels(
     pixels: str = "pil",
     min_size_hint: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Image.Image | torch.Tensor:
-    """:func:`load_image` (``pixels="pil"``) or :func:`load_tensor` (``pixels="tensor"``)."""
+) -> Image.Image | torch.Tensor | EncodedImage:
+    """:func:`load_image` (``pixels="pil"``), :func:`load_tensor` (``pixels="tensor"``), or
+    the file's bytes after the header checks of :func:`probe_image` (``pixels="bytes"``:
+    empty, non-image and oversized files fail here, in the loader worker)."""
+    if pixels == "bytes":
+        data = _read_bytes(path_or_bytes, key)
+        probe_image(data, key, max_pixels=max_pixels)
+        return EncodedImage(data, key)
     if pixels == "tensor":
         return load_tensor(path_or_bytes, key, min_size_hint=min_size_hint, max_pixels=max_pixels)
     return load_image(path_or_bytes, key, min_size_hint=min_size_hint, max_pixels=max_pixels)

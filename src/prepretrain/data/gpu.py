@@ -17,8 +17,7 @@ out, both here:
   decodes all JPEGs in one ``torchvision.io.decode_jpeg(list, device="cuda")`` call
   (nvJPEG), and crops, resizes, flips and normalises on the GPU, so the host only reads
   files. On CPU the same class runs the same steps with libjpeg-turbo, which is how the
-  tests exercise it. Training does not use it yet: that needs loader workers that hand over
-  encoded bytes and an engine hook that runs a batch transform on the device.
+  tests exercise it. Training uses it with ``decode=gpu`` (``prepretrain.data.pixels``).
 
 Crop boxes follow ``torchvision.transforms.RandomResizedCrop.get_params`` (area fraction
 uniform in ``scale``, log-uniform aspect ratio, 10 attempts, then a centre crop with the
@@ -294,6 +293,18 @@ def decode_batch(
     return images, bad
 
 
+_ATTEMPTS = 10  # crop attempts per image, as torchvision
+
+
+def _seeded_draws(seed: int, attempts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's crop draws ``(attempts, 4)`` and flip decision from a generator seeded by
+    ``seed``: the draws :class:`TensorRandomResizedCrop` makes under the same seed, so both
+    paths crop and flip a sample identically."""
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.rand(attempts + 1, 4, generator=generator, dtype=torch.float64)
+    return draws[:-1], draws[-1, 0] < 0.5
+
+
 class BatchAugment:
     """Encoded images -> a normalised, randomly cropped and flipped float32 batch on ``device``.
 
@@ -327,15 +338,29 @@ class BatchAugment:
         self.max_pixels = max_pixels
 
     def __call__(self, encoded: Sequence[bytes], keys: Sequence[str] | None = None,
-                 generator: torch.Generator | None = None) -> dict[str, Any]:
+                 generator: torch.Generator | None = None, keep_index: bool = False,
+                 seeds: Sequence[int] | None = None) -> dict[str, Any]:
+        """``keep_index=True`` adds ``"_kept"``: the input positions of the images in the batch.
+        ``seeds`` (one per input) draw each image's crop and flip from its own generator, so an
+        image's augmentation does not depend on the rest of the batch; otherwise ``generator``
+        draws them for the whole batch."""
         keys = list(keys) if keys is not None else [str(index) for index in range(len(encoded))]
         images, bad = decode_batch(encoded, keys, self.device, max_pixels=self.max_pixels)
         good = [image for image in images if image is not None]
         batch: dict[str, Any] = {"_skipped": bad, "_seen": len(encoded)}
+        if keep_index:
+            batch["_kept"] = [index for index, image in enumerate(images) if image is not None]
         if not good:
             return batch
-        boxes = sample_crop_boxes([image.shape[-2:] for image in good], self.scale, self.ratio, generator)
-        flips = torch.rand(len(good), generator=generator) < 0.5
+        sizes = [image.shape[-2:] for image in good]
+        if seeds is not None:
+            draws = [_seeded_draws(seeds[index], _ATTEMPTS) for index, image in enumerate(images) if image is not None]
+            boxes = crop_boxes_from_uniform(torch.tensor(sizes), torch.stack([u for u, _ in draws]), self.scale,
+                                            self.ratio)
+            flips = torch.stack([flip for _, flip in draws])
+        else:
+            boxes = sample_crop_boxes(sizes, self.scale, self.ratio, generator)
+            flips = torch.rand(len(good), generator=generator) < 0.5
         if not self.flip:
             flips.zero_()
         crops = torch.stack(

@@ -82,6 +82,9 @@ class FinetuneConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.decode not in ("auto", "pil"):
+            raise ConfigError("decode", "finetuning augments with timm's RandAugment, which works on PIL images: "
+                              "decode=auto or pil")
         if self.global_pool not in ("token", "avg"):
             raise ConfigError("global_pool", f"must be token or avg; got '{self.global_pool}'")
         if not 0 < self.layer_decay <= 1:

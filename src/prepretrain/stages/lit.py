@@ -40,8 +40,9 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError, TrainConfig
 from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
-from ..data.transforms import eval_transform, pretrain_transform
+from ..data.transforms import eval_transform
 from ..models.checkpoints import encoder_from_any, load_encoder, load_strict, read_state_dict
 from ..models.clip import CLIPModel, build_clip, clip_loss, retrieval_accuracy, save_clip
 from ..models.clip import _vision_name_from_state as vision_name_from_state
@@ -251,12 +252,15 @@ class LiTStage(Stage):
     # ------------------------------------------------------------------ data
     def train_data(self) -> TrainData:
         cfg = self.cfg
-        source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images)
         if cfg.augment:
-            transform = pretrain_transform(cfg.image_size, cfg.min_crop_scale)
-        else:
-            transform = eval_transform(cfg.image_size, crop_fraction=1.0)
-        dataset = RecordDataset(source, caption_pairs(transform, self.tokenizer))
+            pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
+            source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
+                               pixels=pixels.pixels)
+            dataset = RecordDataset(source, caption_pairs(pixels.sample, self.tokenizer), batch_transform=pixels.batch)
+            return TrainData(dataset, len(source), device_transform=pixels.device)
+        source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images)
+        dataset = RecordDataset(source, caption_pairs(eval_transform(cfg.image_size, crop_fraction=1.0),
+                                                      self.tokenizer))
         if not cfg.use_cache:
             return TrainData(dataset, len(source))
         features, tokens = self._cached_features(dataset)

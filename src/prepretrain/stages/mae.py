@@ -12,8 +12,9 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig
 from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.pixels import train_pixels
 from ..data.records import Record
-from ..data.transforms import decode_hint, denormalize, eval_transform, pretrain_transform
+from ..data.transforms import decode_hint, denormalize, eval_transform
 from ..models.checkpoints import load_strict, read_state_dict
 from ..models.mae import MaskedAutoencoder, create_mae, mae_forward_flops
 from ..models.vit import VIT_SHAPES, resolve_name
@@ -86,10 +87,11 @@ class MAEStage(Stage):
 
     def train_data(self) -> TrainData:
         cfg = self.cfg
+        pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
         source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
-                           min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale))
-        dataset = RecordDataset(source, image_only(pretrain_transform(cfg.image_size, cfg.min_crop_scale)))
-        return TrainData(dataset, len(source))
+                           min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale), pixels=pixels.pixels)
+        dataset = RecordDataset(source, image_only(pixels.sample), batch_transform=pixels.batch)
+        return TrainData(dataset, len(source), device_transform=pixels.device)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         loss, _, _ = model(batch["image"], mask_ratio=self.cfg.mask_ratio)

@@ -47,9 +47,10 @@ from ..data.hashtags import (
     target_prior,
 )
 from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
 from ..data.synthetic import ATTRIBUTE_TAGS, SyntheticSource
-from ..data.transforms import decode_hint, eval_transform, pretrain_transform
+from ..data.transforms import decode_hint, eval_transform
 from ..models.checkpoints import CheckpointMismatch, encoder_from_any, load_encoder, load_strict, read_state_dict
 from ..models.heads import (
     LOSSES,
@@ -221,6 +222,7 @@ class WSPStage(Stage):
     def __init__(self, cfg: WSPConfig):
         super().__init__(cfg)
         self._data: HashtagData | None = None
+        self.pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
 
     # ------------------------------------------------------------------ data preparation
     @property
@@ -271,7 +273,7 @@ class WSPStage(Stage):
             return self._data
         cfg = self.cfg
         source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
-                           min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale))
+                           min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale), pixels=self.pixels.pixels)
         if not hasattr(source, "get"):
             raise ValueError(
                 f"data={cfg.data} is a streaming (WebDataset) source; WSP resampling needs random access: "
@@ -337,9 +339,10 @@ class WSPStage(Stage):
     def train_data(self) -> TrainData:
         cfg = self.cfg
         data = self.prepare()
-        transform = HashtagTransform(data.vocab, pretrain_transform(cfg.image_size, cfg.min_crop_scale), cfg.max_tags)
-        return TrainData(RecordDataset(data.source, transform), len(data.source), weights=data.weights,
-                         epoch_size=cfg.epoch_size or len(data.source))
+        transform = HashtagTransform(data.vocab, self.pixels.sample, cfg.max_tags)
+        return TrainData(RecordDataset(data.source, transform, batch_transform=self.pixels.batch), len(data.source),
+                         weights=data.weights, epoch_size=cfg.epoch_size or len(data.source),
+                         device_transform=self.pixels.device)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         if "image" not in batch:  # every sample of this micro-batch was unreadable: a no-op step

@@ -12,6 +12,7 @@ import json
 import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ class TrainData:
     num_samples: int
     weights: torch.Tensor | None = None  # per-sample draw weights (WSP resampling)
     epoch_size: int | None = None  # samples per epoch when drawing with weights
+    # Runs on each collated micro-batch on the training device before the loss, as
+    # ``device_transform(batch, device, seed=, position=)`` (``data.pixels.DeviceAugment``: decode=gpu).
+    device_transform: Callable[..., dict[str, Any]] | None = None
 
 
 class Stage(ABC):
@@ -227,6 +231,9 @@ def _train(stage: Stage, info: DistInfo, device: torch.device) -> dict[str, Any]
         finite = True
         for micro_step in range(accum):
             batch = next(loader)
+            if data.device_transform is not None:
+                position = step * cfg.batch_size + (micro_step * info.world_size + info.rank) * micro
+                batch = data.device_transform(batch, device, seed=cfg.seed, position=position)
             _count_skips(stats.skips, batch, cfg.max_bad_fraction, info.rank)
             batch = {
                 k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
