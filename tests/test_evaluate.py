@@ -367,27 +367,3 @@ def test_encoder_metadata_comes_from_safetensors(tmp_path):
     spec = resolve_encoder(str(tmp_path), "vit_micro4")  # a run dir: metadata beats the default model
     assert (spec.model, spec.depth, spec.image_size) == ("vit_ti4", 1, 32)
     assert resolve_encoder(str(path), "vit_micro4", image_size=48).image_size == 48
-
-
-# ------------------------------------------------------------------ does pretraining help
-
-
-@pytest.mark.slow
-def test_trained_mae_encoder_beats_random_init_on_the_linear_probe(tmp_path):
-    """The default MAE demo (`prepretrain mae`, ~3 min on one core) against a random-init encoder.
-
-    Shorter MAE runs (1000-2000 images, 4-6 epochs) do not separate reliably from random init on
-    this task (measured: 7.5 vs 11.0 and 14.0 vs 11.3 top-1), hence the full demo and the mark.
-    The probe uses 8000 labeled training and 1600 test images so that the gap (measured 16.6 vs
-    12.3) is ~3.5 standard errors; with 800 test images, random init alone moved by 2 points
-    between thread counts.
-    """
-    mae_dir = tmp_path / "mae"
-    cfg = build_config(MAEConfig, None, dict(out_dir=str(mae_dir), progress=False, tensorboard=False))
-    train(MAEStage(cfg))
-    scores = {}
-    for name, encoder in (("mae", str(mae_dir)), ("random", "")):
-        probe = build_config(ProbeConfig, None, dict(encoder=encoder, num_images=8000, progress=False,
-                                                     out_dir=str(tmp_path / name)))
-        scores[name] = run_evaluation(probe)["top1"]
-    assert scores["mae"] > scores["random"] + 3.0, scores

@@ -538,3 +538,13 @@ def test_text_tower_can_start_from_a_clip_file(tmp_path):
     model = stage.build_model()
     for key, value in source.text_encoder.state_dict().items():
         assert torch.equal(model.text_encoder.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("decode", ["pil", "tensor"])
+def test_augmented_lit_trains_through_the_stage_decode_paths(tmp_path, decode):
+    from prepretrain.stages.lit import LiTStage
+    from prepretrain.train.engine import train
+
+    results = train(LiTStage(_lit_config(tmp_path, augment="true", decode=decode, steps=2, num_images=100)))
+    assert results["features_cached"] is False
+    assert math.isfinite(results["final_loss"])

@@ -168,7 +168,7 @@ def _train(stage: Stage, info: DistInfo, device: torch.device) -> dict[str, Any]
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     barrier()
-    torch.manual_seed(cfg.seed + info.rank * 0)  # same init on every rank
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     precision = pick_precision(cfg.precision, device)
 
     micro = cfg.micro_batch_size or cfg.batch_size // info.world_size
