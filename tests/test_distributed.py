@@ -2,7 +2,7 @@
 and a failing rank ends the job.
 
 The multi-rank tests launch ``torchrun --standalone --nproc-per-node 2`` on this file (gloo on
-CPU); the ``__main__`` block at the bottom is the worker. Its stage draws each sample's MAE mask
+CPU); the ``__main__`` block at the bottom is the worker. The MAE stage draws each sample's mask
 noise from the sample's own seed, so the masks do not depend on how a global batch is split
 across ranks: one process and two ranks must then compute the same losses.
 """
@@ -27,7 +27,7 @@ from prepretrain.models.mae import create_mae
 from prepretrain.stages.mae import MAEConfig, MAEStage
 from prepretrain.train.checkpoint import Checkpointer, checkpoint_step, export_weights, read_model_weights
 from prepretrain.train.distributed import DistInfo, resolve_strategy, shard_units
-from prepretrain.train.engine import TrainData, train
+from prepretrain.train.engine import train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 FAIL_ENV = "PREPRETRAIN_TEST_FAIL_AT"  # "rank:loss_call": that rank raises on that call of loss()
@@ -42,26 +42,15 @@ RUN_SETTINGS = {
 
 
 class SeededMaskMAE(MAEStage):
-    """A one-block MAE whose mask noise is part of each sample (seeded like its augmentation)."""
+    """The MAE stage (whose mask noise is part of each sample, seeded like its augmentation)
+    with a one-block encoder and an injectable failure."""
+
+    loss_calls = 0
 
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         return create_mae(cfg.model, img_size=cfg.image_size, depth=1, decoder_embed_dim=cfg.decoder_embed_dim,
                           decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads)
-
-    def train_data(self) -> TrainData:
-        data = super().train_data()
-        image_transform = data.dataset.transform
-        num_patches = (self.cfg.image_size // 4) ** 2
-
-        def with_noise(record: Any) -> dict[str, Any]:
-            sample = image_transform(record)
-            sample["noise"] = torch.rand(num_patches)
-            return sample
-
-        data.dataset.transform = with_noise
-        self.loss_calls = 0
-        return data
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         fail_at = os.environ.get(FAIL_ENV)

@@ -175,3 +175,20 @@ def test_reconstruct_returns_images_and_pastes_visible_patches():
     assert all(v.shape == images.shape for v in out.values())
     visible = (out["masked"] != 0)
     torch.testing.assert_close(out["pasted"][visible], images[visible])
+
+
+def test_stage_masks_depend_on_the_sample_not_on_the_rank_layout(tmp_path):
+    """Each sample carries its own mask noise, drawn under its seed like its crop: rank 1 of 2
+    gets exactly the second half of what a single process gets for the same global batch."""
+    from prepretrain.config import build_config
+    from prepretrain.data.loader import SampleStream, train_loader
+    from prepretrain.stages.mae import MAEConfig, MAEStage
+
+    cfg = build_config(MAEConfig, None, ["num_images=64", f"out_dir={tmp_path}"])
+    data = MAEStage(cfg).train_data()
+    single = next(iter(train_loader(data.dataset, SampleStream(64, 8, seed=3))))
+    rank1 = next(iter(train_loader(data.dataset, SampleStream(64, 4, seed=3, rank=1, world_size=2))))
+    assert single["noise"].shape == (8, 64)  # (32 / 4) ** 2 patches per sample
+    assert torch.equal(single["noise"][4:], rank1["noise"])
+    assert torch.equal(single["image"][4:], rank1["image"])
+    assert not torch.equal(single["noise"][:4], rank1["noise"])

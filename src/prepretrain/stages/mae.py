@@ -59,12 +59,29 @@ class MAEConfig(TrainConfig):
 
 
 def image_only(transform):
-    """Adapts an image transform to records: MAE needs pixels only."""
+    """Adapts an image transform to records: pixels only."""
 
     def apply(record: Record) -> dict[str, Any]:
         return {"image": transform(record.image)}
 
     return apply
+
+
+class MaskedSample:
+    """Record -> ``{"image", "noise"}``: the pixels and the sample's own mask noise ``(L,)``.
+
+    Drawn in the loader under the sample's seed (like its crop), so which patches are masked
+    depends only on the sample's position in the stream: the same on 1 or N ranks, with any
+    micro-batch split, and again after a resume. A class, so loader workers can pickle it.
+    """
+
+    def __init__(self, image_transform: Any, num_patches: int):
+        self.image_transform = image_transform
+        self.num_patches = num_patches
+
+    def __call__(self, record: Record) -> dict[str, Any]:
+        image = self.image_transform(record.image)
+        return {"image": image, "noise": torch.rand(self.num_patches)}
 
 
 class MAEStage(Stage):
@@ -90,11 +107,13 @@ class MAEStage(Stage):
         pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
         source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
                            min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale), pixels=pixels.pixels)
-        dataset = RecordDataset(source, image_only(pixels.sample), batch_transform=pixels.batch)
+        patch = VIT_SHAPES[resolve_name(cfg.model)].patch_size
+        sample = MaskedSample(pixels.sample, (cfg.image_size // patch) ** 2)
+        dataset = RecordDataset(source, sample, batch_transform=pixels.batch)
         return TrainData(dataset, len(source), device_transform=pixels.device)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, _, _ = model(batch["image"], mask_ratio=self.cfg.mask_ratio)
+        loss, _, _ = model(batch["image"], mask_ratio=self.cfg.mask_ratio, noise=batch.get("noise"))
         return loss, {}
 
     def flops_per_sample(self) -> float:

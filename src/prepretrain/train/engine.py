@@ -191,7 +191,7 @@ def _train(stage: Stage, info: DistInfo, device: torch.device) -> dict[str, Any]
     if cfg.compile and strategy != "fsdp":
         trained = torch.compile(trained)
     if info.enabled:
-        torch.manual_seed(cfg.seed + info.rank)  # per-rank streams: masks and drop-path differ across ranks
+        torch.manual_seed(cfg.seed + info.rank)  # per-rank streams (drop-path); per-sample draws come from the loader
     data = stage.train_data()
     epoch_size = data.epoch_size or data.num_samples
     total_steps, warmup_steps = schedule_lengths(cfg, epoch_size)
