@@ -24,6 +24,7 @@ from torch import nn
 
 from prepretrain.config import build_config
 from prepretrain.models.mae import create_mae
+from prepretrain.models.vit import create_vit
 from prepretrain.stages.mae import MAEConfig, MAEStage
 from prepretrain.train.checkpoint import Checkpointer, checkpoint_step, export_weights, read_model_weights
 from prepretrain.train.distributed import DistInfo, resolve_strategy, shard_units
@@ -218,6 +219,55 @@ def test_one_process_checkpoint_resumes_on_two_ranks(reference_run: Path, tmp_pa
     assert_launch_ok(result)
     assert "resuming from" in result.stdout
     assert_same_losses(losses(run_dir), losses(reference_run), [3, 4])
+
+
+
+def launch_cli(command: list[str]) -> subprocess.CompletedProcess:
+    """``prepretrain <command>`` under torchrun with two gloo ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "prepretrain.cli", *command],
+                          env=env, capture_output=True, text=True, timeout=4 * TIMEOUT_S)
+
+
+LIT_SETTINGS = ["num_images=200", "steps=4", "batch_size=32", "vision_depth=1", "text_depth=1", "progress=false",
+                "tensorboard=false", "log_every=1", "warmup_steps=0", "lr=2e-3", "clip_grad=0.5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("augment", ["false", "true"])
+def test_lit_under_fsdp_on_two_ranks_reproduces_one_process(tmp_path: Path, augment: str) -> None:
+    """FSDP2 cannot shard CLIP's scalar logit_scale: it stays replicated with averaged gradients,
+    and the frozen-tower feature cache and the zero-shot evaluation gather the root's weights.
+    Cached (augment=false) and through the image tower (augment=true): same losses, clipped
+    gradient norms and zero-shot accuracy as one process."""
+    from prepretrain.stages.lit import LiTConfig, LiTStage
+
+    settings = [*LIT_SETTINGS, f"augment={augment}"]
+    assert_launch_ok(launch_cli(["lit", *settings, "strategy=fsdp", f"out_dir={tmp_path / 'fsdp'}"]))
+    single = train(LiTStage(build_config(LiTConfig, None, [*settings, "strategy=none",
+                                                           f"out_dir={tmp_path / 'one'}"])))
+    assert_same_losses(losses(tmp_path / "fsdp"), losses(tmp_path / "one"), [1, 2, 3, 4])
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("fsdp", "one")}
+    norms = {name: [row["grad_norm"] for row in rows[name] if "grad_norm" in row] for name in rows}
+    assert norms["fsdp"] == pytest.approx(norms["one"], rel=1e-4) and len(norms["one"]) == 4
+    fsdp = json.loads((tmp_path / "fsdp" / "results.json").read_text())
+    assert fsdp["zeroshot_coarse_top1"] == single["zeroshot_coarse_top1"]
+
+
+@pytest.mark.slow
+def test_finetune_under_fsdp_evaluates_and_exports(tmp_path: Path) -> None:
+    """The classifier and its EMA are evaluated outside the root's forward: the gathered weights."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "fsdp"
+    assert_launch_ok(launch_cli(["finetune", "num_images=200", "steps=3", "batch_size=32", "progress=false",
+                                 "tensorboard=false", "ema_decay=0.9", "strategy=fsdp", f"out_dir={out}"]))
+    results = json.loads((out / "results.json").read_text())
+    assert 0 <= results["top1"] <= 100 and "ema_top1" in results
+    weights = load_file(str(out / "last.safetensors"))
+    model = create_vit("vit_micro4", num_classes=10)
+    model.load_state_dict(weights)  # strict: the consolidated classifier, not shards
 
 
 if __name__ == "__main__":  # torchrun worker: python test_distributed.py '<json of config values>'

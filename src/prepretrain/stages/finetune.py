@@ -44,7 +44,7 @@ from ..evaluate.common import EvalData, open_eval_data, topk_accuracy
 from ..evaluate.encoders import EncoderSpec, build_encoder, resolve_encoder
 from ..models.vit import VIT_SHAPES, forward_flops, resolve_name, vit_shape
 from ..train.checkpoint import Checkpointer
-from ..train.distributed import is_sharded
+from ..train.distributed import gathered, is_sharded
 from ..train.engine import Stage, TrainData, default_out_dir
 from ..train.optim import param_groups
 
@@ -345,12 +345,13 @@ class FinetuneStage(Stage):
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Top-1/top-5 on test (reported) and val (for choosing the best checkpoint)."""
-        metrics = self._accuracy(model.net, "test", device)
-        val = metrics if self.data.selection_is_test else self._accuracy(model.net, "val", device)
-        metrics["val_top1"] = val["top1"]
-        if model.ema is not None:
-            ema = self._accuracy(model.ema.module, "test", device)
-            metrics.update({f"ema_{key}": value for key, value in ema.items()})
+        with gathered(model):  # the classifier and EMA are called directly, not through the root's forward
+            metrics = self._accuracy(model.net, "test", device)
+            val = metrics if self.data.selection_is_test else self._accuracy(model.net, "val", device)
+            metrics["val_top1"] = val["top1"]
+            if model.ema is not None:
+                ema = self._accuracy(model.ema.module, "test", device)
+                metrics.update({f"ema_{key}": value for key, value in ema.items()})
         if not self.best or val["top1"] > self.best["val_top1"]:
             # Every rank evaluated the same images, so all take this branch (the gather is collective).
             state = model.classifier_state_dict()

@@ -52,6 +52,7 @@ from ..models.clip import _vision_name_from_state as vision_name_from_state
 from ..models.text import TEXT_SHAPES, text_forward_flops, text_shape
 from ..models.tokenizers import SentencePieceTokenizer, Tokenizer, build_tokenizer
 from ..models.vit import VIT_SHAPES, forward_flops, resolve_name, vit_shape
+from ..train.distributed import gathered
 from ..train.engine import Stage, TooManyBadSamples, TrainData, default_out_dir
 
 
@@ -308,7 +309,7 @@ class LiTStage(Stage):
                 skipped[reason] = skipped.get(reason, 0) + 1
             if "image" not in batch:
                 continue
-            with torch.no_grad():
+            with torch.no_grad(), gathered(model):
                 features.append(model.image_features(batch["image"].to(device)).float().cpu())
             tokens.append(batch["tokens"])
         bad = sum(skipped.values())
@@ -386,7 +387,7 @@ class LiTStage(Stage):
             for batch in eval_loader(dataset, batch_size=256, num_workers=cfg.num_workers):
                 if "image" not in batch:
                     continue
-                with torch.no_grad():
+                with torch.no_grad(), gathered(model):
                     features.append(model.image_features(batch["image"].to(device)).float())
                 labels.append(batch["label"].to(device))
                 if cfg.eval_images and sum(len(x) for x in labels) >= cfg.eval_images:
@@ -407,9 +408,10 @@ class LiTStage(Stage):
             return {}
         classes, templates = inputs
         features, labels = val
-        classifier = build_classifier(model, self.tokenizer, classes, templates, device)
-        with torch.no_grad():
-            logits = model.project_images(features).float() @ classifier.t()
+        with gathered(model):
+            classifier = build_classifier(model, self.tokenizer, classes, templates, device)
+            with torch.no_grad():
+                logits = model.project_images(features).float() @ classifier.t()
         counts = accuracy_counts(logits, labels)
         task = self.cfg.zeroshot_task
         return {f"zeroshot_{task}_top1": 100.0 * counts[1] / len(labels),

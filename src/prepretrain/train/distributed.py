@@ -23,6 +23,8 @@ import datetime
 import os
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,12 +192,46 @@ def shard_model(model: nn.Module, param_dtype: torch.dtype | None = None, compil
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    # FSDP2 cannot shard 0-d parameters (CLIP's logit_scale, a scalar in the MAWS layout): they
+    # stay whole on every rank and sync_replicated_grads averages their gradients.
+    scalars = {p for p in model.parameters() if p.ndim == 0}
     for unit in shard_units(model):
         if compile_blocks:
             unit.compile()  # in place: parameter names (and so checkpoints) do not change
-        fully_shard(unit, mp_policy=policy, reshard_after_forward=True)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(unit, mp_policy=policy, reshard_after_forward=True,
+                    ignored_params={p for p in unit.parameters() if p in scalars} or None)
+    fully_shard(model, mp_policy=policy, ignored_params=scalars or None)
+    model.replicated_params = [p for p in model.parameters() if p in scalars]  # type: ignore[attr-defined]
     return model
+
+
+def sync_replicated_grads(model: nn.Module) -> None:
+    """Average over ranks the gradients of parameters FSDP left unsharded (see ``shard_model``);
+    a no-op for other models. Call after the last backward of a step, before clipping."""
+    params = [p for p in getattr(model, "replicated_params", []) if p.requires_grad]
+    if not params or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+        param.grad.div_(world)
+
+
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Inside: an FSDP2 root's own parameters are whole, so its submodules can be called
+    directly (FSDP gathers them only in the root's ``forward``); the blocks gather themselves
+    in their own forward hooks. Nothing happens for unsharded models."""
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -214,6 +250,17 @@ def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float) -> torch.Te
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.zeros(())
+    sharded = [p for p in params if hasattr(p.grad, "full_tensor")]
+    plain = [p for p in params if not hasattr(p.grad, "full_tensor")]
+    if sharded and plain:  # FSDP with replicated scalars: torch cannot mix DTensor and Tensor norms
+        sharded_norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+        plain_norm = torch.nn.utils.get_total_norm([p.grad for p in plain])
+        total = torch.linalg.vector_norm(torch.stack([sharded_norm.to(plain_norm.device), plain_norm]))
+        coefficient = min(1.0, max_norm / (float(total) + 1e-6))
+        if coefficient < 1.0:
+            for param in params:
+                param.grad.mul_(coefficient)
+        return total
     total = torch.nn.utils.clip_grad_norm_(params, max_norm)
     full_tensor = getattr(total, "full_tensor", None)
     return full_tensor() if full_tensor is not None else total

@@ -36,6 +36,7 @@ from .distributed import (
     is_distributed,
     report_failure,
     resolve_strategy,
+    sync_replicated_grads,
     wrap_model,
 )
 from .metrics import MetricsLogger, detect_peak_tflops, plot_curves
@@ -252,6 +253,7 @@ def _train(stage: Stage, info: DistInfo, device: torch.device) -> dict[str, Any]
             for key, value in metrics.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accum
             window_samples += batch.get("_seen", micro)
+        sync_replicated_grads(model)
         finite_flag = all_reduce_sum(torch.tensor(0.0 if finite else 1.0, device=device))
         grad_norm = None
         if finite_flag.item() == 0:
