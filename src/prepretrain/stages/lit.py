@@ -16,11 +16,11 @@ measures the difference.
 What to expect: zero-shot accuracy is bounded by what the locked tower's features separate.
 On the synthetic data (10 coarse shapes, chance 10%), with this stage's defaults, measured on 2
 CPU cores: a random tower (no ``encoder=``) gives 10.0% (its features are nearly constant);
-the default MAE run's tower 19.8%; the default WSP run initialised from it
+the default MAE run's tower about 20%; the default WSP run initialised from it
 (``prepretrain mae && prepretrain wsp init=runs/mae && prepretrain lit encoder=runs/wsp``)
-45.6%, against 52% for a linear probe on the same features; the MAE tower alone probes at 44.7%,
-random init at 24.9%. ``tests/test_lit.py`` runs that
-chain at a smaller budget.
+42.6-45.6% over code revisions of 2026-11-26, against ~52% for a linear probe on the same
+features; the MAE tower alone probes at 43.5%, random init at 24.9%.
+``tests/test_demo_chain.py`` runs that chain with these defaults.
 
 Evaluation: zero-shot top-1/top-5 on the validation split (synthetic: the coarse shape
 categories with their synonyms; other data: ``zeroshot_classes=FILE``). ``finish`` writes
