@@ -11,7 +11,7 @@ out, both here:
   and matches it closely, then flips the small ``uint8`` result. Nothing is converted to
   float per sample; :class:`NormalizeImages`, given to ``RecordDataset(batch_transform=)``,
   converts the collated ``uint8`` batch once. With a source opened with ``pixels="tensor"``
-  (``decode.load_tensor``) Pillow is skipped entirely: about 2x the samples/s per core of
+  (``decode.load_tensor``) Pillow is skipped entirely: 1.8-2.1x the samples/s per core of
   the Pillow + torchvision pipeline (BENCHMARKS.md).
 * **Per batch, on a device.** :class:`BatchAugment` takes the *encoded* bytes of a batch,
   decodes all JPEGs in one ``torchvision.io.decode_jpeg(list, device="cuda")`` call

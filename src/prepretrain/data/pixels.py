@@ -9,7 +9,7 @@ normalisation. ``decode=`` picks where and how that happens:
 * ``tensor`` (what ``auto`` means): sources return ``uint8`` tensors (libjpeg-turbo via
   ``torchvision.io``, or Pillow draft mode when that shrinks the image);
   :class:`~prepretrain.data.gpu.TensorRandomResizedCrop` crops and resizes in ``uint8``;
-  :class:`~prepretrain.data.gpu.NormalizeImages` converts the collated batch once. About 2x
+  :class:`~prepretrain.data.gpu.NormalizeImages` converts the collated batch once. 1.8-2.1x
   the Pillow path per core (``prepretrain bench data``, BENCHMARKS.md).
 * ``gpu``: loader workers only read the encoded files (and check their headers); the
   training device decodes the whole micro-batch in one ``decode_jpeg`` call (nvJPEG on
