@@ -25,6 +25,19 @@ class ConfigError(ValueError):
         self.key = key
 
 
+DECODE_MODES = ("auto", "pil", "tensor", "gpu")  # see prepretrain.data.pixels
+
+
+def decode_problem(decode: str, data: str) -> str | None:
+    """Why ``decode`` cannot be used with ``data``, or None."""
+    if decode not in DECODE_MODES:
+        return f"must be one of {', '.join(DECODE_MODES)}; got '{decode}'"
+    if decode == "gpu" and data == "synthetic":
+        return ("decode=gpu decodes image files on the device; the synthetic dataset is drawn in memory "
+                "(use decode=tensor, or export it: prepretrain data synth --out DIR --format jpg)")
+    return None
+
+
 @dataclass
 class TrainConfig:
     """What every training stage shares: where, on what, how long, how to optimise."""
@@ -85,12 +98,9 @@ class TrainConfig:
             raise ConfigError("dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         if self.epochs <= 0 and self.steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or steps > 0")
-        if self.decode not in ("auto", "pil", "tensor", "gpu"):
-            raise ConfigError("decode", f"must be auto, pil, tensor or gpu; got '{self.decode}'")
-        if self.decode == "gpu" and self.data == "synthetic":
-            raise ConfigError("decode", "decode=gpu decodes image files on the device; the synthetic dataset is "
-                              "drawn in memory (use decode=tensor, or export it: "
-                              "prepretrain data synth --out DIR --format jpg)")
+        problem = decode_problem(self.decode, self.data)
+        if problem:
+            raise ConfigError("decode", problem)
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
         for i, beta in enumerate(self.betas):

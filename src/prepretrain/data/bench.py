@@ -52,9 +52,8 @@ from torchvision import transforms as T
 
 from ..config import ConfigError
 from .decode import image_files
-from .loader import RecordDataset, SampleStream, train_loader
+from .loader import ImageOnly, RecordDataset, SampleStream, train_loader
 from .pixels import train_pixels
-from .records import Record
 from .sources import open_source
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_hint
 
@@ -149,16 +148,6 @@ class PlainFolder(Dataset):
         with open(self.files[index], "rb") as handle:
             image = Image.open(handle).convert("RGB")
         return self.transform(image)
-
-
-class ImageOnly:
-    """Record -> {"image": transform(record.image)} (picklable, for loader workers)."""
-
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]):
-        self.transform = transform
-
-    def __call__(self, record: Record) -> dict[str, torch.Tensor]:
-        return {"image": self.transform(record.image)}
 
 
 def _baseline_pass(files: list[Path], cfg: BenchDataConfig) -> Callable[[], int]:

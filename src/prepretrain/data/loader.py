@@ -150,6 +150,17 @@ class RecordDataset(Dataset):
         return _seeded(seed, lambda: self.transform(record))
 
 
+class ImageOnly:
+    """Record -> ``{"image": transform(record.image)}``: for stages that need pixels only (a
+    class, not a closure, so loader workers can pickle it under any start method)."""
+
+    def __init__(self, transform: Callable[[Any], Any]):
+        self.transform = transform
+
+    def __call__(self, record: Record) -> dict[str, Any]:
+        return {"image": self.transform(record.image)}
+
+
 def _seeded(seed: int, make_item: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """``make_item()`` with torch and Python RNGs seeded by ``seed``; a ``BadSample`` becomes ``{"_bad": ...}``."""
     python_state = random.getstate()

@@ -31,20 +31,17 @@ from typing import Any
 
 import torch
 
+from ..config import DECODE_MODES, decode_problem
 from .gpu import BatchAugment, NormalizeImages, TensorRandomResizedCrop
 from .loader import sample_seed
 from .transforms import pretrain_transform
 
-DECODE_MODES = ("auto", "pil", "tensor", "gpu")
-
 
 def resolve_decode(decode: str, data: str) -> str:
-    """``auto`` -> ``tensor``; checks that ``gpu`` has encoded files to read."""
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}; got '{decode}'")
-    if decode == "gpu" and data == "synthetic":
-        raise ValueError("decode=gpu decodes encoded image files on the device; the synthetic dataset is drawn in "
-                         "memory. Use decode=tensor, or export it first: prepretrain data synth --out DIR --format jpg")
+    """``auto`` -> ``tensor``; the checks of ``TrainConfig.validate`` for callers without a config."""
+    problem = decode_problem(decode, data)
+    if problem:
+        raise ValueError(f"decode: {problem}")
     return "tensor" if decode == "auto" else decode
 
 

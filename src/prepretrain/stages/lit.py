@@ -56,6 +56,16 @@ from ..train.distributed import gathered
 from ..train.engine import Stage, TooManyBadSamples, TrainData, default_out_dir
 
 
+def check_tower_names(model: str, text_model: str) -> None:
+    """ConfigError naming ``model`` or ``text_model`` when either tower is unknown."""
+    try:
+        resolve_name(model)
+    except ValueError as error:
+        raise ConfigError("model", str(error)) from None
+    if text_model not in TEXT_SHAPES:
+        raise ConfigError("text_model", f"unknown text tower; known: {', '.join(sorted(TEXT_SHAPES))}")
+
+
 @dataclass
 class LiTConfig(TrainConfig):
     """LiT recipe. Defaults are the CPU demo; configs/lit_*.yaml hold the paper-scale towers."""
@@ -92,12 +102,7 @@ class LiTConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        try:
-            resolve_name(self.model)
-        except ValueError as error:
-            raise ConfigError("model", str(error)) from None
-        if self.text_model not in TEXT_SHAPES:
-            raise ConfigError("text_model", f"unknown text tower; known: {', '.join(sorted(TEXT_SHAPES))}")
+        check_tower_names(self.model, self.text_model)
         for key in ("vision_depth", "text_depth", "text_width", "text_heads", "max_text_tokens", "embed_dim",
                     "eval_images"):
             if getattr(self, key) < 0:
@@ -479,12 +484,7 @@ class LiTBenchConfig:
         for key in ("batch_size", "steps"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        try:
-            resolve_name(self.model)
-        except ValueError as error:
-            raise ConfigError("model", str(error)) from None
-        if self.text_model not in TEXT_SHAPES:
-            raise ConfigError("text_model", f"unknown text tower; known: {', '.join(sorted(TEXT_SHAPES))}")
+        check_tower_names(self.model, self.text_model)
 
 
 def run_lit_benchmark(cfg: LiTBenchConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.loader import ImageOnly, RecordDataset, eval_loader, open_data
 from ..data.pixels import train_pixels
 from ..data.records import Record
 from ..data.transforms import decode_hint, denormalize, eval_transform
@@ -56,15 +56,6 @@ class MAEConfig(TrainConfig):
             raise ConfigError("decoder_num_heads", f"must divide decoder_embed_dim {self.decoder_embed_dim}")
         if self.decoder_embed_dim % 4:
             raise ConfigError("decoder_embed_dim", "must be a multiple of 4 (2-D sin-cos embedding)")
-
-
-def image_only(transform):
-    """Adapts an image transform to records: pixels only."""
-
-    def apply(record: Record) -> dict[str, Any]:
-        return {"image": transform(record.image)}
-
-    return apply
 
 
 class MaskedSample:
@@ -130,7 +121,7 @@ class MAEStage(Stage):
             return None
         if len(source) == 0:
             return None
-        dataset = RecordDataset(source, image_only(eval_transform(cfg.image_size)))
+        dataset = RecordDataset(source, ImageOnly(eval_transform(cfg.image_size)))
         images = []
         for batch in eval_loader(dataset, batch_size=min(count, 256)):
             if "image" in batch:
