@@ -17,8 +17,9 @@ from PIL import Image
 
 from prepretrain.data.decode import load_image, load_tensor, probe_image
 from prepretrain.data.records import BadSample
-from prepretrain.data.shards import ShardSource, write_shards
+from prepretrain.data.shards import ShardSource
 from prepretrain.data.sources import FolderSource, ManifestSource
+from prepretrain.data.tools import write_shards
 
 
 def encode(image: Image.Image, format: str, **options) -> bytes:

@@ -12,14 +12,10 @@ import pytest
 from PIL import Image
 
 from prepretrain.data.decode import image_files
-from prepretrain.data.shards import INDEX_NAME, ShardSource, write_shards
-from prepretrain.data.sources import (
-    FolderSource,
-    ImageFolderSource,
-    ManifestSource,
-    describe_source,
-    open_source,
-)
+from prepretrain.data.loader import open_source
+from prepretrain.data.shards import INDEX_NAME, ShardSource
+from prepretrain.data.sources import FolderSource, ImageFolderSource, ManifestSource
+from prepretrain.data.tools import describe_source, write_shards
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:

@@ -16,7 +16,6 @@ from prepretrain.config import ConfigError, build_config
 from prepretrain.data.synthetic import SyntheticSource
 from prepretrain.evaluate import linear as linear_module
 from prepretrain.evaluate.common import FrozenEncoder, open_eval_data
-from prepretrain.evaluate.encoders import build_encoder, resolve_encoder
 from prepretrain.evaluate.features import LabeledFeatures
 from prepretrain.evaluate.knn import KNNConfig, knn_scores
 from prepretrain.evaluate.linear import (
@@ -29,6 +28,7 @@ from prepretrain.evaluate.linear import (
 )
 from prepretrain.evaluate.lowshot import LowShotConfig, PromptedViT, evaluate_lowshot, lowshot_indices
 from prepretrain.evaluate.runner import evaluate_encoder, run_evaluation
+from prepretrain.models.resolve import build_encoder, resolve_encoder
 from prepretrain.models.vit import create_vit
 from prepretrain.stages.mae import MAEConfig, MAEStage
 from prepretrain.train.engine import train

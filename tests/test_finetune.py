@@ -21,6 +21,7 @@ from prepretrain.stages.finetune import FinetuneConfig, FinetuneStage, layer_id
 from prepretrain.stages.mae import MAEConfig, MAEStage
 from prepretrain.train.engine import train
 from prepretrain.train.optim import build_optimizer, set_lr
+from prepretrain.train.run import Run
 
 TINY = dict(num_images=32, batch_size=16, progress=False, tensorboard=False, eval_batch_size=200)
 
@@ -48,10 +49,14 @@ def _stage(tmp_path: Path, **overrides) -> FinetuneStage:
     return FinetuneStage(build_config(FinetuneConfig, None, values))
 
 
+def _built(stage: FinetuneStage):
+    return stage.build_model(Run.of_stage(stage))
+
+
 def test_layer_decay_gives_each_block_its_learning_rate(tmp_path):
     stage = _stage(tmp_path, layer_decay=0.5, ema_decay=0.99, weight_decay=0.05)
     torch.manual_seed(0)
-    model = stage.build_model()
+    model = stage.build_model(Run.of_stage(stage))
     groups = stage.param_groups(model)
     optimizer = build_optimizer(groups, 1.0, (0.9, 0.999), torch.device("cpu"))
     set_lr(optimizer, 2.0)
@@ -75,9 +80,9 @@ def test_layer_decay_gives_each_block_its_learning_rate(tmp_path):
 
 def test_pos_embed_is_kept_at_the_same_size_and_bicubic_at_another(tmp_path, mae_run):
     saved = load_file(str(mae_run / "encoder.safetensors"))["pos_embed"]  # (1, 1 + 8*8, 128)
-    same = _stage(tmp_path, encoder=str(mae_run)).build_model()
+    same = _built(_stage(tmp_path, encoder=str(mae_run)))
     assert torch.equal(same.net.pos_embed.detach(), saved)
-    bigger = _stage(tmp_path, encoder=str(mae_run), image_size=48, global_pool="avg").build_model()
+    bigger = _built(_stage(tmp_path, encoder=str(mae_run), image_size=48, global_pool="avg"))
     grid = saved[:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
     expected = F.interpolate(grid, size=(12, 12), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     torch.testing.assert_close(bigger.net.pos_embed[:, 1:].detach(), expected.reshape(1, 144, -1))
@@ -117,7 +122,7 @@ def test_finetune_command_exports_best_and_last_that_reproduce_the_reported_accu
 def test_mixup_is_seeded_from_torch_and_leaves_numpy_alone(tmp_path):
     stage = _stage(tmp_path)
     torch.manual_seed(0)
-    model = stage.build_model()
+    model = stage.build_model(Run.of_stage(stage))
     batch = {"image": torch.randn(8, 3, 32, 32), "label": torch.arange(8) % 10}
     losses = []
     for numpy_seed in (1, 2):

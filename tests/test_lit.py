@@ -23,6 +23,7 @@ from prepretrain.models.clip import (
 from prepretrain.models.text import TextEncoder, TextShape, create_text_encoder, position_ids
 from prepretrain.models.tokenizers import ByteTokenizer, SentencePieceTokenizer, build_tokenizer
 from prepretrain.models.vit import create_vit
+from prepretrain.train.run import Run
 
 # ----------------------------------------------------------------------------- tokenizers
 
@@ -376,17 +377,21 @@ def test_lit_config_errors_name_the_key(tmp_path):
 def test_cached_features_give_the_uncached_loss(tmp_path):
     from prepretrain.data.loader import RecordDataset, open_data
     from prepretrain.data.transforms import eval_transform
-    from prepretrain.stages.lit import CachedPairs, LiTStage, caption_pairs
+    from prepretrain.stages.lit import LiTStage, caption_pairs
+    from prepretrain.train.frozen import CachedInputs, compute_frozen_inputs
 
     stage = LiTStage(_lit_config(tmp_path))
-    model = stage.build_model()
-    data = stage.train_data()
-    assert isinstance(data.dataset, CachedPairs) and data.num_samples == 200
+    run = Run.of_stage(stage)
+    model = stage.build_model(run)
+    data = stage.train_data(run)
+    assert data.frozen is not None  # the loop, not the stage, runs the locked tower over the images
+    cached_set, count = compute_frozen_inputs(run, model, data.frozen, num_workers=0, max_bad_fraction=0.05)
+    assert isinstance(cached_set, CachedInputs) and count == 200
     assert (tmp_path / "lit" / "feature_cache.safetensors").is_file()
     source = open_data("synthetic", split="train", image_size=32, num_images=200)
     raw = RecordDataset(source, caption_pairs(eval_transform(32, crop_fraction=1.0), stage.tokenizer))
     indices = [3, 17, 42, 99, 150, 199]
-    cached = [data.dataset[(i, 0)] for i in indices]
+    cached = [cached_set[(i, 0)] for i in indices]
     uncached = [raw[(i, 0)] for i in indices]
     cached_batch = {k: torch.stack([item[k] for item in cached]) for k in cached[0]}
     uncached_batch = {k: torch.stack([item[k] for item in uncached]) for k in uncached[0]}
@@ -396,9 +401,13 @@ def test_cached_features_give_the_uncached_loss(tmp_path):
     loss_uncached, _ = stage.loss(model, uncached_batch)
     torch.testing.assert_close(loss_cached, loss_uncached, rtol=1e-6, atol=1e-6)
 
-    again = LiTStage(_lit_config(tmp_path))  # a resumed run reads the cache back
-    again.build_model()
-    assert torch.equal(again.train_data().dataset.features, data.dataset.features)
+    again = LiTStage(_lit_config(tmp_path))  # a resumed run reads the cache back instead of recomputing
+    again_run = Run.of_stage(again)
+    again.build_model(again_run)
+    frozen = again.train_data(again_run).frozen
+    frozen.encode = None  # would fail if called
+    reread, _ = compute_frozen_inputs(again_run, model, frozen, num_workers=0, max_bad_fraction=0.05)
+    assert torch.equal(reread.tensors["image_features"], cached_set.tensors["image_features"])
 
 
 @pytest.mark.slow
@@ -425,9 +434,9 @@ def test_lit_run_exports_a_model_that_zeroshot_reads(tmp_path):
     assert (run_dir / "zeroshot" / "results.json").is_file()
     # The exported locked tower is the image tower that was trained against.
     encoder = create_vit("vit_micro4", depth=1)
-    from prepretrain.models.checkpoints import load_encoder
+    from prepretrain.models.checkpoints import load_encoder_weights
 
-    load_encoder(encoder, run_dir / "encoder.safetensors")
+    load_encoder_weights(encoder, run_dir / "encoder.safetensors")
     torch.testing.assert_close(encoder.state_dict()["pos_embed"], model.vision_encoder.state_dict()["pos_embed"])
 
 
@@ -443,7 +452,7 @@ def test_encoder_from_a_run_directory_is_loaded_and_locked(tmp_path):
     save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(run / "encoder.safetensors"),
               metadata={"model": "vit_micro4", "image_size": "32", "format": "timm-vit"})
     stage = LiTStage(_lit_config(tmp_path, encoder=str(run), vision_depth=0))
-    model = stage.build_model()
+    model = stage.build_model(Run.of_stage(stage))
     assert len(model.vision_encoder.blocks) == 2 and stage.image_tower.endswith("encoder.safetensors")
     for key, value in tower.state_dict().items():
         assert torch.equal(model.vision_encoder.state_dict()[key], value), key
@@ -451,7 +460,7 @@ def test_encoder_from_a_run_directory_is_loaded_and_locked(tmp_path):
 
 
 def test_benchmark_reports_both_paths():
-    from prepretrain.stages.lit import LiTBenchConfig, run_lit_benchmark
+    from prepretrain.bench import LiTBenchConfig, run_lit_benchmark
 
     cfg = build_config(LiTBenchConfig, None, {"batch_size": "8", "steps": "1", "warmup": "0", "vision_depth": "1",
                                               "device": "cpu"})
@@ -486,16 +495,18 @@ def test_lit_learns_zero_shot_classes_from_captions_when_the_tower_sees_them(tmp
     class names and synonyms from captions alone. (The CPU demo's random tower cannot: its
     features do not separate shapes, so its zero-shot stays at chance; see the module notes.)"""
     from prepretrain.data.loader import open_data
-    from prepretrain.stages.lit import CachedPairs, LiTStage
+    from prepretrain.stages.lit import LiTStage
     from prepretrain.train.engine import TrainData, train
+    from prepretrain.train.frozen import CachedInputs
 
     class ShapeAwareTowerStage(LiTStage):
-        def train_data(self) -> TrainData:
+        def train_data(self, run) -> TrainData:
             source = open_data("synthetic", split="train", image_size=32, num_images=self.cfg.num_images)
             tokens = self.tokenizer([source.get(i).caption for i in range(len(source))])
-            return TrainData(CachedPairs(_shape_aware_features(source), tokens), len(source))
+            cached = CachedInputs({"image_features": _shape_aware_features(source), "tokens": tokens})
+            return TrainData(cached, len(source))
 
-        def validation_features(self, model, device):
+        def validation_features(self, model, run):
             source = open_data("synthetic", split="val", image_size=32, num_images=self.cfg.num_images)
             labels = torch.tensor([source.get(i).labels["coarse"] for i in range(len(source))])
             return _shape_aware_features(source), labels
@@ -535,7 +546,7 @@ def test_text_tower_can_start_from_a_clip_file(tmp_path):
     path = tmp_path / "clip.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     stage = LiTStage(_lit_config(tmp_path, text_init=str(path), text_width=32, text_heads=2, embed_dim=24))
-    model = stage.build_model()
+    model = stage.build_model(Run.of_stage(stage))
     for key, value in source.text_encoder.state_dict().items():
         assert torch.equal(model.text_encoder.state_dict()[key], value), key
 

@@ -27,8 +27,9 @@ from prepretrain.data.loader import (
     train_loader,
 )
 from prepretrain.data.records import BadSample, Record, SkipCounter
-from prepretrain.data.shards import INDEX_NAME, ShardSource, write_shards
+from prepretrain.data.shards import INDEX_NAME, ShardSource
 from prepretrain.data.sources import FolderSource, ManifestSource
+from prepretrain.data.tools import write_shards
 
 
 class NumberedSource:

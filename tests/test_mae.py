@@ -6,6 +6,7 @@ import torch
 
 from prepretrain.models.checkpoints import load_strict
 from prepretrain.models.mae import create_mae, random_masking, sincos_2d
+from prepretrain.train.run import Run
 
 
 def tiny_mae(**kw):
@@ -185,7 +186,8 @@ def test_stage_masks_depend_on_the_sample_not_on_the_rank_layout(tmp_path):
     from prepretrain.stages.mae import MAEConfig, MAEStage
 
     cfg = build_config(MAEConfig, None, ["num_images=64", f"out_dir={tmp_path}"])
-    data = MAEStage(cfg).train_data()
+    stage = MAEStage(cfg)
+    data = stage.train_data(Run.of_stage(stage))
     single = next(iter(train_loader(data.dataset, SampleStream(64, 8, seed=3))))
     rank1 = next(iter(train_loader(data.dataset, SampleStream(64, 4, seed=3, rank=1, world_size=2))))
     assert single["noise"].shape == (8, 64)  # (32 / 4) ** 2 patches per sample

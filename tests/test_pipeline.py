@@ -90,13 +90,13 @@ def test_paper_scale_pipeline_configs_validate_and_dry_run(size):
 
 
 def test_every_paper_recipe_validates():
-    from prepretrain.pipeline import stage_classes
+    from prepretrain.registry import command
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         kind = path.name.split("_")[0]
         if kind == "pipeline":
             continue
-        config_cls, _ = stage_classes(kind)
+        config_cls = command(kind).config
         try:
             build_config(config_cls, path)
         except ConfigError as error:  # files a recipe names (tokenizer, init, encoder) are absent here

@@ -12,11 +12,12 @@ from prepretrain.config import ConfigError, build_config
 from prepretrain.data.decode import EncodedImage
 from prepretrain.data.loader import SampleStream, train_loader
 from prepretrain.data.pixels import DeviceAugment, train_pixels
-from prepretrain.data.synthetic import write_synthetic
+from prepretrain.data.tools import write_synthetic
 from prepretrain.stages.finetune import FinetuneConfig
 from prepretrain.stages.mae import MAEConfig, MAEStage
 from prepretrain.stages.wsp import WSPConfig, WSPStage
 from prepretrain.train.engine import train
+from prepretrain.train.run import Run
 
 COMMON = ["batch_size=8", "steps=3", "ckpt_every=100", "log_every=1", "eval_images=16", "progress=false",
           "tensorboard=false", "warmup_steps=1"]
@@ -34,7 +35,8 @@ def jpeg_folder(tmp_path_factory):
 
 def first_batches(cfg, stage_cls, count=2):
     """The first ``count`` micro-batches a stage trains on, after its device transform (CPU)."""
-    data = stage_cls(cfg).train_data()
+    stage = stage_cls(cfg)
+    data = stage.train_data(Run.of_stage(stage))
     stream = SampleStream(data.num_samples, cfg.batch_size, seed=cfg.seed)
     loader = iter(train_loader(data.dataset, stream))
     batches = []

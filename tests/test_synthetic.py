@@ -27,8 +27,8 @@ from prepretrain.data.synthetic import (
     SyntheticSource,
     colour_only_accuracy,
     synthetic_split_sizes,
-    write_synthetic,
 )
+from prepretrain.data.tools import write_synthetic
 
 
 def _normalise(tag: str) -> str:

@@ -2,7 +2,7 @@ import pytest
 import timm
 import torch
 
-from prepretrain.models.checkpoints import CheckpointMismatch, interpolate_pos_embed, load_encoder, load_strict
+from prepretrain.models.checkpoints import CheckpointMismatch, interpolate_pos_embed, load_encoder_weights, load_strict
 from prepretrain.models.vit import VIT_SHAPES, count_params, create_vit, forward_flops
 
 # Parameter counts of REFERENCE.md section 2 (millions).
@@ -78,7 +78,7 @@ def test_pos_embed_interpolation_is_identity_at_same_size_and_resizes():
 def test_load_encoder_interpolates_and_leaves_head_at_init():
     source = create_vit("vit_micro4", depth=1).state_dict()
     target = create_vit("vit_micro4", depth=1, img_size=48, num_classes=5)
-    left = load_encoder(target, source)
+    left = load_encoder_weights(target, source)
     assert left == ["head.weight", "head.bias"]
     torch.testing.assert_close(target.state_dict()["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
     assert target.pos_embed.shape == (1, 1 + 12 * 12, 128)

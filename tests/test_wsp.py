@@ -40,6 +40,7 @@ from prepretrain.models.heads import (
 from prepretrain.models.mae import create_mae, sincos_2d
 from prepretrain.models.vit import create_vit
 from prepretrain.stages.wsp import HashtagTransform, WSPConfig, WSPStage, load_tagger
+from prepretrain.train.run import Run
 
 # ------------------------------------------------------------------------- vocabulary
 
@@ -347,7 +348,7 @@ def test_init_from_mae_copies_the_encoder_exactly(tmp_path, layout):
     else:
         init = run / "encoder.safetensors"
     stage = WSPStage(tiny_config(tmp_path, init=init))
-    model = stage.build_model()
+    model = stage.build_model(Run.of_stage(stage))
     state = model.state_dict()
     assert set(state) - set(encoder) == {"head.weight", "head.bias"}
     for key, value in encoder.items():
@@ -362,7 +363,7 @@ def test_init_of_another_architecture_fails_clearly(tmp_path):
     make_mae_run(tmp_path / "mae_run", depth=3)
     stage = WSPStage(tiny_config(tmp_path, init=tmp_path / "mae_run"))
     with pytest.raises(CheckpointMismatch, match=r"init=.*mae_run.*does not fit model=vit_micro4 depth=2"):
-        stage.build_model()
+        stage.build_model(Run.of_stage(stage))
 
 
 def test_config_mistakes_name_the_key(tmp_path):
@@ -377,22 +378,22 @@ def test_config_mistakes_name_the_key(tmp_path):
 def test_empty_vocabulary_fails_clearly(tmp_path):
     stage = WSPStage(tiny_config(tmp_path, vocab_min_count=10_000))
     with pytest.raises(EmptyVocabulary, match="vocab_min_count"):
-        stage.build_model()
+        stage.build_model(Run.of_stage(stage))
 
 
 def test_images_without_known_tag_get_zero_weight_and_are_counted(tmp_path):
     (tmp_path / "vocab.txt").write_text("circle\nsquare\n")
     stage = WSPStage(tiny_config(tmp_path, vocab=tmp_path / "vocab.txt"))
-    data = stage.train_data()
-    encoded = stage.prepare().encoded
+    data = stage.train_data(Run.of_stage(stage))
+    encoded = stage.prepare(Run.of_stage(stage)).encoded
     tagless = encoded.num_tags == 0
     assert 0 < tagless.sum() < len(encoded)
     assert torch.all(data.weights[torch.from_numpy(tagless)] == 0)
     assert torch.all(data.weights[torch.from_numpy(~tagless)] > 0)
-    transform = HashtagTransform(stage.prepare().vocab, lambda image: image, 4)
+    transform = HashtagTransform(stage.prepare(Run.of_stage(stage)).vocab, lambda image: image, 4)
     with pytest.raises(BadSample, match="no_known_tag"):
         transform(Record(image=None, key="k", hashtags=["#triangle"]))
-    metrics = stage.evaluate(create_vit("vit_micro4", num_classes=2, img_size=32, depth=1), torch.device("cpu"))
+    metrics = stage.evaluate(create_vit("vit_micro4", num_classes=2, img_size=32, depth=1), Run.of_stage(stage))
     assert metrics["train_images_without_known_tag"] == int(tagless.sum())
     assert metrics["val_images_without_known_tag"] > 0
     assert metrics["val_images"] + metrics["val_images_without_known_tag"] == 50
@@ -434,7 +435,7 @@ def test_cli_trains_beats_the_most_frequent_tag_baseline_and_exports_a_timm_enco
 
     # a WSP run as init continues with its head when the vocabulary is the same
     stage = WSPStage(tiny_config(tmp_path, init=run, num_images=4000, out_dir=tmp_path / "next"))
-    continued = stage.build_model().state_dict()
+    continued = stage.build_model(Run.of_stage(stage)).state_dict()
     assert torch.equal(continued["head.weight"], head["head.weight"])
     assert torch.equal(continued["pos_embed"], encoder["pos_embed"])
 

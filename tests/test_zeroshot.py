@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from prepretrain.config import ConfigError, build_config
+from prepretrain.evaluate.metrics import topk_hits
 from prepretrain.evaluate.zeroshot import (
     ZeroShotConfig,
-    accuracy_counts,
     build_classifier,
     default_templates,
     fill_template,
@@ -90,7 +90,7 @@ def test_topk_counts_and_cap():
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
     labels = torch.tensor([1, 2, 0])
     # top-1: row 0 only; top-2: rows 0, 1; top-5 is capped at 3 classes: all rows.
-    assert accuracy_counts(logits, labels, (1, 2, 5)) == {1: 1, 2: 2, 5: 3}
+    assert topk_hits(logits, labels, (1, 2, 5)) == {1: 1, 2: 2, 5: 3}
 
 
 def test_zeroshot_command_on_a_saved_model_matches_a_plain_computation(tmp_path):

@@ -1,4 +1,4 @@
-"""Throughput benchmarks that print figures: samples/s, achieved TFLOP/s and MFU.
+"""Throughput benchmarks that print figures: samples/s, achieved TFLOP/s and MFU; LiT cached vs not.
 
 FLOPs come from the analytic formula of REFERENCE.md section 7 (training = 3 x forward), so
 MFU figures are comparable with the paper's cost model. Inputs are random tensors already on
@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from .config import ConfigError
+from .models.clip import build_clip, clip_loss
 from .models.mae import create_mae, mae_forward_flops
-from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name
+from .models.text import TEXT_SHAPES, text_forward_flops
+from .models.tokenizers import build_tokenizer
+from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape
+from .stages.lit import check_tower_names
 from .train.distributed import pick_device
 from .train.engine import pick_precision
 from .train.metrics import detect_peak_tflops
@@ -87,14 +93,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(cfg.warmup):
-        step()
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(cfg.steps):
-        step()
-    _sync(device)
-    elapsed = time.perf_counter() - start
+    elapsed = cfg.steps / steps_per_second(step, cfg.steps, cfg.warmup, device)
     samples_per_s = cfg.batch_size * cfg.steps / elapsed
     tflops = flops * samples_per_s / 1e12
     peak = cfg.peak_tflops or detect_peak_tflops(device)
@@ -112,10 +111,114 @@ def run_benchmark(cfg: BenchConfig) -> dict:
     return result
 
 
+def steps_per_second(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
+    """The one timed loop of the benchmarks: ``warmup`` untimed calls, then ``steps`` timed ones,
+    with the device synchronised at both ends so queued GPU work is counted."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return steps / (time.perf_counter() - start)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def print_result(result: dict) -> None:
+    print(json.dumps(result))
+
+
+# ------------------------------------------------------------------------------- LiT
+
+
+@dataclass
+class LiTBenchConfig:
+    """``prepretrain bench lit``: LiT training steps per second, cached features vs images."""
+
+    model: str = "vit_micro4"
+    vision_depth: int = 0
+    image_size: int = 32
+    text_model: str = "text_micro"
+    tokenizer: str = "bytes"
+    max_text_tokens: int = 0
+    batch_size: int = 128
+    steps: int = 10
+    warmup: int = 2
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0  # CPU threads; 0 = torch default
+
+    def validate(self) -> None:
+        for key in ("batch_size", "steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
+        check_tower_names(self.model, self.text_model)
+
+
+def run_lit_benchmark(cfg: LiTBenchConfig) -> dict[str, Any]:
+    """Time full optimizer steps both ways on random inputs already on the device.
+
+    Uncached: the locked tower encodes the images every step; cached: the step starts from
+    stored features. Both paths do identical text-tower work, so the ratio is what caching
+    saves in the model step (decoding and augmenting images, also skipped, are not counted).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    tokenizer = build_tokenizer(cfg.tokenizer, cfg.max_text_tokens)
+    torch.manual_seed(0)
+    # XLM-R towers keep their 250002-row embedding (its optimizer step is part of the cost).
+    vocab_size = max(tokenizer.vocab_size, TEXT_SHAPES[cfg.text_model].vocab_size)
+    model = build_clip(cfg.model, cfg.text_model, image_size=cfg.image_size, vision_depth=cfg.vision_depth,
+                       text_overrides={"vocab_size": vocab_size}, device=device).train()
+    optimizer = build_optimizer(param_groups(model, 0.05), 1e-4, (0.9, 0.98), device)
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    tokens = torch.randint(4, min(tokenizer.vocab_size, 260), (cfg.batch_size, tokenizer.context_length),
+                           device=device)
+    with torch.no_grad(), precision.autocast(device):
+        features = model.image_features(images).float()
+
+    def step(cached: bool) -> None:
+        with precision.autocast(device):
+            if cached:
+                out = model(tokens, image_features=features)
+            else:
+                out = model(tokens, images=images)
+            loss = clip_loss(*out, gather=False)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    uncached = steps_per_second(lambda: step(False), cfg.steps, cfg.warmup, device)
+    cached = steps_per_second(lambda: step(True), cfg.steps, cfg.warmup, device)
+    shape = model.text_encoder.shape
+    vision = vit_shape(cfg.model, img_size=cfg.image_size, depth=cfg.vision_depth or None)
+    text_train = 3 * text_forward_flops(shape, tokenizer.context_length)
+    return {
+        "benchmark": "lit_feature_cache",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "precision": cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"),
+        "image_tower": cfg.model, "image_size": cfg.image_size, "text_tower": cfg.text_model,
+        "text_tokens": tokenizer.context_length, "batch_size": cfg.batch_size,
+        "uncached_steps_per_s": round(uncached, 3), "cached_steps_per_s": round(cached, 3),
+        "speedup": round(cached / uncached, 2),
+        "flops_ratio": round((text_train + forward_flops(vision)) / text_train, 2),
+    }
+
+
+def print_lit_benchmark(result: dict[str, Any]) -> None:
+    """Side by side: steps/s with images through the locked tower, and from cached features."""
+    print(f"{'path':<10} {'steps/s':>9} {'samples/s':>10}")
+    for name in ("uncached", "cached"):
+        rate = result[f"{name}_steps_per_s"]
+        print(f"{name:<10} {rate:>9.2f} {rate * result['batch_size']:>10.1f}")
+    print(f"speedup {result['speedup']:.2f}x (FLOPs ratio {result['flops_ratio']:.2f}x) on {result['device']}, "
+          f"{result['image_tower']}@{result['image_size']} + {result['text_tower']} x {result['text_tokens']} tokens, "
+          f"batch {result['batch_size']}")
     print(json.dumps(result))

@@ -1,97 +1,238 @@
 """``prepretrain <command> [--config FILE] [key=value ...]``: parse, build the config, call.
 
-Each training command takes an optional YAML file and ``key=value`` overrides; with none it
-runs the CPU demo on the embedded synthetic dataset. Config mistakes exit with code 2 and a
-message naming the key, before any compute.
+The only module that parses arguments. Configured commands (training stages, evaluations)
+come from :mod:`prepretrain.registry`; the tools (data, bench, plan, export, pipeline) are
+declared below. With no arguments each training command runs the CPU demo on the embedded
+synthetic dataset. Config mistakes exit with code 2 and a message naming the key, before any
+compute.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any
 
+from .bench import BenchConfig, LiTBenchConfig, print_lit_benchmark, print_result, run_benchmark, run_lit_benchmark
 from .config import ConfigError, build_config, dump_config
+from .data.bench import BenchDataConfig, run_data_benchmark
+from .data.loader import open_data
+from .data.tools import describe_source, write_shards, write_synthetic
+from .pipeline import PipelineConfig, dry_run, run_pipeline
+from .plan import PlanConfig, format_plan, plan_run
+from .registry import COMMANDS, Command
+from .train.checkpoint import checkpoint_step, export_weights, resolve_checkpoint
 
-TRAINING_EPILOG = """\
-Overrides are key=value pairs applied after --config; see --print-config for every key.
-Examples:
-  prepretrain {name}
-  prepretrain {name} out_dir=runs/my_{name} seed=1 steps=200
-  prepretrain {name} --config configs/{name}_vit_b16.yaml data=/path/to/images device=cuda
-"""
+
+@dataclass(frozen=True)
+class Tool:
+    """A command with its own arguments (not a config dataclass)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
-def _training_command(name: str, config_cls: Callable[[], Any], stage_cls: Callable[[Any], Any],
-                      description: str) -> dict[str, Any]:
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str = "YAML file of key: value settings"
+                         ) -> None:
+    """The arguments every configured command shares: ``--config``, ``--print-config``, ``key=value``."""
+    parser.add_argument("--config", help=f"{config_help} (applied before overrides)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+# ------------------------------------------------------------------------ configured commands
+
+
+def configured(command: Command) -> Tool:
+    """A registry command as a CLI tool: build the config, run, print the results."""
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_config_arguments(parser)
+        keys = ", ".join(f.name for f in fields(command.config))
+        parser.epilog = f"Overrides are key=value pairs applied after --config; see --print-config for every key.\n" \
+                        f"{command.examples}\nKeys: {keys}\n"
+
     def run(args: argparse.Namespace) -> int:
-        cfg = build_config(config_cls, args.config, args.overrides)
+        cfg = build_config(command.config, args.config, args.overrides)
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from .train.engine import train
-
-        results = train(stage_cls(cfg))
-        if results:
-            _print_results(results)
+        print_results(command.run(cfg) or {})
         return 0
 
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        from prepretrain.config import add_config_arguments
-
-        add_config_arguments(parser)
-        keys = ", ".join(f.name for f in fields(config_cls))
-        parser.epilog = TRAINING_EPILOG.format(name=name) + f"\nKeys: {keys}\n"
-
-    return {"help": description, "run": run, "add_arguments": add_arguments}
+    return Tool(command.help, add_arguments, run)
 
 
-def _print_results(results: dict[str, Any]) -> None:
+def print_results(results: dict[str, Any]) -> None:
+    """The scalar results, one per line; where they were written last."""
     shown = {k: v for k, v in results.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    width = max(len(k) for k in shown) if shown else 0
+    width = max((len(k) for k in shown), default=0)
     for key, value in shown.items():
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        print(f"  {key:<{width}}  {text}")
+        print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+    if results.get("evaluation") == "zeroshot":
+        print(f"zero-shot {results['task']} on {results['data']}/{results['split']}: top-1 {results['top1']:.2f}%  "
+              f"top-5 {results['top5']:.2f}%  ({results['num_images']} images, {results['num_classes']} classes, "
+              f"{results['num_templates']} templates)")
+    if results.get("out_dir"):
+        print(f"wrote {results['out_dir']}/results.json")
 
 
-def _commands() -> dict[str, dict[str, Any]]:
-    from .stages.finetune import FinetuneConfig, FinetuneStage
-    from .stages.lit import LiTConfig, LiTStage
-    from .stages.mae import MAEConfig, MAEStage
-    from .stages.wsp import WSPConfig, WSPStage
-
-    commands = {
-        "mae": _training_command("mae", MAEConfig, MAEStage, "MAE pre-pretraining (masked autoencoder)"),
-        "finetune": _training_command("finetune", FinetuneConfig, FinetuneStage, "full finetuning on a labeled task"),
-        "wsp": _training_command("wsp", WSPConfig, WSPStage, "WSP: weakly supervised hashtag pretraining"),
-        "lit": _training_command("lit", LiTConfig, LiTStage, "LiT: train a text tower against a locked image tower"),
-    }
-    from . import commands as extra
-
-    commands.update(extra.COMMANDS)
-    return commands
+# ------------------------------------------------------------------------------------ tools
 
 
-def build_parser(commands: dict[str, dict[str, Any]]) -> argparse.ArgumentParser:
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", metavar="action", required=True)
+    synth = sub.add_parser("synth", help="write the embedded synthetic dataset to disk (images + JSONL manifests)")
+    synth.add_argument("--out", required=True, help="output folder")
+    synth.add_argument("--num-images", type=int, default=4000, help="training images (val/test sized from it)")
+    synth.add_argument("--image-size", type=int, default=32)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--format", default="png", choices=["png", "jpg"])
+    stats = sub.add_parser("stats", help="print statistics of any source (folder, manifest, shards, synthetic)")
+    stats.add_argument("source")
+    stats.add_argument("--split", default="train")
+    stats.add_argument("--sample", type=int, default=200, help="images decoded for size statistics")
+    shards = sub.add_parser("shards", help="convert a folder or manifest to WebDataset tar shards")
+    shards.add_argument("source")
+    shards.add_argument("--out", required=True)
+    shards.add_argument("--split", default="train")
+    shards.add_argument("--samples-per-shard", type=int, default=1000)
+    shards.add_argument("--prefix", default="shard")
+
+
+def _data_run(args: argparse.Namespace) -> int:
+    if args.data_command == "synth":
+        out = write_synthetic(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
+                              image_format=args.format)
+        print(f"wrote the synthetic dataset to {out}")
+        return 0
+    source = open_data(args.source, split=args.split)
+    if args.data_command == "stats":
+        print(json.dumps(describe_source(source, max_images=args.sample), indent=2))
+        return 0
+    paths = write_shards(source, args.out, samples_per_shard=args.samples_per_shard, prefix=args.prefix)
+    print(f"wrote {len(paths)} shards to {args.out}")
+    return 0
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=["mae", "vit", "data", "lit"],
+                        help="mae/vit: model step; data: decoding pipeline; lit: cached vs uncached LiT step")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.epilog = (
+        "Examples:\n  prepretrain bench mae model=vit_b16 batch_size=64 device=cuda precision=bf16\n"
+        "  prepretrain bench mae model=vit_micro4 image_size=32 batch_size=64 device=cpu\n"
+        "  prepretrain bench data\n  prepretrain bench lit\n"
+    )
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    if args.what == "lit":
+        print_lit_benchmark(run_lit_benchmark(build_config(LiTBenchConfig, None, args.overrides)))
+    elif args.what == "data":
+        run_data_benchmark(build_config(BenchDataConfig, None, args.overrides))
+    else:
+        print_result(run_benchmark(build_config(BenchConfig, None, [*args.overrides, f"target={args.what}"])))
+    return 0
+
+
+def _plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    keys = ", ".join(f.name for f in fields(PlanConfig))
+    parser.epilog = (
+        "Examples:\n  prepretrain plan model=vit_6.5b14 gpus=8 strategy=fsdp batch_size=4096 micro_batch_size=16 "
+        "grad_checkpointing=true\n  prepretrain plan model=vit_b16 stage=wsp gpus=8 batch_size=8192\n"
+        f"\nKeys: {keys}\n"
+    )
+
+
+def _plan_run(args: argparse.Namespace) -> int:
+    plan = plan_run(build_config(PlanConfig, None, args.overrides))
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run folder (newest checkpoint), step_XXXXXXXX.pt or a step_XXXXXXXX/ "
+                                           "DCP folder")
+    parser.add_argument("--out", help="output .safetensors (default: <run>/export_step_XXXXXXXX.safetensors)")
+    parser.add_argument("--part", default="model", choices=["model", "encoder"],
+                        help="model: every weight; encoder: the timm ViT part of an MAE")
+    parser.epilog = (
+        "Examples:\n  prepretrain export runs/mae\n"
+        "  prepretrain export runs/mae/checkpoints/step_00001000 --part encoder --out mae_encoder.safetensors\n"
+    )
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    source = resolve_checkpoint(args.checkpoint)
+    out = args.out or source.parent.parent / f"export_step_{checkpoint_step(source):08d}.safetensors"
+    path = export_weights(source, out, args.part)
+    print(f"wrote {path} from {source}")
+    return 0
+
+
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "YAML file of pipeline keys")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (stages, FLOPs, memory per GPU, time on gpus=N) and exit")
+    parser.epilog = (
+        "Runs MAE; WSP from MAE; WSP from scratch (same budget); MAE alone; LiT on both WSP towers; and the\n"
+        "transfer suite for every encoder, over seeds; then writes report.md and report.html in out_dir.\n"
+        "Examples:\n  prepretrain pipeline\n  prepretrain pipeline seeds=0,1,2 out_dir=runs/pp3\n"
+        "  prepretrain pipeline --dry-run --config configs/pipeline_vit_b16.yaml gpus=64\n"
+    )
+
+
+def _pipeline_run(args: argparse.Namespace) -> int:
+    cfg = build_config(PipelineConfig, args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+    elif args.dry_run:
+        print(dry_run(cfg))
+    else:
+        run_pipeline(cfg)
+    return 0
+
+
+def all_commands() -> dict[str, Tool]:
+    """Every ``prepretrain`` command, in the order ``--help`` lists them."""
+    tools = {name: configured(command) for name, command in COMMANDS.items()}
+    tools.update({
+        "pipeline": Tool("MAE -> WSP -> transfer beside the baselines, over seeds, with a report",
+                         _pipeline_arguments, _pipeline_run),
+        "data": Tool("make, inspect and convert datasets", _data_arguments, _data_run),
+        "bench": Tool("throughput benchmarks (samples/s, TFLOP/s, MFU)", _bench_arguments, _bench_run),
+        "plan": Tool("estimate memory per GPU and FLOPs per step of a run (meta device: no GPU needed)",
+                     _plan_arguments, _plan_run),
+        "export": Tool("consolidate a (sharded) training checkpoint into one safetensors file",
+                       _export_arguments, _export_run),
+    })
+    return tools
+
+
+def build_parser(commands: dict[str, Tool]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prepretrain",
         description="MAE pre-pretraining -> weakly supervised pretraining -> transfer, for ViTs (MAWS).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
-    for name, spec in commands.items():
-        child = sub.add_parser(name, help=spec["help"], description=spec["help"],
+    for name, tool in commands.items():
+        child = sub.add_parser(name, help=tool.help, description=tool.help,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-        spec["add_arguments"](child)
-        child.set_defaults(_run=spec["run"])
+        tool.add_arguments(child)
+        child.set_defaults(_run=tool.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    commands = _commands()
-    parser = build_parser(commands)
+    parser = build_parser(all_commands())
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

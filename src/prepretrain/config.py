@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -76,6 +77,8 @@ class TrainConfig:
     keep_last: int = 2
     progress: bool = True
     tensorboard: bool = True
+    wandb: str = ""  # Weights & Biases project to log to; empty = off (needs: pip install 'prepretrain[wandb]')
+    wandb_mode: str = "online"  # online | offline (kept on disk for `wandb sync`: no network needed)
     # scale
     strategy: str = "auto"  # auto | none | ddp | fsdp
     compile: bool = False
@@ -108,6 +111,10 @@ class TrainConfig:
                 raise ConfigError("betas", f"beta{i + 1} must be in [0, 1), got {beta}")
         _choice(self, "precision", ("auto", "bf16", "fp16", "fp32"))
         _choice(self, "strategy", ("auto", "none", "ddp", "fsdp"))
+        _choice(self, "wandb_mode", ("online", "offline"))
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("wandb", "logging to Weights & Biases needs the wandb package: "
+                                       "pip install 'prepretrain[wandb]' (or leave wandb= empty)")
         if not (self.device in ("auto", "cpu", "cuda", "meta") or self.device.startswith("cuda:")):
             raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
@@ -204,13 +211,6 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in fields(cls)}
-
-
-def add_config_arguments(parser: Any, config_help: str = "YAML file of key: value settings") -> None:
-    """The arguments every configured command shares: ``--config``, ``--print-config``, ``key=value``."""
-    parser.add_argument("--config", help=f"{config_help} (applied before overrides)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

@@ -50,23 +50,10 @@ def collect_table(cfg, results: dict[str, Any]) -> dict[str, dict[str, list[floa
     return {task: row for task, row in table.items() if row}
 
 
-def _flops_per_sample(cfg, kind: str, job_values: dict[str, Any], config_file: str) -> float:
-    from .pipeline import Job, build_job_config
-
-    try:
-        stage_cfg = build_job_config(Job("x", kind, job_values, config_file=config_file))
-        if kind == "mae":
-            from .stages.mae import MAEStage
-
-            return MAEStage(stage_cfg).flops_per_sample()
-        from .stages.wsp import WSPStage
-
-        return WSPStage(stage_cfg).flops_per_sample()
-    except Exception:  # noqa: BLE001 - the plot falls back to steps when FLOPs are unknown
-        return 0.0
-
-
-def write_pipeline_report(cfg, jobs, results: dict[str, Any]) -> tuple[Path, Path]:
+def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: dict[str, float]
+                          ) -> tuple[Path, Path]:
+    """report.md and report.html of a pipeline run; ``flops_per_sample`` maps a training job's
+    name to its training FLOPs per sample (0 or absent: unknown, the FLOPs plot leaves it out)."""
     out = Path(cfg.out_dir)
     by_name = {job.name: job for job in jobs}
     table = collect_table(cfg, results)
@@ -109,19 +96,17 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any]) -> tuple[Path, Pat
     flop_curves: dict[str, list[list[tuple[float, float]]]] = {"MAE→WSP": [], "WSP": []}
     for seed in cfg.seeds:
         s = f"seed{seed}"
-        mae_job = by_name.get(f"{s}/mae")
         mae_flops = 0.0
-        if mae_job is not None:
-            per_sample = _flops_per_sample(cfg, "mae", mae_job.values, mae_job.config_file)
+        if f"{s}/mae" in by_name:
+            per_sample = flops_per_sample.get(f"{s}/mae", 0.0)
             mae_samples = (results.get(f"{s}/mae") or {}).get("samples_seen", 0)
             mae_flops = per_sample * mae_samples
         for label, run in (("MAE→WSP", "wsp_mae"), ("WSP", "wsp")):
-            job = by_name.get(f"{s}/{run}")
             rows_ = _rows(out / s / run / "metrics.jsonl")
             points = [(r["step"], 100 * r["val_precision_at_1"]) for r in rows_ if "val_precision_at_1" in r]
             curves[label].append(points)
-            if job is not None:
-                per_sample = _flops_per_sample(cfg, "wsp", job.values, job.config_file)
+            if f"{s}/{run}" in by_name:
+                per_sample = flops_per_sample.get(f"{s}/{run}", 0.0)
                 batch = (results.get(f"{s}/{run}") or {}).get("samples_seen", 0) / max(
                     1, (results.get(f"{s}/{run}") or {}).get("steps", 1))
                 offset = mae_flops if label == "MAE→WSP" else 0.0

@@ -34,13 +34,14 @@ the forward FLOPs of ``models.vit.forward_flops`` / ``models.mae.mae_forward_flo
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from .config import ConfigError
+from .models.mae import create_mae, mae_forward_flops
+from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape
+from .train.distributed import AUTO_FSDP_MEMORY_SHARE, MODEL_STATE_BYTES_PER_PARAM
 
 GIB = 2**30
 STAGES = ("mae", "wsp", "finetune")
@@ -72,7 +73,6 @@ class PlanConfig:
     assumed_mfu: float = 0.4  # for the step-time estimate
 
     def validate(self) -> None:
-        from .models.vit import VIT_SHAPES, resolve_name
 
         try:
             shape = VIT_SHAPES[resolve_name(self.model)]
@@ -147,8 +147,6 @@ def plan_config_from(cfg: Any) -> PlanConfig:
 
 
 def _meta_model(cfg: PlanConfig, image_size: int):
-    from .models.mae import create_mae
-    from .models.vit import create_vit
 
     if cfg.stage == "mae":
         return create_mae(cfg.model, img_size=image_size, decoder_embed_dim=cfg.decoder_embed_dim,
@@ -159,7 +157,6 @@ def _meta_model(cfg: PlanConfig, image_size: int):
 
 def _choose_strategy(cfg: PlanConfig, trainable: int) -> str:
     """As the engine's ``auto``: DDP while AdamW state takes at most half a GPU, else FSDP."""
-    from .train.distributed import AUTO_FSDP_MEMORY_SHARE, MODEL_STATE_BYTES_PER_PARAM
 
     if cfg.strategy != "auto":
         return cfg.strategy
@@ -171,8 +168,6 @@ def _choose_strategy(cfg: PlanConfig, trainable: int) -> str:
 
 def plan_run(cfg: Any) -> dict[str, Any]:
     """Memory per GPU (bytes and GiB), FLOPs per step and whether it fits; ``cfg``: PlanConfig or a stage config."""
-    from .models.mae import mae_forward_flops
-    from .models.vit import forward_flops, vit_shape
 
     cfg = plan_config_from(cfg)
     shape = vit_shape(cfg.model)
@@ -298,30 +293,4 @@ def format_plan(plan: dict[str, Any]) -> str:
                      + ", ".join(hints or ["a smaller model"]))
     return "\n".join(lines)
 
-
-def _plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    keys = ", ".join(PlanConfig.__dataclass_fields__)
-    parser.epilog = (
-        "Examples:\n  prepretrain plan model=vit_6.5b14 gpus=8 strategy=fsdp batch_size=4096 micro_batch_size=16 "
-        "grad_checkpointing=true\n  prepretrain plan model=vit_b16 stage=wsp gpus=8 batch_size=8192\n"
-        f"\nKeys: {keys}\n"
-    )
-
-
-def _plan_run(args: argparse.Namespace) -> int:
-    from .config import build_config
-
-    plan = plan_run(build_config(PlanConfig, None, args.overrides))
-    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
-    return 0
-
-
-PLAN_COMMAND: dict[str, Any] = {
-    "help": "estimate memory per GPU and FLOPs per step of a run (meta device: no GPU needed)",
-    "add_arguments": _plan_arguments,
-    "run": _plan_run,
-}
-
-__all__ = ["PLAN_COMMAND", "PlanConfig", "block_activation_bytes", "format_plan", "plan_config_from", "plan_run"]
+__all__ = ["PlanConfig", "block_activation_bytes", "format_plan", "plan_config_from", "plan_run"]

@@ -1,4 +1,4 @@
-"""Plots and the Markdown/HTML report of a pipeline run.
+"""Plots and Markdown/HTML reports: the one place that draws (run curves, pipeline figures).
 
 A report is a list of blocks (heading, paragraph, table, image, code); the same blocks render to
 ``report.md`` and to a self-contained-looking ``report.html`` (images are files beside it), so
@@ -51,11 +51,8 @@ def _pyplot():
     return plt
 
 
-def plot_curves(curves: dict[str, list[list[tuple[float, float]]]], path: Path, xlabel: str, ylabel: str,
-                title: str, logx: bool = False) -> Path:
-    """One line per label (mean over seeds at shared x), with a band of ± one std when several seeds."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _draw_curves(ax, curves: dict[str, list[list[tuple[float, float]]]]) -> None:
+    """One line per label (mean over runs at shared x), with a band of ± one std when several runs."""
     for label, runs in curves.items():
         runs = [r for r in runs if r]
         if not runs:
@@ -71,21 +68,38 @@ def plot_curves(curves: dict[str, list[list[tuple[float, float]]]], path: Path, 
                 stds.append(s)
         if not shown:
             continue
-        line = ax.plot(shown, means, marker="o", markersize=3, label=label)[0]
+        line = ax.plot(shown, means, marker="o" if len(shown) < 50 else None, markersize=3, label=label or None)[0]
         if len(runs) > 1:
             ax.fill_between(shown, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             alpha=0.2, color=line.get_color())
-    if logx:
-        ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+
+
+def plot_panels(panels: dict[str, dict[str, list[list[tuple[float, float]]]]], path: Path, xlabel: str,
+                title: str = "", logx: bool = False) -> Path:
+    """Side-by-side panels, one per y label, each with its labelled curves (see :func:`plot_curves`)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 4), squeeze=False)
+    for ax, (ylabel, curves) in zip(axes[0], panels.items()):
+        _draw_curves(ax, curves)
+        if logx:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if any(label for label in curves):
+            ax.legend()
+    if title:
+        (axes[0][0].set_title if len(panels) == 1 else fig.suptitle)(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+    return Path(path)
+
+
+def plot_curves(curves: dict[str, list[list[tuple[float, float]]]], path: Path, xlabel: str, ylabel: str,
+                title: str, logx: bool = False) -> Path:
+    """One panel: a line per label (mean over seeds at shared x), ± one std band when several seeds."""
+    return plot_panels({ylabel: curves}, path, xlabel, title, logx)
 
 
 def plot_bars(table: dict[str, dict[str, list[float]]], path: Path, title: str) -> Path:

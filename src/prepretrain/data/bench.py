@@ -52,9 +52,8 @@ from torchvision import transforms as T
 
 from ..config import ConfigError
 from .decode import image_files
-from .loader import ImageOnly, RecordDataset, SampleStream, train_loader
+from .loader import ImageOnly, RecordDataset, SampleStream, open_source, train_loader
 from .pixels import train_pixels
-from .sources import open_source
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_hint
 
 PATHS = ("baseline", "draft", "tensor", "batch_cpu", "gpu")

@@ -31,7 +31,6 @@ resampling is deterministic, resumable and identical however the run is sharded.
 from __future__ import annotations
 
 import json
-import os
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +40,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ..files import atomic_write
+from .records import BadSample
 
 VOCAB_FORMAT = "prepretrain-hashtag-vocab-v1"
 
@@ -125,7 +127,6 @@ class HashtagVocab:
         """Write ``.json`` (tags, counts, synonyms, build info) or ``.txt`` (``tag<TAB>count``
         lines; synonyms need the JSON form), atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".txt":
             if self.aliases:
                 raise ValueError("a vocabulary with synonyms is saved as .json (the .txt form has no place for them)")
@@ -134,10 +135,7 @@ class HashtagVocab:
             body = {"format": VOCAB_FORMAT, "size": len(self), "info": self.info, "tags": self.tags,
                     "counts": self.counts, "aliases": self.aliases}
             text = json.dumps(body, ensure_ascii=False, indent=0)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
-        return path
+        return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(cls, path: str | Path) -> HashtagVocab:
@@ -267,8 +265,6 @@ def source_hashtags(source: Any) -> Iterator[list[str]]:
     File sources expose ``annotation(i)``; others (the synthetic set) are read through
     ``get(i)``. A record that cannot be read counts as an image without tags.
     """
-    from .records import BadSample
-
     read = getattr(source, "annotation", None) or source.get
     for index in range(len(source)):
         try:

@@ -34,19 +34,29 @@ no random access, so :func:`train_loader` reads them through :class:`ShardStream
   the new layout been used from the start. The number of samples consumed is kept, but in
   the epochs in progress some samples are then seen twice and others not at all; from each
   reader's next epoch on, every sample is again read once per epoch.
+
+Where the records come from is decided here too: :func:`open_data` (``data=synthetic`` or a
+path) and :func:`open_source` (a path: folder, image folder, manifest or shards) pick and
+build a reader; the readers themselves never import this module.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import random
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
+from .decode import IMAGE_EXTENSIONS
 from .records import BadSample, MapSource, Record
+from .shards import SHARD_SUFFIXES, ShardProblem, ShardSource, expand_shard_spec
+from .sources import MANIFEST_SUFFIXES, FolderSource, ImageFolderSource, ManifestSource
+from .synthetic import SyntheticSource, synthetic_split_sizes
 
 SHARD_SHUFFLE_BLOCK = 256  # encoded samples per shuffled block of a shard reader (memory: one block per worker)
 
@@ -296,8 +306,6 @@ class ShardStream(IterableDataset):
 
 
 def _is_shard_problem(outcome: Any) -> bool:
-    from .shards import ShardProblem
-
     return isinstance(outcome, ShardProblem)
 
 
@@ -367,6 +375,107 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_for(dataset), **common)
 
 
+# -- choosing a source from a path ----------------------------------------------------------
+
+# Names a dataset directory uses for its splits; a directory that has some of them but not
+# the requested one is an error, not a silent fallback to "all images" (a val split that is
+# secretly the train set is the worst kind of evaluation bug).
+SPLIT_NAMES = ("train", "val", "validation", "test", "eval", "dev")
+
+
+def _has_image(directory: Path) -> bool:
+    for _, subdirs, files in os.walk(directory):
+        subdirs[:] = [name for name in subdirs if not name.startswith(".")]
+        if any(not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in files):
+            return True
+    return False
+
+
+def _looks_like_image_folder(root: Path) -> bool:
+    """All non-hidden children are directories holding images, and no image sits in ``root``."""
+    children = [entry for entry in os.scandir(root) if not entry.name.startswith(".")]
+    directories = [Path(entry.path) for entry in children if entry.is_dir()]
+    loose_images = [
+        entry for entry in children if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+    ]
+    return bool(directories) and not loose_images and all(_has_image(path) for path in directories)
+
+
+def _shard_files(directory: Path) -> list[Path]:
+    return sorted(path for path in directory.iterdir() if path.is_file() and path.name.lower().endswith(SHARD_SUFFIXES))
+
+
+def open_source(
+    spec: str | os.PathLike, *, split: str | None = None, kind: str | None = None, **kwargs: Any
+) -> FolderSource | ImageFolderSource | ManifestSource | ShardSource:
+    """Pick and build a source from a path (the CLI's ``data=PATH``).
+
+    Resolution, in order:
+
+    - a brace pattern (``shards-{000000..000009}.tar``), a ``.tar`` file, or a directory
+      holding ``.tar`` files -> :class:`~prepretrain.data.shards.ShardSource` (iterable);
+    - a ``.jsonl``/``.ndjson``/``.csv``/``.tsv`` file -> :class:`~prepretrain.data.sources.ManifestSource`;
+    - a directory with ``<split>.jsonl`` (or ``.csv``) -> that manifest; with a ``<split>/``
+      subdirectory -> resolved again inside it. If the directory has *other* splits but not
+      the requested one, that is an error rather than a fallback to every image in it;
+    - a directory whose immediate children are all directories with images ->
+      :class:`~prepretrain.data.sources.ImageFolderSource`;
+    - any other directory -> :class:`~prepretrain.data.sources.FolderSource`.
+
+    ``kind`` (``"folder"``, ``"imagefolder"``, ``"manifest"``, ``"shards"``) overrides the
+    guess for layouts that are ambiguous, e.g. ``photos/2023/...`` is *not* a class per
+    year. Other keyword arguments (``min_size_hint``, ``max_pixels``, ``pixels``) go to the source.
+    The string ``"synthetic"`` is handled by :func:`open_data`, not here.
+    """
+    text = os.fspath(spec)
+    builders = {
+        "folder": FolderSource,
+        "imagefolder": ImageFolderSource,
+        "manifest": ManifestSource,
+        "shards": ShardSource,
+    }
+    if kind is not None:
+        if kind not in builders:
+            raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(builders)}")
+        return builders[kind](text, **kwargs)
+    if "{" in text and "}" in text:
+        expanded = expand_shard_spec(text)
+        return ShardSource(expanded, **kwargs)
+    path = Path(text)
+    if not path.exists():
+        raise FileNotFoundError(f"data source not found: {text}")
+    if path.is_file():
+        name = path.name.lower()
+        if name.endswith(SHARD_SUFFIXES):
+            return ShardSource(text, **kwargs)
+        if name.endswith(MANIFEST_SUFFIXES):
+            return ManifestSource(path, **kwargs)
+        raise ValueError(
+            f"{text}: cannot tell what this file is; expected a manifest {MANIFEST_SUFFIXES} or shards {SHARD_SUFFIXES}"
+        )
+    if split is not None:
+        for suffix in MANIFEST_SUFFIXES:
+            manifest = path / f"{split}{suffix}"
+            if manifest.is_file():
+                return ManifestSource(manifest, **kwargs)
+        if (path / split).is_dir():
+            return open_source(path / split, **kwargs)
+        present = sorted(
+            {
+                name
+                for name in SPLIT_NAMES
+                if (path / name).is_dir() or any((path / f"{name}{suffix}").is_file() for suffix in MANIFEST_SUFFIXES)
+            }
+        )
+        if present:
+            raise FileNotFoundError(f"{text} has splits {present} but no {split!r} split")
+    if _shard_files(path):
+        return ShardSource(text, **kwargs)
+    if _looks_like_image_folder(path):
+        return ImageFolderSource(path, **kwargs)
+    return FolderSource(path, **kwargs)
+
+
 def open_data(spec: str, *, split: str = "train", image_size: int = 32, num_images: int = 4000, seed: int = 0,
               min_size_hint: int | None = None, pixels: str = "pil") -> MapSource | Any:
     """``synthetic`` -> the embedded dataset; anything else -> a folder, manifest or shards.
@@ -380,10 +489,6 @@ def open_data(spec: str, *, split: str = "train", image_size: int = 32, num_imag
     those transforms also take.
     """
     if spec == "synthetic":
-        from .synthetic import SyntheticSource, synthetic_split_sizes
-
         sizes = synthetic_split_sizes(num_images)
         return SyntheticSource(num_images=sizes[split], image_size=image_size, seed=seed, split=split)
-    from .sources import open_source
-
     return open_source(spec, split=split, min_size_hint=min_size_hint, pixels=pixels)

@@ -3,15 +3,22 @@
 Sources (synthetic, folders, manifests, WebDataset shards) differ in where images and
 annotations live; stages (MAE, WSP, LiT, transfer) differ in which fields they read. A
 ``Record`` sits between them so that neither side knows about the other.
+
+Also here, because several readers share them: :class:`Annotation` (a record without its
+pixels), :func:`split_hashtags` and :func:`num_classes_of`. This module imports nothing else
+from the package, so every reader, tool and stage can import it.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
+
+_HASHTAG_SEPARATORS = re.compile(r"[\s,|]+")
 
 
 @dataclass
@@ -27,6 +34,31 @@ class Record:
     hashtags: list[str] = field(default_factory=list)
     caption: str = ""
     labels: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Annotation:
+    """Everything about a sample except its pixels: cheap to read for statistics."""
+
+    key: str
+    hashtags: list[str] = field(default_factory=list)
+    caption: str = ""
+    labels: dict[str, int] = field(default_factory=dict)
+
+
+def split_hashtags(text: str) -> list[str]:
+    """Hashtags from one string: separated by whitespace, commas or ``|`` (CSV manifests)."""
+    return [tag for tag in _HASHTAG_SEPARATORS.split(text) if tag]
+
+
+def num_classes_of(source: Any, task: str) -> int:
+    """Classes of ``task`` for any source with ``num_classes_by_task`` or ``class_names``."""
+    known = dict(getattr(source, "num_classes_by_task", None) or {})
+    for name, names in (getattr(source, "class_names", None) or {}).items():
+        known[name] = max(known.get(name, 0), len(names))
+    if task not in known:
+        raise KeyError(f"unknown label task {task!r}; this source has {sorted(known)}")
+    return known[task]
 
 
 class BadSample(Exception):

@@ -1,12 +1,13 @@
 """WebDataset tar shards: the format for datasets too big to list or to read file by file.
 
 Millions of small files are slow on every shared filesystem (one metadata round trip per
-image); a few thousand sequentially read tars are not. :func:`write_shards` converts any
-map-style source into shards, and :class:`ShardSource` streams them back as ``Record``
-objects, split across ranks and DataLoader workers so that no sample repeats within an
-epoch, resumable by skipping the samples a worker already consumed.
+image); a few thousand sequentially read tars are not. :func:`~prepretrain.data.tools.write_shards`
+converts any map-style source into shards, and :class:`ShardSource` streams them back as
+``Record`` objects, split across ranks and DataLoader workers so that no sample repeats
+within an epoch, resumable by skipping the samples a worker already consumed. This module
+only reads; the writer lives with the other tools in :mod:`prepretrain.data.tools`.
 
-Layout written here (readable by any WebDataset tool)::
+Layout (readable by any WebDataset tool)::
 
     out_dir/shard-000000.tar     000000000.jpg  000000000.json  000000001.png ...
     out_dir/index.json           per-shard sample counts, class names, skip counts
@@ -24,7 +25,6 @@ among ``jpg jpeg png webp bmp gif tif tiff``; annotations come from ``json`` (``
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import os
@@ -35,21 +35,17 @@ from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
-from PIL import Image
-from webdataset import TarWriter, gopen
+from webdataset import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from prepretrain.data.decode import DEFAULT_MAX_PIXELS, check_pixel_format, load_pixels
-from prepretrain.data.records import BadSample, Record, SkipCounter
-from prepretrain.data.sources import Annotation, num_classes_of, split_hashtags
+from prepretrain.data.records import Annotation, BadSample, Record, SkipCounter, num_classes_of, split_hashtags
 
 SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "prepretrain-shards/1"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
-_JPEG_MAGIC = b"\xff\xd8\xff"
 _LOST = "__lost__"  # marks the placeholder of a sample lost in a cut-off shard
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # -- naming shards --------------------------------------------------------------------------
@@ -93,163 +89,6 @@ def _open_shard(url: str):
     if _is_local(url):
         return open(_local_path(url), "rb")
     return gopen(url, "rb")
-
-
-# -- writing --------------------------------------------------------------------------------
-
-
-def _original_bytes(source: Any, index: int, key: str) -> tuple[str, bytes] | None:
-    """The file's own bytes when they are JPEG or PNG: no re-encode, no quality loss."""
-    path_of = getattr(source, "path_of", None)
-    if path_of is None:
-        return None
-    try:
-        data = Path(path_of(index)).read_bytes()
-    except OSError as error:
-        raise BadSample(key, "unreadable", str(error)) from error
-    if data.startswith(_JPEG_MAGIC):
-        return "jpg", data
-    if data.startswith(_PNG_MAGIC):
-        return "png", data
-    return None  # GIF/BMP/TIFF/WebP: re-encoded below so every shard member is jpg or png
-
-
-def _encode(image: Image.Image, image_format: str) -> tuple[str, bytes]:
-    buffer = io.BytesIO()
-    if image_format == "jpg":
-        image.save(buffer, format="JPEG", quality=95)
-    else:
-        image.save(buffer, format="PNG", compress_level=3)
-    return image_format, buffer.getvalue()
-
-
-def _label_space(source: Any) -> dict[str, int]:
-    """Classes per task, from ``num_classes_by_task`` or ``num_classes(task)`` per named task."""
-    known = dict(getattr(source, "num_classes_by_task", None) or {})
-    method = getattr(source, "num_classes", None)
-    for task in getattr(source, "class_names", None) or {}:
-        if task not in known and callable(method):
-            known[task] = int(method(task))
-    return known
-
-
-def write_shards(
-    source: Any,
-    out_dir: str | os.PathLike,
-    *,
-    samples_per_shard: int = 1000,
-    prefix: str = "shard",
-    image_format: str = "png",
-    overwrite: bool = False,
-    skips: SkipCounter | None = None,
-    verbose: bool = True,
-    shuffle_seed: int | None = None,
-) -> list[Path]:
-    """Convert a map-style source into WebDataset shards plus ``index.json``; returns the shards.
-
-    Every record is decoded once (so bad samples are found and skipped here, counted in
-    ``skips`` and in ``index.json``, rather than at training time). Files that are already
-    JPEG or PNG are copied byte for byte; anything else (GIF, BMP, TIFF, WebP, or a source
-    with no files such as the synthetic set) is encoded as ``image_format`` (``"png"``,
-    lossless, or ``"jpg"``, quality 95). Each shard is written to a temporary name and
-    renamed when complete, and ``index.json`` is written last, so an interrupted
-    conversion never leaves a short shard that looks finished. Existing shards with the
-    same prefix are an error unless ``overwrite=True`` (which deletes them), because stale
-    extra shards from an earlier, larger run would otherwise be read as part of the set.
-
-    ``shuffle_seed``: write the samples in a permutation seeded by it instead of source order.
-    Readers shuffle shards and (in the training loader) blocks of samples, never the whole
-    set, so shards cut from a class-sorted source (an image folder) would otherwise feed
-    batches drawn from a handful of classes. ``None`` keeps the source order.
-    """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    image_format = {"jpeg": "jpg"}.get(image_format.lower(), image_format.lower())
-    if image_format not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(out.glob(f"{prefix}-*.tar"))
-    if existing:
-        if not overwrite:
-            raise FileExistsError(f"{out} already has {len(existing)} '{prefix}-*.tar' shards (pass overwrite=True)")
-        for path in existing:
-            path.unlink()
-        (out / INDEX_NAME).unlink(missing_ok=True)
-
-    counter = skips if skips is not None else SkipCounter()
-    shards: list[Path] = []
-    counts: list[int] = []
-    handle = writer = None
-    temporary = final = None
-
-    def finish_shard() -> None:
-        nonlocal handle, writer
-        if writer is not None:
-            writer.close()
-            handle.close()
-            os.replace(temporary, final)
-            shards.append(final)
-        handle = writer = None
-
-    try:
-        order = list(range(len(source)))
-        if shuffle_seed is not None:
-            random.Random(shuffle_seed).shuffle(order)
-        for index in order:
-            try:
-                record = source.get(index)
-                member = _original_bytes(source, index, record.key) or _encode(record.image, image_format)
-            except BadSample as error:
-                counter.skip(error)
-                continue
-            counter.ok()
-            if writer is None or counts[-1] >= samples_per_shard:
-                finish_shard()
-                final = out / f"{prefix}-{len(shards):06d}.tar"
-                temporary = final.with_name(final.name + ".tmp")
-                handle = open(temporary, "wb")
-                writer = TarWriter(handle, encoder=False, mtime=0)  # fixed mtime: reproducible tars
-                counts.append(0)
-            meta = {
-                "key": record.key,
-                "index": index,
-                "hashtags": list(record.hashtags),
-                "caption": record.caption,
-                "labels": dict(record.labels),
-            }
-            extension, data = member
-            writer.write(
-                {
-                    "__key__": f"{index:09d}",
-                    extension: data,
-                    "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
-                }
-            )
-            counts[-1] += 1
-        finish_shard()
-    finally:
-        if handle is not None:  # an exception mid-shard: drop the partial file
-            handle.close()
-            Path(temporary).unlink(missing_ok=True)
-
-    index_content = {
-        "format": INDEX_FORMAT,
-        "prefix": prefix,
-        "total": sum(counts),
-        "shards": [{"name": path.name, "count": count} for path, count in zip(shards, counts)],
-        "skipped": dict(counter.skipped),
-        "class_names": dict(getattr(source, "class_names", {}) or {}),
-        "num_classes": _label_space(source),
-    }
-    index_path = out / INDEX_NAME
-    index_temporary = index_path.with_name(INDEX_NAME + ".tmp")
-    index_temporary.write_text(json.dumps(index_content, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(index_temporary, index_path)
-    if verbose:
-        skipped = ", ".join(f"{reason}={number}" for reason, number in sorted(counter.skipped.items())) or "none"
-        print(f"wrote {sum(counts)} samples to {len(shards)} shards in {out} (skipped: {skipped})")
-    return shards
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -298,8 +137,8 @@ class ShardSource:
 
     Not map-style: shards are read sequentially, so there is no ``get``. Use
     :meth:`iter_records` with the rank/worker/epoch of the caller. ``len()`` works when an
-    ``index.json`` (written by :func:`write_shards`) lists every shard; ``num_samples`` is
-    ``None`` otherwise. ``skips`` counts skipped samples by reason in *this* process (each
+    ``index.json`` (written by :func:`~prepretrain.data.tools.write_shards`) lists every
+    shard; ``num_samples`` is ``None`` otherwise. ``skips`` counts skipped samples by reason in *this* process (each
     DataLoader worker has its own copy, to be reported back by the loader); a shard that
     cannot be read to the end is counted once under ``broken_shard`` (or ``missing_shard``)
     without adding to ``skips.seen``, so ``seen`` stays a count of samples.
@@ -713,5 +552,4 @@ __all__ = [
     "ShardProblem",
     "ShardSource",
     "expand_shard_spec",
-    "write_shards",
 ]

@@ -9,8 +9,8 @@ from the main process touch every object's reference count, which copies the pag
 (copy-on-write) and multiplies that memory by the number of workers. A blob and an array
 are never written to after construction, so the pages stay shared.
 
-:func:`open_source` picks a source from a path so the CLI can take ``data=PATH``;
-:func:`describe_source` produces the statistics that ``prepretrain data stats`` prints.
+Choosing a source from a path (``open_source``) is :mod:`prepretrain.data.loader`'s job;
+statistics (``describe_source``) and conversion to shards are in :mod:`prepretrain.data.tools`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ import csv
 import io
 import json
 import os
-import random
-import re
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -37,27 +33,9 @@ from prepretrain.data.decode import (
     image_files,
     load_pixels,
 )
-from prepretrain.data.records import BadSample, Record, SkipCounter
-
-if TYPE_CHECKING:
-    from prepretrain.data.shards import ShardSource
+from prepretrain.data.records import Annotation, Record, num_classes_of, split_hashtags
 
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv")
-# Names a dataset directory uses for its splits; a directory that has some of them but not
-# the requested one is an error, not a silent fallback to "all images" (a val split that is
-# secretly the train set is the worst kind of evaluation bug).
-SPLIT_NAMES = ("train", "val", "validation", "test", "eval", "dev")
-_HASHTAG_SEPARATORS = re.compile(r"[\s,|]+")
-
-
-@dataclass
-class Annotation:
-    """Everything about a sample except its pixels: cheap to read for statistics."""
-
-    key: str
-    hashtags: list[str] = field(default_factory=list)
-    caption: str = ""
-    labels: dict[str, int] = field(default_factory=dict)
 
 
 class PackedStrings:
@@ -89,16 +67,6 @@ class PackedStrings:
 
     def __getitem__(self, index: int) -> str:
         return self.text(index)
-
-
-def num_classes_of(source: Any, task: str) -> int:
-    """Classes of ``task`` for any source with ``num_classes_by_task`` or ``class_names``."""
-    known = dict(getattr(source, "num_classes_by_task", None) or {})
-    for name, names in (getattr(source, "class_names", None) or {}).items():
-        known[name] = max(known.get(name, 0), len(names))
-    if task not in known:
-        raise KeyError(f"unknown label task {task!r}; this source has {sorted(known)}")
-    return known[task]
 
 
 def _check_index(index: int, length: int) -> int:
@@ -139,7 +107,7 @@ class _FileSource(ABC):
         return self.entry(index)[0]
 
     def path_of(self, index: int) -> Path:
-        """The file holding sample ``index`` (``write_shards`` copies its original bytes)."""
+        """The file holding sample ``index`` (``tools.write_shards`` copies its original bytes)."""
         return self.entry(index)[1]
 
     def get(self, index: int) -> Record:
@@ -238,11 +206,6 @@ class ImageFolderSource(_FileSource):
         return Annotation(key=relative, labels={"label": int(self._labels[index])}), self.root / relative
 
 
-def split_hashtags(text: str) -> list[str]:
-    """Hashtags from one string: separated by whitespace, commas or ``|`` (CSV manifests)."""
-    return [tag for tag in _HASHTAG_SEPARATORS.split(text) if tag]
-
-
 class ManifestSource(_FileSource):
     """Images listed in a JSONL or CSV manifest, with hashtags, captions and labels.
 
@@ -264,7 +227,7 @@ class ManifestSource(_FileSource):
     mangled caption is still a usable image.
 
     Class names come from ``class_names=``, else from ``classes.json`` next to the manifest
-    (``{"class_names": {task: [...]}}``, as :func:`~prepretrain.data.synthetic.write_synthetic`
+    (``{"class_names": {task: [...]}}``, as :func:`~prepretrain.data.tools.write_synthetic`
     writes, or ``{task: [...]}``), else are empty; ``num_classes(task)`` is the larger of
     their count and the largest label seen + 1.
     """
@@ -411,275 +374,9 @@ class ManifestSource(_FileSource):
         return annotation, (path if path.is_absolute() else self.root / path)
 
 
-# -- choosing a source from a path ----------------------------------------------------------
-
-
-def _has_image(directory: Path) -> bool:
-    for _, subdirs, files in os.walk(directory):
-        subdirs[:] = [name for name in subdirs if not name.startswith(".")]
-        if any(not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS for name in files):
-            return True
-    return False
-
-
-def _looks_like_image_folder(root: Path) -> bool:
-    """All non-hidden children are directories holding images, and no image sits in ``root``."""
-    children = [entry for entry in os.scandir(root) if not entry.name.startswith(".")]
-    directories = [Path(entry.path) for entry in children if entry.is_dir()]
-    loose_images = [
-        entry for entry in children if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-    ]
-    return bool(directories) and not loose_images and all(_has_image(path) for path in directories)
-
-
-def _shard_files(directory: Path) -> list[Path]:
-    from prepretrain.data.shards import SHARD_SUFFIXES
-
-    return sorted(path for path in directory.iterdir() if path.is_file() and path.name.lower().endswith(SHARD_SUFFIXES))
-
-
-def open_source(
-    spec: str | os.PathLike, *, split: str | None = None, kind: str | None = None, **kwargs: Any
-) -> FolderSource | ImageFolderSource | ManifestSource | ShardSource:
-    """Pick and build a source from a path (the CLI's ``data=PATH``).
-
-    Resolution, in order:
-
-    - a brace pattern (``shards-{000000..000009}.tar``), a ``.tar`` file, or a directory
-      holding ``.tar`` files -> :class:`~prepretrain.data.shards.ShardSource` (iterable);
-    - a ``.jsonl``/``.ndjson``/``.csv``/``.tsv`` file -> :class:`ManifestSource`;
-    - a directory with ``<split>.jsonl`` (or ``.csv``) -> that manifest; with a ``<split>/``
-      subdirectory -> resolved again inside it. If the directory has *other* splits but not
-      the requested one, that is an error rather than a fallback to every image in it;
-    - a directory whose immediate children are all directories with images ->
-      :class:`ImageFolderSource`;
-    - any other directory -> :class:`FolderSource`.
-
-    ``kind`` (``"folder"``, ``"imagefolder"``, ``"manifest"``, ``"shards"``) overrides the
-    guess for layouts that are ambiguous, e.g. ``photos/2023/...`` is *not* a class per
-    year. Other keyword arguments (``min_size_hint``, ``max_pixels``, ``pixels``) go to the source.
-    The string ``"synthetic"`` is handled by the caller, not here.
-    """
-    from prepretrain.data.shards import SHARD_SUFFIXES, ShardSource, expand_shard_spec
-
-    text = os.fspath(spec)
-    builders = {
-        "folder": FolderSource,
-        "imagefolder": ImageFolderSource,
-        "manifest": ManifestSource,
-        "shards": ShardSource,
-    }
-    if kind is not None:
-        if kind not in builders:
-            raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(builders)}")
-        return builders[kind](text, **kwargs)
-    if "{" in text and "}" in text:
-        expanded = expand_shard_spec(text)
-        return ShardSource(expanded, **kwargs)
-    path = Path(text)
-    if not path.exists():
-        raise FileNotFoundError(f"data source not found: {text}")
-    if path.is_file():
-        name = path.name.lower()
-        if name.endswith(SHARD_SUFFIXES):
-            return ShardSource(text, **kwargs)
-        if name.endswith(MANIFEST_SUFFIXES):
-            return ManifestSource(path, **kwargs)
-        raise ValueError(
-            f"{text}: cannot tell what this file is; expected a manifest {MANIFEST_SUFFIXES} or shards {SHARD_SUFFIXES}"
-        )
-    if split is not None:
-        for suffix in MANIFEST_SUFFIXES:
-            manifest = path / f"{split}{suffix}"
-            if manifest.is_file():
-                return ManifestSource(manifest, **kwargs)
-        if (path / split).is_dir():
-            return open_source(path / split, **kwargs)
-        present = sorted(
-            {
-                name
-                for name in SPLIT_NAMES
-                if (path / name).is_dir() or any((path / f"{name}{suffix}").is_file() for suffix in MANIFEST_SUFFIXES)
-            }
-        )
-        if present:
-            raise FileNotFoundError(f"{text} has splits {present} but no {split!r} split")
-    if _shard_files(path):
-        return ShardSource(text, **kwargs)
-    if _looks_like_image_folder(path):
-        return ImageFolderSource(path, **kwargs)
-    return FolderSource(path, **kwargs)
-
-
-# -- statistics -----------------------------------------------------------------------------
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "min": 0.0, "median": 0.0, "max": 0.0}
-    array = np.asarray(values, dtype=np.float64)
-    return {
-        "mean": round(float(array.mean()), 3),
-        "min": float(array.min()),
-        "median": float(np.median(array)),
-        "max": float(array.max()),
-    }
-
-
-SIZE_BINS = (64, 128, 256, 512, 1024)
-
-
-def _size_bin(shorter_side: int) -> str:
-    lower = 0
-    for upper in SIZE_BINS:
-        if shorter_side < upper:
-            return f"<{upper}" if lower == 0 else f"{lower}-{upper - 1}"
-        lower = upper
-    return f">={SIZE_BINS[-1]}"
-
-
-def _sample_indices(length: int, limit: int, seed: int) -> list[int]:
-    if length <= limit:
-        return list(range(length))
-    return sorted(random.Random(seed).sample(range(length), limit))
-
-
-def describe_source(source: Any, *, max_images: int = 64, max_annotations: int = 200_000, seed: int = 0) -> dict:
-    """Statistics for ``prepretrain data stats``: what is in a dataset before training on it.
-
-    Annotation statistics (labels, hashtags, captions) cover every sample when the source
-    can read annotations without decoding pixels (manifests, folders, shards) and there are
-    at most ``max_annotations`` of them; otherwise a seeded random subset. Image sizes and
-    bad-sample counts come from decoding ``max_images`` samples (sizes are as decoded, so a
-    source built with ``min_size_hint`` reports reduced JPEG sizes). All keys are strings
-    and all values JSON-serialisable.
-    """
-    from prepretrain.data.shards import ShardSource
-
-    counter = SkipCounter()
-    annotations: list[Annotation] = []
-    sizes: list[tuple[int, int]] = []
-    try:
-        count: int | None = len(source)
-    except TypeError:
-        count = None
-
-    if isinstance(source, ShardSource):
-        # Use scratch counters so statistics neither pollute nor reset the source's own.
-        previous = source.skips
-        try:
-            source.skips = SkipCounter()
-            for annotation in source.iter_annotations():
-                annotations.append(annotation)
-                if len(annotations) >= max_annotations:
-                    break
-            source.skips = SkipCounter()
-            for record in source.iter_records():
-                sizes.append(record.image.size)
-                if len(sizes) >= max_images:
-                    break
-            counter.merge(source.skips)
-        finally:
-            source.skips = previous
-        annotation_scope = "all" if count is not None and len(annotations) == count else "first"
-    else:
-        if count is None:
-            raise TypeError(f"cannot describe {type(source).__name__}: it has no length")
-        image_indices = _sample_indices(count, max_images, seed)
-        records: list[Record] = []
-        for index in image_indices:
-            try:
-                record = source.get(index)
-            except BadSample as error:
-                counter.skip(error)
-                continue
-            counter.ok()
-            records.append(record)
-            sizes.append(record.image.size)
-        if hasattr(source, "annotation"):
-            annotation_indices = _sample_indices(count, max_annotations, seed)
-            annotations = [source.annotation(index) for index in annotation_indices]
-            annotation_scope = "all" if len(annotation_indices) == count else "random_subset"
-        else:
-            annotations = [Annotation(r.key, r.hashtags, r.caption, r.labels) for r in records]
-            annotation_scope = "decoded_sample"
-
-    label_counts: dict[str, Counter] = {}
-    hashtag_counter: Counter = Counter()
-    per_image_tags: list[float] = []
-    caption_chars: list[float] = []
-    caption_words: list[float] = []
-    for annotation in annotations:
-        for task, value in annotation.labels.items():
-            label_counts.setdefault(task, Counter())[value] += 1
-        per_image_tags.append(len(annotation.hashtags))
-        hashtag_counter.update(annotation.hashtags)
-        caption_chars.append(len(annotation.caption))
-        caption_words.append(len(annotation.caption.split()))
-
-    class_names = getattr(source, "class_names", {}) or {}
-    labels: dict[str, Any] = {}
-    for task, counts in sorted(label_counts.items()):
-        names = class_names.get(task, [])
-        labels[task] = {
-            "num_classes": max(len(names), max(counts) + 1),
-            "labeled": sum(counts.values()),
-            "counts": {
-                (names[index] if index < len(names) else str(index)): number for index, number in sorted(counts.items())
-            },
-        }
-
-    widths = [width for width, _ in sizes]
-    heights = [height for _, height in sizes]
-    histogram: dict[str, int] = {}
-    for width, height in sizes:
-        name = _size_bin(min(width, height))
-        histogram[name] = histogram.get(name, 0) + 1
-    return {
-        "type": type(source).__name__,
-        "count": count,
-        "annotations": {"scope": annotation_scope, "read": len(annotations)},
-        "class_names": {task: len(names) for task, names in class_names.items()},
-        "labels": labels,
-        "hashtags": {
-            "per_image": _summary(per_image_tags),
-            "images_without": sum(1 for number in per_image_tags if number == 0),
-            "unique": len(hashtag_counter),
-            "top": [[tag, number] for tag, number in hashtag_counter.most_common(10)],
-        },
-        "caption": {
-            "chars": _summary(caption_chars),
-            "words": _summary(caption_words),
-            "empty": sum(1 for number in caption_chars if number == 0),
-        },
-        "image_size": {
-            "decoded": len(sizes),
-            "width": _summary(widths),
-            "height": _summary(heights),
-            "aspect_ratio": _summary([round(w / h, 3) for w, h in sizes if h]),
-            "shorter_side_histogram": {name: histogram[name] for name in _ordered_bins() if name in histogram},
-        },
-        "skipped": counter.as_dict(),
-    }
-
-
-def _ordered_bins() -> list[str]:
-    names = []
-    lower = 0
-    for upper in SIZE_BINS:
-        names.append(f"<{upper}" if lower == 0 else f"{lower}-{upper - 1}")
-        lower = upper
-    names.append(f">={SIZE_BINS[-1]}")
-    return names
-
-
 __all__ = [
-    "Annotation",
     "FolderSource",
     "ImageFolderSource",
     "ManifestSource",
     "PackedStrings",
-    "describe_source",
-    "open_source",
-    "split_hashtags",
 ]

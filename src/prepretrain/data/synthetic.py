@@ -35,17 +35,15 @@ Split sizes convention (:func:`synthetic_split_sizes`): ``num_images`` is the tr
 ``val`` and ``test`` each get ``max(200, num_images // 5)`` images. Commands that need a
 held-out set build ``SyntheticSource(n, split="val")`` with that size.
 
-:func:`write_synthetic` exports the same records to an image folder plus JSONL manifests,
-so the file-based sources can be exercised on data with known answers.
+:func:`~prepretrain.data.tools.write_synthetic` exports the same records to an image folder
+plus JSONL manifests, so the file-based sources can be exercised on data with known answers.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -708,62 +706,3 @@ class SyntheticSource:
         )
 
     __getitem__ = get
-
-
-def write_synthetic(
-    out_dir: str | Path,
-    num_images: int = 4000,
-    image_size: int = 32,
-    seed: int = 0,
-    splits: tuple[str, ...] | list[str] = ("train", "val", "test"),
-    sizes: dict[str, int] | None = None,
-    image_format: str = "png",
-) -> Path:
-    """Export the synthetic dataset to files: ``<split>/images/00000000.<ext>`` plus one JSONL
-    manifest per split (``<split>.jsonl``: path relative to ``out_dir``, hashtags, caption,
-    labels) and ``classes.json`` (class names, synonyms, hashtag vocabulary).
-
-    Why: the folder/manifest/shard readers and the ``data`` command need real files whose
-    correct annotations are known. ``sizes`` overrides :func:`synthetic_split_sizes`.
-    """
-    fmt = image_format.lower().lstrip(".")
-    if fmt == "jpeg":
-        fmt = "jpg"
-    if fmt not in ("png", "jpg"):
-        raise ValueError(f"image_format must be 'png' or 'jpg', got {image_format!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    default_sizes = synthetic_split_sizes(num_images)
-    sizes = dict(sizes or {})
-    for split in splits:
-        count = sizes.get(split, default_sizes.get(split, num_images))
-        source = SyntheticSource(count, image_size=image_size, seed=seed, split=split)
-        image_dir = out / split / "images"
-        image_dir.mkdir(parents=True, exist_ok=True)
-        manifest = out / f"{split}.jsonl"
-        tmp = manifest.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as lines:
-            for index in range(count):
-                record = source.get(index)
-                relative = f"{split}/images/{index:08d}.{fmt}"
-                if fmt == "png":
-                    record.image.save(out / relative, format="PNG", compress_level=1)
-                else:
-                    record.image.save(out / relative, format="JPEG", quality=95)
-                entry = {
-                    "path": relative,
-                    "hashtags": record.hashtags,
-                    "caption": record.caption,
-                    "labels": record.labels,
-                }
-                lines.write(json.dumps(entry) + "\n")
-        tmp.replace(manifest)  # a manifest exists only once all its images do
-    classes = {
-        "class_names": CLASS_NAMES,
-        "synonyms": SYNONYMS,
-        "hashtag_vocab": HASHTAG_VOCAB,
-        "image_size": image_size,
-        "seed": seed,
-    }
-    (out / "classes.json").write_text(json.dumps(classes, indent=1), encoding="utf-8")
-    return out

@@ -11,3 +11,28 @@ Entry points:
 
 Full finetuning is a training stage (``prepretrain.stages.finetune``) on the one engine.
 """
+
+from .common import EvalData, FrozenEncoder, open_eval_data
+from .knn import evaluate_knn
+from .linear import evaluate_probe
+from .lowshot import evaluate_lowshot
+from .metrics import topk_accuracy
+from .runner import EVALUATIONS, evaluate_encoder, register_evaluation, run_evaluation
+from .zeroshot import ZeroShotScorer, build_classifier, run_zeroshot
+
+__all__ = [
+    "EVALUATIONS",
+    "EvalData",
+    "FrozenEncoder",
+    "ZeroShotScorer",
+    "build_classifier",
+    "evaluate_encoder",
+    "evaluate_knn",
+    "evaluate_lowshot",
+    "evaluate_probe",
+    "open_eval_data",
+    "register_evaluation",
+    "run_evaluation",
+    "run_zeroshot",
+    "topk_accuracy",
+]

@@ -26,8 +26,8 @@ import torch
 from ..config import ConfigError
 from ..data.loader import open_data
 from ..data.records import MapSource
+from ..models.resolve import EncoderSpec, build_encoder, resolve_encoder
 from ..models.vit import VIT_SHAPES, resolve_name
-from .encoders import EncoderSpec, build_encoder, resolve_encoder
 from .features import Features, extract_features, feature_cache_key, load_features, save_features
 
 POOLS = ("token", "avg")
@@ -246,18 +246,6 @@ def open_encoder(cfg: EvalConfig) -> FrozenEncoder:
 
 
 # ---------------------------------------------------------------------------------- metrics
-
-
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracies in percent; k larger than the number of classes is left out."""
-    results = {}
-    for k in ks:
-        if k > scores.shape[1] or (k > 1 and k == scores.shape[1]):
-            continue
-        top = scores.topk(k, dim=1).indices
-        hit = (top == labels.view(-1, 1)).any(dim=1).float()
-        results[f"top{k}"] = 100.0 * float(hit.mean()) if len(hit) else 0.0
-    return results
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> Path:

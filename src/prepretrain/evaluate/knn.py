@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
-from .common import EvalConfig, EvalData, FrozenEncoder, topk_accuracy
+from .common import EvalConfig, EvalData, FrozenEncoder
+from .metrics import topk_accuracy
 
 
 @dataclass

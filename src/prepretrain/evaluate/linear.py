@@ -25,8 +25,9 @@ from torch import nn
 
 from ..config import ConfigError
 from ..train.optim import lr_at
-from .common import EvalConfig, EvalData, FrozenEncoder, topk_accuracy
+from .common import EvalConfig, EvalData, FrozenEncoder
 from .features import LabeledFeatures
+from .metrics import topk_accuracy
 
 
 @dataclass

@@ -32,9 +32,10 @@ from ..data.loader import RecordDataset, SampleStream, eval_loader, train_loader
 from ..data.records import MapSource, Record
 from ..data.transforms import pretrain_transform
 from ..train.optim import lr_at
-from .common import EvalConfig, EvalData, FrozenEncoder, topk_accuracy
+from .common import EvalConfig, EvalData, FrozenEncoder
 from .features import LabeledFeatures, label_tasks, labeled_image_transform
 from .linear import fit_logistic_regression
+from .metrics import topk_accuracy
 
 
 @dataclass

@@ -72,7 +72,7 @@ def run_evaluation(cfg: EvalConfig, encoder: FrozenEncoder | None = None) -> dic
         "seconds": time.perf_counter() - start,
     }
     write_results(run_dir, results)
-    return results
+    return {**results, "out_dir": str(run_dir)}
 
 
 def evaluate_encoder(encoder: str, out_dir: str | Path, evaluations: tuple[str, ...] = ("probe", "knn", "lowshot"),

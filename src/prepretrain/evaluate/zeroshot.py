@@ -23,7 +23,6 @@ writes ``results.json`` (``evaluation``, the setting, ``top1``, ``top5``,
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -39,9 +38,12 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, dump_config
 from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.records import BadSample
 from ..data.transforms import eval_transform
-from ..models.clip import CLIPModel
+from ..models.clip import CLIPModel, load_clip
 from ..models.tokenizers import Tokenizer
+from ..train.distributed import pick_device
+from .metrics import topk_hits
 
 TEMPLATE_ASSET = "zeroshot_templates.txt"
 
@@ -127,60 +129,47 @@ def build_classifier(model: CLIPModel, tokenizer: Tokenizer, classes: Sequence[S
     return torch.stack(weights)
 
 
-def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[int, int]:
-    """Number of samples whose label is among the top-k scores, per k (k capped at the classes)."""
-    counts = {}
-    largest = min(max(topk), logits.shape[1])
-    top = logits.topk(largest, dim=1).indices
-    for k in topk:
-        counts[k] = int((top[:, : min(k, largest)] == labels[:, None]).any(dim=1).sum())
-    return counts
+class ZeroShotScorer:
+    """The zero-shot evaluator: image embeddings scored against a class classifier
+    (:func:`build_classifier`), accumulated over batches. The ``zeroshot`` command feeds it
+    image batches; LiT's in-training evaluation feeds it the locked tower's cached features."""
 
+    def __init__(self, classifier: torch.Tensor, task: str = ""):
+        self.classifier = classifier
+        self.task = task
+        self.num_classes = classifier.shape[0]
+        self.hits = {1: 0, 5: 0}
+        self.per_class_hits = torch.zeros(self.num_classes)
+        self.per_class_total = torch.zeros(self.num_classes)
+        self.total = 0
 
-@torch.no_grad()
-def zeroshot_accuracy(model: CLIPModel, classifier: torch.Tensor, loader, task: str, device: torch.device | str,
-                      precision_dtype: torch.dtype | None = None, max_images: int = 0) -> dict[str, Any]:
-    """Top-1/top-5 (percent) and mean per-class top-1 of the classifier on a loader of images."""
-    device = torch.device(device)
-    num_classes = classifier.shape[0]
-    total, skipped = 0, 0
-    hits = {1: 0, 5: 0}
-    per_class_hits = torch.zeros(num_classes)
-    per_class_total = torch.zeros(num_classes)
-    for batch in loader:
-        skipped += len(batch.get("_skipped", []))
-        if "image" not in batch:
-            continue
-        images, labels = batch["image"].to(device), batch["label"].to(device)
-        if (labels < 0).any() or (labels >= num_classes).any():
-            raise ValueError(f"labels of task {task!r} go beyond the {num_classes} class names given")
-        autocast = torch.autocast(device.type, dtype=precision_dtype) if precision_dtype else nullcontext()
-        with autocast:
-            features = model.encode_images(images, normalize=True)
-        logits = features.float() @ classifier.t()
-        for k, count in accuracy_counts(logits, labels).items():
-            hits[k] += count
+    def add(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.to(self.classifier.device)
+        if (labels < 0).any() or (labels >= self.num_classes).any():
+            raise ValueError(f"labels of task {self.task!r} go beyond the {self.num_classes} class names given")
+        logits = embeddings.float() @ self.classifier.t()
+        for k, count in topk_hits(logits, labels, tuple(self.hits)).items():
+            self.hits[k] += count
         correct = (logits.argmax(dim=1) == labels).float().cpu()
-        per_class_total += torch.bincount(labels.cpu(), minlength=num_classes).float()
-        per_class_hits += torch.bincount(labels.cpu(), weights=correct, minlength=num_classes)
-        total += len(labels)
-        if max_images and total >= max_images:
-            break
-    if total == 0:
-        raise ValueError("no labelled images were evaluated")
-    seen = per_class_total > 0
-    return {
-        "top1": 100.0 * hits[1] / total,
-        "top5": 100.0 * hits[5] / total,
-        "mean_per_class_top1": float(100.0 * (per_class_hits[seen] / per_class_total[seen]).mean()),
-        "num_images": total,
-        "skipped": skipped,
-    }
+        self.per_class_total += torch.bincount(labels.cpu(), minlength=self.num_classes).float()
+        self.per_class_hits += torch.bincount(labels.cpu(), weights=correct, minlength=self.num_classes)
+        self.total += len(labels)
+
+    def result(self) -> dict[str, Any]:
+        """Top-1/top-5 and mean per-class top-1 (percent), and the number of images scored."""
+        if self.total == 0:
+            raise ValueError("no labelled images were evaluated")
+        seen = self.per_class_total > 0
+        return {
+            "top1": 100.0 * self.hits[1] / self.total,
+            "top5": 100.0 * self.hits[5] / self.total,
+            "mean_per_class_top1": float(100.0 * (self.per_class_hits[seen] / self.per_class_total[seen]).mean()),
+            "num_images": self.total,
+        }
 
 
 def labelled_images(transform, task: str):
     """Record -> {image, label}; a record without the task's label is an error, not a drop."""
-    from ..data.records import BadSample
 
     def apply(record) -> dict[str, Any]:
         if task not in record.labels:
@@ -247,8 +236,6 @@ class ZeroShotConfig:
 
 def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     """Load the model, build the classifier, score the split, write ``results.json``."""
-    from ..models.clip import load_clip
-    from ..train.distributed import pick_device
 
     start = time.perf_counter()
     device = pick_device(cfg.device)
@@ -259,10 +246,19 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     templates = read_templates(cfg.templates) if cfg.templates else default_templates()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if use_bf16 else None
-    classifier = build_classifier(model, tokenizer, classes, templates, device)
+    scorer = ZeroShotScorer(build_classifier(model, tokenizer, classes, templates, device), cfg.task)
     dataset = RecordDataset(source, labelled_images(eval_transform(image_size, crop_fraction=1.0), cfg.task))
-    loader = eval_loader(dataset, cfg.batch_size, cfg.num_workers)
-    scores = zeroshot_accuracy(model, classifier, loader, cfg.task, device, dtype, cfg.max_images)
+    skipped = 0
+    for batch in eval_loader(dataset, cfg.batch_size, cfg.num_workers):
+        skipped += len(batch.get("_skipped", []))
+        if "image" not in batch:
+            continue
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+            embeddings = model.encode_images(batch["image"].to(device), normalize=True)
+        scorer.add(embeddings, batch["label"])
+        if cfg.max_images and scorer.total >= cfg.max_images:
+            break
+    scores = scorer.result()
     results = {
         "evaluation": "zeroshot",
         "model": info["path"],
@@ -272,8 +268,8 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         "num_classes": len(classes),
         "num_templates": len(templates),
         "image_size": image_size,
-        **{k: v for k, v in scores.items() if k != "skipped"},
-        "skipped_images": scores["skipped"],
+        **scores,
+        "skipped_images": skipped,
         "seconds": time.perf_counter() - start,
     }
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (
@@ -286,45 +282,3 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     tmp.replace(out_dir / "results.json")  # atomic: a report never reads half a file
     results["out_dir"] = str(out_dir)
     return results
-
-
-ZEROSHOT_EPILOG = """\
-Examples:
-  prepretrain zeroshot model=runs/lit
-  prepretrain zeroshot model=runs/lit task=fine
-  prepretrain zeroshot model=runs/lit data=/data/pets split=test task=label classes=pets.txt templates=t.txt
-  prepretrain zeroshot model=vit_b16_xlmr_b.pt tokenizer=xlmr.sentencepiece.bpe.model image_size=224 \\
-      data=/data/imagenet split=val task=label classes=imagenet_classes.txt device=cuda
-Class files: one class per line, synonyms separated by commas (or JSON). Templates: one per line with {}.
-"""
-
-
-def _zeroshot_arguments(parser: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
-    from prepretrain.config import add_config_arguments
-
-    add_config_arguments(parser)
-    keys = ", ".join(f.name for f in fields(ZeroShotConfig))
-    parser.epilog = ZEROSHOT_EPILOG + f"Keys: {keys}\n"
-
-
-def _zeroshot_run(args: argparse.Namespace) -> int:
-    from ..config import build_config, dump_config
-
-    cfg = build_config(ZeroShotConfig, args.config, args.overrides)
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return 0
-    results = run_zeroshot(cfg)
-    print(f"zero-shot {results['task']} on {results['data']}/{results['split']}: top-1 {results['top1']:.2f}%  "
-          f"top-5 {results['top5']:.2f}%  ({results['num_images']} images, {results['num_classes']} classes, "
-          f"{results['num_templates']} templates) -> {results['out_dir']}/results.json")
-    return 0
-
-
-ZEROSHOT_COMMAND: dict[str, Any] = {
-    "help": "zero-shot classification with a LiT/CLIP model (class names x synonyms x templates)",
-    "add_arguments": _zeroshot_arguments,
-    "run": _zeroshot_run,
-}

@@ -105,7 +105,7 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tok
     return torch.cat([prefix, grid], dim=1)
 
 
-def load_encoder(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> list[str]:
+def load_encoder_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor]) -> list[str]:
     """Load encoder weights from a file or dict into a timm ViT; returns keys left at init.
 
     A classifier ``head`` or ``fc_norm`` that the checkpoint lacks (or has for another class

@@ -34,7 +34,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import CheckpointMismatch, check_fit, load_encoder, read_state_dict
+from ..files import save_safetensors
+from .checkpoints import CheckpointMismatch, check_fit, load_encoder_weights, read_state_dict
+from .resolve import resolve_weights
 from .text import TextEncoder, TextShape, create_text_encoder, infer_text_shape
 from .tokenizers import Tokenizer, build_tokenizer, tokenizer_from_info
 from .vit import VIT_SHAPES, create_vit
@@ -209,44 +211,10 @@ def save_clip(model: CLIPModel, path: str | Path, tokenizer_info: dict[str, Any]
     ``tokenizer_info`` is :meth:`Tokenizer.describe` output; a relative ``model_file`` in it is
     resolved against the file's directory when loading.
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(state, str(tmp), metadata=clip_metadata(model, tokenizer_info, image_size, vision_model))
-    tmp.replace(path)
-    return path
+    return save_safetensors(path, model.state_dict(), clip_metadata(model, tokenizer_info, image_size, vision_model))
 
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
-def find_clip_file(spec: str | Path) -> Path:
-    """A run directory (its ``clip.safetensors``) or a checkpoint file."""
-    path = Path(spec)
-    if path.is_dir():
-        candidate = path / "clip.safetensors"
-        if candidate.is_file():
-            return candidate
-        results = path / "results.json"
-        if results.is_file():
-            named = json.loads(results.read_text()).get("clip_model")
-            if named and Path(named).is_file():
-                return Path(named)
-        raise FileNotFoundError(f"{path} holds no clip.safetensors: is it a finished LiT run directory?")
-    if not path.is_file():
-        raise FileNotFoundError(f"model not found: {path}")
-    return path
-
-
-def _vision_name_from_state(vision: dict[str, torch.Tensor]) -> tuple[str, int, int]:
+def vision_name_from_state(vision: dict[str, torch.Tensor]) -> tuple[str, int, int]:
     """(registry name, depth, image size) of a timm ViT state dict, matched by its shapes."""
     patch = int(vision["patch_embed.proj.weight"].shape[-1])
     width = int(vision["patch_embed.proj.weight"].shape[0])
@@ -269,8 +237,8 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
     the towers are read from the weights' shapes and ``tokenizer`` (the XLM-R SentencePiece
     ``.model``) is required. Loading is strict: every key must fit.
     """
-    path = find_clip_file(spec)
-    metadata = _read_metadata(path)
+    weights = resolve_weights(spec, "clip")
+    path, metadata = weights.path, weights.metadata
     state = read_state_dict(path)
     if not any(k.startswith("text_encoder.") for k in state):
         raise CheckpointMismatch(f"{path} has no text_encoder.* weights: not a CLIP/LiT checkpoint")
@@ -283,7 +251,7 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
         info_tokenizer = json.loads(metadata["tokenizer"])
     else:
         text_shape_ = infer_text_shape(state, prefix="text_encoder.")
-        vision_model, vision_depth, image_size = _vision_name_from_state(vision_state)
+        vision_model, vision_depth, image_size = vision_name_from_state(vision_state)
         info_tokenizer = None
     embed_dim = int(state["text_projection"].shape[1])
     with torch.device("meta"):  # no random init of billions of parameters that are overwritten anyway
@@ -312,4 +280,4 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
 
 def init_vision_from(model: CLIPModel, source: str | Path) -> list[str]:
     """Load a pretrained image tower (MAE/WSP/MAWS/timm file) into a LiT model's vision encoder."""
-    return load_encoder(model.vision_encoder, source)
+    return load_encoder_weights(model.vision_encoder, source)

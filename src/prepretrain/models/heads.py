@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.hashtags import VocabularyMismatch
+from ..files import save_safetensors
+
 LOSSES = ("softmax", "sigmoid")
 HEAD_KEYS = ("head.weight", "head.bias")
 
@@ -112,16 +115,12 @@ def split_head(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 def save_head(path: str | Path, model: nn.Module, metadata: dict[str, str] | None = None) -> Path:
     """Write ``head.weight``/``head.bias`` (safetensors): merged with ``encoder.safetensors`` they
     load strictly into ``create_vit(name, num_classes=V)``."""
-    from safetensors.torch import save_file
-
     _, head = split_head(model.state_dict())
     if set(head) != set(HEAD_KEYS):
         raise ValueError(f"model has no Linear head (found {sorted(head)})")
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.items()}
     info = {"num_classes": str(tensors["head.weight"].shape[0]), "embed_dim": str(tensors["head.weight"].shape[1])}
-    path = Path(path)
-    save_file(tensors, str(path), metadata={**info, **(metadata or {})})
-    return path
+    return save_safetensors(path, tensors, {**info, **(metadata or {})})
 
 
 def load_head(path: str | Path, num_classes: int | None = None) -> dict[str, torch.Tensor]:
@@ -130,7 +129,6 @@ def load_head(path: str | Path, num_classes: int | None = None) -> dict[str, tor
     mapping tags to the wrong classes."""
     from safetensors.torch import load_file
 
-    from ..data.hashtags import VocabularyMismatch
 
     path = Path(path)
     if not path.is_file():

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .vit import ViTShape, resolve_name, vit_shape
+from .vit import ViTShape, forward_flops, resolve_name, vit_shape
 
 DECODER_KEYS = ("decoder_", "mask_token")
 
@@ -271,7 +271,6 @@ def mae_forward_flops(
     shape: ViTShape, mask_ratio: float, decoder_embed_dim: int, decoder_depth: int, img_size: int | None = None
 ) -> float:
     """Forward FLOPs of one MAE sample: encoder on the kept tokens, decoder on all tokens."""
-    from .vit import forward_flops
 
     size = img_size or shape.img_size
     patches = (size // shape.patch_size) ** 2

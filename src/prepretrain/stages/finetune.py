@@ -17,9 +17,7 @@ state dicts with ``model``/``image_size``/``num_classes``/``global_pool`` metada
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -30,7 +28,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -40,13 +37,13 @@ from ..config import ConfigError, TrainConfig
 from ..data.loader import RecordDataset, eval_loader
 from ..data.records import BadSample, Record
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from ..evaluate.common import EvalData, open_eval_data, topk_accuracy
-from ..evaluate.encoders import EncoderSpec, build_encoder, resolve_encoder
+from ..evaluate.common import EvalData, open_eval_data
+from ..evaluate.metrics import topk_accuracy
+from ..models.resolve import EncoderSpec, build_encoder, resolve_encoder
 from ..models.vit import VIT_SHAPES, forward_flops, resolve_name, vit_shape
-from ..train.checkpoint import Checkpointer
-from ..train.distributed import gathered, is_sharded
-from ..train.engine import Stage, TrainData, default_out_dir
+from ..train.engine import Stage, TrainData
 from ..train.optim import param_groups
+from ..train.run import BEST_WEIGHTS, Run
 
 EMBEDDING_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token")
 
@@ -158,39 +155,12 @@ class FinetuneModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.net.set_grad_checkpointing(enable)
 
-    def classifier_state_dict(self, ema: bool = False) -> dict[str, torch.Tensor]:
-        """The timm state dict of the classifier (or its EMA), gathered whole when FSDP shards it.
-
-        Every rank must call this under FSDP (the gather is a collective).
-        """
-        prefix = "ema.module." if ema else "net."
-        if is_sharded(self):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            state = self.state_dict()
-        return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def classifier_metadata(cfg: FinetuneConfig, num_classes: int, task: str) -> dict[str, str]:
-    return {"model": resolve_name(cfg.model), "image_size": str(cfg.image_size), "num_classes": str(num_classes),
-            "global_pool": cfg.global_pool, "task": task, "format": "timm-vit-classifier"}
-
-
-def _is_main_process() -> bool:
-    """Rank 0, also before the process group exists (torchrun sets RANK)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _save_weights(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Atomic safetensors export (temp file + rename)."""
-    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)
+def classifier_weights(state: dict[str, torch.Tensor], ema: bool = False) -> dict[str, torch.Tensor]:
+    """The timm classifier (or its EMA) out of a whole :class:`FinetuneModel` state dict."""
+    prefix = "ema.module." if ema else "net."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @contextmanager
@@ -231,6 +201,7 @@ class FinetuneStage(Stage):
     """A pretrained (or random-init) ViT finetuned end to end on a labeled task."""
 
     name = "finetune"
+    select_on = "val_top1"  # the loop keeps best.safetensors by validation top-1, never by test
     cfg: FinetuneConfig
 
     def __init__(self, cfg: FinetuneConfig):
@@ -238,18 +209,6 @@ class FinetuneStage(Stage):
         self.spec: EncoderSpec = resolve_encoder(cfg.encoder, cfg.model, cfg.image_size, cfg.seed)
         self.data: EvalData = open_eval_data(cfg.data, cfg.task, cfg.image_size, cfg.num_images)
         self.num_layers = self.spec.depth
-        self.run_dir = default_out_dir(cfg, self.name)
-        self.best_file = self.run_dir / "best.json"
-        resuming = cfg.resume and Checkpointer(self.run_dir).latest() is not None
-        # The best evaluation so far, kept on every rank (all ranks must agree to gather weights);
-        # a resumed run continues from the file, a fresh one must not inherit an older run's best.
-        self.best: dict[str, Any] = {}
-        if resuming and self.best_file.is_file():
-            self.best = json.loads(self.best_file.read_text())
-        elif not resuming and _is_main_process():
-            self.best_file.unlink(missing_ok=True)
-            (self.run_dir / "best.safetensors").unlink(missing_ok=True)
-        self.steps_done = 0
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
@@ -262,7 +221,7 @@ class FinetuneStage(Stage):
             self.criterion = nn.CrossEntropyLoss()
 
     # ------------------------------------------------------------------ what it trains
-    def build_model(self) -> FinetuneModel:
+    def build_model(self, run: Run) -> FinetuneModel:
         cfg = self.cfg
         net = build_encoder(self.spec, num_classes=self.data.num_classes, global_pool=cfg.global_pool,
                             drop_path_rate=cfg.drop_path)
@@ -280,7 +239,7 @@ class FinetuneStage(Stage):
         )
         return allow_zero_bit_posterize(transform)
 
-    def train_data(self) -> TrainData:
+    def train_data(self, run: Run) -> TrainData:
         augment, task = self.train_transform(), self.data.task
 
         def transform(record: Record) -> dict[str, Any]:
@@ -314,7 +273,6 @@ class FinetuneStage(Stage):
         return param_groups(model, self.cfg.weight_decay, lr_scale=scale)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        self.steps_done = step
         if getattr(model, "ema", None) is not None:
             model.ema.update(model.net, step=step)
 
@@ -343,40 +301,42 @@ class FinetuneStage(Stage):
             labels.append(batch["label"][keep])
         return topk_accuracy(torch.cat(scores), torch.cat(labels))
 
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Top-1/top-5 on test (reported) and val (for choosing the best checkpoint)."""
-        with gathered(model):  # the classifier and EMA are called directly, not through the root's forward
+    def evaluate(self, model: nn.Module, run: Run) -> dict[str, float]:
+        """Top-1/top-5 on test (reported) and val (``val_top1``, for choosing the best checkpoint)."""
+        device = run.device
+        with run.gathered(model):  # the classifier and EMA are called directly, not through the root's forward
             metrics = self._accuracy(model.net, "test", device)
             val = metrics if self.data.selection_is_test else self._accuracy(model.net, "val", device)
             metrics["val_top1"] = val["top1"]
             if model.ema is not None:
                 ema = self._accuracy(model.ema.module, "test", device)
                 metrics.update({f"ema_{key}": value for key, value in ema.items()})
-        if not self.best or val["top1"] > self.best["val_top1"]:
-            # Every rank evaluated the same images, so all take this branch (the gather is collective).
-            state = model.classifier_state_dict()
-            self.best = {"val_top1": val["top1"], "step": self.steps_done, "top1": metrics["top1"],
-                         "top5": metrics.get("top5", math.nan)}
-            if _is_main_process():
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                _save_weights(state, self.run_dir / "best.safetensors",
-                              classifier_metadata(self.cfg, self.data.num_classes, self.data.task))
-                self.best_file.write_text(json.dumps(self.best))
         return metrics
 
-    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, Any]:
+    def metadata(self) -> dict[str, str]:
+        cfg = self.cfg
+        return {"model": resolve_name(cfg.model), "image_size": str(cfg.image_size),
+                "num_classes": str(self.data.num_classes), "global_pool": cfg.global_pool, "task": self.data.task,
+                "format": "timm-vit-classifier"}
+
+    def best_weights(self, model: nn.Module, run: Run) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        return classifier_weights(run.full_state_dict(model)), self.metadata()
+
+    def finish(self, model: nn.Module, run: Run) -> dict[str, Any]:
         """Export the last weights (and the EMA); report the best checkpoint's numbers."""
-        metadata = classifier_metadata(self.cfg, self.data.num_classes, self.data.task)
-        _save_weights(model.classifier_state_dict(), run_dir / "last.safetensors", metadata)
-        results: dict[str, Any] = {"last": str(run_dir / "last.safetensors"), "task": self.data.task,
+        state = run.full_state_dict(model)
+        last = run.save_weights("last.safetensors", classifier_weights(state), self.metadata(), dtype=torch.float32)
+        results: dict[str, Any] = {"last": str(last), "task": self.data.task,
                                    "num_classes": self.data.num_classes, "encoder": self.spec.description,
                                    "test_split": self.data.split_names["test"]}
         if model.ema is not None:
-            _save_weights(model.classifier_state_dict(ema=True), run_dir / "ema.safetensors", metadata)
-            results["ema"] = str(run_dir / "ema.safetensors")
-        best = self.best
+            ema = run.save_weights("ema.safetensors", classifier_weights(state, ema=True), self.metadata(),
+                                   dtype=torch.float32)
+            results["ema"] = str(ema)
+        best = run.best
         if best:
-            results.update({"best": str(run_dir / "best.safetensors"), "best_step": best["step"],
-                            "best_val_top1": best["val_top1"], "best_top1": best["top1"], "best_top5": best["top5"],
+            results.update({"best": str(run.path(BEST_WEIGHTS)), "best_step": best["step"],
+                            "best_val_top1": best["val_top1"], "best_top1": best["top1"],
+                            "best_top5": best.get("top5", math.nan),
                             "best_selected_on_test": self.data.selection_is_test})
         return results

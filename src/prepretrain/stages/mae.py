@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
@@ -17,8 +17,10 @@ from ..data.records import Record
 from ..data.transforms import decode_hint, denormalize, eval_transform
 from ..models.checkpoints import load_strict, read_state_dict
 from ..models.mae import MaskedAutoencoder, create_mae, mae_forward_flops
+from ..models.resolve import encoder_metadata, resolve_weights
 from ..models.vit import VIT_SHAPES, resolve_name
 from ..train.engine import Stage, TrainData
+from ..train.run import Run
 
 
 @dataclass
@@ -33,7 +35,7 @@ class MAEConfig(TrainConfig):
     decoder_depth: int = 2  # reference: 8
     decoder_num_heads: int = 4  # reference: 16
     min_crop_scale: float = 0.2
-    init: str = ""  # optional MAE "full" checkpoint to start from
+    init: str = ""  # start from an MAE "full" checkpoint: a file or an MAE run directory (its mae_full.safetensors)
     eval_images: int = 256  # held-out images for the validation loss
     # CPU-demo schedule (the paper: blr 1.5e-4, batch 4096, warmup 40 of 800 epochs)
     blr: float = 1.5e-3
@@ -79,7 +81,7 @@ class MAEStage(Stage):
     name = "mae"
     cfg: MAEConfig
 
-    def build_model(self) -> MaskedAutoencoder:
+    def build_model(self, run: Run) -> MaskedAutoencoder:
         cfg = self.cfg
         model = create_mae(
             cfg.model,
@@ -90,10 +92,10 @@ class MAEStage(Stage):
             norm_pix_loss=cfg.norm_pix_loss,
         )
         if cfg.init:
-            load_strict(model, read_state_dict(cfg.init))
+            load_strict(model, read_state_dict(resolve_weights(cfg.init, "mae").path))
         return model
 
-    def train_data(self) -> TrainData:
+    def train_data(self, run: Run) -> TrainData:
         cfg = self.cfg
         pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
         source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
@@ -130,11 +132,12 @@ class MAEStage(Stage):
                 break
         return torch.cat(images)[:count] if images else None
 
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, run: Run) -> dict[str, float]:
         """Validation loss on held-out images with masking fixed by a seeded generator."""
         images = self._val_images(self.cfg.eval_images)
         if images is None:
             return {}
+        device = run.device
         generator = torch.Generator().manual_seed(1234)
         total, count = 0.0, 0
         with torch.no_grad():
@@ -146,30 +149,23 @@ class MAEStage(Stage):
                 count += len(chunk)
         return {"val_loss": total / count}
 
-    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, Any]:
+    def finish(self, model: nn.Module, run: Run) -> dict[str, Any]:
         """Export the full MAE and its encoder (safetensors) and a reconstruction grid."""
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(run_dir / "mae_full.safetensors"))
-        encoder = {k: v.detach().cpu().contiguous() for k, v in model.encoder_state_dict().items()}
-        save_file(encoder, str(run_dir / "encoder.safetensors"), metadata=encoder_metadata(self.cfg))
+        run.save_weights("mae_full.safetensors", model.state_dict())
+        encoder = run.save_weights("encoder.safetensors", model.encoder_state_dict(),
+                                   encoder_metadata(self.cfg.model, self.cfg.image_size))
         images = self._val_images(8)
         if images is not None:
-            save_reconstruction_grid(model, images.to(device), run_dir / "reconstructions.png", self.cfg.mask_ratio)
-        return {"encoder": str(run_dir / "encoder.safetensors"), "model": self.cfg.model}
-
-
-def encoder_metadata(cfg: TrainConfig) -> dict[str, str]:
-    """Saved beside encoder weights so later stages rebuild the same architecture."""
-    return {"model": getattr(cfg, "model", ""), "image_size": str(cfg.image_size), "format": "timm-vit"}
+            save_reconstruction_grid(model, images.to(run.device), run.path("reconstructions.png"),
+                                     self.cfg.mask_ratio)
+        return {"encoder": str(encoder), "model": self.cfg.model}
 
 
 def save_reconstruction_grid(model: MaskedAutoencoder, images: torch.Tensor, path: Path, mask_ratio: float,
                              seed: int = 0) -> Path:
     """PNG grid, one row per image: original | masked | reconstruction | reconstruction + visible."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the non-interactive backend
 
     num_patches = (images.shape[-1] // model.patch_size) ** 2
     noise = torch.rand(len(images), num_patches, generator=torch.Generator().manual_seed(seed)).to(images.device)

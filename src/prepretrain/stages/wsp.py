@@ -21,15 +21,12 @@ this run's, which continues WSP where it stopped.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
@@ -51,7 +48,13 @@ from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
 from ..data.synthetic import ATTRIBUTE_TAGS, SyntheticSource
 from ..data.transforms import decode_hint, eval_transform
-from ..models.checkpoints import CheckpointMismatch, encoder_from_any, load_encoder, load_strict, read_state_dict
+from ..models.checkpoints import (
+    CheckpointMismatch,
+    encoder_from_any,
+    load_encoder_weights,
+    load_strict,
+    read_state_dict,
+)
 from ..models.heads import (
     LOSSES,
     init_head,
@@ -63,9 +66,10 @@ from ..models.heads import (
     split_head,
     tag_prediction_metrics,
 )
+from ..models.resolve import ENCODER_FILE, HEAD_FILE, VOCAB_FILE, encoder_metadata, resolve_weights
 from ..models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape
-from ..train.checkpoint import Checkpointer
-from ..train.engine import Stage, TrainData, default_out_dir
+from ..train.engine import Stage, TrainData
+from ..train.run import Run
 
 MAX_WEIGHTED_IMAGES = 2**24  # torch.multinomial's limit on categories (the loader's weighted draw)
 
@@ -161,40 +165,6 @@ class HashtagData:
     prior: torch.Tensor  # best constant prediction under resampling (head bias init)
 
 
-@dataclass
-class InitFiles:
-    """Where ``init=`` points: the encoder weights and, for a WSP run, its head and vocabulary."""
-
-    encoder: Path
-    head: Path | None = None
-    vocab: Path | None = None
-
-
-def resolve_init(path: str | Path) -> InitFiles:
-    """An MAE/WSP run directory -> its exported files; a file -> itself."""
-    path = Path(path)
-    if not path.is_dir():
-        return InitFiles(path)
-    for name in ("encoder.safetensors", "mae_full.safetensors"):
-        if (path / name).is_file():
-            head, vocab = path / "head.safetensors", path / "vocab.json"
-            if head.is_file() and vocab.is_file():
-                return InitFiles(path / name, head, vocab)
-            return InitFiles(path / name)
-    raise FileNotFoundError(
-        f"init={path} is a directory without encoder.safetensors: is it a finished MAE/WSP run? "
-        "(or pass a checkpoint file)"
-    )
-
-
-def file_metadata(path: Path) -> dict[str, str]:
-    """safetensors metadata (model name, image size) when the file has any."""
-    if path.suffix != ".safetensors":
-        return {}
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 class FirstRecords:
     """The first ``count`` records of a map source (a fixed, reproducible evaluation subset)."""
 
@@ -211,10 +181,6 @@ class FirstRecords:
         return self.source.get(index)
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 class WSPStage(Stage):
     name = "wsp"
     cfg: WSPConfig
@@ -225,10 +191,6 @@ class WSPStage(Stage):
         self.pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
 
     # ------------------------------------------------------------------ data preparation
-    @property
-    def run_dir(self) -> Path:
-        return default_out_dir(self.cfg, self.name)
-
     def _shape_overrides(self) -> dict[str, int]:
         overrides = {"img_size": self.cfg.image_size}
         if self.cfg.depth:
@@ -249,12 +211,12 @@ class WSPStage(Stage):
             groups = [group for attribute in ATTRIBUTE_TAGS.values() for group in attribute]
         return synonym_map(groups) if groups else {}
 
-    def _choose_vocab(self, source: Any) -> HashtagVocab:
+    def _choose_vocab(self, source: Any, run: Run) -> HashtagVocab:
         """Resume -> the run's own vocab.json; ``vocab=`` -> that file (with its own synonyms,
         else ``tag_synonyms``); otherwise built from the training tags."""
         cfg = self.cfg
-        saved = self.run_dir / "vocab.json"
-        if cfg.resume and saved.is_file() and Checkpointer(self.run_dir).latest() is not None:
+        saved = run.path(VOCAB_FILE)
+        if run.resuming and saved.is_file():
             return HashtagVocab.load(saved)
         aliases = self._synonyms(source)
         if cfg.vocab:
@@ -266,7 +228,7 @@ class WSPStage(Stage):
         return build_vocab(source_hashtags(source), min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
                            aliases=aliases)
 
-    def prepare(self) -> HashtagData:
+    def prepare(self, run: Run) -> HashtagData:
         """Open the training split, fix the vocabulary, encode every image's tags and derive
         the sampling weights (done once; the same on every rank because it is deterministic)."""
         if self._data is not None:
@@ -284,7 +246,7 @@ class WSPStage(Stage):
                 f"{len(source)} training images: weighted resampling draws from at most {MAX_WEIGHTED_IMAGES} "
                 "images per source (torch.multinomial); split the manifest into parts"
             )
-        vocab = self._choose_vocab(source)
+        vocab = self._choose_vocab(source, run)
         encoded = encode_images(vocab, source_hashtags(source))
         if encoded.images_without_known_tag == len(encoded):
             raise ValueError(
@@ -293,16 +255,16 @@ class WSPStage(Stage):
         tag_counts = tag_image_counts(encoded, len(vocab))
         weights = sampling_weights(encoded, tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce)
         prior = target_prior(encoded, weights, len(vocab), cfg.loss)
-        if _is_main_process():
-            vocab.info = {**vocab.info, "data": cfg.data, **encoded.stats()}
-            vocab.save(self.run_dir / "vocab.json")
+        vocab.info = {**vocab.info, "data": cfg.data, **encoded.stats()}
+        if run.is_main:
+            vocab.save(run.path(VOCAB_FILE))
         self._data = HashtagData(source, vocab, encoded, weights, tag_counts, prior)
         return self._data
 
     # ------------------------------------------------------------------------------ model
-    def build_model(self) -> nn.Module:
+    def build_model(self, run: Run) -> nn.Module:
         cfg = self.cfg
-        data = self.prepare()
+        data = self.prepare(run)
         model = create_vit(cfg.model, num_classes=len(data.vocab), drop_path_rate=cfg.drop_path,
                            **self._shape_overrides())
         bias = prior_bias(data.prior, cfg.loss) if cfg.head_bias == "prior" else None
@@ -315,30 +277,29 @@ class WSPStage(Stage):
         """Copy the encoder of ``init`` into ``model`` (exactly, pos-embed interpolated only when
         the resolution differs); returns the keys left at their fresh initialisation."""
         cfg = self.cfg
-        files = resolve_init(cfg.init)
-        state = encoder_from_any(read_state_dict(files.encoder))
+        init = resolve_weights(cfg.init)
+        state = encoder_from_any(read_state_dict(init.path))
         encoder_state, _ = split_head(state)  # a head trained for other classes is never reused
         encoder_state = {k: v for k, v in encoder_state.items() if not k.startswith("fc_norm.")}
         try:
-            left = load_encoder(model, encoder_state)
+            left = load_encoder_weights(model, encoder_state)
         except CheckpointMismatch as error:
-            saved = file_metadata(files.encoder)
-            origin = f" (it was saved for model={saved['model']})" if saved.get("model") else ""
+            origin = f" (it was saved for model={init.model})" if init.model else ""
             depth = f" depth={cfg.depth}" if cfg.depth else ""
             message = f"init={cfg.init}{origin} does not fit model={cfg.model}{depth}: {error}"
             raise CheckpointMismatch(message) from None
-        if files.head is not None and files.vocab is not None:
-            init_vocab = HashtagVocab.load(files.vocab)
-            head = load_head(files.head, num_classes=len(init_vocab))
+        if init.head is not None and init.vocab is not None:
+            init_vocab = HashtagVocab.load(init.vocab)
+            head = load_head(init.head, num_classes=len(init_vocab))
             if init_vocab == vocab:
                 load_strict(model.head, {k[len("head.") :]: v for k, v in head.items()})
                 left = [k for k in left if not k.startswith("head.")]
         return left
 
     # ------------------------------------------------------------------------------- data
-    def train_data(self) -> TrainData:
+    def train_data(self, run: Run) -> TrainData:
         cfg = self.cfg
-        data = self.prepare()
+        data = self.prepare(run)
         transform = HashtagTransform(data.vocab, self.pixels.sample, cfg.max_tags)
         return TrainData(RecordDataset(data.source, transform, batch_transform=self.pixels.batch), len(data.source),
                          weights=data.weights, epoch_size=cfg.epoch_size or len(data.source),
@@ -366,11 +327,11 @@ class WSPStage(Stage):
             return None
         return source if hasattr(source, "get") and len(source) else None
 
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, run: Run) -> dict[str, float]:
         """Held-out tag prediction: precision@1/@5 and mAP beside the most-frequent-tag baseline;
         images without a known tag are skipped and counted."""
         cfg = self.cfg
-        data = self.prepare()
+        data = self.prepare(run)
         results: dict[str, float] = {
             "train_images_without_known_tag": data.encoded.images_without_known_tag,
             "train_unknown_tag_occurrences": data.encoded.unknown_occurrences,
@@ -389,7 +350,7 @@ class WSPStage(Stage):
                     skipped[reason] = skipped.get(reason, 0) + 1
                 if "image" not in batch:
                     continue
-                logits = model(batch["image"].to(device)).float()
+                logits = model(batch["image"].to(run.device)).float()
                 # softmax: rank tags across images by log-probability, not by raw logit
                 scores.append((logits.log_softmax(-1) if cfg.loss == "softmax" else logits).cpu())
                 targets.append(multi_hot(batch["tags"], len(data.vocab)))
@@ -403,24 +364,22 @@ class WSPStage(Stage):
         return {**results, **metrics}
 
     # ----------------------------------------------------------------------------- export
-    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, Any]:
+    def finish(self, model: nn.Module, run: Run) -> dict[str, Any]:
         """Export the encoder (timm keys, the format every later stage reads), the head and the
         vocabulary that names the head's rows."""
-        from .mae import encoder_metadata
-
         cfg = self.cfg
-        data = self.prepare()
-        encoder, _ = split_head({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-        metadata = {**encoder_metadata(cfg), "stage": "wsp", "depth": str(len(model.blocks)),
-                    "num_tags": str(len(data.vocab)), "loss": cfg.loss}
-        save_file(encoder, str(run_dir / "encoder.safetensors"), metadata=metadata)
-        save_head(run_dir / "head.safetensors", model, metadata={"loss": cfg.loss, "model": cfg.model})
-        data.vocab.save(run_dir / "vocab.json")
+        data = self.prepare(run)
+        encoder, _ = split_head(model.state_dict())
+        metadata = encoder_metadata(cfg.model, cfg.image_size, stage="wsp", depth=len(model.blocks),
+                                    num_tags=len(data.vocab), loss=cfg.loss)
+        run.save_weights(ENCODER_FILE, encoder, metadata)
+        save_head(run.path(HEAD_FILE), model, metadata={"loss": cfg.loss, "model": cfg.model})
+        data.vocab.save(run.path(VOCAB_FILE))
         truncated = int((data.encoded.num_tags > cfg.max_tags).sum())
         return {
-            "encoder": str(run_dir / "encoder.safetensors"),
-            "head": str(run_dir / "head.safetensors"),
-            "vocab": str(run_dir / "vocab.json"),
+            "encoder": str(run.path(ENCODER_FILE)),
+            "head": str(run.path(HEAD_FILE)),
+            "vocab": str(run.path(VOCAB_FILE)),
             "model": cfg.model,
             "vocab_size": len(data.vocab),
             "loss_type": cfg.loss,
@@ -436,13 +395,12 @@ def load_tagger(run_dir: str | Path, device: str | torch.device = "cpu") -> tupl
     """A finished WSP run as (timm ViT with its hashtag head, vocabulary): predict tags with
     ``vocab.tags[i] for i in model(images).topk(5).indices[0]``. A vocab.json that does not
     match the head raises ``prepretrain.data.hashtags.VocabularyMismatch``."""
-    run_dir = Path(run_dir)
-    vocab = HashtagVocab.load(run_dir / "vocab.json")
-    head = load_head(run_dir / "head.safetensors", num_classes=len(vocab))
-    encoder_path = run_dir / "encoder.safetensors"
-    metadata = file_metadata(encoder_path)
-    if not metadata.get("model"):
-        raise ValueError(f"{encoder_path} has no model metadata: not a WSP export")
+    weights = resolve_weights(run_dir)
+    if weights.head is None or weights.vocab is None or weights.metadata.get("stage") != "wsp":
+        raise ValueError(f"{run_dir} is not a finished WSP run (expected {ENCODER_FILE}, {HEAD_FILE}, {VOCAB_FILE})")
+    vocab = HashtagVocab.load(weights.vocab)
+    head = load_head(weights.head, num_classes=len(vocab))
+    encoder_path, metadata = weights.path, weights.metadata
     overrides = {"img_size": int(metadata.get("image_size", 224))}
     if metadata.get("depth"):
         overrides["depth"] = int(metadata["depth"])

@@ -18,7 +18,6 @@ turns either layout into one safetensors file for sharing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -29,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..models.checkpoints import CheckpointMismatch, encoder_from_any
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 SHARDED_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -261,7 +262,6 @@ def optimizer_state_by_name(saved: dict[str, Any], optimizer: torch.optim.Optimi
     current = [param for group in optimizer.param_groups for param in group["params"]]
     numbers = [number for group in groups for number in group["params"]]
     if len(numbers) != len(current):
-        from ..models.checkpoints import CheckpointMismatch
 
         raise CheckpointMismatch(
             f"checkpoint optimizer has {len(numbers)} parameters, this run's has {len(current)}"
@@ -323,7 +323,6 @@ def export_weights(checkpoint: str | Path, out: str | Path, part: str = "model")
     """
     from safetensors.torch import save_file
 
-    from ..models.checkpoints import encoder_from_any
 
     if part not in ("model", "encoder"):
         raise ValueError(f"part must be model or encoder, got '{part}'")
@@ -339,30 +338,3 @@ def export_weights(checkpoint: str | Path, out: str | Path, part: str = "model")
                                            "part": part})
     os.replace(tmp, out)
     return out
-
-
-def _export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a run folder (newest checkpoint), step_XXXXXXXX.pt or a step_XXXXXXXX/ "
-                                           "DCP folder")
-    parser.add_argument("--out", help="output .safetensors (default: <run>/export_step_XXXXXXXX.safetensors)")
-    parser.add_argument("--part", default="model", choices=["model", "encoder"],
-                        help="model: every weight; encoder: the timm ViT part of an MAE")
-    parser.epilog = (
-        "Examples:\n  prepretrain export runs/mae\n"
-        "  prepretrain export runs/mae/checkpoints/step_00001000 --part encoder --out mae_encoder.safetensors\n"
-    )
-
-
-def _export_run(args: argparse.Namespace) -> int:
-    source = resolve_checkpoint(args.checkpoint)
-    out = args.out or source.parent.parent / f"export_step_{checkpoint_step(source):08d}.safetensors"
-    path = export_weights(source, out, args.part)
-    print(f"wrote {path} from {source}")
-    return 0
-
-
-EXPORT_COMMAND: dict[str, Any] = {
-    "help": "consolidate a (sharded) training checkpoint into one safetensors file",
-    "add_arguments": _export_arguments,
-    "run": _export_run,
-}

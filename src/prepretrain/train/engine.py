@@ -3,19 +3,21 @@
 A stage (``prepretrain.stages``) only declares what it trains: the model, the data, the loss
 and what to evaluate and export. This loop owns *how*: devices and precision, distributed
 wrapping, the optimizer and schedule, accumulation, clipping, the non-finite guard, logging,
-checkpoints and exact resume.
+checkpoints, the best checkpoint, and exact resume. It creates the :class:`~.run.Run` that
+every hook receives, so stages never compute their run directory, rank or resume state.
+
+:func:`train` reads top to bottom: ``Trainer.setup`` builds everything, each iteration is
+``step`` then ``log``, evaluations and checkpoints at their intervals, then ``finish``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +26,7 @@ from torch.utils.data import Dataset
 
 from ..config import TrainConfig, dump_config
 from ..data.loader import SampleStream, train_loader
-from ..data.records import SkipCounter
+from ..data.records import BadSample, SkipCounter
 from .checkpoint import Checkpointer, load_training_state, save_training_state
 from .distributed import (
     DistInfo,
@@ -39,16 +41,11 @@ from .distributed import (
     sync_replicated_grads,
     wrap_model,
 )
-from .metrics import MetricsLogger, detect_peak_tflops, plot_curves
+from .frozen import FrozenInputs, compute_frozen_inputs
+from .limits import NonFiniteLoss, TooManyBadSamples, check_bad_fraction
+from .metrics import MetricsLogger, detect_peak_tflops, plot_metrics, progress_bar
 from .optim import build_optimizer, lr_at, param_groups, set_lr
-
-
-class NonFiniteLoss(RuntimeError):
-    """Too many consecutive non-finite losses: the run stops instead of saving NaN weights."""
-
-
-class TooManyBadSamples(RuntimeError):
-    """More of the data is unreadable than ``max_bad_fraction`` allows."""
+from .run import Run
 
 
 @dataclass
@@ -62,36 +59,49 @@ class TrainData:
     # Runs on each collated micro-batch on the training device before the loss, as
     # ``device_transform(batch, device, seed=, position=)`` (``data.pixels.DeviceAugment``: decode=gpu).
     device_transform: Callable[..., dict[str, Any]] | None = None
+    # Inputs that a frozen part of the model turns into features once, before the first step
+    # (LiT's locked image tower): the loop computes or reloads them and trains from memory.
+    frozen: FrozenInputs | None = None
 
 
 class Stage(ABC):
-    """Base class of the training stages: override what the stage builds, nothing else."""
+    """Base class of the training stages: override what the stage builds, nothing else.
+
+    Every hook that needs run context receives the :class:`Run` (directory, rank, resume
+    state, device, atomic writers, loggers). ``select_on`` names an evaluation metric (higher
+    is better) by which the loop keeps the best weights (``best_weights``) as ``best.safetensors``.
+    """
 
     name = "stage"
+    select_on: str = ""
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
     @abstractmethod
-    def build_model(self) -> nn.Module:
-        """Declared by each stage."""
+    def build_model(self, run: Run) -> nn.Module:
+        """The model to train (weights loaded from ``init``/``encoder`` files as configured)."""
 
     @abstractmethod
-    def train_data(self) -> TrainData:
-        """Declared by each stage."""
+    def train_data(self, run: Run) -> TrainData:
+        """The training samples and how to draw them."""
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Declared by each stage."""
+        """(loss, metrics to log) of one micro-batch."""
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return param_groups(model, self.cfg.weight_decay)
 
-    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, run: Run) -> dict[str, float]:
         return {}
 
-    def finish(self, model: nn.Module, run_dir: Path, device: torch.device) -> dict[str, Any]:
-        """Export weights and pictures; returns results to merge into results.json."""
+    def best_weights(self, model: nn.Module, run: Run) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(state dict, metadata) saved when ``select_on`` improves; called on every rank."""
+        return run.full_state_dict(model), {}
+
+    def finish(self, model: nn.Module, run: Run) -> dict[str, Any]:
+        """Export weights and pictures (on the writing rank); returns results for results.json."""
         return {}
 
     def flops_per_sample(self) -> float:
@@ -125,17 +135,6 @@ def pick_precision(name: str, device: torch.device) -> Precision:
     return Precision(None)
 
 
-@dataclass
-class RunStats:
-    skips: SkipCounter = field(default_factory=SkipCounter)
-    nonfinite_streak: int = 0
-    nonfinite_total: int = 0
-
-
-def default_out_dir(cfg: TrainConfig, stage_name: str) -> Path:
-    return Path(cfg.out_dir or f"runs/{stage_name}")
-
-
 def schedule_lengths(cfg: TrainConfig, epoch_size: int) -> tuple[int, int]:
     """(total optimizer steps, warmup steps) from steps/epochs and warmup settings."""
     steps = cfg.steps or max(1, math.ceil(cfg.epochs * epoch_size / cfg.batch_size))
@@ -155,240 +154,290 @@ def train(stage: Stage) -> dict[str, Any]:
     cfg = stage.cfg
     info, device = init_distributed(cfg.device, cfg.dist_timeout_s, cfg.strategy)
     try:
-        return _train(stage, info, device)
+        trainer = Trainer.setup(stage, info, device)
+        for step in range(trainer.start_step, trainer.total_steps):
+            outcome = trainer.step(step)
+            trainer.log(step + 1, outcome)
+            trainer.evaluate_and_save(step + 1)
+        return trainer.finish()
     except BaseException as error:
         if info.enabled or is_distributed():
             report_failure(info, error)
         raise
 
 
-def _train(stage: Stage, info: DistInfo, device: torch.device) -> dict[str, Any]:
-    cfg = stage.cfg
-    run_dir = default_out_dir(cfg, stage.name)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-    barrier()
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    precision = pick_precision(cfg.precision, device)
+@dataclass
+class StepOutcome:
+    loss: float
+    lr: float
+    metrics: dict[str, float]
+    grad_norm: torch.Tensor | None
 
-    micro = cfg.micro_batch_size or cfg.batch_size // info.world_size
-    if micro <= 0 or cfg.batch_size % (micro * info.world_size):
-        raise ValueError(
-            f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x {info.world_size} ranks"
+
+@dataclass
+class Trainer:
+    """Everything one training run holds between steps (built by :meth:`setup`)."""
+
+    stage: Stage
+    cfg: TrainConfig
+    info: DistInfo
+    run: Run
+    model: nn.Module  # the module whose state dict is the checkpoint (sharded in place under FSDP)
+    trained: nn.Module  # what the step calls: ``model``, DDP-wrapped or compiled
+    precision: Precision
+    data: TrainData
+    optimizer: torch.optim.Optimizer
+    loader: Any
+    micro: int
+    accum: int
+    epoch_size: int
+    total_steps: int
+    warmup_steps: int
+    start_step: int
+    skips: SkipCounter = field(default_factory=SkipCounter)
+    nonfinite_streak: int = 0
+    nonfinite_total: int = 0
+    last_loss: float = float("nan")
+    window_samples: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    progress: Any = None
+    flops: float = 0.0
+    peak_tflops: float | None = None
+
+    @classmethod
+    def setup(cls, stage: Stage, info: DistInfo, device: torch.device) -> Trainer:
+        """Run directory, model (wrapped for the strategy), data, optimizer, resumed state, loggers."""
+        cfg = stage.cfg
+        run = Run.of_stage(stage, device=device, rank=info.rank, world_size=info.world_size)
+        if run.is_main:
+            run.dir.mkdir(parents=True, exist_ok=True)
+        run.write_text("config.yaml", dump_config(cfg))
+        barrier()
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        precision = pick_precision(cfg.precision, device)
+        micro = cfg.micro_batch_size or cfg.batch_size // info.world_size
+        if micro <= 0 or cfg.batch_size % (micro * info.world_size):
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x {info.world_size} ranks"
+            )
+        model = stage.build_model(run).to(device)
+        if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+            model.set_grad_checkpointing(True)
+        strategy = resolve_strategy(cfg.strategy, info, device, sum(p.numel() for p in model.parameters()))
+        if strategy == "fsdp" and precision.scaler is not None:
+            raise ValueError("precision=fp16 is not supported with strategy=fsdp; use precision=bf16")
+        # FSDP2 shards `model` in place (and replaces its parameters: build the optimizer after this);
+        # DDP wraps it. `model` stays the module whose state dict is the checkpoint.
+        trained = wrap_model(model, strategy, info, device, param_dtype=precision.dtype if strategy == "fsdp" else None,
+                             compile_blocks=cfg.compile and strategy == "fsdp")
+        if cfg.compile and strategy != "fsdp":
+            trained = torch.compile(trained)
+        if info.enabled:
+            torch.manual_seed(cfg.seed + info.rank)  # per-rank streams (drop-path); per-sample draws: the loader
+        data = stage.train_data(run)
+        if data.frozen is not None:
+            data.dataset, data.num_samples = compute_frozen_inputs(run, model, data.frozen, cfg.num_workers,
+                                                                   cfg.max_bad_fraction)
+        epoch_size = data.epoch_size or data.num_samples
+        total_steps, warmup_steps = schedule_lengths(cfg, epoch_size)
+        optimizer = build_optimizer(stage.param_groups(model), cfg.peak_lr, cfg.betas, device)
+        start_step = cls._resume(run, model, optimizer, precision, cfg.seed)
+        if start_step:
+            run.print(f"resuming from {run.checkpointer.latest()} at step {start_step}/{total_steps}")
+        run.logger = MetricsLogger(run.dir, enabled=run.is_main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                   wandb_mode=cfg.wandb_mode, run_name=run.dir.name, config=cfg)
+        run.logger.truncate_after(start_step)
+        run.best = run.read_best()
+        run.forget_best()
+        stream = SampleStream(
+            data.num_samples, micro, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+            start_position=start_step * cfg.batch_size, weights=data.weights, epoch_size=data.epoch_size,
         )
-    accum = cfg.batch_size // (micro * info.world_size)
+        loader = iter(train_loader(data.dataset, stream, cfg.num_workers, pin_memory=device.type == "cuda"))
+        return cls(stage, cfg, info, run, model, trained, precision, data, optimizer, loader, micro,
+                   cfg.batch_size // (micro * info.world_size), epoch_size, total_steps, warmup_steps, start_step,
+                   progress=progress_bar(run.is_main and cfg.progress, start_step, total_steps, stage.name),
+                   flops=stage.flops_per_sample(), peak_tflops=detect_peak_tflops(device))
 
-    model = stage.build_model().to(device)
-    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
-    strategy = resolve_strategy(cfg.strategy, info, device, sum(p.numel() for p in model.parameters()))
-    if strategy == "fsdp" and precision.scaler is not None:
-        raise ValueError("precision=fp16 is not supported with strategy=fsdp; use precision=bf16")
-    # FSDP2 shards `model` in place (and replaces its parameters: build the optimizer after this);
-    # DDP wraps it. `model` stays the module whose state dict is the checkpoint.
-    trained = wrap_model(model, strategy, info, device, param_dtype=precision.dtype if strategy == "fsdp" else None,
-                         compile_blocks=cfg.compile and strategy == "fsdp")
-    if cfg.compile and strategy != "fsdp":
-        trained = torch.compile(trained)
-    if info.enabled:
-        torch.manual_seed(cfg.seed + info.rank)  # per-rank streams (drop-path); per-sample draws come from the loader
-    data = stage.train_data()
-    epoch_size = data.epoch_size or data.num_samples
-    total_steps, warmup_steps = schedule_lengths(cfg, epoch_size)
-    optimizer = build_optimizer(stage.param_groups(model), cfg.peak_lr, cfg.betas, device)
-
-    checkpointer = Checkpointer(run_dir, cfg.keep_last)
-    start_step = 0
-    latest = checkpointer.latest() if cfg.resume else None
-    if latest is not None:
-        restored = load_training_state(latest, model, optimizer, rank=info.rank, world_size=info.world_size,
-                                       distributed=is_distributed(), seed=cfg.seed)
+    @staticmethod
+    def _resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
+                seed: int) -> int:
+        """Restore model, optimizer, scaler and RNG from the newest checkpoint; returns its step (0: none)."""
+        latest = run.checkpointer.latest() if run.resuming else None
+        if latest is None:
+            return 0
+        restored = load_training_state(latest, model, optimizer, rank=run.rank, world_size=run.world_size,
+                                       distributed=is_distributed(), seed=seed)
         if precision.scaler is not None and restored["scaler"]:
             precision.scaler.load_state_dict(restored["scaler"])
-        start_step = restored["step"]
-        if info.is_main:
-            print(f"[{stage.name}] resuming from {latest} at step {start_step}/{total_steps}", flush=True)
+        return restored["step"]
 
-    logger = MetricsLogger(run_dir, enabled=info.is_main, tensorboard=cfg.tensorboard)
-    logger.truncate_after(start_step)
-    stream = SampleStream(
-        data.num_samples, micro, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-        start_position=start_step * cfg.batch_size, weights=data.weights, epoch_size=data.epoch_size,
-    )
-    loader = iter(train_loader(data.dataset, stream, cfg.num_workers, pin_memory=device.type == "cuda"))
-    stats = RunStats()
-    flops = stage.flops_per_sample()
-    peak = detect_peak_tflops(device)
-    progress = _progress(cfg, info.is_main, start_step, total_steps, stage.name)
-    window_samples, window_start = 0, time.perf_counter()
-    last_loss = float("nan")
-
-    for step in range(start_step, total_steps):
-        lr = lr_at(step, total_steps, warmup_steps, cfg.peak_lr, cfg.min_lr)
-        set_lr(optimizer, lr)
+    # ------------------------------------------------------------------------------ a step
+    def step(self, step: int) -> StepOutcome:
+        """One optimizer step: ``accum`` micro-batches forward/backward, then clip and update."""
+        cfg, device, precision = self.cfg, self.run.device, self.precision
+        lr = lr_at(step, self.total_steps, self.warmup_steps, cfg.peak_lr, cfg.min_lr)
+        set_lr(self.optimizer, lr)
         step_loss = torch.zeros((), device=device)
         step_metrics: dict[str, float] = {}
         finite = True
-        for micro_step in range(accum):
-            batch = next(loader)
-            if data.device_transform is not None:
-                position = step * cfg.batch_size + (micro_step * info.world_size + info.rank) * micro
-                batch = data.device_transform(batch, device, seed=cfg.seed, position=position)
-            _count_skips(stats.skips, batch, cfg.max_bad_fraction, info.rank)
-            batch = {
-                k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
-            }
+        for micro_step in range(self.accum):
+            batch = self._next_batch(step, micro_step)
             sync = nullcontext()
-            if micro_step < accum - 1 and hasattr(trained, "no_sync"):
-                sync = trained.no_sync()
+            if micro_step < self.accum - 1 and hasattr(self.trained, "no_sync"):
+                sync = self.trained.no_sync()
             with sync, precision.autocast(device):
-                loss, metrics = stage.loss(trained, batch)
+                loss, metrics = self.stage.loss(self.trained, batch)
             finite = finite and bool(torch.isfinite(loss.detach()))
-            scaled = loss / accum
+            scaled = loss / self.accum
             if precision.scaler is not None:
                 scaled = precision.scaler.scale(scaled)
             scaled.backward()
-            step_loss += loss.detach() / accum
+            step_loss += loss.detach() / self.accum
             for key, value in metrics.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / accum
-            window_samples += batch.get("_seen", micro)
-        sync_replicated_grads(model)
-        finite_flag = all_reduce_sum(torch.tensor(0.0 if finite else 1.0, device=device))
-        grad_norm = None
-        if finite_flag.item() == 0:
-            if precision.scaler is not None:
-                precision.scaler.unscale_(optimizer)
-            if cfg.clip_grad > 0:
-                grad_norm = clip_grad_norm_(list(model.parameters()), cfg.clip_grad)
-            if precision.scaler is not None:
-                precision.scaler.step(optimizer)
-                precision.scaler.update()
-            else:
-                optimizer.step()
-            stage.after_step(model, step + 1)
-            stats.nonfinite_streak = 0
-        else:
-            stats.nonfinite_streak += 1
-            stats.nonfinite_total += 1
-            if info.is_main:
-                print(f"[{stage.name}] step {step}: non-finite loss, step skipped "
-                      f"({stats.nonfinite_streak} in a row)", flush=True)
-            if stats.nonfinite_streak > cfg.max_nonfinite:
+                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / self.accum
+            self.window_samples += batch.get("_seen", self.micro)
+        grad_norm = self._update(step, finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = all_reduce_sum(step_loss.clone()).item() / self.info.world_size
+        return StepOutcome(self.last_loss, lr, step_metrics, grad_norm)
+
+    def _next_batch(self, step: int, micro_step: int) -> dict[str, Any]:
+        batch = next(self.loader)
+        if self.data.device_transform is not None:
+            position = step * self.cfg.batch_size + (micro_step * self.info.world_size + self.info.rank) * self.micro
+            batch = self.data.device_transform(batch, self.run.device, seed=self.cfg.seed, position=position)
+        self._count_skips(batch)
+        return {k: (v.to(self.run.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+                for k, v in batch.items()}
+
+    def _update(self, step: int, finite: bool) -> torch.Tensor | None:
+        """Apply the step when every rank's loss was finite; otherwise skip it (and stop after too many)."""
+        sync_replicated_grads(self.model)
+        finite_flag = all_reduce_sum(torch.tensor(0.0 if finite else 1.0, device=self.run.device))
+        if finite_flag.item() != 0:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+            self.run.print(f"step {step}: non-finite loss, step skipped ({self.nonfinite_streak} in a row)")
+            if self.nonfinite_streak > self.cfg.max_nonfinite:
                 raise NonFiniteLoss(
-                    f"{stats.nonfinite_streak} consecutive non-finite losses at step {step}; stopping without "
+                    f"{self.nonfinite_streak} consecutive non-finite losses at step {step}; stopping without "
                     "saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0."
                 )
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = all_reduce_sum(step_loss.clone()).item() / info.world_size
-        last_loss = loss_value
-        done = step + 1
-        progress.update(1)
+            return None
+        scaler, grad_norm = self.precision.scaler, None
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if self.cfg.clip_grad > 0:
+            grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.clip_grad)
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.stage.after_step(self.model, step + 1)
+        self.nonfinite_streak = 0
+        return grad_norm
 
-        if done % cfg.log_every == 0 or done == total_steps or done == start_step + 1:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
-            samples_per_s = window_samples * info.world_size / elapsed
-            record = {
-                "loss": loss_value, "lr": lr, "samples_per_s": samples_per_s,
-                "epoch": done * cfg.batch_size / epoch_size, **step_metrics,
+    def _count_skips(self, batch: dict[str, Any]) -> None:
+        bad = batch.pop("_skipped", [])
+        seen = batch.get("_seen", 0)
+        for reason, key in bad:
+            self.skips.skip(BadSample(key, reason))
+        self.skips.seen += seen - len(bad)
+        if seen and len(bad) == seen:
+            # Nothing to compute a loss on. Under several ranks this error ends the whole job
+            # (train() tears the process group down) rather than leaving the others in a collective.
+            examples = ", ".join(f"{r}: {k}" for r, k in bad[:5])
+            raise TooManyBadSamples(f"rank {self.info.rank}: all {seen} samples of a micro-batch were unreadable "
+                                    f"({examples})")
+        check_bad_fraction(self.skips, self.cfg.max_bad_fraction)
+
+    # ------------------------------------------------------------------ logging, saving
+    def log(self, done: int, outcome: StepOutcome) -> None:
+        """Progress every step; a metrics record every ``log_every`` steps (and the first and last)."""
+        cfg = self.cfg
+        self.progress.update(1)
+        if not (done % cfg.log_every == 0 or done == self.total_steps or done == self.start_step + 1):
+            return
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        samples_per_s = self.window_samples * self.info.world_size / elapsed
+        record = {"loss": outcome.loss, "lr": outcome.lr, "samples_per_s": samples_per_s,
+                  "epoch": done * cfg.batch_size / self.epoch_size, **outcome.metrics}
+        if outcome.grad_norm is not None:
+            record["grad_norm"] = float(outcome.grad_norm)
+        if self.flops:
+            record["tflops"] = self.flops * samples_per_s / 1e12 / max(self.info.world_size, 1)
+            if self.peak_tflops:
+                record["mfu"] = record["tflops"] / self.peak_tflops
+        if self.skips.total_skipped:
+            record["skipped"] = self.skips.total_skipped
+        self.run.log(done, record)
+        self.progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}", sps=f"{samples_per_s:.0f}")
+        self.window_samples, self.window_start = 0, time.perf_counter()
+
+    def evaluate_and_save(self, done: int) -> None:
+        cfg = self.cfg
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != self.total_steps:
+            self.evaluate(done)
+        if done % cfg.ckpt_every == 0 or done == self.total_steps:
+            self.save(done)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The stage's evaluation on the unwrapped model, without touching the training RNG
+        stream; keeps the best weights when the stage selects on a metric."""
+        device = self.run.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            was_training = self.model.training
+            self.model.eval()
+            metrics = self.stage.evaluate(self.model, self.run)
+            self.model.train(was_training)
+        self.run.log(step, metrics)
+        key = self.stage.select_on
+        if key and key in metrics and (not self.run.best or metrics[key] > self.run.best[key]):
+            # Every rank evaluated the same images, so all take this branch (the gather is collective).
+            state, metadata = self.stage.best_weights(self.model, self.run)
+            self.run.best = {"step": step, **metrics}
+            self.run.save_best(self.run.best, state, metadata)
+        return metrics
+
+    def save(self, step: int) -> None:
+        """A file from one process; a sharded DCP folder, written by every rank, under a process group."""
+        scaler = self.precision.scaler
+        distributed = is_distributed()
+        if distributed or self.run.is_main:
+            save_training_state(Checkpointer(self.run.dir, self.cfg.keep_last), step, self.model,
+                                self.optimizer, scaler.state_dict() if scaler is not None else {},
+                                rank=self.info.rank, distributed=distributed)
+        barrier()
+
+    def finish(self) -> dict[str, Any]:
+        """Final evaluation, the stage's exports, loss curve and ``results.json``."""
+        run, stage = self.run, self.stage
+        self.progress.close()
+        eval_metrics = self.evaluate(self.total_steps)
+        results: dict[str, Any] = {}
+        export_model = consolidated_model(self.model, lambda: stage.build_model(run), self.info)  # collective: FSDP
+        if run.is_main:
+            export_device = run.device if export_model is self.model else torch.device("cpu")
+            with torch.random.fork_rng(devices=[]):
+                results = stage.finish(export_model, _on_device(run, export_device)) or {}
+            plot_metrics(run.path("metrics.jsonl"), run.path("loss_curve.png"), ("loss", "lr"), title=stage.name)
+            results = {
+                "stage": stage.name, "steps": self.total_steps, "final_loss": self.last_loss,
+                "samples_seen": self.total_steps * self.cfg.batch_size, "skipped": self.skips.as_dict(),
+                "nonfinite_steps": self.nonfinite_total, **eval_metrics, **results,
             }
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            if flops:
-                record["tflops"] = flops * samples_per_s / 1e12 / max(info.world_size, 1)
-                if peak:
-                    record["mfu"] = record["tflops"] / peak
-            if stats.skips.total_skipped:
-                record["skipped"] = stats.skips.total_skipped
-            logger.log(done, record)
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", sps=f"{samples_per_s:.0f}")
-            window_samples, window_start = 0, time.perf_counter()
-
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-            _evaluate(stage, model, device, logger, done)
-
-        if done % cfg.ckpt_every == 0 or done == total_steps:
-            _save(checkpointer, info, model, optimizer, precision, done)
-
-    progress.close()
-    eval_metrics = _evaluate(stage, model, device, logger, total_steps)
-    results: dict[str, Any] = {}
-    export_model = consolidated_model(model, stage.build_model, info)  # collective under FSDP
-    if info.is_main:
-        export_device = device if export_model is model else torch.device("cpu")
-        with torch.random.fork_rng(devices=[]):
-            results = stage.finish(export_model, run_dir, export_device) or {}
-        plot_curves(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", ("loss", "lr"), title=stage.name)
-        results = {
-            "stage": stage.name,
-            "steps": total_steps,
-            "final_loss": last_loss,
-            "samples_seen": total_steps * cfg.batch_size,
-            "skipped": stats.skips.as_dict(),
-            "nonfinite_steps": stats.nonfinite_total,
-            **eval_metrics,
-            **results,
-        }
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        if stats.skips.total_skipped:
-            print(f"[{stage.name}] skipped {stats.skips.total_skipped} unreadable samples: "
-                  f"{dict(stats.skips.skipped)}", flush=True)
-    logger.close()
-    barrier()
-    return results
+            run.write_json("results.json", results)
+            if self.skips.total_skipped:
+                run.print(f"skipped {self.skips.total_skipped} unreadable samples: {dict(self.skips.skipped)}")
+        run.logger.close()
+        barrier()
+        return results
 
 
-def _evaluate(stage: Stage, model: nn.Module, device: torch.device, logger: MetricsLogger, step: int) -> dict:
-    """Evaluations run on the unwrapped model without touching the training RNG stream."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        was_training = model.training
-        model.eval()
-        metrics = stage.evaluate(model, device)
-        model.train(was_training)
-    if metrics:
-        logger.log(step, metrics)
-    return metrics
-
-
-def _save(checkpointer: Checkpointer, info, model: nn.Module, optimizer, precision: Precision, step: int) -> None:
-    """A file from one process; a sharded DCP folder, written by every rank, under a process group."""
-    scaler_state = precision.scaler.state_dict() if precision.scaler is not None else {}
-    distributed = is_distributed()
-    if distributed or info.is_main:
-        save_training_state(checkpointer, step, model, optimizer, scaler_state, rank=info.rank, distributed=distributed)
-    barrier()
-
-
-def _count_skips(skips: SkipCounter, batch: dict[str, Any], max_bad_fraction: float, rank: int = 0) -> None:
-    from ..data.records import BadSample
-
-    bad = batch.pop("_skipped", [])
-    seen = batch.get("_seen", 0)
-    for reason, key in bad:
-        skips.skip(BadSample(key, reason))
-    skips.seen += seen - len(bad)
-    if seen and len(bad) == seen:
-        # Nothing to compute a loss on. Under several ranks this error ends the whole job
-        # (train() tears the process group down) rather than leaving the others in a collective.
-        examples = ", ".join(f"{r}: {k}" for r, k in bad[:5])
-        raise TooManyBadSamples(f"rank {rank}: all {seen} samples of a micro-batch were unreadable ({examples})")
-    if skips.seen >= 50 and skips.bad_fraction > max_bad_fraction:
-        examples = ", ".join(f"{r}: {k}" for r, k in list(skips.examples.items())[:5])
-        raise TooManyBadSamples(
-            f"{skips.total_skipped} of {skips.seen} samples unreadable ({skips.bad_fraction:.1%} > "
-            f"max_bad_fraction {max_bad_fraction:.1%}); examples: {examples}"
-        )
-
-
-def _progress(cfg: TrainConfig, enabled: bool, start: int, total: int, name: str):
-    if enabled and cfg.progress:
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
-
-    class _Silent:
-        def update(self, n: int) -> None: ...
-        def set_postfix(self, **kw: Any) -> None: ...
-        def close(self) -> None: ...
-
-    return _Silent()
+def _on_device(run: Run, device: torch.device) -> Run:
+    """The run as seen by an export on ``device`` (the CPU copy of an FSDP model)."""
+    if device == run.device:
+        return run
+    return Run(run.dir, device, run.rank, run.world_size, run.resuming, run.name, run.logger, best=run.best)

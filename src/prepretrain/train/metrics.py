@@ -1,13 +1,17 @@
-"""Run logging: metrics.jsonl (one object per logged step), TensorBoard, progress, MFU."""
+"""Run logging: metrics.jsonl (one object per logged step), TensorBoard, W&B, progress, MFU."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..config import ConfigError, config_to_dict
+from ..report import plot_panels
 
 # Dense bf16 peak (TFLOP/s) of accelerators we can name; MFU uses the user's value if given.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
@@ -25,12 +29,20 @@ def detect_peak_tflops(device: torch.device) -> float | None:
 
 
 class MetricsLogger:
-    """Writes metrics from rank 0 only; other ranks get a logger that does nothing."""
+    """metrics.jsonl, TensorBoard and (optionally) Weights & Biases, written by rank 0 only;
+    other ranks get a logger that does nothing.
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    ``wandb`` is a project name (empty: off). It needs the ``wandb`` package (``pip install
+    prepretrain[wandb]``); ``wandb_mode=offline`` keeps the run on disk (``wandb sync`` later),
+    so it works without a network.
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, wandb: str = "",
+                 wandb_mode: str = "online", run_name: str = "", config: Any = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
+        self.wandb_run = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -38,6 +50,8 @@ class MetricsLogger:
                 self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:  # tensorboard is optional at run time
                 self.writer = None
+        if enabled and wandb:
+            self.wandb_run = _start_wandb(wandb, wandb_mode, Path(run_dir), run_name, config)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after ``step`` (by a run that was killed before its next checkpoint)."""
@@ -52,15 +66,52 @@ class MetricsLogger:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        scalars = {k: v for k, v in record.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(scalars, step=step)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _start_wandb(project: str, mode: str, run_dir: Path, run_name: str, config: Any) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("wandb", "logging to Weights & Biases needs the wandb package: "
+                                   "pip install 'prepretrain[wandb]' (or leave wandb= empty)") from None
+    return wandb.init(project=project, name=run_name or None, dir=str(run_dir), mode=mode,
+                      config=config_to_dict(config) if config is not None else None, resume="allow",
+                      id=_wandb_id(run_dir))
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """One W&B run per run directory, so a resumed run continues its curves."""
+    return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def progress_bar(enabled: bool, start: int, total: int, name: str) -> Any:
+    """A tqdm bar from ``start`` to ``total`` steps, or an object that ignores updates."""
+    if enabled:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
+    return _Silent()
+
+
+class _Silent:
+    def update(self, n: int) -> None: ...
+    def set_postfix(self, **kw: Any) -> None: ...
+    def close(self) -> None: ...
 
 
 def _plain(value: Any) -> Any:
@@ -76,28 +127,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("loss",),
-                title: str = "") -> Path | None:
-    """Line plot of the named metrics against step (one panel per key)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_metrics(metrics_path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("loss",),
+                 title: str = "") -> Path | None:
+    """The named metrics of a run against step, one panel per key (None when none was logged)."""
     rows = read_metrics(metrics_path)
-    present = [k for k in keys if any(k in r for r in rows)]
-    if not present:
-        return None
-    fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], present):
+    panels = {}
+    for key in keys:
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 50 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+        if points:
+            panels[key] = {"": [points]}
+    if not panels:
+        return None
+    return plot_panels(panels, Path(out_png), "step", title)

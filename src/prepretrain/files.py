@@ -1,0 +1,94 @@
+"""Writing and reading artefacts safely: the one atomic write, the one safetensors metadata reader.
+
+Every file that another process (a resumed run, the pipeline, a report, a user) may read is
+written to a temporary name beside its destination and renamed over it, so a crash or a full
+disk mid-write leaves either the old file or the new one, never half of one. This module is
+the bottom layer: it imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    The temporary name is hidden, carries the process id (two writers never share one) and is
+    removed when the block fails, so a failed write leaves nothing behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` and rename ``tmp`` onto ``path``; returns ``path``."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """JSON with two-space indents; values JSON does not know (paths, numpy scalars) as strings."""
+    return write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def save_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                     dtype: torch.dtype | None = None) -> Path:
+    """A safetensors file of CPU, contiguous tensors (optionally cast to ``dtype``), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for key, value in state.items():
+        value = value.detach()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        tensors[key] = value.cpu().contiguous()
+    metadata = {k: str(v) for k, v in (metadata or {}).items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def save_torch(path: str | Path, obj: Any) -> Path:
+    """``torch.save`` atomically (training checkpoints, whose readers use ``weights_only=True``)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata in a safetensors header, read without loading tensors ({} for other formats)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def read_keys(path: str | Path) -> list[str] | None:
+    """Tensor names of a safetensors file from its header alone (None for other formats)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())

@@ -1,0 +1,190 @@
+"""The one resolver: "a run directory, a weights file or nothing" -> weights plus what they are.
+
+Every consumer of pretrained weights goes through here: ``wsp init=``, ``lit encoder=``,
+``encoder=`` of the probe, low-shot, kNN and finetune commands, ``zeroshot model=``, the
+pipeline, and :func:`load_encoder` for notebooks. Users hand us three kinds of thing:
+
+* a run directory of ``prepretrain mae|wsp|lit``: its exported ``encoder.safetensors`` (or, as
+  a fallback, an MAE ``mae_full.safetensors``), its ``clip.safetensors`` (LiT), a WSP run's
+  ``head.safetensors`` + ``vocab.json``; the architecture comes from the weights' metadata,
+  with the run's ``config.yaml`` as the fallback;
+* a weights file (timm, MAWS, MAE "full" or encoder-only, MAWS CLIP, ours): its safetensors
+  metadata when it has some, else the caller's ``model=``; the depth is read off the block
+  count, which cannot change what the weights mean;
+* nothing (``""``): a seeded random init, the baseline every gain is measured against.
+
+Metadata is read in one place (:func:`prepretrain.files.read_metadata`) and written by one
+function (:func:`encoder_metadata`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from timm.models.vision_transformer import VisionTransformer
+
+from ..files import read_keys, read_metadata
+from .checkpoints import encoder_from_any, load_encoder_weights, read_state_dict
+from .vit import create_vit, resolve_name, vit_shape
+
+ENCODER_FILE, MAE_FULL_FILE, CLIP_FILE = "encoder.safetensors", "mae_full.safetensors", "clip.safetensors"
+HEAD_FILE, VOCAB_FILE = "head.safetensors", "vocab.json"
+# Block keys of a timm encoder, bare or under the wrappers ``read_state_dict``/``encoder_from_any`` strip.
+_BLOCK_KEY = re.compile(r"^(?:vision_encoder\.|module\.|_orig_mod\.|encoder\.|visual\.trunk\.)?blocks\.(\d+)\.")
+_RUN_KEYS = ("model", "image_size")  # what a run's config.yaml tells about its weights
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A resolved weights file and what is known about it."""
+
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)  # architecture, image_size, stage, ...
+    run_dir: Path | None = None  # the run directory it came from, if any
+    head: Path | None = None  # a WSP run's hashtag head
+    vocab: Path | None = None  # ... and the vocabulary naming its rows
+
+    @property
+    def model(self) -> str:
+        """Registry name of the (image) architecture, or "" when the file does not say."""
+        return self.metadata.get("model") or self.metadata.get("vision_model") or ""
+
+    @property
+    def image_size(self) -> int:
+        return int(self.metadata.get("image_size") or 0)
+
+
+def resolve_weights(spec: str | Path, part: str = "encoder") -> Weights:
+    """The weights ``spec`` names: a file as given, or the ``part`` of a run directory: ``encoder``
+    (a timm ViT), ``clip`` (a LiT/MAWS-CLIP model) or ``mae`` (the full MAE with its decoder)."""
+    path = Path(spec)
+    if path.is_file():
+        return Weights(path, _non_empty(read_metadata(path)))
+    if not path.is_dir():
+        raise FileNotFoundError(f"{spec}: no such run directory or weights file")
+    names = {"encoder": (ENCODER_FILE, MAE_FULL_FILE, CLIP_FILE), "clip": (CLIP_FILE,), "mae": (MAE_FULL_FILE,)}[part]
+    found = next((path / name for name in names if (path / name).is_file()), None)
+    if found is None:
+        present = sorted(p.name for p in path.iterdir())[:20]
+        raise FileNotFoundError(
+            f"{spec}: a run directory must contain {' or '.join(names)} (written when a mae, wsp or lit run "
+            f"finishes); found {present}. Is the run finished? Or pass a weights file."
+        )
+    metadata = {k: str(v) for k, v in _run_config(path).items() if k in _RUN_KEYS and v not in (None, "")}
+    metadata.update(_non_empty(read_metadata(found)))
+    head, vocab = path / HEAD_FILE, path / VOCAB_FILE
+    if head.is_file() and vocab.is_file():
+        return Weights(found, metadata, path, head, vocab)
+    return Weights(found, metadata, path)
+
+
+def encoder_metadata(model: str, image_size: int, **extra: object) -> dict[str, str]:
+    """Saved beside encoder weights so every later consumer rebuilds the same architecture."""
+    return {"model": model, "image_size": str(image_size), "format": "timm-vit",
+            **{key: str(value) for key, value in extra.items()}}
+
+
+def _non_empty(metadata: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in metadata.items() if v}
+
+
+def _run_config(run_dir: Path) -> dict:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return {}
+    loaded = yaml.safe_load(config.read_text())
+    return loaded if isinstance(loaded, dict) else {}
+
+
+# ------------------------------------------------------------------------------ encoders
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A resolved encoder: enough to rebuild it and to name it in caches and results."""
+
+    model: str  # registry name (vit_micro4, vit_b16, ...)
+    depth: int  # number of blocks actually present in the weights
+    image_size: int  # resolution the encoder runs at (position embeddings interpolated to it)
+    path: Path | None  # weights file; None = random init
+    identity: str  # sha256 of the weights file, or "random:<model>:<depth>:<seed>"
+    seed: int = 0  # random-init seed (only used when path is None)
+
+    @property
+    def description(self) -> str:
+        return str(self.path) if self.path is not None else f"random init ({self.model}, seed {self.seed})"
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
+    """Content hash of a weights file: caches must notice retrained weights at the same path."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def count_blocks(keys: list[str]) -> int:
+    """Depth of the encoder whose state-dict keys are ``keys`` (0 when none look like blocks)."""
+    ids = {int(m.group(1)) for key in keys if (m := _BLOCK_KEY.match(key))}
+    return max(ids) + 1 if ids else 0
+
+
+def resolve_encoder(encoder: str | Path, model: str = "vit_micro4", image_size: int = 0, seed: int = 0) -> EncoderSpec:
+    """Resolve ``encoder=`` (run dir, file, or empty for random init) into an :class:`EncoderSpec`.
+
+    ``model`` is used when the weights carry no architecture metadata. ``image_size`` > 0
+    overrides the encoder's own resolution (position embeddings are interpolated), 0 keeps it.
+    """
+    if not encoder:
+        name = resolve_name(model)
+        shape = vit_shape(name)
+        size = image_size or shape.img_size
+        return EncoderSpec(name, shape.depth, size, None, f"random:{name}:{shape.depth}:{seed}", seed)
+    weights = resolve_weights(encoder)
+    name = resolve_name(weights.model or model)
+    keys = read_keys(weights.path)
+    depth = count_blocks(keys if keys is not None else list(read_state_dict(weights.path))) or vit_shape(name).depth
+    size = image_size or weights.image_size or vit_shape(name).img_size
+    return EncoderSpec(name, depth, size, weights.path, file_sha256(weights.path), seed)
+
+
+def build_encoder(spec: EncoderSpec, *, num_classes: int = 0, global_pool: str = "token",
+                  drop_path_rate: float = 0.0) -> VisionTransformer:
+    """The timm ViT of ``spec`` with its weights loaded (pos-embed interpolated to ``image_size``).
+
+    With ``global_pool="avg"`` timm replaces the final ``norm`` by a fresh ``fc_norm`` after
+    pooling (the MAE finetuning model), so a checkpoint's ``norm`` is dropped rather than failing.
+    """
+    default_depth = vit_shape(spec.model).depth
+    overrides = {"depth": spec.depth} if spec.depth != default_depth else {}
+    if spec.path is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            return create_vit(spec.model, num_classes=num_classes, global_pool=global_pool,
+                              drop_path_rate=drop_path_rate, img_size=spec.image_size, **overrides)
+    model = create_vit(spec.model, num_classes=num_classes, global_pool=global_pool,
+                       drop_path_rate=drop_path_rate, img_size=spec.image_size, **overrides)
+    state = encoder_from_any(read_state_dict(spec.path))
+    own = model.state_dict()
+    if not any(k.startswith("norm.") for k in own):
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    load_encoder_weights(model, state)
+    return model
+
+
+def load_encoder(source: str | Path = "", *, model: str = "vit_micro4", image_size: int = 0, num_classes: int = 0,
+                 global_pool: str = "token", drop_path_rate: float = 0.0, seed: int = 0) -> VisionTransformer:
+    """A timm ``VisionTransformer`` from any supported weights: a prepretrain run directory (MAE,
+    WSP, LiT), a timm/MAWS/MAE/MAWS-CLIP file, or ``""`` for a seeded random init.
+
+    ``model`` names the architecture when the file does not; ``image_size`` > 0 runs it at
+    another resolution (position embeddings interpolated); ``num_classes`` adds a fresh head.
+    """
+    spec = resolve_encoder(source, model, image_size, seed)
+    return build_encoder(spec, num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate)
