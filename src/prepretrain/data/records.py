@@ -45,6 +45,10 @@ class Annotation:
     caption: str = ""
     labels: dict[str, int] = field(default_factory=dict)
 
+    def record(self, image: object) -> Record:
+        """The sample: these annotations with its decoded pixels."""
+        return Record(image=image, key=self.key, hashtags=self.hashtags, caption=self.caption, labels=self.labels)
+
 
 def split_hashtags(text: str) -> list[str]:
     """Hashtags from one string: separated by whitespace, commas or ``|`` (CSV manifests)."""

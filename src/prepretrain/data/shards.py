@@ -410,13 +410,7 @@ class ShardSource:
             sample[member], annotation.key, pixels=self.pixels, min_size_hint=self.min_size_hint,
             max_pixels=self.max_pixels,
         )
-        return Record(
-            image=image,
-            key=annotation.key,
-            hashtags=annotation.hashtags,
-            caption=annotation.caption,
-            labels=annotation.labels,
-        )
+        return annotation.record(image)
 
     def iter_outcomes(
         self,

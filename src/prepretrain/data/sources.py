@@ -120,13 +120,7 @@ class _FileSource(ABC):
         image = load_pixels(
             path, annotation.key, pixels=self.pixels, min_size_hint=self.min_size_hint, max_pixels=self.max_pixels
         )
-        return Record(
-            image=image,
-            key=annotation.key,
-            hashtags=annotation.hashtags,
-            caption=annotation.caption,
-            labels=annotation.labels,
-        )
+        return annotation.record(image)
 
     __getitem__ = get
 

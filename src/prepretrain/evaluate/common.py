@@ -28,6 +28,7 @@ from ..data.loader import open_data
 from ..data.records import MapSource
 from ..models.resolve import EncoderSpec, build_encoder, resolve_encoder
 from ..models.vit import VIT_SHAPES, resolve_name
+from ..train.distributed import pick_device
 from .features import Features, extract_features, feature_cache_key, load_features, save_features
 
 POOLS = ("token", "avg")
@@ -87,12 +88,6 @@ class EvalConfig:
         if not self.cache:
             return None
         return Path(self.cache_dir) if self.cache_dir else self.run_dir().parent / "feature_cache"
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # ------------------------------------------------------------------------------------ data

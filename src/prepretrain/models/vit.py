@@ -17,6 +17,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from ..config import ConfigError
+
 
 @dataclass(frozen=True)
 class ViTShape:
@@ -150,3 +152,16 @@ def forward_flops(shape: ViTShape, tokens: int | None = None, img_size: int | No
     per_block = 2 * n * (4 * d * d + 2 * d * shape.mlp_dim) + 4 * n * n * d
     patch_embed = 2 * patches * (shape.patch_size**2 * 3) * d
     return shape.depth * per_block + patch_embed
+
+
+def check_model_and_size(model: str, image_size: int) -> str:
+    """The registry name of ``model``; a ConfigError naming ``model`` or ``image_size`` when the
+    architecture is unknown or the resolution is not a whole number of patches."""
+    try:
+        name = resolve_name(model)
+    except ValueError as error:
+        raise ConfigError("model", str(error)) from None
+    patch = VIT_SHAPES[name].patch_size
+    if image_size % patch:
+        raise ConfigError("image_size", f"{image_size} is not a multiple of patch size {patch}")
+    return name

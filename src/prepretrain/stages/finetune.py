@@ -40,7 +40,7 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..evaluate.common import EvalData, open_eval_data
 from ..evaluate.metrics import topk_accuracy
 from ..models.resolve import EncoderSpec, build_encoder, resolve_encoder
-from ..models.vit import VIT_SHAPES, forward_flops, resolve_name, vit_shape
+from ..models.vit import check_model_and_size, forward_flops, resolve_name, vit_shape
 from ..train.engine import Stage, TrainData
 from ..train.optim import param_groups
 from ..train.run import BEST_WEIGHTS, Run
@@ -103,12 +103,7 @@ class FinetuneConfig(TrainConfig):
         if self.randaugment and not self.randaugment.startswith("rand"):
             raise ConfigError("randaugment", f"expected a timm RandAugment spec like 'rand-m9-mstd0.5-inc1', "
                                              f"got '{self.randaugment}'")
-        try:
-            name = resolve_name(self.model)
-        except ValueError as error:
-            raise ConfigError("model", str(error)) from None
-        if self.image_size % VIT_SHAPES[name].patch_size:
-            raise ConfigError("image_size", f"{self.image_size} is not a multiple of the patch size")
+        check_model_and_size(self.model, self.image_size)
         if self.data == "synthetic" and self.task not in ("auto", "coarse", "fine"):
             raise ConfigError("task", f"the synthetic dataset has tasks coarse and fine; got '{self.task}'")
         if self.encoder and not Path(self.encoder).exists():

@@ -58,7 +58,7 @@ from ..models.clip import CLIPModel, build_clip, clip_loss, retrieval_accuracy, 
 from ..models.resolve import encoder_metadata, resolve_weights
 from ..models.text import TEXT_SHAPES, text_forward_flops, text_shape
 from ..models.tokenizers import SentencePieceTokenizer, Tokenizer, build_tokenizer
-from ..models.vit import VIT_SHAPES, forward_flops, resolve_name, vit_shape
+from ..models.vit import VIT_SHAPES, check_model_and_size, forward_flops, resolve_name, vit_shape
 from ..train.engine import Stage, TrainData
 from ..train.frozen import FrozenInputs
 from ..train.run import Run
@@ -142,11 +142,8 @@ class LiTConfig(TrainConfig):
         for key in ("zeroshot_classes", "zeroshot_templates"):
             if getattr(self, key) and not Path(getattr(self, key)).is_file():
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")
-        if self.encoder:
-            return
-        patch = vit_shape(self.model).patch_size
-        if self.image_size % patch:
-            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch size {patch}")
+        if not self.encoder:
+            check_model_and_size(self.model, self.image_size)
 
     @property
     def use_cache(self) -> bool:

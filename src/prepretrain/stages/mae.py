@@ -18,7 +18,7 @@ from ..data.transforms import decode_hint, denormalize, eval_transform
 from ..models.checkpoints import load_strict, read_state_dict
 from ..models.mae import MaskedAutoencoder, create_mae, mae_forward_flops
 from ..models.resolve import encoder_metadata, resolve_weights
-from ..models.vit import VIT_SHAPES, resolve_name
+from ..models.vit import VIT_SHAPES, check_model_and_size, resolve_name
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
 
@@ -48,12 +48,7 @@ class MAEConfig(TrainConfig):
             raise ConfigError("mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
         if not 0 < self.min_crop_scale <= 1:
             raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
-        try:
-            shape = VIT_SHAPES[resolve_name(self.model)]
-        except ValueError as error:
-            raise ConfigError("model", str(error)) from None
-        if self.image_size % shape.patch_size:
-            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch size {shape.patch_size}")
+        check_model_and_size(self.model, self.image_size)
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ConfigError("decoder_num_heads", f"must divide decoder_embed_dim {self.decoder_embed_dim}")
         if self.decoder_embed_dim % 4:

@@ -67,7 +67,7 @@ from ..models.heads import (
     tag_prediction_metrics,
 )
 from ..models.resolve import ENCODER_FILE, HEAD_FILE, VOCAB_FILE, encoder_metadata, resolve_weights
-from ..models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape
+from ..models.vit import check_model_and_size, create_vit, forward_flops, vit_shape
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
 
@@ -110,12 +110,7 @@ class WSPConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        try:
-            shape = VIT_SHAPES[resolve_name(self.model)]
-        except ValueError as error:
-            raise ConfigError("model", str(error)) from None
-        if self.image_size % shape.patch_size:
-            raise ConfigError("image_size", f"{self.image_size} is not a multiple of patch size {shape.patch_size}")
+        check_model_and_size(self.model, self.image_size)
         for key in ("depth", "epoch_size", "eval_images", "head_init_std", "drop_path", "resample_power"):
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
