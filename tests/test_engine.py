@@ -88,6 +88,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         checkpointer.save(2, {"x": torch.zeros(2)})
     assert checkpointer.latest().name == "step_00000001.pt"
     assert torch.equal(checkpointer.load(checkpointer.latest())["x"], torch.ones(2))
+    assert sorted(p.name for p in checkpointer.dir.iterdir()) == ["step_00000001.pt"]  # the partial file is gone
 
 
 def test_keep_last_rotates(tmp_path):

@@ -44,7 +44,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    """UTF-8 text, atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -68,8 +69,17 @@ def save_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata:
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
-    """``torch.save`` atomically (training checkpoints, whose readers use ``weights_only=True``)."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` atomically and flushed to the disk before the rename (training checkpoints,
+    whose readers use ``weights_only=True``): after a power cut the new name never points at
+    data the disk did not get."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return atomic_write(path, write)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -81,6 +91,14 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor (on CPU) and the metadata of a safetensors file, in one read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, dict(handle.metadata() or {})
 
 
 def read_keys(path: str | Path) -> list[str] | None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import write_text
+
 
 @dataclass
 class Block:
@@ -191,8 +193,8 @@ def _inline(text: str) -> str:
 def write_report(run_dir: Path, blocks: list[Block], title: str) -> tuple[Path, Path]:
     md = run_dir / "report.md"
     page = run_dir / "report.html"
-    md.write_text(render_markdown(blocks))
-    page.write_text(render_html(blocks, title))
+    write_text(md, render_markdown(blocks))
+    write_text(page, render_html(blocks, title))
     return md, page
 
 

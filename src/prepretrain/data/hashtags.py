@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import atomic_write
+from ..files import write_text
 from .records import BadSample
 
 VOCAB_FORMAT = "prepretrain-hashtag-vocab-v1"
@@ -135,7 +135,7 @@ class HashtagVocab:
             body = {"format": VOCAB_FORMAT, "size": len(self), "info": self.info, "tags": self.tags,
                     "counts": self.counts, "aliases": self.aliases}
             text = json.dumps(body, ensure_ascii=False, indent=0)
-        return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+        return write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> HashtagVocab:

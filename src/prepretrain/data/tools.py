@@ -34,7 +34,7 @@ from prepretrain.data.synthetic import (
     SyntheticSource,
     synthetic_split_sizes,
 )
-from prepretrain.files import atomic_path, atomic_write, write_text
+from prepretrain.files import atomic_path, write_text
 
 # -- describing a source ------------------------------------------------------------------
 
@@ -347,7 +347,7 @@ def write_shards(
         "num_classes": _label_space(source),
     }
     index_text = json.dumps(index_content, indent=1, ensure_ascii=False)
-    atomic_write(out / INDEX_NAME, lambda temporary: temporary.write_text(index_text, encoding="utf-8"))
+    write_text(out / INDEX_NAME, index_text)
     if verbose:
         skipped = ", ".join(f"{reason}={number}" for reason, number in sorted(counter.skipped.items())) or "none"
         print(f"wrote {sum(counts)} samples to {len(shards)} shards in {out} (skipped: {skipped})")

@@ -16,7 +16,6 @@ validation set out of ``train``.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch
 from ..config import ConfigError
 from ..data.loader import open_data
 from ..data.records import MapSource
+from ..files import write_json
 from ..models.resolve import EncoderSpec, build_encoder, resolve_encoder
 from ..models.vit import VIT_SHAPES, resolve_name
 from ..train.distributed import pick_device
@@ -245,9 +245,4 @@ def open_encoder(cfg: EvalConfig) -> FrozenEncoder:
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
     """``results.json`` written atomically so a crash never leaves half a file for the report."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "results.json"
-    tmp = path.with_name(".results.json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
-    return path
+    return write_json(run_dir / "results.json", results)

@@ -15,20 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..data.loader import RecordDataset, eval_loader
 from ..data.records import MapSource, Record
 from ..data.transforms import eval_transform
+from ..files import read_safetensors, save_safetensors
 
 FEATURE_VERSION = "1"  # bump when extraction changes what the numbers mean
 
@@ -145,25 +144,18 @@ def extract_features(model: nn.Module, source: MapSource, image_size: int, *, ba
 
 
 def save_features(path: Path, features: Features, info: dict[str, str] | None = None) -> None:
-    """Atomic write: temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One safetensors file per encoder x split (written atomically)."""
     tensors = {"token": features.token.contiguous(), "avg": features.avg.contiguous(),
                "indices": features.indices.contiguous()}
     tensors.update({f"label.{task}": values.contiguous() for task, values in features.labels.items()})
     metadata = {"skipped": str(features.skipped), "version": FEATURE_VERSION, **(info or {})}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    save_safetensors(path, tensors, metadata)
 
 
 def load_features(path: Path) -> Features | None:
     """Read a cache file; None when it is unreadable (it is then recomputed, never trusted)."""
     try:
-        from safetensors import safe_open
-
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        tensors, metadata = read_safetensors(path)
     except Exception:  # noqa: BLE001 - a corrupt cache file is recomputed, whatever the error
         return None
     labels = {key[len("label."):]: value for key, value in tensors.items() if key.startswith("label.")}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import build_config, dump_config
+from ..files import write_text
 from .common import EvalConfig, EvalData, FrozenEncoder, open_encoder, open_eval_data, write_results
 from .knn import KNNConfig, evaluate_knn
 from .linear import ProbeConfig, evaluate_probe
@@ -47,8 +48,7 @@ def run_evaluation(cfg: EvalConfig, encoder: FrozenEncoder | None = None) -> dic
         raise KeyError(f"no evaluation named '{name}'; known: {sorted(EVALUATIONS)}")
     evaluator = EVALUATIONS[name][1]
     run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    write_text(run_dir / "config.yaml", dump_config(cfg))
     encoder = encoder or open_encoder(cfg)
     data = open_eval_data(cfg.data, cfg.task, encoder.spec.image_size, cfg.num_images)
     already_computed = len(encoder.extracted)

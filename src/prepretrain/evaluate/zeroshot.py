@@ -40,6 +40,7 @@ from ..config import ConfigError, dump_config
 from ..data.loader import RecordDataset, eval_loader, open_data
 from ..data.records import BadSample
 from ..data.transforms import eval_transform
+from ..files import write_json, write_text
 from ..models.clip import CLIPModel, load_clip
 from ..models.tokenizers import Tokenizer
 from ..train.distributed import pick_device
@@ -275,10 +276,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (
         Path(cfg.model) / "zeroshot" if Path(cfg.model).is_dir() else Path("runs/zeroshot")
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(dump_config(cfg))
-    tmp = out_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out_dir / "results.json")  # atomic: a report never reads half a file
+    write_text(out_dir / "config.yaml", dump_config(cfg))
+    write_json(out_dir / "results.json", results)  # atomic: a report never reads half a file
     results["out_dir"] = str(out_dir)
     return results

@@ -29,23 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..files import save_safetensors, save_torch
 from ..models.checkpoints import CheckpointMismatch, encoder_from_any
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 SHARDED_PATTERN = re.compile(r"^step_(\d{8})$")
 SHARDED_META = "meta.pt"
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -102,7 +92,7 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any]) -> Path:
         """One-process checkpoint: ``state`` in one file."""
         path = self.dir / f"step_{step:08d}.pt"
-        atomic_save(state, path)
+        save_torch(path, state)
         self.rotate()
         return path
 
@@ -124,11 +114,11 @@ class Checkpointer:
         dist.barrier()
         model_state, optimizer_state = get_state_dict(model, optimizer)
         dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}, checkpoint_id=str(tmp))
-        atomic_save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+        save_torch(tmp / f"rng_rank{rank:05d}.pt", rng_state())
         dist.barrier()
         if rank == 0:
-            atomic_save({**meta, "step": step, "world_size": dist.get_world_size(), "format": "dcp"},
-                        tmp / SHARDED_META)
+            save_torch(tmp / SHARDED_META,
+                       {**meta, "step": step, "world_size": dist.get_world_size(), "format": "dcp"})
             _replace_dir(tmp, final)
             self.rotate()
         dist.barrier()
@@ -321,7 +311,6 @@ def export_weights(checkpoint: str | Path, out: str | Path, part: str = "model")
     The encoder of an MAE is key-for-key a timm ViT, so the file loads into later stages and
     into timm; ``part=model`` keeps every key (for an MAE: the official "full" layout).
     """
-    from safetensors.torch import save_file
 
 
     if part not in ("model", "encoder"):
@@ -330,11 +319,5 @@ def export_weights(checkpoint: str | Path, out: str | Path, part: str = "model")
     weights = read_model_weights(source)
     if part == "encoder":
         weights = encoder_from_any(weights)
-    weights = {key: tensor.detach().cpu().contiguous() for key, tensor in weights.items()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file(weights, str(tmp), metadata={"source": str(source), "step": str(checkpoint_step(source)),
-                                           "part": part})
-    os.replace(tmp, out)
-    return out
+    return save_safetensors(out, weights, {"source": str(source), "step": str(checkpoint_step(source)),
+                                            "part": part})

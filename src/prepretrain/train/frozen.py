@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.utils.data import Dataset
 
+from .. import files
 from ..data.loader import eval_loader
 from ..data.records import BadSample, SkipCounter
 from .distributed import gathered
@@ -61,14 +61,13 @@ def compute_frozen_inputs(run: Run, model: nn.Module, frozen: FrozenInputs, num_
     """The cached dataset (and its length): read from the run's cache file when its key
     matches, else computed by ``frozen.encode`` over every sample and saved."""
     path = run.path(frozen.file)
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-            if meta.get("key") == frozen.key and frozen.column in handle.keys():
-                frozen.skipped = json.loads(meta.get("skipped", "{}"))
-                run.print(f"image features read from {path}")
-                cached = CachedInputs({name: handle.get_tensor(name) for name in handle.keys()})
-                return cached, len(cached)
+    if path.is_file() and files.read_metadata(path).get("key") == frozen.key:
+        tensors, meta = files.read_safetensors(path)
+        if frozen.column in tensors:
+            frozen.skipped = json.loads(meta.get("skipped", "{}"))
+            run.print(f"image features read from {path}")
+            cached = CachedInputs(tensors)
+            return cached, len(cached)
     device = next(model.parameters()).device
     start = time.perf_counter()
     columns: dict[str, list[torch.Tensor]] = {}

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, config_to_dict
+from ..files import write_text
 from ..report import plot_panels
 
 # Dense bf16 peak (TFLOP/s) of accelerators we can name; MFU uses the user's value if given.
@@ -58,7 +59,7 @@ class MetricsLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
