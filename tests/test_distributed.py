@@ -48,7 +48,7 @@ class SeededMaskMAE(MAEStage):
 
     loss_calls = 0
 
-    def build_model(self) -> nn.Module:
+    def build_model(self, run) -> nn.Module:
         cfg = self.cfg
         return create_mae(cfg.model, img_size=cfg.image_size, depth=1, decoder_embed_dim=cfg.decoder_embed_dim,
                           decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads)
