@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -21,10 +22,17 @@ from .config import ConfigError, build_config, dump_config
 from .data.bench import BenchDataConfig, run_data_benchmark
 from .data.loader import open_data
 from .data.tools import describe_source, write_shards, write_synthetic
+from .files import UnsafeCheckpoint
+from .models.checkpoints import CheckpointMismatch
+from .models.convert import TARGETS, convert
 from .pipeline import PipelineConfig, dry_run, run_pipeline
 from .plan import PlanConfig, format_plan, plan_run
 from .registry import COMMANDS, Command
 from .train.checkpoint import checkpoint_step, export_weights, resolve_checkpoint
+
+# Failures a user can cause with a file: one clear line instead of a traceback (PREPRETRAIN_DEBUG=1 shows it).
+EXPECTED_ERRORS = (FileNotFoundError, CheckpointMismatch, UnsafeCheckpoint)
+DEBUG_ENV = "PREPRETRAIN_DEBUG"
 
 
 @dataclass(frozen=True)
@@ -177,6 +185,29 @@ def _export_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="a weights file (.safetensors/.pt/.pth), a run directory, or a released name "
+                                       "such as maws:vit_h14 (see prepretrain.models.zoo)")
+    parser.add_argument("out", help="the file (or, for --to timm, the folder) to write")
+    parser.add_argument("--to", default="prepretrain", choices=TARGETS,
+                        help="prepretrain: safetensors in prepretrain's layout with metadata (default); "
+                             "safetensors: same names, safe container; timm: a timm hub folder; "
+                             "torchvision: torchvision VisionTransformer names")
+    parser.add_argument("--model", default="", help="architecture name when the file does not say (vit_b16, ...)")
+    parser.epilog = (
+        "Examples:\n  prepretrain convert swag_vit_b16.pth vit_b16_swag.safetensors\n"
+        "  prepretrain convert maws:vit_h14 exports/maws_vit_h14 --to timm\n"
+        "  prepretrain convert runs/wsp/encoder.safetensors wsp_torchvision.pth --to torchvision\n"
+        "Then in plain timm: timm.create_model('local-dir:exports/maws_vit_h14', pretrained=True)\n"
+    )
+
+
+def _convert_run(args: argparse.Namespace) -> int:
+    path = convert(args.source, args.out, to=args.to, model=args.model)
+    print(f"wrote {path} from {args.source} ({args.to})")
+    return 0
+
+
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "YAML file of pipeline keys")
     parser.add_argument("--dry-run", action="store_true",
@@ -212,6 +243,8 @@ def all_commands() -> dict[str, Tool]:
                      _plan_arguments, _plan_run),
         "export": Tool("consolidate a (sharded) training checkpoint into one safetensors file",
                        _export_arguments, _export_run),
+        "convert": Tool("convert a checkpoint between layouts: prepretrain, safetensors, timm hub folder, torchvision",
+                        _convert_arguments, _convert_run),
     })
     return tools
 
@@ -242,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"prepretrain {args.command}: {error}", file=sys.stderr)
         return 2
+    except EXPECTED_ERRORS as error:
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"prepretrain {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +81,28 @@ def save_torch(path: str | Path, obj: Any) -> Path:
             os.fsync(handle.fileno())
 
     return atomic_write(path, write)
+
+
+class UnsafeCheckpoint(ValueError):
+    """A pickle that would run code to load: refused, never executed."""
+
+
+def load_torch(path: str | Path) -> Any:
+    """``torch.load`` that never runs code from the file (``weights_only=True``) and says
+    clearly what it refused and what to do instead."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f"it needs '{found.group(1)}'" if found else "it holds objects other than tensors and plain containers"
+        raise UnsafeCheckpoint(
+            f"{path}: refused to load: {what}, and loading it would run code from the file. prepretrain only "
+            "reads tensors. If you trust where the file came from, convert it once in your own Python session "
+            "(torch.load(..., weights_only=False), then safetensors.torch.save_file of its state dict) and pass "
+            "the .safetensors file; otherwise get the checkpoint from its official source."
+        ) from None
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ from ..config import ConfigError
 from ..data.loader import open_data
 from ..data.records import MapSource
 from ..files import write_json
-from ..models.resolve import EncoderSpec, build_encoder, resolve_encoder
+from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
 from ..models.vit import VIT_SHAPES, resolve_name
 from ..train.distributed import pick_device
 from .features import Features, extract_features, feature_cache_key, load_features, save_features
@@ -78,8 +78,7 @@ class EvalConfig:
             raise ConfigError("image_size", f"{self.image_size} is not a multiple of the patch size")
         if self.data == "synthetic" and self.task not in ("auto", "coarse", "fine"):
             raise ConfigError("task", f"the synthetic dataset has tasks coarse and fine; got '{self.task}'")
-        if self.encoder and not Path(self.encoder).exists():
-            raise ConfigError("encoder", f"no such run directory or weights file: {self.encoder}")
+        check_weights("encoder", self.encoder)
 
     def run_dir(self) -> Path:
         return Path(self.out_dir or f"runs/{self.stage_name}")

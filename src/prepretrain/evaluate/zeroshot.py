@@ -42,6 +42,7 @@ from ..data.records import BadSample
 from ..data.transforms import eval_transform
 from ..files import write_json, write_text
 from ..models.clip import CLIPModel, load_clip
+from ..models.resolve import check_weights
 from ..models.tokenizers import Tokenizer
 from ..train.distributed import pick_device
 from .metrics import topk_hits
@@ -219,8 +220,7 @@ class ZeroShotConfig:
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("model", "give a LiT run directory or a CLIP checkpoint file: model=runs/lit")
-        if not Path(self.model).exists():
-            raise ConfigError("model", f"{self.model} does not exist")
+        check_weights("model", self.model)
         for key in ("classes", "templates", "tokenizer"):
             value = getattr(self, key)
             if value and not Path(value).is_file():

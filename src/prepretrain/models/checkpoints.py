@@ -16,11 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import load_torch
+from .layouts import CheckpointMismatch, encoder_from_any
+
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "ema")
-
-
-class CheckpointMismatch(ValueError):
-    """Raised when a checkpoint's keys or shapes do not fit the model; the message lists them."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -33,7 +32,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path), device="cpu")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path)
     return unwrap_state_dict(state)
 
 
@@ -51,13 +50,6 @@ def unwrap_state_dict(state: dict) -> dict[str, torch.Tensor]:
         if tensors and all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix) :]: v for k, v in tensors.items()}
     return tensors
-
-
-def encoder_from_any(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The timm-ViT encoder part of an MAE, MAWS, MAWS-CLIP or timm state dict."""
-    if any(k.startswith("vision_encoder.") for k in state):
-        return {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
-    return {k: v for k, v in state.items() if not k.startswith(("decoder_", "mask_token"))}
 
 
 def check_fit(model: nn.Module, state: dict[str, torch.Tensor], *, ignore: tuple[str, ...] = ()) -> None:

@@ -36,10 +36,11 @@ from torch import nn
 
 from ..files import save_safetensors
 from .checkpoints import CheckpointMismatch, check_fit, load_encoder_weights, read_state_dict
+from .layouts import cast_floating, upgrade_torchtext_names
 from .resolve import resolve_weights
 from .text import TextEncoder, TextShape, create_text_encoder, infer_text_shape
 from .tokenizers import Tokenizer, build_tokenizer, tokenizer_from_info
-from .vit import VIT_SHAPES, create_vit
+from .vit import create_vit, vision_name_from_state
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -214,20 +215,6 @@ def save_clip(model: CLIPModel, path: str | Path, tokenizer_info: dict[str, Any]
     return save_safetensors(path, model.state_dict(), clip_metadata(model, tokenizer_info, image_size, vision_model))
 
 
-def vision_name_from_state(vision: dict[str, torch.Tensor]) -> tuple[str, int, int]:
-    """(registry name, depth, image size) of a timm ViT state dict, matched by its shapes."""
-    patch = int(vision["patch_embed.proj.weight"].shape[-1])
-    width = int(vision["patch_embed.proj.weight"].shape[0])
-    depth = 1 + max(int(k.split(".")[1]) for k in vision if k.startswith("blocks."))
-    mlp = int(vision["blocks.0.mlp.fc1.weight"].shape[0])
-    grid = math.isqrt(vision["pos_embed"].shape[1] - 1)
-    matches = [n for n, s in VIT_SHAPES.items() if (s.patch_size, s.embed_dim, s.mlp_dim) == (patch, width, mlp)]
-    if not matches:
-        raise CheckpointMismatch(f"no registered ViT has patch {patch}, width {width}, MLP {mlp}")
-    exact = [n for n in matches if VIT_SHAPES[n].depth == depth]
-    return (exact or matches)[0], depth, grid * patch
-
-
 def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device = "cpu",
               ) -> tuple[CLIPModel, Tokenizer, dict[str, Any]]:
     """Load a LiT run directory, our ``clip.safetensors``, or an official MAWS CLIP file.
@@ -239,7 +226,8 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
     """
     weights = resolve_weights(spec, "clip")
     path, metadata = weights.path, weights.metadata
-    state = read_state_dict(path)
+    # Older torchtext names are renamed; fp16/bf16 files are cast to the fp32 model they load into.
+    state = cast_floating(upgrade_torchtext_names(read_state_dict(path), prefix="text_encoder."), torch.float32)
     if not any(k.startswith("text_encoder.") for k in state):
         raise CheckpointMismatch(f"{path} has no text_encoder.* weights: not a CLIP/LiT checkpoint")
     vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}

@@ -20,7 +20,9 @@ function (:func:`encoder_metadata`).
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +30,12 @@ import torch
 import yaml
 from timm.models.vision_transformer import VisionTransformer
 
+from ..config import ConfigError
 from ..files import read_keys, read_metadata
-from .checkpoints import encoder_from_any, load_encoder_weights, read_state_dict
+from .checkpoints import load_encoder_weights, read_state_dict
+from .layouts import encoder_from_any
 from .vit import create_vit, resolve_name, vit_shape
+from .zoo import is_release_name, locate
 
 ENCODER_FILE, MAE_FULL_FILE, CLIP_FILE = "encoder.safetensors", "mae_full.safetensors", "clip.safetensors"
 HEAD_FILE, VOCAB_FILE = "head.safetensors", "vocab.json"
@@ -62,6 +67,9 @@ class Weights:
 def resolve_weights(spec: str | Path, part: str = "encoder") -> Weights:
     """The weights ``spec`` names: a file as given, or the ``part`` of a run directory: ``encoder``
     (a timm ViT), ``clip`` (a LiT/MAWS-CLIP model) or ``mae`` (the full MAE with its decoder)."""
+    if is_release_name(spec):
+        entry, path = locate(str(spec))
+        return Weights(path, {**entry.metadata(), **_non_empty(read_metadata(path))})
     path = Path(spec)
     if path.is_file():
         return Weights(path, _non_empty(read_metadata(path)))
@@ -81,6 +89,20 @@ def resolve_weights(spec: str | Path, part: str = "encoder") -> Weights:
     if head.is_file() and vocab.is_file():
         return Weights(found, metadata, path, head, vocab)
     return Weights(found, metadata, path)
+
+
+def check_weights(key: str, spec: str) -> None:
+    """A ConfigError naming ``key`` when ``spec`` is neither an existing path nor a released
+    checkpoint on this machine: checked before any compute."""
+    if not spec:
+        return
+    if is_release_name(spec):
+        try:
+            locate(spec)
+        except FileNotFoundError as error:
+            raise ConfigError(key, str(error)) from None
+    elif not Path(spec).exists():
+        raise ConfigError(key, f"no such run directory, weights file or released name: {spec}")
 
 
 def encoder_metadata(model: str, image_size: int, **extra: object) -> dict[str, str]:
@@ -148,10 +170,37 @@ def resolve_encoder(encoder: str | Path, model: str = "vit_micro4", image_size: 
         return EncoderSpec(name, shape.depth, size, None, f"random:{name}:{shape.depth}:{seed}", seed)
     weights = resolve_weights(encoder)
     name = resolve_name(weights.model or model)
-    keys = read_keys(weights.path)
-    depth = count_blocks(keys if keys is not None else list(read_state_dict(weights.path))) or vit_shape(name).depth
-    size = image_size or weights.image_size or vit_shape(name).img_size
+    shapes = encoder_shapes(weights.path)
+    depth = count_blocks(list(shapes)) or vit_shape(name).depth
+    native = weights.image_size or native_image_size(shapes)
+    size = image_size or native or vit_shape(name).img_size
+    if image_size and native and image_size != native:
+        print(f"[prepretrain] {encoder}: the weights were made for {native} px; running at image_size={image_size} "
+              "with the position embedding interpolated", file=sys.stderr, flush=True)
     return EncoderSpec(name, depth, size, weights.path, file_sha256(weights.path), seed)
+
+
+def encoder_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes of the timm-layout encoder tensors in a weights file (any supported layout);
+    a safetensors file is read from its header alone, without loading (possibly 26 GB of) tensors."""
+    keys = read_keys(path)
+    if keys is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            state = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in keys}
+    else:
+        state = read_state_dict(path)
+    return {key: tuple(value.shape) for key, value in encoder_from_any(state).items()}
+
+
+def native_image_size(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The resolution a timm position embedding was made for (0 when the shapes do not say)."""
+    pos, patch = shapes.get("pos_embed"), shapes.get("patch_embed.proj.weight")
+    if not pos or not patch:
+        return 0
+    grid = math.isqrt(pos[1] - 1)
+    return grid * patch[-1] if grid * grid == pos[1] - 1 else 0
 
 
 def build_encoder(spec: EncoderSpec, *, num_classes: int = 0, global_pool: str = "token",

@@ -22,7 +22,6 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +38,7 @@ from ..data.records import BadSample, Record
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from ..evaluate.common import EvalData, open_eval_data
 from ..evaluate.metrics import topk_accuracy
-from ..models.resolve import EncoderSpec, build_encoder, resolve_encoder
+from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
 from ..models.vit import check_model_and_size, forward_flops, resolve_name, vit_shape
 from ..train.engine import Stage, TrainData
 from ..train.optim import param_groups
@@ -106,8 +105,7 @@ class FinetuneConfig(TrainConfig):
         check_model_and_size(self.model, self.image_size)
         if self.data == "synthetic" and self.task not in ("auto", "coarse", "fine"):
             raise ConfigError("task", f"the synthetic dataset has tasks coarse and fine; got '{self.task}'")
-        if self.encoder and not Path(self.encoder).exists():
-            raise ConfigError("encoder", f"no such run directory or weights file: {self.encoder}")
+        check_weights("encoder", self.encoder)
 
 
 # --------------------------------------------------------------------- layer-wise lr decay

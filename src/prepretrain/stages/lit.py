@@ -53,12 +53,20 @@ from ..evaluate.zeroshot import (
     read_templates,
     source_classes,
 )
-from ..models.checkpoints import encoder_from_any, load_encoder_weights, load_strict, read_state_dict
-from ..models.clip import CLIPModel, build_clip, clip_loss, retrieval_accuracy, save_clip, vision_name_from_state
-from ..models.resolve import encoder_metadata, resolve_weights
+from ..models.checkpoints import load_encoder_weights, load_strict, read_state_dict
+from ..models.clip import CLIPModel, build_clip, clip_loss, retrieval_accuracy, save_clip
+from ..models.layouts import encoder_from_any
+from ..models.resolve import check_weights, encoder_metadata, resolve_weights
 from ..models.text import TEXT_SHAPES, text_forward_flops, text_shape
 from ..models.tokenizers import SentencePieceTokenizer, Tokenizer, build_tokenizer
-from ..models.vit import VIT_SHAPES, check_model_and_size, forward_flops, resolve_name, vit_shape
+from ..models.vit import (
+    VIT_SHAPES,
+    check_model_and_size,
+    forward_flops,
+    resolve_name,
+    vision_name_from_state,
+    vit_shape,
+)
 from ..train.engine import Stage, TrainData
 from ..train.frozen import FrozenInputs
 from ..train.run import Run
@@ -137,8 +145,7 @@ class LiTConfig(TrainConfig):
                               "tokens plus BOS/EOS")
         if self.text_init and not Path(self.text_init).is_file():
             raise ConfigError("text_init", f"file not found: {self.text_init}")
-        if self.encoder and not Path(self.encoder).exists():
-            raise ConfigError("encoder", f"not found: {self.encoder}")
+        check_weights("encoder", self.encoder)
         for key in ("zeroshot_classes", "zeroshot_templates"):
             if getattr(self, key) and not Path(getattr(self, key)).is_file():
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")

@@ -50,7 +50,6 @@ from ..data.synthetic import ATTRIBUTE_TAGS, SyntheticSource
 from ..data.transforms import decode_hint, eval_transform
 from ..models.checkpoints import (
     CheckpointMismatch,
-    encoder_from_any,
     load_encoder_weights,
     load_strict,
     read_state_dict,
@@ -66,7 +65,8 @@ from ..models.heads import (
     split_head,
     tag_prediction_metrics,
 )
-from ..models.resolve import ENCODER_FILE, HEAD_FILE, VOCAB_FILE, encoder_metadata, resolve_weights
+from ..models.layouts import encoder_from_any
+from ..models.resolve import ENCODER_FILE, HEAD_FILE, VOCAB_FILE, check_weights, encoder_metadata, resolve_weights
 from ..models.vit import check_model_and_size, create_vit, forward_flops, vit_shape
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
@@ -128,8 +128,7 @@ class WSPConfig(TrainConfig):
             raise ConfigError("tag_synonyms", f"must be auto, none or a file; not found: {self.tag_synonyms}")
         if self.vocab and not Path(self.vocab).is_file():
             raise ConfigError("vocab", f"vocabulary file not found: {self.vocab}")
-        if self.init and not Path(self.init).exists():
-            raise ConfigError("init", f"checkpoint or run directory not found: {self.init}")
+        check_weights("init", self.init)
 
 
 class HashtagTransform:

@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import save_safetensors, save_torch
-from ..models.checkpoints import CheckpointMismatch, encoder_from_any
+from ..files import load_torch, save_safetensors, save_torch
+from ..models.checkpoints import CheckpointMismatch
+from ..models.layouts import encoder_from_any
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 SHARDED_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -139,12 +140,12 @@ class Checkpointer:
         """
         path = Path(path)
         if not path.is_dir():
-            return torch.load(path, map_location="cpu", weights_only=True)
-        meta = torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+            return load_torch(path)
+        meta = load_torch(path / SHARDED_META)
         state = {**meta, MODEL_KEY: read_model_weights(path)}
         rank0 = path / "rng_rank00000.pt"
         if rank0.exists():
-            state["rng"] = torch.load(rank0, map_location="cpu", weights_only=True)
+            state["rng"] = load_torch(rank0)
         return state
 
 
@@ -188,10 +189,10 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
     if path.is_dir():
         meta = _load_sharded(path, model, optimizer)
         rng_file = path / f"rng_rank{rank:05d}.pt"
-        rng = (torch.load(rng_file, map_location="cpu", weights_only=True)
+        rng = (load_torch(rng_file)
                if rng_file.exists() and meta.get("world_size") == world_size else None)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path)
         _load_full(state, model, optimizer, distributed)
         meta = {k: v for k, v in state.items() if k not in (MODEL_KEY, OPTIMIZER_KEY)}
         rng = state.get("rng") if world_size == 1 else None
@@ -235,7 +236,7 @@ def _load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
         warnings.filterwarnings("ignore", message=".*single process.*")
         dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state[MODEL_KEY], optim_state_dict=state[OPTIMIZER_KEY])
-    return torch.load(path / SHARDED_META, map_location="cpu", weights_only=True)
+    return load_torch(path / SHARDED_META)
 
 
 def optimizer_state_by_name(saved: dict[str, Any], optimizer: torch.optim.Optimizer,
@@ -272,7 +273,7 @@ def read_model_weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(checkpoint)
     if not path.is_dir():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path)
         return dict(state[MODEL_KEY])
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import FileSystemReader
