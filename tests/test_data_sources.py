@@ -272,7 +272,7 @@ def test_shard_skip_resumes_exactly(dataset: Path, with_index: bool, samples_per
     if not with_index:
         (dataset / "s" / INDEX_NAME).unlink()
     source = ShardSource(dataset / "s")
-    assert (source.num_samples is not None) == with_index
+    assert source.count_source == ("index" if with_index else "counted") and source.num_samples == 13
     for rank in range(2):
         for worker in range(2):
             split = dict(rank=rank, world_size=2, worker_id=worker, num_workers=2, epoch=1, seed=3)
@@ -305,13 +305,11 @@ def test_write_shards_can_shuffle_the_sample_order(dataset: Path) -> None:
     assert reader_keys(ShardSource(dataset / "t"), shuffle=False) == keys  # seeded: reproducible
 
 
-def test_shard_source_without_index_has_no_length(dataset: Path) -> None:
+def test_shard_source_without_index_counts_its_samples(dataset: Path) -> None:
     write_shards(ManifestSource(dataset / "train.jsonl"), dataset / "s", samples_per_shard=5, verbose=False)
     (dataset / "s" / INDEX_NAME).unlink()
     source = ShardSource(dataset / "s")
-    assert source.num_samples is None and bool(source)
-    with pytest.raises(TypeError, match="unknown"):
-        len(source)
+    assert len(source) == 13 and source.count_source == "counted" and bool(source)
     assert Counter(len(reader_keys(source, shuffle=False)) for _ in range(2)) == Counter({13: 2})
     stats = describe_source(source, max_images=3)
-    assert stats["count"] is None and stats["annotations"]["read"] == 13 and stats["image_size"]["decoded"] == 3
+    assert stats["count"] == 13 and stats["annotations"]["read"] == 13 and stats["image_size"]["decoded"] == 3

@@ -235,3 +235,19 @@ def test_a_clip_file_with_old_torchtext_names_in_fp16_loads_as_fp32(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_images(images), reference.encode_images(images))
         torch.testing.assert_close(loaded.encode_texts(tokens), reference.encode_texts(tokens))
+
+
+def test_torchvision_vit_b_16_weights_load_as_the_paper_b16(tmp_path):
+    """The real architecture: torchvision's vit_b_16 (random weights, nothing downloaded) read
+    by encoder= as prepretrain's vit_b16 gives torchvision's own outputs."""
+    from torchvision.models import vit_b_16
+
+    torch.manual_seed(0)
+    reference = vit_b_16(weights=None).eval()
+    path = tmp_path / "vit_b_16.pth"
+    torch.save(reference.state_dict(), path)
+    encoder = load_encoder(str(path), model="vit_b16", num_classes=1000).eval()
+    assert resolve_encoder(str(path), model="vit_b16").image_size == 224
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), reference(images), rtol=1e-4, atol=1e-4)

@@ -21,7 +21,8 @@ from .bench import BenchConfig, LiTBenchConfig, print_lit_benchmark, print_resul
 from .config import ConfigError, build_config, dump_config
 from .data.bench import BenchDataConfig, run_data_benchmark
 from .data.loader import open_data
-from .data.tools import describe_source, write_shards, write_synthetic
+from .data.shards import UnknownSampleCount
+from .data.tools import build_vocab_streaming, describe_source, tag_aliases, write_shards, write_synthetic
 from .files import UnsafeCheckpoint
 from .models.checkpoints import CheckpointMismatch
 from .models.convert import TARGETS, convert
@@ -31,7 +32,7 @@ from .registry import COMMANDS, Command
 from .train.checkpoint import checkpoint_step, export_weights, resolve_checkpoint
 
 # Failures a user can cause with a file: one clear line instead of a traceback (PREPRETRAIN_DEBUG=1 shows it).
-EXPECTED_ERRORS = (FileNotFoundError, CheckpointMismatch, UnsafeCheckpoint)
+EXPECTED_ERRORS = (FileNotFoundError, CheckpointMismatch, UnsafeCheckpoint, UnknownSampleCount)
 DEBUG_ENV = "PREPRETRAIN_DEBUG"
 
 
@@ -104,6 +105,17 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     stats.add_argument("source")
     stats.add_argument("--split", default="train")
     stats.add_argument("--sample", type=int, default=200, help="images decoded for size statistics")
+    vocab = sub.add_parser("vocab", help="count hashtags in one streaming pass (no image decoded) and write the "
+                                         "vocabulary WSP reads with vocab=FILE")
+    vocab.add_argument("source")
+    vocab.add_argument("--out", required=True, help="vocabulary file (.json keeps synonyms; .txt: tag<TAB>count)")
+    vocab.add_argument("--split", default="train")
+    vocab.add_argument("--size", type=int, default=28_000, help="keep the most frequent tags (the paper: ~28K)")
+    vocab.add_argument("--min-count", type=int, default=2, help="images a tag must appear in")
+    vocab.add_argument("--synonyms", default="auto", help="auto (the source's own table) | none | a synonym file")
+    vocab.add_argument("--hashtag-field", default="hashtags", help="field of shard .json / manifest rows with the tags")
+    vocab.add_argument("--max-distinct", type=int, default=5_000_000,
+                       help="distinct tags held in memory; past it the rarest half is pruned (counts then approximate)")
     shards = sub.add_parser("shards", help="convert a folder or manifest to WebDataset tar shards")
     shards.add_argument("source")
     shards.add_argument("--out", required=True)
@@ -117,6 +129,13 @@ def _data_run(args: argparse.Namespace) -> int:
         out = write_synthetic(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
                               image_format=args.format)
         print(f"wrote the synthetic dataset to {out}")
+        return 0
+    if args.data_command == "vocab":
+        source = open_data(args.source, split=args.split, hashtag_field=args.hashtag_field)
+        vocab = build_vocab_streaming(source, min_count=args.min_count, max_size=args.size,
+                                      aliases=tag_aliases(source, args.synonyms), max_distinct=args.max_distinct)
+        path = vocab.save(args.out)
+        print(f"wrote {len(vocab)} tags to {path} ({json.dumps(vocab.info)})")
         return 0
     source = open_data(args.source, split=args.split)
     if args.data_command == "stats":

@@ -53,6 +53,8 @@ class TrainConfig:
     data: str = "synthetic"  # "synthetic" or a path: image folder, manifest (.jsonl/.csv), shards
     image_size: int = 32
     num_images: int = 4000  # size of the synthetic training split
+    hashtag_field: str = "hashtags"  # field of shard .json members / manifest rows holding the hashtags
+    caption_field: str = "caption"  # field holding the caption (shards fall back to their .txt member)
     num_workers: int = 0
     decode: str = "auto"  # auto (= tensor) | pil | tensor | gpu: where training images are decoded and augmented
     max_bad_fraction: float = 0.05  # stop the run when more samples than this are unreadable

@@ -228,23 +228,45 @@ def load_synonyms(path: str | Path) -> dict[str, str]:
     return synonym_map(groups)
 
 
+def check_vocab_limits(min_count: int, max_size: int) -> None:
+    """ValueError unless ``min_count >= 1`` and ``max_size >= 1`` (checked before any counting)."""
+    if min_count < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+
+
+def image_tags(raw_tags: Iterable[str], aliases: dict[str, str] | None = None) -> set[str]:
+    """The class tags one image counts for: normalised, synonyms mapped to their class, each once."""
+    aliases = aliases or {}
+    normalised = (normalize_hashtag(raw) for raw in raw_tags)
+    return {aliases.get(tag, tag) for tag in normalised if tag}
+
+
 def build_vocab(tag_lists: Iterable[Sequence[str]], *, min_count: int = 1, max_size: int = 28_000,
                 aliases: dict[str, str] | None = None) -> HashtagVocab:
     """Count tags (normalised, synonyms mapped to their class) once per image; keep those seen
     ``>= min_count`` times, the ``max_size`` most frequent, ordered by count (ties
     alphabetically, so the order -- and the class index of every tag -- is the same on every
-    rank and every run)."""
-    if min_count < 1:
-        raise ValueError(f"min_count must be >= 1, got {min_count}")
-    if max_size < 1:
-        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    rank and every run). For sources too large to hold every tag list, see
+    :func:`~prepretrain.data.tools.build_vocab_streaming`."""
+    check_vocab_limits(min_count, max_size)
     aliases = dict(aliases or {})
     counter: Counter[str] = Counter()
     images = 0
     for raw_tags in tag_lists:
         images += 1
-        normalised = (normalize_hashtag(raw) for raw in raw_tags)
-        counter.update({aliases.get(tag, tag) for tag in normalised if tag})
+        counter.update(image_tags(raw_tags, aliases))
+    return vocab_from_counts(counter, images, min_count=min_count, max_size=max_size, aliases=aliases)
+
+
+def vocab_from_counts(counter: Counter[str] | dict[str, int], images: int, *, min_count: int = 1,
+                      max_size: int = 28_000, aliases: dict[str, str] | None = None) -> HashtagVocab:
+    """The vocabulary :func:`build_vocab` makes from per-image tag counts (``image_tags`` of
+    ``images`` images): tags seen ``>= min_count`` times, the ``max_size`` most frequent,
+    ordered by count then alphabetically; the synonyms of the kept tags travel with it."""
+    check_vocab_limits(min_count, max_size)
+    aliases = dict(aliases or {})
     kept = sorted(((tag, n) for tag, n in counter.items() if n >= min_count), key=lambda item: (-item[1], item[0]))
     if not kept:
         raise EmptyVocabulary(
@@ -262,8 +284,9 @@ def build_vocab(tag_lists: Iterable[Sequence[str]], *, min_count: int = 1, max_s
 def source_hashtags(source: Any) -> Iterator[list[str]]:
     """Raw tag lists of a map source in index order, without decoding pixels when it can.
 
-    File sources expose ``annotation(i)``; others (the synthetic set) are read through
-    ``get(i)``. A record that cannot be read counts as an image without tags.
+    File sources and the synthetic set expose ``annotation(i)``; other map sources are read
+    through ``get(i)``. A record that cannot be read counts as an image without tags. Shards
+    (no index access): :func:`~prepretrain.data.tools.count_hashtags`.
     """
     read = getattr(source, "annotation", None) or source.get
     for index in range(len(source)):
@@ -398,7 +421,9 @@ __all__ = [
     "HashtagVocab",
     "VocabularyMismatch",
     "build_vocab",
+    "check_vocab_limits",
     "encode_images",
+    "image_tags",
     "load_synonyms",
     "normalize_hashtag",
     "pad_tags",
@@ -407,4 +432,5 @@ __all__ = [
     "synonym_map",
     "tag_image_counts",
     "target_prior",
+    "vocab_from_counts",
 ]

@@ -406,7 +406,8 @@ def _shard_files(directory: Path) -> list[Path]:
 
 
 def open_source(
-    spec: str | os.PathLike, *, split: str | None = None, kind: str | None = None, **kwargs: Any
+    spec: str | os.PathLike, *, split: str | None = None, kind: str | None = None,
+    hashtag_field: str = "hashtags", caption_field: str = "caption", **kwargs: Any,
 ) -> FolderSource | ImageFolderSource | ManifestSource | ShardSource:
     """Pick and build a source from a path (the CLI's ``data=PATH``).
 
@@ -424,15 +425,19 @@ def open_source(
 
     ``kind`` (``"folder"``, ``"imagefolder"``, ``"manifest"``, ``"shards"``) overrides the
     guess for layouts that are ambiguous, e.g. ``photos/2023/...`` is *not* a class per
-    year. Other keyword arguments (``min_size_hint``, ``max_pixels``, ``pixels``) go to the source.
+    year. ``hashtag_field`` / ``caption_field`` name the annotation fields of shards (``.json``
+    members, e.g. ``tags`` of img2dataset user columns) and manifests; folders have none, so
+    they ignore them. Other keyword arguments (``min_size_hint``, ``max_pixels``, ``pixels``;
+    ``index`` for shards) go to the source.
     The string ``"synthetic"`` is handled by :func:`open_data`, not here.
     """
     text = os.fspath(spec)
+    fields = {"hashtag_field": hashtag_field, "caption_field": caption_field}
     builders = {
         "folder": FolderSource,
         "imagefolder": ImageFolderSource,
-        "manifest": ManifestSource,
-        "shards": ShardSource,
+        "manifest": functools.partial(ManifestSource, **fields),
+        "shards": functools.partial(ShardSource, **fields),
     }
     if kind is not None:
         if kind not in builders:
@@ -440,16 +445,16 @@ def open_source(
         return builders[kind](text, **kwargs)
     if "{" in text and "}" in text:
         expanded = expand_shard_spec(text)
-        return ShardSource(expanded, **kwargs)
+        return ShardSource(expanded, **fields, **kwargs)
     path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"data source not found: {text}")
     if path.is_file():
         name = path.name.lower()
         if name.endswith(SHARD_SUFFIXES):
-            return ShardSource(text, **kwargs)
+            return ShardSource(text, **fields, **kwargs)
         if name.endswith(MANIFEST_SUFFIXES):
-            return ManifestSource(path, **kwargs)
+            return ManifestSource(path, **fields, **kwargs)
         raise ValueError(
             f"{text}: cannot tell what this file is; expected a manifest {MANIFEST_SUFFIXES} or shards {SHARD_SUFFIXES}"
         )
@@ -457,9 +462,9 @@ def open_source(
         for suffix in MANIFEST_SUFFIXES:
             manifest = path / f"{split}{suffix}"
             if manifest.is_file():
-                return ManifestSource(manifest, **kwargs)
+                return ManifestSource(manifest, **fields, **kwargs)
         if (path / split).is_dir():
-            return open_source(path / split, **kwargs)
+            return open_source(path / split, **fields, **kwargs)
         present = sorted(
             {
                 name
@@ -470,14 +475,15 @@ def open_source(
         if present:
             raise FileNotFoundError(f"{text} has splits {present} but no {split!r} split")
     if _shard_files(path):
-        return ShardSource(text, **kwargs)
+        return ShardSource(text, **fields, **kwargs)
     if _looks_like_image_folder(path):
         return ImageFolderSource(path, **kwargs)
     return FolderSource(path, **kwargs)
 
 
 def open_data(spec: str, *, split: str = "train", image_size: int = 32, num_images: int = 4000, seed: int = 0,
-              min_size_hint: int | None = None, pixels: str = "pil") -> MapSource | Any:
+              min_size_hint: int | None = None, pixels: str = "pil", hashtag_field: str = "hashtags",
+              caption_field: str = "caption") -> MapSource | Any:
     """``synthetic`` -> the embedded dataset; anything else -> a folder, manifest or shards.
 
     ``min_size_hint`` (e.g. ``transforms.decode_hint(image_size, min_crop_scale)``) reaches
@@ -486,9 +492,19 @@ def open_data(spec: str, *, split: str = "train", image_size: int = 32, num_imag
     ``pixels="tensor"``: file sources return ``uint8`` ``(3, H, W)`` tensors in
     ``Record.image`` (``decode.load_tensor``, faster) for tensor transforms such as
     ``gpu.TensorRandomResizedCrop``; the synthetic set always returns PIL images, which
-    those transforms also take.
+    those transforms also take. ``hashtag_field`` / ``caption_field``: the fields of shard
+    ``.json`` members and manifest rows holding the hashtags and the caption (see
+    :func:`open_source`); the synthetic set has its own.
     """
     if spec == "synthetic":
         sizes = synthetic_split_sizes(num_images)
         return SyntheticSource(num_images=sizes[split], image_size=image_size, seed=seed, split=split)
-    return open_source(spec, split=split, min_size_hint=min_size_hint, pixels=pixels)
+    return open_source(spec, split=split, min_size_hint=min_size_hint, pixels=pixels, hashtag_field=hashtag_field,
+                       caption_field=caption_field)
+
+
+def open_stage_data(cfg: Any, split: str = "train", **kwargs: Any) -> MapSource | Any:
+    """The ``split`` of a training config's data (``data``, ``image_size``, ``num_images`` and the
+    annotation fields ``hashtag_field`` / ``caption_field``); ``kwargs`` as :func:`open_data`'s."""
+    return open_data(cfg.data, split=split, image_size=cfg.image_size, num_images=cfg.num_images,
+                     hashtag_field=cfg.hashtag_field, caption_field=cfg.caption_field, **kwargs)

@@ -19,8 +19,19 @@ original key travels in the ``.json`` member.
 
 ``ShardSource`` also reads shards made by other tools: the image is the first member
 among ``jpg jpeg png webp bmp gif tif tiff``; annotations come from ``json`` (``hashtags``,
-``caption``, ``labels``, ``key``), falling back to the WebDataset conventions ``txt``
-(caption) and ``cls`` (integer label, task ``label``).
+``caption``, ``labels``, ``key``; the hashtag and caption fields can be renamed), falling
+back to the WebDataset conventions ``txt`` (caption) and ``cls`` (integer label, task ``label``).
+
+Sample counts (``len()``, exact resume, lost-sample accounting) come, per shard, from the first
+of: ``index.json``; img2dataset's ``<shard>_stats.json`` beside a local tar (its ``successes``
+are the samples written to that tar, the layout of LAION/DataComp downloads::
+
+    dir/00000.tar  00000_stats.json  00000.parquet  00001.tar ...
+        members 000000000.jpg 000000000.txt 000000000.json ...
+
+); or, for other local tars, one pass over the tar headers (no payload is read), cached in
+the source. ``ShardSource.count_source`` says which was used. Remote shards without an index
+have no known length.
 """
 
 from __future__ import annotations
@@ -29,14 +40,16 @@ import itertools
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
 from webdataset import gopen
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from prepretrain.data.decode import DEFAULT_MAX_PIXELS, check_pixel_format, load_pixels
 from prepretrain.data.records import Annotation, BadSample, Record, SkipCounter, num_classes_of, split_hashtags
@@ -45,7 +58,11 @@ SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "prepretrain-shards/1"
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+ANNOTATION_MEMBERS = ("json", "txt", "cls")  # the members ShardSource reads annotations from
+IMG2DATASET_STATS_SUFFIX = "_stats.json"  # img2dataset writes 00000_stats.json beside 00000.tar
+COUNT_SOURCES = ("index", "img2dataset_stats", "counted")  # where a shard's sample count came from
 _LOST = "__lost__"  # marks the placeholder of a sample lost in a cut-off shard
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members (tar_file_iterator)
 
 
 # -- naming shards --------------------------------------------------------------------------
@@ -91,6 +108,93 @@ def _open_shard(url: str):
     return gopen(url, "rb")
 
 
+def _shard_stem(name: str) -> str:
+    lowered = name.lower()
+    for suffix in sorted(SHARD_SUFFIXES, key=len, reverse=True):
+        if lowered.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def img2dataset_stats_path(url: str) -> Path | None:
+    """``dir/00000_stats.json`` for the local shard ``dir/00000.tar``; ``None`` for remote shards."""
+    if not _is_local(url):
+        return None
+    path = Path(_local_path(url))
+    return path.with_name(_shard_stem(path.name) + IMG2DATASET_STATS_SUFFIX)
+
+
+def _img2dataset_successes(url: str) -> int | None:
+    """Samples img2dataset wrote to this tar (``successes`` of its stats file), or ``None``
+    when there is no readable stats file with a non-negative integer ``successes``."""
+    path = img2dataset_stats_path(url)
+    if path is None or not path.is_file():
+        return None
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    successes = stats.get("successes") if isinstance(stats, dict) else None
+    if isinstance(successes, bool) or not isinstance(successes, int) or successes < 0:
+        return None
+    return successes
+
+
+def _tar_members(
+    stream: Any, url: str, handler: Callable[[BaseException], bool], read: Callable[[str], bool], seekable: bool
+) -> Iterator[dict[str, Any]]:
+    """The members of one tar as ``webdataset``'s ``tar_file_iterator`` yields them (regular
+    files, ``__meta__`` members skipped), except that a payload is read only when
+    ``read(extension)`` is true; other members come with ``data=b""``. Grouping these into
+    samples (``group_by_keys``) therefore gives the same samples from the tar headers alone.
+
+    ``seekable``: ``stream`` is a local uncompressed tar, opened for random access so skipped
+    payloads are seeked over rather than read (a header pass over a 1 GB shard of JPEGs
+    reads a few MB). Otherwise, or when that open fails, the tar is streamed (``r|*``).
+    """
+    archive = None
+    if seekable:
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r:")
+        except tarfile.TarError:
+            stream.seek(0)  # e.g. a gzip file named .tar: stream it instead
+    try:
+        if archive is None:
+            archive = tarfile.open(fileobj=stream, mode="r|*")
+        while True:
+            info = archive.next()
+            if info is None:
+                return
+            archive.members = []  # nothing refers back to earlier members: keep memory flat
+            name = info.name
+            if not info.isreg() or _META_MEMBER.match(name):
+                continue
+            _, extension = base_plus_ext(name)
+            data = b""
+            if extension is not None and read(extension.lower()):
+                try:
+                    data = archive.extractfile(info).read()
+                except (tarfile.TarError, OSError, EOFError) as error:
+                    if handler(error):
+                        continue
+                    return
+            yield {"fname": name, "data": data, "__url__": url}
+    except (tarfile.TarError, OSError, EOFError) as error:
+        handler(error)
+
+
+def _read_annotation_members(extension: str) -> bool:
+    return extension in ANNOTATION_MEMBERS
+
+
+def _read_no_members(extension: str) -> bool:
+    return False
+
+
+class UnknownSampleCount(ValueError):
+    """``len()`` of remote shards that no index lists: their sample count is not known."""
+
+
 # -- reading --------------------------------------------------------------------------------
 
 
@@ -109,6 +213,26 @@ def _ceil_div(numerator: int, denominator: int) -> int:
 def _kept_in_range(start: int, count: int, slot: int, slots: int) -> int:
     """How many positions p in [start, start + count) have p % slots == slot."""
     return _ceil_div(start + count - slot, slots) - _ceil_div(start - slot, slots)
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+
+
+def _is_compressed(url: str, stream: Any) -> bool:
+    """A compressed tar: its file size and trailing bytes say nothing about the archive inside
+    (the decompressor reports a cut-off stream itself)."""
+    if url.lower().endswith((".tgz", ".tar.gz")):
+        return True
+    try:
+        if not stream.seekable():
+            return False
+        position = stream.tell()
+        stream.seek(0)
+        head = stream.read(6)
+        stream.seek(position)
+    except (AttributeError, OSError, ValueError):
+        return False
+    return head.startswith(_COMPRESSED_MAGIC)
 
 
 def _tail_problem(stream: Any) -> str | None:
@@ -136,12 +260,24 @@ class ShardSource:
     """An iterable source over WebDataset tar shards (local paths or any ``gopen`` URL).
 
     Not map-style: shards are read sequentially, so there is no ``get``. Use
-    :meth:`iter_records` with the rank/worker/epoch of the caller. ``len()`` works when an
-    ``index.json`` (written by :func:`~prepretrain.data.tools.write_shards`) lists every
-    shard; ``num_samples`` is ``None`` otherwise. ``skips`` counts skipped samples by reason in *this* process (each
-    DataLoader worker has its own copy, to be reported back by the loader); a shard that
-    cannot be read to the end is counted once under ``broken_shard`` (or ``missing_shard``)
-    without adding to ``skips.seen``, so ``seen`` stays a count of samples.
+    :meth:`iter_records` with the rank/worker/epoch of the caller. ``skips`` counts skipped
+    samples by reason in *this* process (each DataLoader worker has its own copy, to be
+    reported back by the loader); a shard that cannot be read to the end is counted once
+    under ``broken_shard`` (or ``missing_shard``) without adding to ``skips.seen``, so
+    ``seen`` stays a count of samples.
+
+    ``len()`` / ``num_samples``: per shard, the count in ``index.json`` (written by
+    :func:`~prepretrain.data.tools.write_shards`; ``index=`` names one elsewhere, which then
+    also matches remote shards by file name), else for local tars ``successes`` of
+    img2dataset's ``<shard>_stats.json``, else one pass over the local tar's headers (no
+    payload read, no image decoded), done on the first ``len()`` and kept. ``count_source``
+    says which (``"index"``, ``"img2dataset_stats"``, ``"counted"``, several joined by
+    ``+``). Remote shards that no index lists have no known count: ``num_samples`` is
+    ``None`` and ``len()`` raises :class:`UnknownSampleCount` (a ``ValueError``) naming them.
+
+    ``hashtag_field`` / ``caption_field``: the ``.json`` fields that hold an image's hashtags
+    (a list, or one string split on whitespace, commas or ``|``) and caption (without one,
+    the ``.txt`` member is the caption), for shards that keep tags under e.g. ``"tags"``.
     """
 
     def __init__(
@@ -153,56 +289,127 @@ class ShardSource:
         seed: int = 0,
         index: str | os.PathLike | None = None,
         pixels: str = "pil",
+        hashtag_field: str = "hashtags",
+        caption_field: str = "caption",
     ):
         self.urls = expand_shard_spec(urls)
         if not self.urls:
             raise ValueError(f"no shards found for {os.fspath(urls) if isinstance(urls, (str, os.PathLike)) else urls}")
+        for name, value in (("hashtag_field", hashtag_field), ("caption_field", caption_field)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty JSON field name, got {value!r}")
         self.min_size_hint = min_size_hint
         self.max_pixels = max_pixels
         self.pixels = check_pixel_format(pixels)  # Record.image: "pil" image or "tensor" (uint8, 3 x H x W)
+        self.hashtag_field = hashtag_field
+        self.caption_field = caption_field
         self.seed = seed
         self.epoch = 0
         self.skips = SkipCounter()
         self.counts: list[int | None] = [None] * len(self.urls)
+        self.count_sources: list[str | None] = [None] * len(self.urls)  # per shard: one of COUNT_SOURCES
         self.class_names: dict[str, list[str]] = {}
         self.num_classes_by_task: dict[str, int] = {}
         self._read_index(Path(index) if index is not None else None)
 
     def _read_index(self, index_path: Path | None) -> None:
+        explicit = index_path is not None
         if index_path is None:
             first = self.urls[0]
             if not _is_local(first):
                 return
             index_path = Path(_local_path(first)).parent / INDEX_NAME
         if not index_path.is_file():
+            if explicit:
+                raise FileNotFoundError(f"shard index not found: {index_path}")
             return
         content = json.loads(index_path.read_text(encoding="utf-8"))
         by_name = {entry["name"]: int(entry["count"]) for entry in content.get("shards", [])}
         directory = index_path.parent.resolve()
         for position, url in enumerate(self.urls):
             if _is_local(url) and Path(_local_path(url)).parent.resolve() == directory:
-                self.counts[position] = by_name.get(Path(_local_path(url)).name)
+                count = by_name.get(Path(_local_path(url)).name)
+            elif explicit and not _is_local(url):
+                count = by_name.get(Path(urlparse(url).path).name)  # a given index names remote shards by file name
+            else:
+                continue
+            if count is not None:
+                self.counts[position], self.count_sources[position] = count, "index"
         self.class_names = {task: list(names) for task, names in content.get("class_names", {}).items()}
         self.num_classes_by_task = {task: int(number) for task, number in content.get("num_classes", {}).items()}
 
+    # -- sample counts --------------------------------------------------------------------
+    def _ensure_counts(self, shards: Iterable[int] | None = None) -> None:
+        """Fill in the unknown counts of local ``shards`` (default: all): img2dataset's stats
+        file, else one pass over the tar headers. Remote shards stay unknown."""
+        for shard in range(len(self.urls)) if shards is None else shards:
+            url = self.urls[shard]
+            if self.counts[shard] is not None or not _is_local(url):
+                continue
+            successes = _img2dataset_successes(url)
+            if successes is not None:
+                self.counts[shard], self.count_sources[shard] = successes, "img2dataset_stats"
+            else:
+                self.counts[shard], self.count_sources[shard] = self._count_tar(shard), "counted"
+
+    def _count_tar(self, shard: int) -> int:
+        """Samples in one shard from its tar headers alone, grouped as the reader groups them.
+        A missing or damaged shard counts what can be read; its problem is reported when the
+        shard is read for training, not here."""
+        scratch, self.skips = self.skips, SkipCounter()
+        try:
+            return sum(1 for _ in self._raw_samples(shard, members=_read_no_members))
+        finally:
+            self.skips = scratch
+
     @property
     def num_samples(self) -> int | None:
-        """Total samples if ``index.json`` knows every shard, else ``None``."""
+        """Total samples (see the class docstring); ``None`` while a remote shard's count is unknown."""
+        self._ensure_counts()
         if any(count is None for count in self.counts):
             return None
         return sum(self.counts)  # type: ignore[arg-type]
 
+    @property
+    def count_source(self) -> str | None:
+        """Where the sample counts come from: ``"index"``, ``"img2dataset_stats"`` or
+        ``"counted"`` (tar headers), joined by ``+`` when shards differ; ``None`` while a
+        remote shard's count is unknown."""
+        self._ensure_counts()
+        if any(origin is None for origin in self.count_sources):
+            return None
+        used = set(self.count_sources)
+        return "+".join(origin for origin in COUNT_SOURCES if origin in used)
+
+    def _count_origin(self, shard: int) -> str:
+        """Where shard ``shard``'s count came from, for messages."""
+        origin = self.count_sources[shard]
+        if origin == "img2dataset_stats":
+            return f"listed in {img2dataset_stats_path(self.urls[shard]).name}"  # type: ignore[union-attr]
+        if origin == "counted":
+            return "counted from its tar headers"
+        return f"listed in {INDEX_NAME}"
+
     def __len__(self) -> int:
         total = self.num_samples
         if total is None:
-            raise TypeError("the number of samples is unknown (no index.json lists these shards)")
+            unknown = [url for url, count in zip(self.urls, self.counts) if count is None]
+            shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+            raise UnknownSampleCount(
+                f"the number of samples of {len(unknown)} remote shard(s) is unknown ({shown}): no {INDEX_NAME} "
+                f"lists them, and remote tars are not counted. Convert the data with `prepretrain data shards` "
+                f"(which writes {INDEX_NAME}), copy the shards to a local directory (counted from img2dataset's "
+                f"*{IMG2DATASET_STATS_SUFFIX} or the tar headers), or pass index=PATH to an {INDEX_NAME} that lists "
+                "these shard names with their counts"
+            )
         return total
 
     def __bool__(self) -> bool:  # len() may raise; an existing source is always truthy
         return True
 
-    def __repr__(self) -> str:
-        return f"ShardSource({len(self.urls)} shards, {self.num_samples} samples)"
+    def __repr__(self) -> str:  # never counts: known counts only
+        known = None if any(count is None for count in self.counts) else sum(self.counts)  # type: ignore[arg-type]
+        return f"ShardSource({len(self.urls)} shards, {known} samples)"
 
     def num_classes(self, task: str) -> int:
         """Classes of a label task, from ``index.json`` (same call as ``SyntheticSource``)."""
@@ -220,8 +427,13 @@ class ShardSource:
         return order
 
     # -- raw tar access -------------------------------------------------------------------
-    def _raw_samples(self, shard: int, problems: list[ShardProblem] | None = None) -> Iterator[dict[str, Any]]:
+    def _raw_samples(
+        self, shard: int, problems: list[ShardProblem] | None = None, *, members: Callable[[str], bool] | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Grouped tar members of one shard; a shard that is not read to its end is counted.
+
+        ``members``: read only the payloads of members whose extension it accepts (the others
+        are present with empty data, so samples group and count the same); ``None`` reads all.
 
         Python's streaming tar reader treats a damaged or cut-off member header as the end
         of the archive *without an error*, so the samples after it would vanish silently.
@@ -254,16 +466,20 @@ class ShardSource:
             self._count_shard_problem(url, "missing_shard", str(error), problems)
         else:
             with stream:
-                files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+                if members is None:
+                    files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+                else:
+                    seekable = _is_local(url) and url.lower().endswith(".tar")
+                    files = _tar_members(stream, url, handler, members, seekable)
                 for sample in group_by_keys(files, handler=handler):
                     read += 1
                     yield sample
-                if not errors:
+                if not errors and not _is_compressed(url, stream):
                     tail = _tail_problem(stream)
                     if tail:
                         errors.append(tail)
             if expected is not None and read != expected:
-                errors.append(f"read {read} of {expected} samples listed in {INDEX_NAME}")
+                errors.append(f"read {read} of {expected} samples {self._count_origin(shard)}")
             if errors:
                 self._count_shard_problem(url, "broken_shard", "; ".join(errors), problems)
         name = Path(_local_path(url)).name
@@ -350,11 +566,12 @@ class ShardSource:
     ) -> int:
         """How many sample positions one reader has in one epoch: the unit of ``skip``.
 
-        From ``index.json`` when it lists the reader's shards (instant), otherwise by reading
-        the tar headers of those shards without decoding anything (the resume of a run on
-        shards without an index pays this once per epoch it skips).
+        From the shards' counts (``index.json``, img2dataset stats, or local tar headers read
+        once and kept); remote shards without an index are read without decoding anything
+        (the resume of such a run pays this once per epoch it skips).
         """
         order, slot, slots = self._reader_slot(rank, world_size, worker_id, num_workers, epoch, seed, shuffle)
+        self._ensure_counts(order if len(order) < slots else order[slot::slots])
         if len(order) < slots:
             if self.num_samples is not None:
                 return _kept_in_range(0, self.num_samples, slot, slots)
@@ -386,10 +603,12 @@ class ShardSource:
             if not isinstance(meta, dict):
                 raise BadSample(fallback_key, "bad_json", "not an object")
         key = str(meta.get("key") or fallback_key)
-        hashtags = meta.get("hashtags") or []
+        hashtags = meta.get(self.hashtag_field) or []
         if isinstance(hashtags, str):
             hashtags = split_hashtags(hashtags)
-        caption = meta.get("caption")
+        elif not isinstance(hashtags, (list, tuple, dict)):
+            raise BadSample(key, "bad_json", f"{self.hashtag_field!r} must be a list or a string, got {hashtags!r}")
+        caption = meta.get(self.caption_field)
         if caption is None and "txt" in sample:
             caption = sample["txt"].decode("utf-8", errors="replace")
         labels = meta.get("labels")
@@ -511,14 +730,26 @@ class ShardSource:
             self.skips.ok()
             yield outcome
 
-    def iter_annotations(self) -> Iterator[Annotation]:
-        """Every sample's annotations in shard order, without decoding any image (statistics)."""
+    def iter_annotation_outcomes(self) -> Iterator[Annotation | BadSample]:
+        """One outcome per sample in shard order: its ``Annotation``, or the ``BadSample``
+        (unreadable ``.json``, a sample lost in a cut-off shard). Only the ``json``/``txt``/``cls``
+        members are read; image payloads are skipped (seeked over in local tars), never decoded.
+        A shard that cannot be read to its end is counted in ``skips`` as when training."""
         for shard in range(len(self.urls)):
-            for sample in self._raw_samples(shard):
+            for sample in self._raw_samples(shard, members=_read_annotation_members):
                 try:
                     yield self._annotation(sample)
                 except BadSample as error:
-                    self.skips.skip(error)
+                    yield error
+
+    def iter_annotations(self) -> Iterator[Annotation]:
+        """Every sample's annotations in shard order, without decoding any image (statistics);
+        bad samples are counted in ``skips``."""
+        for outcome in self.iter_annotation_outcomes():
+            if isinstance(outcome, BadSample):
+                self.skips.skip(outcome)
+            else:
+                yield outcome
 
     def __iter__(self) -> Iterator[Record]:
         """Records for the calling process: rank from ``torch.distributed`` (if initialised),
@@ -541,9 +772,13 @@ class ShardSource:
 
 
 __all__ = [
+    "ANNOTATION_MEMBERS",
+    "COUNT_SOURCES",
     "INDEX_NAME",
     "SHARD_SUFFIXES",
     "ShardProblem",
     "ShardSource",
+    "UnknownSampleCount",
     "expand_shard_spec",
+    "img2dataset_stats_path",
 ]

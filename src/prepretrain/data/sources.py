@@ -224,6 +224,9 @@ class ManifestSource(_FileSource):
     (``{"class_names": {task: [...]}}``, as :func:`~prepretrain.data.tools.write_synthetic`
     writes, or ``{task: [...]}``), else are empty; ``num_classes(task)`` is the larger of
     their count and the largest label seen + 1.
+
+    ``hashtag_field`` / ``caption_field`` name the JSON field (CSV column) holding the
+    hashtags and the caption when they are not ``hashtags`` and ``caption``, e.g. ``tags``.
     """
 
     def __init__(
@@ -234,6 +237,8 @@ class ManifestSource(_FileSource):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         class_names: dict[str, list[str]] | None = None,
         pixels: str = "pil",
+        hashtag_field: str = "hashtags",
+        caption_field: str = "caption",
     ):
         super().__init__(min_size_hint=min_size_hint, max_pixels=max_pixels, pixels=pixels)
         self.path = Path(path)
@@ -241,11 +246,20 @@ class ManifestSource(_FileSource):
         suffix = self.path.suffix.lower()
         if suffix not in MANIFEST_SUFFIXES:
             raise ValueError(f"{self.path}: a manifest must end in one of {MANIFEST_SUFFIXES}")
+        for name, value in (("hashtag_field", hashtag_field), ("caption_field", caption_field)):
+            if not isinstance(value, str) or not value or value in ("path", "labels"):
+                raise ValueError(f"{name} must name a manifest field other than 'path' and 'labels', got {value!r}")
+        self.hashtag_field = hashtag_field
+        self.caption_field = caption_field
         data = self.path.read_bytes()
         max_label: dict[str, int] = {}
         if suffix in (".jsonl", ".ndjson"):
+            # JSONL rows are kept as written, so they are read by the chosen field names.
+            self._row_fields = (hashtag_field, caption_field)
             rows = self._read_jsonl(data, max_label)
         else:
+            # CSV rows are stored normalised, under "hashtags" and "caption".
+            self._row_fields = ("hashtags", "caption")
             rows = self._read_csv(data, "\t" if suffix == ".tsv" else ",", max_label)
         self._rows = PackedStrings(rows)
         if not len(self._rows):
@@ -265,12 +279,13 @@ class ManifestSource(_FileSource):
         path = row.get("path")
         if not isinstance(path, str) or not path:
             raise self._fail(line, "missing or empty 'path'")
-        hashtags = row.get("hashtags", [])
+        hashtag_key, caption_key = self._row_fields
+        hashtags = row.get(hashtag_key, [])
         if hashtags is not None and not isinstance(hashtags, (list, str)):
-            raise self._fail(line, "'hashtags' must be a list of strings (or one string)")
-        caption = row.get("caption", "")
+            raise self._fail(line, f"'{hashtag_key}' must be a list of strings (or one string)")
+        caption = row.get(caption_key, "")
         if caption is not None and not isinstance(caption, str):
-            raise self._fail(line, "'caption' must be a string")
+            raise self._fail(line, f"'{caption_key}' must be a string")
         labels = row.get("labels", {})
         if labels is None:
             return
@@ -325,10 +340,11 @@ class ManifestSource(_FileSource):
                     labels[task] = int(value)
                 except ValueError:
                     raise self._fail(number, f"column {name!r} must be an integer, got {value!r}") from None
+            hashtag_column, caption_column = self.hashtag_field, self.caption_field
             row = {
                 "path": cells[column["path"]].strip(),
-                "hashtags": split_hashtags(cells[column["hashtags"]]) if "hashtags" in column else [],
-                "caption": cells[column["caption"]] if "caption" in column else "",
+                "hashtags": split_hashtags(cells[column[hashtag_column]]) if hashtag_column in column else [],
+                "caption": cells[column[caption_column]] if caption_column in column else "",
                 "labels": labels,
             }
             self._validate(row, number, max_label)
@@ -354,14 +370,15 @@ class ManifestSource(_FileSource):
 
     def entry(self, index: int) -> tuple[Annotation, Path]:
         row = json.loads(self._rows.text(_check_index(index, len(self))))
-        hashtags = row.get("hashtags") or []
+        hashtag_key, caption_key = self._row_fields
+        hashtags = row.get(hashtag_key) or []
         if isinstance(hashtags, str):
             hashtags = split_hashtags(hashtags)
         labels = {str(task): int(value) for task, value in (row.get("labels") or {}).items() if value is not None}
         annotation = Annotation(
             key=row["path"],
             hashtags=[str(tag) for tag in hashtags],
-            caption=row.get("caption") or "",
+            caption=row.get(caption_key) or "",
             labels=labels,
         )
         path = Path(row["path"])

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .records import Record
+from .records import Annotation, Record
 
 # ----------------------------------------------------------------------------------------
 # Attribute tables. Order matters: indices are labels.
@@ -690,19 +690,28 @@ class SyntheticSource:
         scene, _ = self._scene(self._check(index))
         return _scene_attributes(scene)
 
-    def get(self, index: int) -> Record:
-        """Render record ``index``; cheap enough to call from data-loader workers."""
-        index = self._check(index)
-        scene, rng = self._scene(index)
-        pixels = _render(scene, self._grids, rng, self.image_size)
+    def _annotation(self, index: int, scene: _Scene) -> Annotation:
         text_rng = np.random.default_rng([self.seed, self._split_code, 2, index])
         main = scene.main
-        return Record(
-            image=Image.fromarray(pixels),  # (H, W, 3) uint8 -> RGB
+        return Annotation(
             key=f"synthetic-s{self.seed}/{self.split}/{index:08d}",
             hashtags=_hashtags(scene, text_rng),
             caption=_caption(scene, text_rng),
             labels={"coarse": main.shape, "fine": main.shape * len(TEXTURES) + main.texture},
         )
+
+    def annotation(self, index: int) -> Annotation:
+        """Record ``index`` without its pixels (nothing is rendered): what statistics and
+        hashtag vocabularies read, as for the file sources."""
+        index = self._check(index)
+        scene, _ = self._scene(index)
+        return self._annotation(index, scene)
+
+    def get(self, index: int) -> Record:
+        """Render record ``index``; cheap enough to call from data-loader workers."""
+        index = self._check(index)
+        scene, rng = self._scene(index)
+        pixels = _render(scene, self._grids, rng, self.image_size)
+        return self._annotation(index, scene).record(Image.fromarray(pixels))  # (H, W, 3) uint8 -> RGB
 
     __getitem__ = get

@@ -3,14 +3,18 @@
 Readers (:mod:`~prepretrain.data.sources`, :mod:`~prepretrain.data.shards`,
 :mod:`~prepretrain.data.synthetic`) only read; everything that *produces* something from a
 source lives here: the statistics of ``prepretrain data stats`` (:func:`describe_source`),
-the conversion of a map-style source to WebDataset shards (:func:`write_shards`) and the
-export of the synthetic dataset to image files plus manifests (:func:`write_synthetic`).
+hashtag counts and vocabularies of sources of any size in one streaming pass
+(:func:`count_hashtags`, :func:`build_vocab_streaming`), the conversion of a map-style source
+to WebDataset shards (:func:`write_shards`) and the export of the synthetic dataset to image
+files plus manifests (:func:`write_synthetic`). All of them read annotations through
+:func:`iter_annotations`, which leaves pixels undecoded wherever the source allows it.
 Tools import readers; readers never import tools. Every file is written atomically
 (:mod:`prepretrain.files`), so an interrupted tool never leaves a file that looks finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -25,9 +29,18 @@ import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
+from prepretrain.data.hashtags import (
+    HashtagVocab,
+    check_vocab_limits,
+    image_tags,
+    load_synonyms,
+    synonym_map,
+    vocab_from_counts,
+)
 from prepretrain.data.records import Annotation, BadSample, Record, SkipCounter
 from prepretrain.data.shards import INDEX_FORMAT, INDEX_NAME, ShardSource
 from prepretrain.data.synthetic import (
+    ATTRIBUTE_TAGS,
     CLASS_NAMES,
     HASHTAG_VOCAB,
     SYNONYMS,
@@ -35,6 +48,151 @@ from prepretrain.data.synthetic import (
     synthetic_split_sizes,
 )
 from prepretrain.files import atomic_path, write_text
+
+# -- reading annotations without pixels -----------------------------------------------------
+
+
+def iter_annotations(source: Any, indices: Iterable[int] | None = None) -> Iterator[Annotation | BadSample]:
+    """One outcome per sample: its ``Annotation`` (hashtags, caption, labels, key) or the
+    ``BadSample`` that stops it, with the pixels left undecoded wherever the source allows:
+
+    - shards (``iter_annotation_outcomes``): only the ``json``/``txt``/``cls`` members are
+      read, in shard order; image payloads are skipped (seeked over in local tars);
+    - sources with ``annotation(i)`` (manifests, folders, the synthetic set): their rows,
+      paths or generators, nothing is decoded or rendered;
+    - any other map source: ``get(i)``, which decodes (it has nothing cheaper).
+
+    ``indices``: only those samples of a map source, in that order.
+    """
+    outcomes = getattr(source, "iter_annotation_outcomes", None)
+    if outcomes is not None and not hasattr(source, "get"):
+        if indices is not None:
+            raise ValueError(f"{type(source).__name__} is read in order; it cannot read chosen indices")
+        yield from outcomes()
+        return
+    annotation = getattr(source, "annotation", None)
+    for index in range(len(source)) if indices is None else indices:
+        try:
+            if annotation is not None:
+                yield annotation(index)
+            else:
+                record = source.get(index)
+                yield Annotation(record.key, record.hashtags, record.caption, record.labels)
+        except BadSample as error:
+            yield error
+
+
+@contextlib.contextmanager
+def _scratch_skips(source: Any) -> Iterator[SkipCounter]:
+    """A fresh ``source.skips`` for the duration (shards count shard problems there), so
+    statistics neither pollute nor reset the source's own counter."""
+    scratch = SkipCounter()
+    if not hasattr(source, "skips"):
+        yield scratch
+        return
+    previous, source.skips = source.skips, scratch
+    try:
+        yield scratch
+    finally:
+        source.skips = previous
+
+
+# -- counting hashtags in one pass ----------------------------------------------------------------
+
+
+def _prune_rarest(counts: Counter) -> tuple[Counter, int, int]:
+    """Drop every tag whose count is at most the median count: at least the rarest half of
+    the distinct tags (all ties of the median go, so the result does not depend on the order
+    tags arrived in). Returns (the kept counts, tags dropped, largest count dropped)."""
+    values = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+    threshold = int(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2])
+    kept = Counter({tag: number for tag, number in counts.items() if number > threshold})
+    return kept, len(counts) - len(kept), threshold
+
+
+def count_hashtags(source: Any, *, max_distinct: int = 5_000_000,
+                   aliases: dict[str, str] | None = None) -> tuple[Counter, dict[str, Any]]:
+    """In how many images each tag appears, from one streaming pass that decodes no image.
+
+    Tags are counted as :func:`~prepretrain.data.hashtags.build_vocab` counts them: normalised
+    (:func:`~prepretrain.data.hashtags.normalize_hashtag`), mapped through ``aliases``
+    (synonym -> class tag) and counted once per image. Annotations come from
+    :func:`iter_annotations` (shards: ``json``/``txt`` members only; manifests: their rows).
+    A sample whose annotations cannot be read counts as an image without tags, as in
+    :func:`~prepretrain.data.hashtags.source_hashtags`.
+
+    Memory is bounded by ``max_distinct`` distinct tags: whenever there are more, every tag
+    whose count is at most the median is dropped (at least the rarest half) and counts again
+    from zero if it reappears. That is an approximation: a kept tag's count can then be too low
+    by at most ``stats["count_error_bound"]`` (the sum of the largest count dropped at each
+    pruning), a tag dropped late may be missing, and ``stats["exact"]`` is false. Without
+    pruning the counts are exact.
+
+    Returns ``(counts, stats)``; ``stats``: ``images`` (samples read), ``images_without_tags``
+    (including ``unreadable`` ones), ``tag_occurrences`` (image-tag pairs counted),
+    ``distinct_tags`` (in ``counts``), ``max_distinct``, ``prunings``, ``pruned_tags`` (entries
+    dropped, a tag dropped twice counts twice), ``count_error_bound``, ``exact`` and
+    ``skipped`` (bad samples and shard problems by reason).
+    """
+    if max_distinct < 2:
+        raise ValueError(f"max_distinct must be >= 2, got {max_distinct}")
+    aliases = dict(aliases or {})
+    counts: Counter = Counter()
+    images = without = unreadable = occurrences = prunings = pruned_tags = error_bound = 0
+    with _scratch_skips(source) as skips:
+        for outcome in iter_annotations(source):
+            images += 1
+            if isinstance(outcome, BadSample):
+                skips.skip(outcome)
+                unreadable += 1
+                without += 1
+                continue
+            tags = image_tags(outcome.hashtags, aliases)
+            if not tags:
+                without += 1
+                continue
+            occurrences += len(tags)
+            counts.update(tags)
+            if len(counts) > max_distinct:
+                counts, dropped, threshold = _prune_rarest(counts)
+                prunings += 1
+                pruned_tags += dropped
+                error_bound += threshold
+    stats = {
+        "images": images,
+        "images_without_tags": without,
+        "unreadable": unreadable,
+        "tag_occurrences": occurrences,
+        "distinct_tags": len(counts),
+        "max_distinct": max_distinct,
+        "prunings": prunings,
+        "pruned_tags": pruned_tags,
+        "count_error_bound": error_bound,
+        "exact": prunings == 0,
+        "skipped": dict(skips.skipped),
+    }
+    return counts, stats
+
+
+def build_vocab_streaming(source: Any, *, min_count: int = 1, max_size: int = 28_000,
+                          aliases: dict[str, str] | None = None, max_distinct: int = 5_000_000) -> HashtagVocab:
+    """The vocabulary ``build_vocab(source_hashtags(source), min_count=..., max_size=...,
+    aliases=...)`` builds, from one streaming pass (:func:`count_hashtags`) that holds at most
+    ``max_distinct`` distinct tags and decodes no image: for shards (which ``source_hashtags``
+    cannot read) and sources too large to hold every tag list.
+
+    Identical to ``build_vocab`` (tags, order, counts, kept synonyms, ``info``) whenever no
+    pruning happened. Otherwise ``info`` also holds ``approximate: true``, ``prunings``,
+    ``pruned_tags`` and ``count_error_bound`` (see :func:`count_hashtags`).
+    """
+    check_vocab_limits(min_count, max_size)
+    counts, stats = count_hashtags(source, max_distinct=max_distinct, aliases=aliases)
+    vocab = vocab_from_counts(counts, stats["images"], min_count=min_count, max_size=max_size, aliases=aliases)
+    if not stats["exact"]:
+        vocab.info.update(approximate=True, prunings=stats["prunings"], pruned_tags=stats["pruned_tags"],
+                          count_error_bound=stats["count_error_bound"])
+    return vocab
+
 
 # -- describing a source ------------------------------------------------------------------
 
@@ -84,26 +242,23 @@ def describe_source(source: Any, *, max_images: int = 64, max_annotations: int =
     sizes: list[tuple[int, int]] = []
     try:
         count: int | None = len(source)
-    except TypeError:
+    except (TypeError, ValueError):  # remote shards without an index have no known length
         count = None
 
     if isinstance(source, ShardSource):
-        # Use scratch counters so statistics neither pollute nor reset the source's own.
-        previous = source.skips
-        try:
-            source.skips = SkipCounter()
-            for annotation in source.iter_annotations():
-                annotations.append(annotation)
+        with _scratch_skips(source):
+            for outcome in iter_annotations(source):
+                if isinstance(outcome, BadSample):
+                    continue
+                annotations.append(outcome)
                 if len(annotations) >= max_annotations:
                     break
-            source.skips = SkipCounter()
+        with _scratch_skips(source) as skips:
             for record in source.iter_records():
                 sizes.append(record.image.size)
                 if len(sizes) >= max_images:
                     break
-            counter.merge(source.skips)
-        finally:
-            source.skips = previous
+            counter.merge(skips)
         annotation_scope = "all" if count is not None and len(annotations) == count else "first"
     else:
         if count is None:
@@ -121,7 +276,8 @@ def describe_source(source: Any, *, max_images: int = 64, max_annotations: int =
             sizes.append(record.image.size)
         if hasattr(source, "annotation"):
             annotation_indices = _sample_indices(count, max_annotations, seed)
-            annotations = [source.annotation(index) for index in annotation_indices]
+            annotations = [outcome for outcome in iter_annotations(source, annotation_indices)
+                           if not isinstance(outcome, BadSample)]
             annotation_scope = "all" if len(annotation_indices) == count else "random_subset"
         else:
             annotations = [Annotation(r.key, r.hashtags, r.caption, r.labels) for r in records]
@@ -417,7 +573,24 @@ def write_synthetic(
 
 
 __all__ = [
+    "build_vocab_streaming",
+    "count_hashtags",
     "describe_source",
+    "iter_annotations",
     "write_shards",
     "write_synthetic",
 ]
+
+
+def tag_aliases(source: Any, choice: str = "auto") -> dict[str, str]:
+    """The hashtag -> class map (the paper's hashtag-to-synset step): ``none``; a synonym file;
+    or, with ``auto``, the table the source ships (``source.hashtag_synonyms`` groups; for the
+    synthetic set, its attribute tag groups such as ``circle/round/disc``)."""
+    if choice == "none":
+        return {}
+    if choice != "auto":
+        return load_synonyms(choice)
+    groups = getattr(source, "hashtag_synonyms", None)
+    if groups is None and isinstance(source, SyntheticSource):
+        groups = [group for attribute in ATTRIBUTE_TAGS.values() for group in attribute]
+    return synonym_map(groups) if groups else {}

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.loader import RecordDataset, eval_loader, open_stage_data
 from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
 from ..data.transforms import eval_transform
@@ -237,11 +237,10 @@ class LiTStage(Stage):
         cfg = self.cfg
         if cfg.augment:
             pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
-            source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
-                               pixels=pixels.pixels)
+            source = open_stage_data(cfg, "train", pixels=pixels.pixels)
             dataset = RecordDataset(source, caption_pairs(pixels.sample, self.tokenizer), batch_transform=pixels.batch)
             return TrainData(dataset, len(source), device_transform=pixels.device)
-        source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images)
+        source = open_stage_data(cfg, "train")
         dataset = RecordDataset(source, caption_pairs(eval_transform(cfg.image_size, crop_fraction=1.0),
                                                       self.tokenizer))
         if not cfg.use_cache:
@@ -291,7 +290,7 @@ class LiTStage(Stage):
                 classes = read_class_names(cfg.zeroshot_classes, cfg.zeroshot_task)
             else:
                 try:
-                    source = open_data(cfg.data, split="val", image_size=cfg.image_size, num_images=cfg.num_images)
+                    source = open_stage_data(cfg, "val")
                     classes = source_classes(source, cfg.zeroshot_task)
                 except (FileNotFoundError, KeyError, ValueError):
                     return None
@@ -303,7 +302,7 @@ class LiTStage(Stage):
         if self._val_features is None:
             cfg = self.cfg
             try:
-                source = open_data(cfg.data, split="val", image_size=cfg.image_size, num_images=cfg.num_images)
+                source = open_stage_data(cfg, "val")
             except (FileNotFoundError, KeyError, ValueError):
                 return None
             dataset = RecordDataset(source, labelled_images(eval_transform(cfg.image_size, crop_fraction=1.0),

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..data.loader import ImageOnly, RecordDataset, eval_loader, open_data
+from ..data.loader import ImageOnly, RecordDataset, eval_loader, open_stage_data
 from ..data.pixels import train_pixels
 from ..data.records import Record
 from ..data.transforms import decode_hint, denormalize, eval_transform
@@ -93,8 +93,8 @@ class MAEStage(Stage):
     def train_data(self, run: Run) -> TrainData:
         cfg = self.cfg
         pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
-        source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
-                           min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale), pixels=pixels.pixels)
+        source = open_stage_data(cfg, "train", pixels=pixels.pixels,
+                                 min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale))
         patch = VIT_SHAPES[resolve_name(cfg.model)].patch_size
         sample = MaskedSample(pixels.sample, (cfg.image_size // patch) ** 2)
         dataset = RecordDataset(source, sample, batch_transform=pixels.batch)
@@ -113,7 +113,7 @@ class MAEStage(Stage):
     def _val_images(self, count: int) -> torch.Tensor | None:
         cfg = self.cfg
         try:
-            source = open_data(cfg.data, split="val", image_size=cfg.image_size, num_images=cfg.num_images)
+            source = open_stage_data(cfg, "val")
         except (FileNotFoundError, KeyError, ValueError):
             return None
         if len(source) == 0:

@@ -35,18 +35,16 @@ from ..data.hashtags import (
     HashtagVocab,
     build_vocab,
     encode_images,
-    load_synonyms,
     pad_tags,
     sampling_weights,
     source_hashtags,
-    synonym_map,
     tag_image_counts,
     target_prior,
 )
-from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.loader import RecordDataset, eval_loader, open_stage_data
 from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
-from ..data.synthetic import ATTRIBUTE_TAGS, SyntheticSource
+from ..data.tools import tag_aliases
 from ..data.transforms import decode_hint, eval_transform
 from ..models.checkpoints import (
     CheckpointMismatch,
@@ -191,20 +189,6 @@ class WSPStage(Stage):
             overrides["depth"] = self.cfg.depth
         return overrides
 
-    def _synonyms(self, source: Any) -> dict[str, str]:
-        """The hashtag -> class map (the paper's hashtag-to-synset step): a file, or with
-        ``auto`` the table the source ships (``source.hashtag_synonyms`` groups; for the
-        synthetic set, its attribute tag groups such as ``circle/round/disc``)."""
-        choice = self.cfg.tag_synonyms
-        if choice == "none":
-            return {}
-        if choice != "auto":
-            return load_synonyms(choice)
-        groups = getattr(source, "hashtag_synonyms", None)
-        if groups is None and isinstance(source, SyntheticSource):
-            groups = [group for attribute in ATTRIBUTE_TAGS.values() for group in attribute]
-        return synonym_map(groups) if groups else {}
-
     def _choose_vocab(self, source: Any, run: Run) -> HashtagVocab:
         """Resume -> the run's own vocab.json; ``vocab=`` -> that file (with its own synonyms,
         else ``tag_synonyms``); otherwise built from the training tags."""
@@ -212,7 +196,7 @@ class WSPStage(Stage):
         saved = run.path(VOCAB_FILE)
         if run.resuming and saved.is_file():
             return HashtagVocab.load(saved)
-        aliases = self._synonyms(source)
+        aliases = tag_aliases(source, cfg.tag_synonyms)
         if cfg.vocab:
             vocab = HashtagVocab.load(cfg.vocab)
             if not vocab.aliases and aliases:
@@ -228,8 +212,8 @@ class WSPStage(Stage):
         if self._data is not None:
             return self._data
         cfg = self.cfg
-        source = open_data(cfg.data, split="train", image_size=cfg.image_size, num_images=cfg.num_images,
-                           min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale), pixels=self.pixels.pixels)
+        source = open_stage_data(cfg, "train", pixels=self.pixels.pixels,
+                                 min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale))
         if not hasattr(source, "get"):
             raise ValueError(
                 f"data={cfg.data} is a streaming (WebDataset) source; WSP resampling needs random access: "
@@ -316,7 +300,7 @@ class WSPStage(Stage):
     def _val_source(self) -> Any | None:
         cfg = self.cfg
         try:
-            source = open_data(cfg.data, split="val", image_size=cfg.image_size, num_images=cfg.num_images)
+            source = open_stage_data(cfg, "val")
         except (FileNotFoundError, KeyError, ValueError):
             return None
         return source if hasattr(source, "get") and len(source) else None
