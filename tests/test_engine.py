@@ -71,8 +71,8 @@ def test_run_directory_contents_and_loss_falls(tmp_path):
     assert {"step", "loss", "lr", "samples_per_s"} <= set(logged[0])
     assert logged[-1]["loss"] < logged[0]["loss"]
     assert results["steps"] == 20 and "val_loss" in results
-    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000018.pt", "step_00000020.pt"] or len(
-        list((run / "checkpoints").iterdir())) == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000018.pt", "step_00000018.pt.sha256", "step_00000020.pt", "step_00000020.pt.sha256"]
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         checkpointer.save(2, {"x": torch.zeros(2)})
     assert checkpointer.latest().name == "step_00000001.pt"
     assert torch.equal(checkpointer.load(checkpointer.latest())["x"], torch.ones(2))
-    assert sorted(p.name for p in checkpointer.dir.iterdir()) == ["step_00000001.pt"]  # the partial file is gone
+    assert sorted(p.name for p in checkpointer.dir.iterdir()) == ["step_00000001.pt", "step_00000001.pt.sha256"]
 
 
 def test_keep_last_rotates(tmp_path):
@@ -118,7 +118,7 @@ def test_nonfinite_losses_stop_the_run_without_saving_nan(tmp_path):
     cfg = tiny_cfg(tmp_path / "nan", "max_nonfinite=2", "ckpt_every=1")
     with pytest.raises(NonFiniteLoss, match="non-finite"):
         train(NaNStage(cfg, bad_from=2))
-    saved = sorted((tmp_path / "nan" / "checkpoints").iterdir())
+    saved = sorted((tmp_path / "nan" / "checkpoints").glob("*.pt"))
     assert saved[-1].name == "step_00000004.pt"  # steps 3 and 4 were skipped, step 5 stopped the run
     for value in torch.load(saved[-1], weights_only=True)["model"].values():
         assert torch.isfinite(value).all()
@@ -137,7 +137,7 @@ def test_skipped_nonfinite_step_leaves_weights_unchanged(tmp_path):
 
     results = train(OneBad(cfg))
     assert results["nonfinite_steps"] == 1
-    files = sorted((tmp_path / "one" / "checkpoints").iterdir())
+    files = sorted((tmp_path / "one" / "checkpoints").glob("*.pt"))
     two, three = (torch.load(f, weights_only=True)["model"] for f in files[1:3])
     assert all(torch.equal(two[k], three[k]) for k in two)
 

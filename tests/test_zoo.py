@@ -195,7 +195,7 @@ def test_a_malicious_pickle_is_refused_at_every_entry(tmp_path, capsys):
         ["export", str(tmp_path / "run")],
     ]
     for command in commands:
-        assert main(command) == 1, command
+        assert main(command) == 4, command
         error = capsys.readouterr().err
         assert "refused to load" in error and "Traceback" not in error, (command, error)
         assert error.count("\n") == 1, (command, error)  # one line

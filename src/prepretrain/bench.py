@@ -206,7 +206,7 @@ def run_lit_benchmark(cfg: LiTBenchConfig) -> dict[str, Any]:
         "precision": cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32"),
         "image_tower": cfg.model, "image_size": cfg.image_size, "text_tower": cfg.text_model,
         "text_tokens": tokenizer.context_length, "batch_size": cfg.batch_size,
-        "uncached_steps_per_s": round(uncached, 3), "cached_steps_per_s": round(cached, 3),
+        "uncached_steps_per_s": float(f"{uncached:.4g}"), "cached_steps_per_s": float(f"{cached:.4g}"),
         "speedup": round(cached / uncached, 2),
         "flops_ratio": round((text_train + forward_flops(vision)) / text_train, 2),
     }

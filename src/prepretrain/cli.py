@@ -10,6 +10,7 @@ compute.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -29,11 +30,32 @@ from .models.convert import TARGETS, convert
 from .pipeline import PipelineConfig, dry_run, run_pipeline
 from .plan import PlanConfig, format_plan, plan_run
 from .registry import COMMANDS, Command
-from .train.checkpoint import checkpoint_step, export_weights, resolve_checkpoint
+from .train.checkpoint import CorruptCheckpoint, checkpoint_step, export_weights, resolve_checkpoint
+from .train.engine import Preempted
+from .train.limits import NonFiniteLoss, TooManyBadSamples
 
-# Failures a user can cause with a file: one clear line instead of a traceback (PREPRETRAIN_DEBUG=1 shows it).
-EXPECTED_ERRORS = (FileNotFoundError, CheckpointMismatch, UnsafeCheckpoint, UnknownSampleCount)
-DEBUG_ENV = "PREPRETRAIN_DEBUG"
+DEBUG_ENV = "PREPRETRAIN_DEBUG"  # =1: expected failures show their traceback too (as --debug)
+# Failures a user can cause (bad data, files, disk, a diverging run, preemption): one clear line
+# and an exit code each, never a traceback. Config mistakes exit with 2.
+EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (TooManyBadSamples, 3), (UnknownSampleCount, 3),
+    (CheckpointMismatch, 4), (UnsafeCheckpoint, 4), (CorruptCheckpoint, 4), (FileNotFoundError, 4),
+    (NonFiniteLoss, 6),
+    (Preempted, 75),  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
+]
+DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+
+
+def expected_failure(error: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) for a failure a user can cause and fix; None for a bug (traceback)."""
+    for kind, code in EXIT_CODES:
+        if isinstance(error, kind):
+            return code, str(error)
+    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
+        where = f" writing {error.filename}" if error.filename else ""
+        return 5, f"{DISK_ERRORS[error.errno]}{where}: free space or point out_dir= elsewhere, then rerun to resume"
+    return None
 
 
 @dataclass(frozen=True)
@@ -274,6 +296,7 @@ def build_parser(commands: dict[str, Tool]) -> argparse.ArgumentParser:
         description="MAE pre-pretraining -> weakly supervised pretraining -> transfer, for ViTs (MAWS).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help=f"show the traceback of any failure (or {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", metavar="command")
     for name, tool in commands.items():
         child = sub.add_parser(name, help=tool.help, description=tool.help,
@@ -294,11 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"prepretrain {args.command}: {error}", file=sys.stderr)
         return 2
-    except EXPECTED_ERRORS as error:
-        if os.environ.get(DEBUG_ENV):
+    except Exception as error:  # noqa: BLE001 - sorted into expected failures and bugs below
+        failure = expected_failure(error)
+        if failure is None or args.debug or os.environ.get(DEBUG_ENV):
             raise
-        print(f"prepretrain {args.command}: {error}", file=sys.stderr)
-        return 1
+        code, message = failure
+        print(f"prepretrain {args.command}: {' '.join(message.split())}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

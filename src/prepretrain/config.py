@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -200,9 +201,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, bool):
             raise ConfigError(key, f"expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(key, f"expected a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(key, f"expected a string, got {value!r}")
@@ -226,13 +230,39 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return result
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (YAML itself keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(str(key), f"given twice (line {key_node.start_mark.line + 1}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML config file; a missing file, a syntax error or a repeated key is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "config file not found")
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(str(path), f"not valid YAML{where}: {getattr(error, 'problem', None) or error}") from None
+
+
 def build_config(
     cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None
 ) -> C:
     """Defaults of ``cls``, then the YAML file at ``path``, then ``overrides``; validated."""
     values: dict[str, Any] = {}
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(str(path), "a config file must be a mapping of key: value")
         stage = loaded.pop("stage", None)

@@ -105,6 +105,17 @@ def load_torch(path: str | Path) -> Any:
         ) from None
 
 
+def file_sha256(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
+    """Content hash of a file, read in chunks (weights files can be tens of GB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata in a safetensors header, read without loading tensors ({} for other formats)."""
     path = Path(path)

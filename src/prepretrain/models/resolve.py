@@ -19,7 +19,6 @@ function (:func:`encoder_metadata`).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import sys
@@ -31,7 +30,7 @@ import yaml
 from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
-from ..files import read_keys, read_metadata
+from ..files import file_sha256, read_keys, read_metadata
 from .checkpoints import load_encoder_weights, read_state_dict
 from .layouts import encoder_from_any
 from .vit import create_vit, resolve_name, vit_shape
@@ -140,15 +139,6 @@ class EncoderSpec:
     @property
     def description(self) -> str:
         return str(self.path) if self.path is not None else f"random init ({self.model}, seed {self.seed})"
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
-    """Content hash of a weights file: caches must notice retrained weights at the same path."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def count_blocks(keys: list[str]) -> int:

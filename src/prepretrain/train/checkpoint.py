@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import load_torch, save_safetensors, save_torch
+from ..files import file_sha256, load_torch, save_safetensors, save_torch, write_text
 from ..models.checkpoints import CheckpointMismatch
 from ..models.layouts import encoder_from_any
 
@@ -91,11 +91,42 @@ class Checkpointer:
         return found[-1] if found else None
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        """One-process checkpoint: ``state`` in one file."""
+        """One-process checkpoint: ``state`` in one file, then its SHA-256 beside it."""
         path = self.dir / f"step_{step:08d}.pt"
         save_torch(path, state)
+        write_text(checksum_file(path), file_sha256(path) + "\n")
         self.rotate()
         return path
+
+    def verify(self, path: str | Path) -> None:
+        """Raise :class:`CorruptCheckpoint` when a file's bytes differ from the checksum saved with it."""
+        path = Path(path)
+        recorded = checksum_file(path)
+        if path.is_file() and recorded.is_file():
+            expected = recorded.read_text().strip()
+            if file_sha256(path) != expected:
+                raise CorruptCheckpoint(f"{path}: its bytes do not match the checksum saved with it "
+                                        f"({recorded.name}): damaged on disk or in transfer")
+
+    def set_aside(self, path: str | Path) -> Path:
+        """Rename a damaged checkpoint out of the way (kept for inspection, never loaded again)."""
+        path = Path(path)
+        target = path.with_name(f"corrupt-{path.name}")
+        os.replace(path, target)
+        checksum_file(path).unlink(missing_ok=True)
+        return target
+
+    def clean_temporaries(self) -> list[Path]:
+        """Remove what interrupted writes left (``.step_*.tmp`` folders, ``.*.tmp<pid>`` files)."""
+        removed = []
+        for folder in (self.dir.parent, self.dir):
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if path.name.startswith(".") and (".tmp" in path.name or ".old" in path.name):
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                    removed.append(path)
+        return removed
 
     def save_sharded(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                      meta: dict[str, Any], rank: int) -> Path:
@@ -131,6 +162,7 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
+                checksum_file(old).unlink(missing_ok=True)
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """The whole checkpoint in this process: a ``.pt`` file as saved, a DCP folder consolidated.
@@ -147,6 +179,14 @@ class Checkpointer:
         if rank0.exists():
             state["rng"] = load_torch(rank0)
         return state
+
+
+class CorruptCheckpoint(RuntimeError):
+    """A checkpoint that cannot be trusted: truncated, or its bytes differ from its checksum."""
+
+
+def checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:

@@ -13,6 +13,9 @@ every hook receives, so stages never compute their run directory, rank or resume
 from __future__ import annotations
 
 import math
+import pickle
+import signal
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -27,7 +30,7 @@ from torch.utils.data import Dataset
 from ..config import TrainConfig, dump_config
 from ..data.loader import SampleStream, train_loader
 from ..data.records import BadSample, SkipCounter
-from .checkpoint import Checkpointer, load_training_state, save_training_state
+from .checkpoint import Checkpointer, CorruptCheckpoint, load_training_state, save_training_state
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -155,11 +158,16 @@ def train(stage: Stage) -> dict[str, Any]:
     info, device = init_distributed(cfg.device, cfg.dist_timeout_s, cfg.strategy)
     try:
         trainer = Trainer.setup(stage, info, device)
-        for step in range(trainer.start_step, trainer.total_steps):
-            outcome = trainer.step(step)
-            trainer.log(step + 1, outcome)
-            trainer.evaluate_and_save(step + 1)
+        with StopSignals() as stop:
+            for step in range(trainer.start_step, trainer.total_steps):
+                outcome = trainer.step(step, stop)
+                trainer.log(step + 1, outcome)
+                trainer.evaluate_and_save(step + 1)
+                if outcome.stop:
+                    trainer.stop_for_signal(step + 1, stop.name)
         return trainer.finish()
+    except Preempted:
+        raise  # every rank stops at the same step boundary, after the same checkpoint
     except BaseException as error:
         if info.enabled or is_distributed():
             report_failure(info, error)
@@ -172,6 +180,39 @@ class StepOutcome:
     lr: float
     metrics: dict[str, float]
     grad_norm: torch.Tensor | None
+    stop: bool = False  # some rank received SIGTERM/SIGUSR1: checkpoint and exit after this step
+
+
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint at a step boundary."""
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGUSR1 (what SLURM and cloud preemption send) only set a flag:
+    the loop checkpoints at the next step boundary, on every rank, and exits cleanly."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self.name = signal.Signals(signum).name
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 @dataclass
@@ -211,6 +252,8 @@ class Trainer:
         run = Run.of_stage(stage, device=device, rank=info.rank, world_size=info.world_size)
         if run.is_main:
             run.dir.mkdir(parents=True, exist_ok=True)
+            for leftover in run.checkpointer.clean_temporaries():
+                run.print(f"removed {leftover}, left by an interrupted write")
         run.write_text("config.yaml", dump_config(cfg))
         barrier()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -262,18 +305,31 @@ class Trainer:
     @staticmethod
     def _resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
                 seed: int) -> int:
-        """Restore model, optimizer, scaler and RNG from the newest checkpoint; returns its step (0: none)."""
-        latest = run.checkpointer.latest() if run.resuming else None
-        if latest is None:
+        """Restore model, optimizer, scaler and RNG from the newest good checkpoint; returns its
+        step (0: none). A damaged checkpoint is named, set aside, and the next older one is used."""
+        if not run.resuming:
             return 0
-        restored = load_training_state(latest, model, optimizer, rank=run.rank, world_size=run.world_size,
-                                       distributed=is_distributed(), seed=seed)
-        if precision.scaler is not None and restored["scaler"]:
-            precision.scaler.load_state_dict(restored["scaler"])
-        return restored["step"]
+        checkpointer = run.checkpointer
+        for candidate in reversed(checkpointer.all()):
+            try:
+                checkpointer.verify(candidate)
+                restored = load_training_state(candidate, model, optimizer, rank=run.rank,
+                                               world_size=run.world_size, distributed=is_distributed(), seed=seed)
+            except (CorruptCheckpoint, RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as error:
+                if is_distributed():
+                    raise CorruptCheckpoint(f"cannot resume from {candidate}: {error}") from None
+                aside = checkpointer.set_aside(candidate)
+                run.print(f"{candidate} cannot be read ({str(error).splitlines()[0][:200]}); moved to {aside.name}, "
+                          "trying the previous checkpoint")
+                continue
+            if precision.scaler is not None and restored["scaler"]:
+                precision.scaler.load_state_dict(restored["scaler"])
+            return restored["step"]
+        raise CorruptCheckpoint(f"no readable checkpoint in {checkpointer.dir}: every one was damaged (set aside "
+                                "as corrupt-*); pass resume=false to start over")
 
     # ------------------------------------------------------------------------------ a step
-    def step(self, step: int) -> StepOutcome:
+    def step(self, step: int, stop: StopSignals | None = None) -> StepOutcome:
         """One optimizer step: ``accum`` micro-batches forward/backward, then clip and update."""
         cfg, device, precision = self.cfg, self.run.device, self.precision
         lr = lr_at(step, self.total_steps, self.warmup_steps, cfg.peak_lr, cfg.min_lr)
@@ -297,10 +353,10 @@ class Trainer:
             for key, value in metrics.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / self.accum
             self.window_samples += batch.get("_seen", self.micro)
-        grad_norm = self._update(step, finite)
+        grad_norm, stop_now = self._update(step, finite, stop is not None and stop.requested)
         self.optimizer.zero_grad(set_to_none=True)
         self.last_loss = all_reduce_sum(step_loss.clone()).item() / self.info.world_size
-        return StepOutcome(self.last_loss, lr, step_metrics, grad_norm)
+        return StepOutcome(self.last_loss, lr, step_metrics, grad_norm, stop_now)
 
     def _next_batch(self, step: int, micro_step: int) -> dict[str, Any]:
         batch = next(self.loader)
@@ -311,20 +367,25 @@ class Trainer:
         return {k: (v.to(self.run.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                 for k, v in batch.items()}
 
-    def _update(self, step: int, finite: bool) -> torch.Tensor | None:
-        """Apply the step when every rank's loss was finite; otherwise skip it (and stop after too many)."""
+    def _update(self, step: int, finite: bool, stop_requested: bool) -> tuple[torch.Tensor | None, bool]:
+        """Apply the step when every rank's loss and gradients are finite; otherwise skip it (and
+        stop after too many). One all-reduce carries both flags and the ranks' stop requests."""
         sync_replicated_grads(self.model)
-        finite_flag = all_reduce_sum(torch.tensor(0.0 if finite else 1.0, device=self.run.device))
-        if finite_flag.item() != 0:
+        device = self.run.device
+        flags = torch.stack([_nonfinite_count(self.model).to(device) + (0.0 if finite else 1.0),
+                             torch.tensor(1.0 if stop_requested else 0.0, device=device)])
+        nonfinite, stop = all_reduce_sum(flags).tolist()
+        if nonfinite != 0:
             self.nonfinite_streak += 1
             self.nonfinite_total += 1
-            self.run.print(f"step {step}: non-finite loss, step skipped ({self.nonfinite_streak} in a row)")
+            what = "loss" if not finite else "gradients"
+            self.run.print(f"step {step}: non-finite {what}, step skipped ({self.nonfinite_streak} in a row)")
             if self.nonfinite_streak > self.cfg.max_nonfinite:
                 raise NonFiniteLoss(
                     f"{self.nonfinite_streak} consecutive non-finite losses at step {step}; stopping without "
                     "saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0."
                 )
-            return None
+            return None, stop > 0
         scaler, grad_norm = self.precision.scaler, None
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -337,7 +398,7 @@ class Trainer:
             self.optimizer.step()
         self.stage.after_step(self.model, step + 1)
         self.nonfinite_streak = 0
-        return grad_norm
+        return grad_norm, stop > 0
 
     def _count_skips(self, batch: dict[str, Any]) -> None:
         bad = batch.pop("_skipped", [])
@@ -402,7 +463,9 @@ class Trainer:
         return metrics
 
     def save(self, step: int) -> None:
-        """A file from one process; a sharded DCP folder, written by every rank, under a process group."""
+        """A file from one process; a sharded DCP folder, written by every rank, under a process group.
+        Non-finite weights are never written (the last good checkpoint stays the newest)."""
+        self.check_weights_finite(step)
         scaler = self.precision.scaler
         distributed = is_distributed()
         if distributed or self.run.is_main:
@@ -411,11 +474,32 @@ class Trainer:
                                 rank=self.info.rank, distributed=distributed)
         barrier()
 
+    def check_weights_finite(self, step: int) -> None:
+        bad = all_reduce_sum(_nonfinite_count(self.model, weights=True).to(self.run.device)).item()
+        if bad:
+            latest = self.run.checkpointer.latest()
+            raise NonFiniteLoss(
+                f"non-finite weights after step {step}: not saved; the last good checkpoint is "
+                f"{latest or 'none'}. Try precision=bf16, a lower lr/blr, or clip_grad=1.0, then rerun to resume."
+            )
+
+    def stop_for_signal(self, step: int, name: str) -> None:
+        """Checkpoint at this step boundary (unless just done) and raise :class:`Preempted`."""
+        if step % self.cfg.ckpt_every and step != self.total_steps:
+            self.save(step)
+        self.run.print(f"stopped by {name or 'a signal'} after step {step}; checkpoint saved. "
+                       "Run the same command again to resume.")
+        self.progress.close()
+        if self.run.logger is not None:
+            self.run.logger.close()
+        raise Preempted(f"stopped by {name or 'a signal'} after step {step}/{self.total_steps}; rerun to resume")
+
     def finish(self) -> dict[str, Any]:
         """Final evaluation, the stage's exports, loss curve and ``results.json``."""
         run, stage = self.run, self.stage
         self.progress.close()
         eval_metrics = self.evaluate(self.total_steps)
+        self.check_weights_finite(self.total_steps)  # no export of non-finite weights
         results: dict[str, Any] = {}
         export_model = consolidated_model(self.model, lambda: stage.build_model(run), self.info)  # collective: FSDP
         if run.is_main:
@@ -441,3 +525,18 @@ def _on_device(run: Run, device: torch.device) -> Run:
     if device == run.device:
         return run
     return Run(run.dir, device, run.rank, run.world_size, run.resuming, run.name, run.logger, best=run.best)
+
+
+def _nonfinite_count(model: nn.Module, weights: bool = False) -> torch.Tensor:
+    """How many gradients (or, with ``weights``, parameters and buffers) hold a NaN or an inf, as
+    a 0-d tensor on their device: one fused norm per tensor list, no host sync (under FSDP: this
+    rank's shards; the caller all-reduces)."""
+    if weights:
+        tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    else:
+        tensors = [p.grad for p in model.parameters() if p.grad is not None]
+    tensors = [(t.to_local() if hasattr(t, "to_local") else t).detach() for t in tensors]
+    if not tensors:
+        return torch.zeros(())
+    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])  # NaN/inf in, NaN/inf out
+    return (~torch.isfinite(norms)).sum().float()

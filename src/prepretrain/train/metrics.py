@@ -58,7 +58,7 @@ class MetricsLogger:
         """Drop lines logged after ``step`` (by a run that was killed before its next checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        kept = [json.dumps(row) for row in _rows(self.path.read_text()) if row.get("step", 0) <= step]
         write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
@@ -125,7 +125,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _rows(path.read_text())
+
+
+def _rows(text: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a line torn by a kill mid-write is dropped, not fatal."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_metrics(metrics_path: str | Path, out_png: str | Path, keys: tuple[str, ...] = ("loss",),

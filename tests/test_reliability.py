@@ -1,0 +1,186 @@
+"""Faults a long run meets, injected: preemption, damaged checkpoints and files, non-finite
+gradients and weights, a full disk, bad configs. Each must end in a clear message and lose no
+finished work; every resume is compared bit for bit with an uninterrupted run."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from prepretrain.cli import main
+from prepretrain.config import ConfigError, build_config
+from prepretrain.stages.mae import MAEConfig, MAEStage
+from prepretrain.train import checkpoint as ckpt
+from prepretrain.train.engine import Preempted, train
+from prepretrain.train.limits import NonFiniteLoss
+
+TINY = {"num_images": "64", "batch_size": "16", "steps": "6", "ckpt_every": "2", "log_every": "1",
+        "decoder_embed_dim": "32", "decoder_depth": "1", "decoder_num_heads": "2", "eval_images": "16",
+        "progress": "false", "tensorboard": "false", "warmup_steps": "1", "keep_last": "3"}
+TINY_ARGS = [f"{k}={v}" for k, v in TINY.items()]
+
+
+class FaultyMAE(MAEStage):
+    """The MAE stage with faults injected at chosen optimizer steps (1-based: after step k)."""
+
+    sigterm_at: int = 0
+    nan_grad_at: int = 0
+    nan_weight_at: int = 0
+
+    def __init__(self, cfg: MAEConfig):
+        super().__init__(cfg)
+        self.calls = 0
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = super().loss(model, batch)
+        self.calls += 1
+        if self.calls == self.nan_grad_at:  # a finite loss whose gradient is NaN
+            weight = next(p for p in model.parameters() if p.requires_grad)
+            loss = loss + torch.sqrt(weight.abs().sum() * 0.0) * 0.0
+        return loss, metrics
+
+    def after_step(self, model: torch.nn.Module, step: int) -> None:
+        if step == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if step == self.nan_weight_at:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+
+def make(out: Path, **faults: int) -> FaultyMAE:
+    stage = FaultyMAE(build_config(MAEConfig, None, {**TINY, "out_dir": str(out)}))
+    for name, value in faults.items():
+        setattr(stage, name, value)
+    return stage
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return ckpt.Checkpointer(out).load(ckpt.Checkpointer(out).latest())["model"]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(make(out))
+    return final_weights(out)
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_the_rerun_ends_identically(tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    with pytest.raises(Preempted, match="after step 3"):  # the signal came during step 3's bookkeeping
+        train(make(out, sigterm_at=2))
+    assert ckpt.checkpoint_step(ckpt.Checkpointer(out).latest()) == 3  # saved although ckpt_every is 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+    train(make(out))
+    assert_same(final_weights(out), uninterrupted)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_bits", "empty"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, uninterrupted, damage, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(Preempted):
+        train(make(out, sigterm_at=2))
+    newest = ckpt.Checkpointer(out).latest()
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_bits":
+        middle = len(data) // 2
+        newest.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    else:
+        newest.write_bytes(b"")
+    train(make(out))
+    printed = capsys.readouterr().out
+    assert "step_00000003.pt cannot be read" in printed and "trying the previous checkpoint" in printed
+    assert (out / "checkpoints" / "corrupt-step_00000003.pt").is_file()
+    assert_same(final_weights(out), uninterrupted)  # resumed from step 2: same end
+
+
+def test_torn_metrics_line_and_stale_temporaries_do_not_block_the_rerun(tmp_path, uninterrupted, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(Preempted):
+        train(make(out, sigterm_at=3))
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "lo')  # a kill in the middle of a line
+    (out / "checkpoints" / ".step_00000005.tmp").mkdir()
+    (out / ".results.json.tmp4242").write_text("half")
+    train(make(out))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert not list(out.glob(".*tmp*")) and not list((out / "checkpoints").glob(".*tmp*"))
+    assert "left by an interrupted write" in capsys.readouterr().out
+    assert_same(final_weights(out), uninterrupted)
+
+
+def test_a_finite_loss_with_nan_gradients_skips_the_step(tmp_path):
+    out = tmp_path / "run"
+    results = train(make(out, nan_grad_at=3))
+    assert results["nonfinite_steps"] == 1
+    weights = final_weights(out)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_non_finite_weights_are_never_saved_and_the_last_good_checkpoint_stays(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLoss, match="non-finite weights after step 4: not saved"):
+        train(make(out, nan_weight_at=3))
+    checkpointer = ckpt.Checkpointer(out)
+    assert ckpt.checkpoint_step(checkpointer.latest()) == 2
+    for path in checkpointer.all():
+        state = checkpointer.load(path)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert not (out / "encoder.safetensors").exists()
+
+
+def test_cli_failures_are_one_line_with_their_exit_code(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(["mae", *TINY_ARGS, f"out_dir={out}", "steps=2"]) == 0
+    good = ckpt.Checkpointer(out).latest()
+    capsys.readouterr()
+
+    def full_disk(obj, handle, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(handle))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(["mae", *TINY_ARGS, f"out_dir={out}", "steps=4"]) == 5
+    error = capsys.readouterr().err
+    assert "no space left on the device" in error and "Traceback" not in error and error.count("\n") == 1
+    assert ckpt.Checkpointer(out).latest() == good and ckpt.Checkpointer(out).load(good)["step"] == 2
+    monkeypatch.undo()
+
+    config = tmp_path / "twice.yaml"
+    config.write_text("seed: 1\nsteps: 2\nseed: 3\n")
+    assert main(["mae", "--config", str(config)]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main(["mae", "blr=nan"]) == 2
+    assert "finite" in capsys.readouterr().err
+
+
+def test_config_values_must_be_finite():
+    for key in ("blr", "lr", "clip_grad", "mask_ratio"):
+        with pytest.raises(ConfigError) as error:
+            build_config(MAEConfig, None, {key: "inf"})
+        assert error.value.key == key
+
+
+def test_all_damaged_checkpoints_stop_with_a_clear_message(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(Preempted):
+        train(make(out, sigterm_at=2))
+    for path in ckpt.Checkpointer(out).all():
+        path.write_bytes(b"garbage")
+    with pytest.raises(ckpt.CorruptCheckpoint, match="no readable checkpoint"):
+        train(make(out))
+    shutil.rmtree(out)
