@@ -12,6 +12,9 @@
 #SBATCH --cpus-per-task=96
 #SBATCH --exclusive
 #SBATCH --output=%x-%j.out
+# SIGTERM 3 minutes before the time limit: every rank checkpoints at its next step boundary and
+# exits with code 75; resubmit (or requeue) the same command to resume. Untested on a real cluster.
+#SBATCH --signal=TERM@180
 
 set -euo pipefail
 

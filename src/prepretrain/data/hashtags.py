@@ -26,11 +26,19 @@ web dataset. Three things turn raw per-image tag lists into that training signal
 The weights feed ``TrainData(weights=..., epoch_size=...)``: the loader then draws each
 epoch with a generator seeded by ``(seed, epoch)`` and splits positions across ranks, so
 resampling is deterministic, resumable and identical however the run is sharded.
+
+Shards have no random access, so they are resampled in the stream instead
+(:class:`RepeatFactors`): each sample appears ``floor(r)`` or ``ceil(r)`` times per epoch, ``r``
+its expected count under the same weights, the choice fixed by a hash of ``(seed, key)``.
+:func:`stream_statistics` gives the weight sum and the resampled prior in one pass over the
+tags without holding per-image arrays.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -401,6 +409,136 @@ def target_prior(encoded: EncodedTags, weights: torch.Tensor, vocab_size: int, l
     return torch.from_numpy(prior)
 
 
+
+# -- resampling in a stream (shards) -------------------------------------------------------
+
+
+def tag_weights(tag_counts: np.ndarray, power: float) -> np.ndarray:
+    """Per tag ``count ** -power`` (0 for tags with no image): the factors an image's weight
+    is reduced from (:func:`sampling_weights` uses the same)."""
+    if power < 0:
+        raise ValueError(f"power must be >= 0, got {power}")
+    counts = np.asarray(tag_counts, dtype=np.float64)
+    per_tag = np.zeros_like(counts)
+    used = counts > 0
+    per_tag[used] = counts[used] ** -power
+    return per_tag
+
+
+def unit_hash(seed: int, key: str) -> float:
+    """A uniform number in [0, 1) from ``(seed, key)``: the same in every process and run
+    (blake2b, not Python's per-process randomised ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode("utf-8", errors="surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+class RepeatFactors:
+    """How many times each sample appears per epoch when resampling in a stream (shards).
+
+    The stream counterpart of :func:`sampling_weights`: a sample's weight is ``w = reduce``
+    over its known tags of ``count ** -power``, its expected number of appearances per epoch
+    ``r = w * scale`` with ``scale = epoch_size / sum(w)`` over all images, and it appears
+    ``n = floor(r) + (u < frac(r))`` times, ``u`` = :func:`unit_hash` of ``(seed, key)``. So
+    ``n`` depends only on the seed, the key and the tags: the same on every rank, worker,
+    epoch and resume, and an epoch holds ``sum(n)`` samples, ``epoch_size`` in expectation,
+    with the same per-tag distribution as the weighted draw (stratified: only the fractional
+    parts are random). Images without a known tag get ``n = 0``.
+
+    A plain object (vocabulary, per-tag factors, numbers), so DataLoader workers can pickle
+    it; called on an :class:`~prepretrain.data.records.Annotation` (anything with ``key``
+    and ``hashtags``).
+    """
+
+    def __init__(self, vocab: HashtagVocab, tag_counts: np.ndarray, *, power: float = 0.5, reduce: str = "max",
+                 scale: float = 1.0, seed: int = 0):
+        if reduce not in ("max", "mean"):
+            raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
+        if len(tag_counts) != len(vocab):
+            raise ValueError(f"{len(tag_counts)} tag counts for a {len(vocab)}-tag vocabulary")
+        if not (scale >= 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a finite number >= 0, got {scale}")
+        self.vocab = vocab
+        self.per_tag = tag_weights(tag_counts, power)
+        self.power = power
+        self.reduce = reduce
+        self.scale = float(scale)
+        self.seed = int(seed)
+
+    def weight(self, known: Sequence[int]) -> float:
+        """The draw weight of an image with these known tag indices (0 without any)."""
+        if not len(known):
+            return 0.0
+        values = self.per_tag[np.asarray(known, dtype=np.int64)]
+        if values.min() <= 0:
+            raise ValueError("a tag used by an image has a count of 0; counts must come from the same images")
+        return float(values.max()) if self.reduce == "max" else float(values.sum()) / len(values)
+
+    def expected(self, annotation: Any) -> float:
+        """``r``: the sample's expected appearances per epoch."""
+        known, _ = self.vocab.encode(annotation.hashtags)
+        return self.weight(known) * self.scale
+
+    def __call__(self, annotation: Any) -> int:
+        expected = self.expected(annotation)
+        whole = math.floor(expected)
+        return int(whole) + (unit_hash(self.seed, str(annotation.key)) < expected - whole)
+
+
+@dataclass
+class StreamStatistics:
+    """What one pass over a stream's tags gives WSP (see :func:`stream_statistics`)."""
+
+    weight_sum: float  # sum of the images' draw weights
+    prior: torch.Tensor  # target_prior under the weights
+    tag_counts: np.ndarray  # images per tag
+    stats: dict[str, int]  # EncodedTags.stats() keys, plus images_with_tags_truncated
+
+
+def count_known_tags(vocab: HashtagVocab, tag_lists: Iterable[Sequence[str]]) -> tuple[np.ndarray, int]:
+    """(images per vocabulary tag, images read) from raw tag lists, one streaming pass."""
+    counts = np.zeros(len(vocab), dtype=np.int64)
+    images = 0
+    for raw_tags in tag_lists:
+        images += 1
+        known, _ = vocab.encode(raw_tags)
+        counts[known] += 1
+    return counts, images
+
+
+def stream_statistics(factors: RepeatFactors, tag_lists: Iterable[Sequence[str]], *, loss: str,
+                      max_tags: int = 0) -> StreamStatistics:
+    """One pass over every image's raw tags: the sum of the draw weights (for
+    ``RepeatFactors.scale``), the resampled :func:`target_prior`, the images per tag and the
+    coverage statistics, holding only per-tag arrays (any number of images).
+
+    ``max_tags``: also count the images with more known tags than that (0: not counted)."""
+    if loss not in ("softmax", "sigmoid"):
+        raise ValueError(f"loss must be 'softmax' or 'sigmoid', got {loss!r}")
+    size = len(factors.vocab)
+    mass = np.zeros(size, dtype=np.float64)
+    counts = np.zeros(size, dtype=np.int64)
+    total = 0.0
+    images = without = known_total = unknown_total = truncated = 0
+    for raw_tags in tag_lists:
+        images += 1
+        known, unknown = factors.vocab.encode(raw_tags)
+        unknown_total += unknown
+        known_total += len(known)
+        truncated += bool(max_tags) and len(known) > max_tags
+        if not known:
+            without += 1
+            continue
+        counts[known] += 1
+        weight = factors.weight(known)
+        total += weight
+        mass[known] += weight / len(known) if loss == "softmax" else weight
+    if total <= 0:
+        raise EmptyVocabulary(f"none of the {images} images has a tag in the {size}-tag vocabulary")
+    stats = {"images": images, "images_without_known_tag": without, "known_tag_occurrences": known_total,
+             "unknown_tag_occurrences": unknown_total, "images_with_tags_truncated": truncated}
+    return StreamStatistics(total, torch.from_numpy(mass / total), counts, stats)
+
+
 def pad_tags(indices: Sequence[int], max_tags: int) -> torch.Tensor:
     """Fixed-length tag indices (``-1`` padding) so batches collate; the dense multi-hot target
     over tens of thousands of tags is built on the device, not shipped through the loader.
@@ -419,9 +557,12 @@ __all__ = [
     "EmptyVocabulary",
     "EncodedTags",
     "HashtagVocab",
+    "RepeatFactors",
+    "StreamStatistics",
     "VocabularyMismatch",
     "build_vocab",
     "check_vocab_limits",
+    "count_known_tags",
     "encode_images",
     "image_tags",
     "load_synonyms",
@@ -429,8 +570,11 @@ __all__ = [
     "pad_tags",
     "sampling_weights",
     "source_hashtags",
+    "stream_statistics",
     "synonym_map",
     "tag_image_counts",
+    "tag_weights",
     "target_prior",
+    "unit_hash",
     "vocab_from_counts",
 ]

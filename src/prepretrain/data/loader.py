@@ -234,7 +234,8 @@ class ShardStream(IterableDataset):
         if stream.weights is not None:
             raise ValueError(
                 "weighted resampling (per-sample weights) needs random access; it is not available for shards. "
-                "Use a manifest or image folder, or write the resampled order into the shards"
+                "Resample shards in the stream instead (ShardSource.repeats, e.g. hashtags.RepeatFactors), "
+                "or use a manifest or image folder"
             )
         self.dataset = dataset
         self.stream = stream

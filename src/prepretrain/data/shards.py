@@ -48,6 +48,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
+import numpy as np
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
@@ -278,6 +279,11 @@ class ShardSource:
     ``hashtag_field`` / ``caption_field``: the ``.json`` fields that hold an image's hashtags
     (a list, or one string split on whitespace, commas or ``|``) and caption (without one,
     the ``.txt`` member is the caption), for shards that keep tags under e.g. ``"tags"``.
+
+    ``repeats`` (optional, also settable later): resampling in the stream, each sample read
+    ``repeats(annotation)`` times per epoch (WSP tail resampling,
+    :class:`~prepretrain.data.hashtags.RepeatFactors`); see the :attr:`repeats` property.
+    ``len()`` stays the number of samples; :meth:`expanded_count` is an epoch's positions.
     """
 
     def __init__(
@@ -291,6 +297,7 @@ class ShardSource:
         pixels: str = "pil",
         hashtag_field: str = "hashtags",
         caption_field: str = "caption",
+        repeats: Callable[[Annotation], int] | None = None,
     ):
         self.urls = expand_shard_spec(urls)
         if not self.urls:
@@ -310,7 +317,80 @@ class ShardSource:
         self.count_sources: list[str | None] = [None] * len(self.urls)  # per shard: one of COUNT_SOURCES
         self.class_names: dict[str, list[str]] = {}
         self.num_classes_by_task: dict[str, int] = {}
+        self._repeats: Callable[[Annotation], int] | None = None
+        self._expanded: dict[int, int] = {}  # shard -> sample positions after repeats
+        self._repeat_arrays: dict[int, np.ndarray] = {}  # shard -> repeats per sample (few-shards layout)
+        self.repeats = repeats
         self._read_index(Path(index) if index is not None else None)
+
+    # -- repeats (resampling in the stream) ------------------------------------------------
+    @property
+    def repeats(self) -> Callable[[Annotation], int] | None:
+        """Per-sample repeat count (e.g. :class:`~prepretrain.data.hashtags.RepeatFactors`), or
+        ``None`` (every sample once). A reader expands each sample into ``repeats(annotation)``
+        consecutive copies *before* its stream is cut into shuffle blocks, so the block shuffle
+        mixes the copies; 0 removes the sample without taking a position (so does a sample whose
+        annotations cannot be read). Sample positions (``skip``, :meth:`reader_count`) count
+        copies. It must depend on the annotations only (never on the epoch or reader), so a
+        shard's expanded count is a fixed number, counted once per shard from its ``json``/``txt``/
+        ``cls`` members (no image read) and kept; setting it drops those counts."""
+        return self._repeats
+
+    @repeats.setter
+    def repeats(self, repeats: Callable[[Annotation], int] | None) -> None:
+        self._repeats = repeats
+        self._expanded.clear()
+        self._repeat_arrays.clear()
+
+    def _repeat_of(self, sample: dict[str, Any]) -> int:
+        """Copies of one raw sample in the stream (1 without ``repeats``)."""
+        if self._repeats is None:
+            return 1
+        try:
+            annotation = self._annotation(sample)
+        except BadSample:
+            return 0
+        copies = int(self._repeats(annotation))
+        if copies < 0:
+            raise ValueError(f"repeats({annotation.key!r}) = {copies}; must be >= 0")
+        return copies
+
+    def _repeat_array(self, shard: int) -> np.ndarray:
+        """Copies of every sample of one shard, in order, from its annotation members only."""
+        scratch, self.skips = self.skips, SkipCounter()  # shard problems are counted when training reads it
+        try:
+            copies = [self._repeat_of(sample) for sample in self._raw_samples(shard, members=_read_annotation_members)]
+        finally:
+            self.skips = scratch
+        array = np.asarray(copies, dtype=np.int64)
+        self._expanded[shard] = int(array.sum())
+        return array
+
+    def _positions(self, shard: int) -> int | None:
+        """Sample positions of one shard in a reader's stream: its count, or with ``repeats``
+        its expanded count (counted once, kept); ``None`` when unknown (a remote shard without
+        an index and no repeats)."""
+        if self._repeats is None:
+            return self.counts[shard]
+        if shard not in self._expanded:
+            self._repeat_array(shard)
+        return self._expanded[shard]
+
+    def _kept_positions(self, shard: int, start: int, slot: int, slots: int) -> tuple[int, int]:
+        """Few-shards layout with ``repeats``: (positions of ``slot`` in this shard whose first
+        raw sample has stream index ``start``, raw samples in the shard)."""
+        array = self._repeat_arrays.get(shard)
+        if array is None:
+            array = self._repeat_arrays[shard] = self._repeat_array(shard)
+        indices = np.arange(start, start + len(array))
+        return int(array[indices % slots == slot].sum()), len(array)
+
+    def expanded_count(self) -> int:
+        """Sample positions of one epoch over all readers: ``len()`` without ``repeats``, else the
+        sum of every sample's copies (one annotation-only pass over shards not counted yet)."""
+        if self._repeats is None:
+            return len(self)
+        return sum(self._positions(shard) or 0 for shard in range(len(self.urls)))
 
     def _read_index(self, index_path: Path | None) -> None:
         explicit = index_path is not None
@@ -513,35 +593,45 @@ class ShardSource:
         if len(order) >= slots:
             # Whole shards per (rank, worker): each tar is read by exactly one reader.
             for shard in order[slot::slots]:
-                count = self.counts[shard]
+                # with repeats a shard's positions take a pass over its annotations: only when skipping
+                count = self.counts[shard] if self._repeats is None else self._positions(shard) if skip else None
                 if count is not None and skip >= count:
                     skip -= count  # resume without opening shards that were fully consumed
                     continue
                 for sample in self._raw_samples(shard, problems):
-                    if skip:
-                        skip -= 1
+                    copies = self._repeat_of(sample)
+                    if skip >= copies:
+                        skip -= copies
                         continue
-                    yield sample
+                    for _ in range(copies - skip):
+                        yield sample
+                    skip = 0
             return
         # Fewer shards than readers: every reader streams all shards and keeps every
         # slots-th sample. Reading bytes is cheap next to decoding, which only the owner does.
         start = 0
         for shard in order:
-            count = self.counts[shard]
-            if count is not None:
-                kept = _kept_in_range(start, count, slot, slots)
-                if skip >= kept:
-                    skip -= kept
-                    start += count
-                    continue
+            kept: int | None = None
+            if self._repeats is None:
+                count = self.counts[shard]
+                kept = _kept_in_range(start, count, slot, slots) if count is not None else None
+            elif skip:
+                kept, count = self._kept_positions(shard, start, slot, slots)
+            if kept is not None and skip >= kept:
+                skip -= kept
+                start += count
+                continue
             position = start
             # Every reader reads this shard; only one of them reports a problem with it.
             for sample in self._raw_samples(shard, problems if shard % slots == slot else None):
                 if position % slots == slot:
-                    if skip:
-                        skip -= 1
+                    copies = self._repeat_of(sample)
+                    if skip >= copies:
+                        skip -= copies
                     else:
-                        yield sample
+                        for _ in range(copies - skip):
+                            yield sample
+                        skip = 0
                 position += 1
             start = position
 
@@ -571,6 +661,14 @@ class ShardSource:
         (the resume of such a run pays this once per epoch it skips).
         """
         order, slot, slots = self._reader_slot(rank, world_size, worker_id, num_workers, epoch, seed, shuffle)
+        if self._repeats is not None:
+            if len(order) >= slots:
+                return sum(self._positions(shard) or 0 for shard in order[slot::slots])
+            total = start = 0
+            for shard in order:
+                kept, count = self._kept_positions(shard, start, slot, slots)
+                total, start = total + kept, start + count
+            return total
         self._ensure_counts(order if len(order) < slots else order[slot::slots])
         if len(order) < slots:
             if self.num_samples is not None:

@@ -97,6 +97,15 @@ def _scratch_skips(source: Any) -> Iterator[SkipCounter]:
         source.skips = previous
 
 
+def iter_hashtags(source: Any) -> Iterator[list[str]]:
+    """Every sample's raw tags in :func:`iter_annotations` order (shards: shard order, no image
+    read), ``[]`` for a sample whose annotations cannot be read (as
+    :func:`~prepretrain.data.hashtags.source_hashtags`); the source's own ``skips`` are left alone."""
+    with _scratch_skips(source):
+        for outcome in iter_annotations(source):
+            yield [] if isinstance(outcome, BadSample) else list(outcome.hashtags)
+
+
 # -- counting hashtags in one pass ----------------------------------------------------------------
 
 
@@ -577,6 +586,7 @@ __all__ = [
     "count_hashtags",
     "describe_source",
     "iter_annotations",
+    "iter_hashtags",
     "write_shards",
     "write_synthetic",
 ]

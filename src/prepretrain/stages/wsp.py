@@ -6,6 +6,16 @@ training data, with tail tags resampled. Everything about vocabularies, targets 
 resampling lives in :mod:`prepretrain.data.hashtags`; the head, losses and tag-prediction
 metrics in :mod:`prepretrain.models.heads`.
 
+Data: a manifest, folder or the synthetic set is resampled by the loader's weighted draw
+(per-image weights, at most ``MAX_WEIGHTED_IMAGES`` images). WebDataset shards, which have no
+random access, are resampled in the stream instead: every sample appears a fixed number of
+times per epoch (``RepeatFactors``: floor or ceil of its expected count, from the seed and its
+key), expanded by the shard readers before their block shuffle (``ShardSource.repeats``), with
+the same per-tag distribution in expectation, no size limit, and exact resume. The vocabulary,
+weights and prior then come from annotation-only passes over the shards (no image decoded).
+A ``val`` split of shards (``data=DIR`` with ``train/`` and ``val/``) is evaluated on its first
+``eval_images`` samples in shard order (whole evaluation batches: up to a batch more).
+
 Run directory additions: ``vocab.json`` (written before the first step and reused on resume,
 so the head's rows always have names), ``encoder.safetensors`` (timm keys, no head: every
 consumer of MAE encoders takes a WSP run the same way), ``head.safetensors``
@@ -33,18 +43,21 @@ from ..config import ConfigError, TrainConfig
 from ..data.hashtags import (
     EncodedTags,
     HashtagVocab,
+    RepeatFactors,
     build_vocab,
+    count_known_tags,
     encode_images,
     pad_tags,
     sampling_weights,
     source_hashtags,
+    stream_statistics,
     tag_image_counts,
     target_prior,
 )
 from ..data.loader import RecordDataset, eval_loader, open_stage_data
 from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
-from ..data.tools import tag_aliases
+from ..data.tools import build_vocab_streaming, iter_hashtags, tag_aliases
 from ..data.transforms import decode_hint, eval_transform
 from ..models.checkpoints import (
     CheckpointMismatch,
@@ -69,7 +82,7 @@ from ..models.vit import check_model_and_size, create_vit, forward_flops, vit_sh
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
 
-MAX_WEIGHTED_IMAGES = 2**24  # torch.multinomial's limit on categories (the loader's weighted draw)
+MAX_WEIGHTED_IMAGES = 2**24  # torch.multinomial's limit on categories (the loader's weighted draw; not shards)
 
 
 @dataclass
@@ -147,14 +160,21 @@ class HashtagTransform:
 
 @dataclass
 class HashtagData:
-    """What the stage derives from the training split before building anything."""
+    """What the stage derives from the training split before building anything.
+
+    Map-style sources (manifests, folders, the synthetic set) keep every image's encoded tags
+    and a draw weight per image; shards keep per-tag arrays only and resample in the stream
+    (``repeats``, set on the source)."""
 
     source: Any
     vocab: HashtagVocab
-    encoded: EncodedTags
-    weights: torch.Tensor  # per image, float64
     tag_counts: np.ndarray  # training images per tag (the most-frequent-tag baseline ranks by it)
     prior: torch.Tensor  # best constant prediction under resampling (head bias init)
+    stats: dict[str, int]  # images, images_without_known_tag, known/unknown_tag_occurrences, ..._truncated
+    encoded: EncodedTags | None = None  # map-style sources: every image's known tags
+    weights: torch.Tensor | None = None  # map-style sources: per image draw weight, float64
+    repeats: RepeatFactors | None = None  # shards: copies of each sample per epoch
+    positions: int = 0  # shards: samples of one epoch after resampling (the sum of the copies)
 
 
 class FirstRecords:
@@ -189,42 +209,52 @@ class WSPStage(Stage):
             overrides["depth"] = self.cfg.depth
         return overrides
 
-    def _choose_vocab(self, source: Any, run: Run) -> HashtagVocab:
+    def _choose_vocab(self, source: Any, run: Run) -> tuple[HashtagVocab, bool]:
         """Resume -> the run's own vocab.json; ``vocab=`` -> that file (with its own synonyms,
-        else ``tag_synonyms``); otherwise built from the training tags."""
+        else ``tag_synonyms``); otherwise built from the training tags (shards: in one streaming
+        pass that decodes no image). Also says whether the vocabulary was just built, exactly,
+        from these images (its counts are then the images per tag)."""
         cfg = self.cfg
         saved = run.path(VOCAB_FILE)
         if run.resuming and saved.is_file():
-            return HashtagVocab.load(saved)
+            return HashtagVocab.load(saved), False
         aliases = tag_aliases(source, cfg.tag_synonyms)
         if cfg.vocab:
             vocab = HashtagVocab.load(cfg.vocab)
             if not vocab.aliases and aliases:
                 kept = {alias: tag for alias, tag in aliases.items() if tag in vocab.index and alias not in vocab.index}
                 vocab = HashtagVocab(vocab.tags, vocab.counts, vocab.info, kept)
-            return vocab
+            return vocab, False
+        if not hasattr(source, "get"):
+            vocab = build_vocab_streaming(source, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
+                                          aliases=aliases)
+            return vocab, not vocab.info.get("approximate", False)
         return build_vocab(source_hashtags(source), min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
-                           aliases=aliases)
+                           aliases=aliases), True
 
     def prepare(self, run: Run) -> HashtagData:
-        """Open the training split, fix the vocabulary, encode every image's tags and derive
-        the sampling weights (done once; the same on every rank because it is deterministic)."""
+        """Open the training split, fix the vocabulary and derive the resampling (done once;
+        the same on every rank because it is deterministic).
+
+        Map-style sources: every image's tags are encoded and weighted for the loader's
+        weighted draw. Shards (no random access): each sample's copies per epoch come from
+        :class:`~prepretrain.data.hashtags.RepeatFactors`, set on the source so its readers
+        expand the stream (see ``ShardSource.repeats``); see :meth:`_prepare_stream`."""
         if self._data is not None:
             return self._data
         cfg = self.cfg
         source = open_stage_data(cfg, "train", pixels=self.pixels.pixels,
                                  min_size_hint=decode_hint(cfg.image_size, cfg.min_crop_scale))
         if not hasattr(source, "get"):
-            raise ValueError(
-                f"data={cfg.data} is a streaming (WebDataset) source; WSP resampling needs random access: "
-                "point data= at a manifest or image folder with hashtags"
-            )
+            self._data = self._prepare_stream(source, run)
+            return self._data
         if len(source) > MAX_WEIGHTED_IMAGES:
             raise ValueError(
                 f"{len(source)} training images: weighted resampling draws from at most {MAX_WEIGHTED_IMAGES} "
-                "images per source (torch.multinomial); split the manifest into parts"
+                "images per source (torch.multinomial); split the manifest into parts, or write shards "
+                "(`prepretrain data shards`), which resample in the stream without that limit"
             )
-        vocab = self._choose_vocab(source, run)
+        vocab, _ = self._choose_vocab(source, run)
         encoded = encode_images(vocab, source_hashtags(source))
         if encoded.images_without_known_tag == len(encoded):
             raise ValueError(
@@ -233,11 +263,51 @@ class WSPStage(Stage):
         tag_counts = tag_image_counts(encoded, len(vocab))
         weights = sampling_weights(encoded, tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce)
         prior = target_prior(encoded, weights, len(vocab), cfg.loss)
+        stats = {**encoded.stats(), "images_with_tags_truncated": int((encoded.num_tags > cfg.max_tags).sum())}
         vocab.info = {**vocab.info, "data": cfg.data, **encoded.stats()}
         if run.is_main:
             vocab.save(run.path(VOCAB_FILE))
-        self._data = HashtagData(source, vocab, encoded, weights, tag_counts, prior)
+        self._data = HashtagData(source, vocab, tag_counts, prior, stats, encoded=encoded, weights=weights)
         return self._data
+
+    def _prepare_stream(self, source: Any, run: Run) -> HashtagData:
+        """Shards: resampling as per-sample copies in the stream, from annotation-only passes
+        (no image is decoded; memory holds per-tag arrays and per-shard counts, not per-image ones):
+
+        1. the vocabulary (built by streaming unless it is given or resumed); when it is not
+           freshly and exactly built from these images, a pass counts the images per tag, so the
+           weights always use this data's counts, as on map-style sources;
+        2. one pass for the sum of the draw weights, the resampled target prior, the images per
+           tag and the coverage statistics;
+        3. the source counts each shard's copies (its readers' sample positions, for resume),
+           giving the samples of one resampled epoch (``epoch_size`` in expectation).
+        """
+        cfg = self.cfg
+        vocab, exact = self._choose_vocab(source, run)
+        images = None
+        if exact:
+            tag_counts = np.asarray(vocab.counts, dtype=np.int64)
+        else:
+            tag_counts, images = count_known_tags(vocab, iter_hashtags(source))
+        if not tag_counts.any():
+            raise ValueError(f"none of the {images if images is not None else len(source)} training images "
+                             f"has a tag in the {len(vocab)}-tag vocabulary")
+        factors = RepeatFactors(vocab, tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce,
+                                seed=cfg.seed)
+        statistics = stream_statistics(factors, iter_hashtags(source), loss=cfg.loss, max_tags=cfg.max_tags)
+        epoch_size = cfg.epoch_size or statistics.stats["images"]
+        factors.scale = epoch_size / statistics.weight_sum
+        source.repeats = factors
+        positions = source.expanded_count()
+        if positions == 0:
+            raise ValueError(f"resampling {statistics.stats['images']} training images to an epoch of {epoch_size} "
+                             "drew none; raise epoch_size")
+        coverage = {k: v for k, v in statistics.stats.items() if k != "images_with_tags_truncated"}
+        vocab.info = {**vocab.info, "data": cfg.data, **coverage}
+        if run.is_main:
+            vocab.save(run.path(VOCAB_FILE))
+        return HashtagData(source, vocab, statistics.tag_counts, statistics.prior, statistics.stats,
+                           repeats=factors, positions=positions)
 
     # ------------------------------------------------------------------------------ model
     def build_model(self, run: Run) -> nn.Module:
@@ -279,8 +349,11 @@ class WSPStage(Stage):
         cfg = self.cfg
         data = self.prepare(run)
         transform = HashtagTransform(data.vocab, self.pixels.sample, cfg.max_tags)
-        return TrainData(RecordDataset(data.source, transform, batch_transform=self.pixels.batch), len(data.source),
-                         weights=data.weights, epoch_size=cfg.epoch_size or len(data.source),
+        dataset = RecordDataset(data.source, transform, batch_transform=self.pixels.batch)
+        epoch_size = cfg.epoch_size or data.stats["images"]
+        if data.weights is None:  # shards: the stream itself is resampled (ShardSource.repeats)
+            return TrainData(dataset, data.positions, epoch_size=epoch_size, device_transform=self.pixels.device)
+        return TrainData(dataset, len(data.source), weights=data.weights, epoch_size=epoch_size,
                          device_transform=self.pixels.device)
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -297,13 +370,21 @@ class WSPStage(Stage):
         return 3 * (forward_flops(shape, img_size=cfg.image_size) + 2 * shape.embed_dim * num_tags)
 
     # ------------------------------------------------------------------------- evaluation
-    def _val_source(self) -> Any | None:
+    def _val_source(self, train_source: Any) -> Any | None:
+        """The held-out split: a map source, or shards other than the training shards (a
+        directory of shards without split folders opens as the same shards for every split,
+        which must never be evaluated as held-out data)."""
         cfg = self.cfg
         try:
             source = open_stage_data(cfg, "val")
         except (FileNotFoundError, KeyError, ValueError):
             return None
-        return source if hasattr(source, "get") and len(source) else None
+        if hasattr(source, "get"):
+            return source if len(source) else None
+        urls = getattr(source, "urls", None)
+        if hasattr(source, "iter_outcomes") and urls and urls != getattr(train_source, "urls", None):
+            return source
+        return None
 
     def evaluate(self, model: nn.Module, run: Run) -> dict[str, float]:
         """Held-out tag prediction: precision@1/@5 and mAP beside the most-frequent-tag baseline;
@@ -311,19 +392,25 @@ class WSPStage(Stage):
         cfg = self.cfg
         data = self.prepare(run)
         results: dict[str, float] = {
-            "train_images_without_known_tag": data.encoded.images_without_known_tag,
-            "train_unknown_tag_occurrences": data.encoded.unknown_occurrences,
+            "train_images_without_known_tag": data.stats["images_without_known_tag"],
+            "train_unknown_tag_occurrences": data.stats["unknown_tag_occurrences"],
         }
-        source = self._val_source()
+        source = self._val_source(data.source)
         if source is None:
             return results
-        if cfg.eval_images and len(source) > cfg.eval_images:
+        streamed = not hasattr(source, "get")  # shards: the first eval_images samples in shard order
+        if not streamed and cfg.eval_images and len(source) > cfg.eval_images:
             source = FirstRecords(source, cfg.eval_images)
+        batch_size = min(cfg.eval_batch_size, cfg.eval_images) if streamed and cfg.eval_images else cfg.eval_batch_size
         transform = HashtagTransform(data.vocab, eval_transform(cfg.image_size), cfg.max_tags)
         scores, targets = [], []
         skipped: dict[str, int] = {}
+        seen = 0
         with torch.no_grad():
-            for batch in eval_loader(RecordDataset(source, transform), batch_size=cfg.eval_batch_size):
+            for batch in eval_loader(RecordDataset(source, transform), batch_size=batch_size):
+                if streamed and cfg.eval_images and seen >= cfg.eval_images:
+                    break
+                seen += batch.get("_seen", 0)
                 for reason, _ in batch.pop("_skipped", []):
                     skipped[reason] = skipped.get(reason, 0) + 1
                 if "image" not in batch:
@@ -353,7 +440,7 @@ class WSPStage(Stage):
         run.save_weights(ENCODER_FILE, encoder, metadata)
         save_head(run.path(HEAD_FILE), model, metadata={"loss": cfg.loss, "model": cfg.model})
         data.vocab.save(run.path(VOCAB_FILE))
-        truncated = int((data.encoded.num_tags > cfg.max_tags).sum())
+        stats = data.stats
         return {
             "encoder": str(run.path(ENCODER_FILE)),
             "head": str(run.path(HEAD_FILE)),
@@ -361,11 +448,12 @@ class WSPStage(Stage):
             "model": cfg.model,
             "vocab_size": len(data.vocab),
             "loss_type": cfg.loss,
-            "train_images": len(data.encoded),
-            "train_images_without_known_tag": data.encoded.images_without_known_tag,
-            "train_unknown_tag_occurrences": data.encoded.unknown_occurrences,
-            "train_known_tag_occurrences": data.encoded.known_occurrences,
-            "train_images_with_tags_truncated": truncated,
+            "train_images": stats["images"],
+            "train_images_without_known_tag": stats["images_without_known_tag"],
+            "train_unknown_tag_occurrences": stats["unknown_tag_occurrences"],
+            "train_known_tag_occurrences": stats["known_tag_occurrences"],
+            "train_images_with_tags_truncated": stats["images_with_tags_truncated"],
+            **({"train_samples_per_epoch": data.positions} if data.repeats is not None else {}),
         }
 
 
