@@ -559,3 +559,14 @@ def test_augmented_lit_trains_through_the_stage_decode_paths(tmp_path, decode):
     results = train(LiTStage(_lit_config(tmp_path, augment="true", decode=decode, steps=2, num_images=100)))
     assert results["features_cached"] is False
     assert math.isfinite(results["final_loss"])
+
+
+def test_accumulation_that_would_shrink_the_contrastive_batch_is_refused(tmp_path):
+    from prepretrain.stages.lit import LiTStage
+    from prepretrain.train.engine import train
+
+    cfg = _lit_config(tmp_path, batch_size=64, micro_batch_size=16, steps=1)
+    with pytest.raises(ConfigError) as error:
+        train(LiTStage(cfg))
+    assert error.value.key == "micro_batch_size" and "4 separate batches of 16" in str(error.value)
+    assert not (tmp_path / "lit" / "checkpoints").exists()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import TrainConfig, dump_config
+from ..config import ConfigError, TrainConfig, dump_config
 from ..data.loader import SampleStream, train_loader
 from ..data.records import BadSample, SkipCounter
 from .checkpoint import Checkpointer, CorruptCheckpoint, load_training_state, save_training_state
@@ -77,6 +77,9 @@ class Stage(ABC):
 
     name = "stage"
     select_on: str = ""
+    # True when the loss compares the samples of a step with each other (LiT's contrastive loss):
+    # gradient accumulation would then silently shrink the batch, so the loop refuses it.
+    whole_batch_loss: bool = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -163,7 +166,7 @@ def train(stage: Stage) -> dict[str, Any]:
                 outcome = trainer.step(step, stop)
                 trainer.log(step + 1, outcome)
                 trainer.evaluate_and_save(step + 1)
-                if outcome.stop:
+                if outcome.stop and step + 1 < trainer.total_steps:  # at the last step: just finish
                     trainer.stop_for_signal(step + 1, stop.name)
         return trainer.finish()
     except Preempted:
@@ -263,6 +266,16 @@ class Trainer:
             raise ValueError(
                 f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x {info.world_size} ranks"
             )
+        accum = cfg.batch_size // (micro * info.world_size)
+        if stage.whole_batch_loss and accum > 1:
+            raise ConfigError(
+                "micro_batch_size",
+                f"the {stage.name} loss compares the samples of one step with each other: batch_size "
+                f"{cfg.batch_size} from micro-batches of {micro} on {info.world_size} rank(s) would accumulate "
+                f"{accum} separate batches of {micro * info.world_size}. Set micro_batch_size="
+                f"{cfg.batch_size // info.world_size} (if it fits) or batch_size={micro * info.world_size}, or "
+                "use more ranks; accumulation over one global contrastive batch is not implemented yet",
+            )
         model = stage.build_model(run).to(device)
         if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
@@ -297,8 +310,8 @@ class Trainer:
             start_position=start_step * cfg.batch_size, weights=data.weights, epoch_size=data.epoch_size,
         )
         loader = iter(train_loader(data.dataset, stream, cfg.num_workers, pin_memory=device.type == "cuda"))
-        return cls(stage, cfg, info, run, model, trained, precision, data, optimizer, loader, micro,
-                   cfg.batch_size // (micro * info.world_size), epoch_size, total_steps, warmup_steps, start_step,
+        return cls(stage, cfg, info, run, model, trained, precision, data, optimizer, loader, micro, accum, epoch_size,
+                   total_steps, warmup_steps, start_step,
                    progress=progress_bar(run.is_main and cfg.progress, start_step, total_steps, stage.name),
                    flops=stage.flops_per_sample(), peak_tflops=detect_peak_tflops(device))
 
