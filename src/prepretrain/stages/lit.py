@@ -5,7 +5,8 @@ from ``encoder=`` (an MAE/WSP run directory, an encoder file, a MAWS or LiT chec
 frozen; a text tower (``text_micro`` for CPU work, ``xlmr_base``/``xlmr_large`` as MAWS);
 projections and temperature. Data: image-caption pairs (the synthetic captions by default;
 any source whose records carry ``caption``). Loss: the symmetric CLIP loss over the global
-batch (``micro_batch_size`` x ranks; accumulation steps are separate contrastive batches).
+batch (``micro_batch_size`` x ranks); a config that would accumulate gradients over several
+contrastive batches is refused (``Stage.whole_batch_loss``) rather than silently shrinking them.
 
 The frozen tower is why LiT is cheap, and this stage takes the rest of the gain: without
 augmentation an image's tower features never change, so with ``cache_features=auto`` they
@@ -189,6 +190,7 @@ def image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 class LiTStage(Stage):
     name = "lit"
+    whole_batch_loss = True  # the contrastive batch must be the global batch
     cfg: LiTConfig
 
     def __init__(self, cfg: LiTConfig):
