@@ -179,3 +179,52 @@ def test_paper_recipes_parse(path, mae_run):
     assert cfg.global_pool == "token" and cfg.batch_size == 1024 and cfg.image_size in (512, 518)
     assert cfg.mixup == 0.8 and cfg.cutmix == 1.0 and cfg.label_smoothing == 0.1 and cfg.random_erasing == 0.25
     assert cfg.layer_decay == (0.65 if cfg.model == "vit_b16" else 0.75)
+
+
+def _non_square_image():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(60, 90, 3), dtype=np.uint8))  # 90 wide, 60 high
+
+
+def test_eval_crop_choices_give_the_named_transforms():
+    from torchvision import transforms as T
+
+    from prepretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform
+
+    image, size = _non_square_image(), 48
+    bicubic = T.InterpolationMode.BICUBIC
+    tail = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    full = T.Compose([T.Resize(size, interpolation=bicubic), T.CenterCrop(size), *tail])(image)
+    torch.testing.assert_close(crop_eval_transform(size, "1.0")(image), full, rtol=0, atol=0)
+    squash = crop_eval_transform(size, "squash")(image)
+    plain = T.Compose([T.Resize((size, size), interpolation=bicubic), *tail])(image)
+    assert squash.shape == (3, size, size)
+    torch.testing.assert_close(squash, plain, rtol=0, atol=0)
+    assert not torch.equal(squash, full)  # a non-square image: squashing is not cropping
+    half = T.Compose([T.Resize(96, interpolation=bicubic), T.CenterCrop(size), *tail])(image)
+    torch.testing.assert_close(crop_eval_transform(size, "0.5")(image), half, rtol=0, atol=0)
+    for large in (32, 224):  # auto = today's evaluation transform, small images included
+        torch.testing.assert_close(crop_eval_transform(large, "auto")(image), eval_transform(large)(image))
+
+
+def test_eval_crop_default_and_validation():
+    assert FinetuneConfig().eval_crop == "auto"
+    for good in ("auto", "squash", "0.875", "1"):
+        build_config(FinetuneConfig, None, {"eval_crop": good})
+    for bad in ("0", "1.5", "-0.2", "nan", "crop"):
+        with pytest.raises(ConfigError, match="eval_crop"):
+            build_config(FinetuneConfig, None, {"eval_crop": bad})
+
+
+def test_finetune_evaluation_uses_the_eval_crop(monkeypatch):
+    import prepretrain.stages.finetune as finetune
+
+    asked = []
+    real = finetune.crop_eval_transform
+    monkeypatch.setattr(finetune, "crop_eval_transform", lambda size, crop: asked.append(crop) or real(size, crop))
+    cfg = build_config(FinetuneConfig, None, {**TINY, "eval_crop": "squash", "device": "cpu"})
+    stage = FinetuneStage(cfg)
+    scores = stage._accuracy(lambda images: torch.zeros(len(images), 10), "val", torch.device("cpu"))
+    assert asked == ["squash"] and scores

@@ -1,6 +1,7 @@
 """The pipeline: jobs cached by config, same seed -> same numbers, report with plots, paper plans."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -113,3 +114,67 @@ def test_pipeline_config_mistakes_name_the_key():
 def test_results_json_is_valid(tmp_path):
     cfg = build_config(PipelineConfig, None, {"out_dir": str(tmp_path)})
     assert json.loads(json.dumps([job.values for job in plan_jobs(cfg)]))
+
+
+def test_per_stage_data_keys_reach_their_jobs(tmp_path):
+    overrides = {**TINY, "out_dir": str(tmp_path), "mae_data": "/m", "wsp_data": "/w", "lit_data": "/l",
+                 "eval_data": "/e", "evaluations": "probe,zeroshot,finetune"}
+    jobs = plan_jobs(build_config(PipelineConfig, None, overrides))
+    by_kind = {}
+    for job in jobs:
+        by_kind.setdefault(job.kind, set()).add(job.values["data"])
+    assert by_kind == {"mae": {"/m"}, "wsp": {"/w"}, "lit": {"/l"}, "zeroshot": {"/e"}, "frozen": {"/e"},
+                       "finetune": {"/e"}}
+    default = plan_jobs(build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path), "data": "/d"}))
+    assert {job.values["data"] for job in default} == {"/d"}
+    only_mae = plan_jobs(build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path), "mae_data": "/m"}))
+    assert {job.kind for job in only_mae if job.values["data"] == "/m"} == {"mae"}
+
+
+def test_missing_eval_data_fails_before_any_job_runs(tmp_path):
+    out = tmp_path / "out"
+    cfg = build_config(PipelineConfig, None, {**TINY, "out_dir": str(out), "eval_data": str(tmp_path / "absent")})
+    with pytest.raises(ConfigError, match="eval_data") as caught:
+        run_pipeline(cfg)
+    assert str(tmp_path / "absent") in str(caught.value)
+    assert not out.exists()  # nothing written, no job directory made
+
+
+def test_eval_folder_without_the_tasks_labels_fails_naming_eval_data(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "labelled"
+    for split in ("train", "val"):
+        for name in ("ring", "star"):
+            (folder / split / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / split / name / "0.png")
+    cfg = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "out"), "eval_data": str(folder)})
+    with pytest.raises(ConfigError, match="eval_data.*coarse"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "out").exists()
+    labelled = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "out"), "eval_data": str(folder),
+                                                   "tasks": "label", "evaluations": "probe"})
+    from prepretrain.pipeline import pre_flight
+
+    checks = pre_flight(labelled)
+    assert [(c.key, c.task, c.sizes, c.num_classes) for c in checks] == [
+        ("data", "", {"train": 120}, 0), ("eval_data", "label", {"train": 2, "val": 2, "test": 2}, 2)]
+
+
+def test_missing_stage_data_names_its_key(tmp_path):
+    cfg = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "out"),
+                                              "wsp_data": str(tmp_path / "no_such_wsp")})
+    with pytest.raises(ConfigError, match="wsp_data"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_lists_the_data_sources_with_their_sizes(tmp_path):
+    cfg = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path), "tasks": "coarse,fine"})
+    plan = dry_run(cfg)
+    assert "data=synthetic: train 120" in plan
+    assert re.search(r"data=synthetic task=coarse: train 120, val \d+, test \d+, 10 classes", plan)
+    assert "data=synthetic task=fine: train 120" in plan
+    missing = dry_run(build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path),
+                                                          "eval_data": str(tmp_path / "gone")}))
+    assert f"eval_data={tmp_path / 'gone'} task=coarse: NOT USABLE" in missing  # planned anyway

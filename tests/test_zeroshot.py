@@ -12,7 +12,9 @@ from prepretrain.config import ConfigError, build_config
 from prepretrain.evaluate.metrics import topk_hits
 from prepretrain.evaluate.zeroshot import (
     ZeroShotConfig,
+    article_fix_for,
     build_classifier,
+    check_article_fix,
     default_templates,
     fill_template,
     read_class_names,
@@ -56,11 +58,52 @@ def test_templates_file_and_the_shipped_set(tmp_path):
     assert all(t.count("{}") == 1 for t in shipped)
 
 
-def test_templates_use_an_before_vowels():
-    assert fill_template("a photo of a {}.", "oval") == "a photo of an oval."
-    assert fill_template("a photo of a {}.", "ring") == "a photo of a ring."
-    assert fill_template("A {} on a table", "egg") == "An egg on a table"
-    assert fill_template("the {}", "apple") == "the apple"
+def test_templates_use_an_before_vowels_when_asked():
+    assert fill_template("a photo of a {}.", "oval", article_fix=True) == "a photo of an oval."
+    assert fill_template("a photo of a {}.", "ring", article_fix=True) == "a photo of a ring."
+    assert fill_template("A {} on a table", "egg", article_fix=True) == "An egg on a table"
+    assert fill_template("the {}", "apple", article_fix=True) == "the apple"
+
+
+def test_templates_are_filled_verbatim_by_default():
+    assert fill_template("a photo of a {}.", "apple") == "a photo of a apple."
+    assert fill_template("A {} on a table", "egg") == "A egg on a table"
+
+
+def test_article_fix_setting_auto_means_the_shipped_set_only():
+    assert article_fix_for("auto", "") is True  # the shipped set is written with the fix in mind
+    assert article_fix_for("auto", "my_templates.txt") is False
+    assert article_fix_for("true", "my_templates.txt") is True
+    assert article_fix_for("false", "") is False
+    assert ZeroShotConfig().article_fix == "auto"
+    check_article_fix("article_fix", "True")  # a YAML boolean read as a string
+    with pytest.raises(ConfigError, match="article_fix"):
+        check_article_fix("article_fix", "sometimes")
+
+
+def test_user_templates_file_is_filled_exactly_unless_article_fix(tmp_path, monkeypatch):
+    import prepretrain.evaluate.zeroshot as zeroshot
+
+    templates = tmp_path / "templates.txt"
+    templates.write_text("# mine\na photo of a {}.\n")
+    seen: list[str] = []
+
+    class Recorder:
+        def __call__(self, prompts):
+            seen.extend(prompts)
+            return torch.zeros(len(prompts), 4, dtype=torch.long)
+
+    class Model:
+        def encode_texts(self, tokens, normalize=True):
+            return torch.ones(len(tokens), 3)
+
+    for setting, expected in (("auto", "a photo of a apple."), ("false", "a photo of a apple."),
+                              ("true", "a photo of an apple.")):
+        seen.clear()
+        fix = zeroshot.article_fix_for(setting, str(templates))
+        zeroshot.build_classifier(Model(), Recorder(), [["apple"]], zeroshot.read_templates(templates),
+                                  article_fix=fix)
+        assert seen == [expected]
 
 
 def _tiny_model():

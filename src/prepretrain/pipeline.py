@@ -6,6 +6,11 @@ transfer suite: linear probe, kNN, low-shot 1/5/10, zero-shot (where a text towe
 short finetune. Each job is cached by a hash of its resolved config (and of the jobs it reads),
 so a rerun skips what is done and an interrupted pipeline resumes where it stopped (training
 stages also resume mid-run from their checkpoints).
+
+Data: ``data`` feeds pretraining unless a stage has its own (``mae_data``, ``wsp_data``,
+``lit_data``); ``eval_data`` feeds the transfer suite (empty = ``data``). Before any job runs,
+:func:`pre_flight` opens every source the plan reads and stops with a ``ConfigError`` naming the
+pipeline key and the path when one is missing or lacks what its jobs need (a task's labels).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, build_config, config_to_dict, dump_config
+from .data.loader import open_data
+from .evaluate.common import open_eval_data
 from .evaluate.runner import evaluate_encoder
+from .evaluate.zeroshot import ZeroShotConfig
 from .files import write_json, write_text
 from .pipeline_report import write_pipeline_report
 from .plan import plan_config_from, plan_run
@@ -37,6 +45,9 @@ class PipelineConfig:
     out_dir: str = "runs/pipeline"
     seeds: tuple[int, ...] = (0, 1)
     data: str = "synthetic"  # pretraining images (MAE, WSP, LiT captions)
+    mae_data: str = ""  # MAE's images; empty = data
+    wsp_data: str = ""  # WSP's images with hashtags; empty = data
+    lit_data: str = ""  # LiT's image-caption pairs; empty = data
     eval_data: str = ""  # transfer datasets (labelled splits); empty = data
     num_images: int = 2000
     model: str = "vit_micro4"
@@ -108,6 +119,7 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
         if not recipe:
             values.update(demo)
             values["steps"] = steps
+        values["data"] = stage_data(cfg, kind)[1]
         return Job(name, kind, values, config_file=recipe)
 
     for seed in cfg.seeds:
@@ -130,7 +142,8 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                 jobs.append(lit)
                 zs = Job(f"{s}/eval/{label}/zeroshot", "zeroshot",
                          {"model": str(out / f"{s}/lit_{label}"), "out_dir": str(out / f"{s}/eval/{label}/zeroshot"),
-                          "data": eval_data, "device": cfg.device, "num_images": cfg.num_images},
+                          "data": eval_data, "task": cfg.tasks[0], "device": cfg.device,
+                          "num_images": cfg.num_images},
                          deps=[f"{s}/lit_{label}"])
                 jobs.append(zs)
         frozen = tuple(e for e in ("probe", "knn", "lowshot") if e in cfg.evaluations)
@@ -156,6 +169,91 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                               "deps": [by_name[d].key for d in job.deps if d in by_name]}, sort_keys=True)
         job.key = hashlib.sha256(payload.encode()).hexdigest()[:16]
     return jobs
+
+
+def stage_data(cfg: PipelineConfig, kind: str) -> tuple[str, str]:
+    """(pipeline key, data) a job of ``kind`` reads: its own key when set, else ``data``."""
+    key = {"mae": "mae_data", "wsp": "wsp_data", "lit": "lit_data"}.get(kind, "eval_data")
+    return (key, getattr(cfg, key)) if getattr(cfg, key) else ("data", cfg.data)
+
+
+# ------------------------------------------------------------------------------ pre-flight
+@dataclass
+class DataCheck:
+    """One data source of the plan, as :func:`pre_flight` opened it."""
+
+    key: str  # the pipeline key it comes from
+    path: str
+    task: str = ""  # evaluation sources: the label task the jobs read
+    sizes: dict[str, int] = field(default_factory=dict)  # split/role -> images (shards: "shards" -> files)
+    num_classes: int = 0
+    error: str = ""
+
+    def describe(self) -> str:
+        task = f" task={self.task}" if self.task else ""
+        where = f"{self.key}={self.path}{task}"
+        if self.error:
+            return f"{where}: NOT USABLE: {self.error}"
+        sizes = ", ".join(f"{role} {count:,}" for role, count in self.sizes.items())
+        classes = f", {self.num_classes} classes" if self.num_classes else ""
+        return f"{where}: {sizes}{classes}"
+
+
+def planned_sources(cfg: PipelineConfig, jobs: list[Job]) -> list[DataCheck]:
+    """Every (pipeline key, data, task) the jobs read, once each, in plan order."""
+    seen: dict[tuple[str, str, str], DataCheck] = {}
+    for job in jobs:
+        data = job.values.get("data", "")
+        if job.kind in ("mae", "wsp", "lit"):
+            entry = (stage_data(cfg, job.kind)[0], data, "")
+        elif job.kind == "zeroshot":
+            entry = (stage_data(cfg, "eval")[0], data, job.values.get("task") or ZeroShotConfig.task)
+        else:  # frozen evaluations and finetuning
+            entry = (stage_data(cfg, "eval")[0], data, job.values["task"])
+        seen.setdefault(entry, DataCheck(*entry))
+    return list(seen.values())
+
+
+def pre_flight(cfg: PipelineConfig, jobs: list[Job] | None = None, strict: bool = True) -> list[DataCheck]:
+    """Open every data source the plan reads: pretraining sources with ``open_data`` (train split),
+    evaluation sources with ``open_eval_data`` per label task. ``strict``: the first unusable
+    source raises a ``ConfigError`` naming its pipeline key and path; otherwise it is returned
+    with ``error`` set (a dry run plans without the data at hand)."""
+    checks = planned_sources(cfg, plan_jobs(cfg) if jobs is None else jobs)
+    for check in checks:
+        try:
+            _open_check(cfg, check)
+        except (ConfigError, OSError, ValueError, KeyError) as error:
+            message = str(error)
+            if isinstance(error, ConfigError):  # the stage's own key means nothing at pipeline level
+                message = message.removeprefix(f"config key '{error.key}': ")
+            check.error = message
+            if strict:
+                raise ConfigError(check.key, f"{check.path}: {message}") from None
+    return checks
+
+
+def _open_check(cfg: PipelineConfig, check: DataCheck) -> None:
+    if check.task:
+        data = open_eval_data(check.path, check.task, cfg.image_size, cfg.num_images)
+        check.sizes = {role: len(data.sources[role]) for role in ("train", "val", "test")}
+        check.num_classes = data.num_classes
+        for role, count in check.sizes.items():
+            if count == 0:
+                raise ValueError(f"the {data.split_names[role]} split has no images")
+        return
+    source = open_data(check.path, split="train", image_size=cfg.image_size, num_images=cfg.num_images)
+    urls = getattr(source, "urls", None)
+    if urls is not None:  # shards: their files, not a count (that could read every tar header)
+        local = [url for url in urls if "://" not in url and not url.startswith("pipe:")]
+        missing = [url for url in local if not Path(url).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
+        check.sizes = {"shards": len(urls)}
+        return
+    check.sizes = {"train": len(source)}
+    if not check.sizes["train"]:
+        raise ValueError("no images found")
 
 
 def _file_text(path: str) -> str:
@@ -190,11 +288,14 @@ def run_job(job: Job) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
-    """Run every job not already done with the same key, then write the report."""
+    """Check every data source (:func:`pre_flight`), run every job not already done with the same
+    key, then write the report."""
+    jobs = plan_jobs(cfg)
+    for check in pre_flight(cfg, jobs):
+        print(f"[pipeline] data {check.describe()}", flush=True)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "pipeline.yaml", dump_config(cfg))
-    jobs = plan_jobs(cfg)
     for job in jobs:
         if not job.deps:
             build_job_config(job)  # config mistakes surface before any compute (jobs reading others: at their turn)
@@ -243,6 +344,8 @@ def dry_run(cfg: PipelineConfig) -> str:
     lines = [f"pipeline plan: {len(cfg.seeds)} seed(s), {cfg.gpus} GPU(s) of {cfg.gpu_memory_gib:g} GiB, "
              f"assumed MFU {cfg.assumed_mfu:.0%}"]
     jobs = plan_jobs(cfg)
+    lines.append("data sources (opened now; a source not at hand is planned with the sizes below):")
+    lines += [f"  {check.describe()}" for check in pre_flight(cfg, jobs, strict=False)]
     total_flops = 0.0
     peak = 989e12
     lines.append(f"{'job':<32} {'kind':<9} {'model':<11} {'steps':>8} {'PFLOP':>12} {'mem/GPU GiB':>12} "

@@ -34,6 +34,39 @@ def eval_transform(image_size: int, crop_fraction: float = 0.875) -> T.Compose:
     )
 
 
+def crop_eval_transform(image_size: int, eval_crop: str = "auto") -> T.Compose:
+    """The evaluation transform named by ``eval_crop``: ``auto`` = :func:`eval_transform`'s default
+    (crop 0.875, small images resized straight to size); a fraction f in (0, 1] = resize the shorter side
+    to floor(size / f) then center-crop, at every size; ``squash`` = resize to (size, size), aspect
+    ratio not kept (MAWS's released evaluation)."""
+    choice = str(eval_crop).strip().lower()
+    if choice == "auto":
+        return eval_transform(image_size)
+    if choice == "squash":
+        resize = T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC)
+        return T.Compose([resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    fraction = parse_crop_fraction(choice)
+    return T.Compose(
+        [
+            T.Resize(int(math.floor(image_size / fraction)), interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def parse_crop_fraction(text: str) -> float:
+    """A crop fraction in (0, 1] from text; ValueError otherwise."""
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise ValueError(f"expected auto, squash or a crop fraction in (0, 1]; got '{text}'") from None
+    if not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise ValueError(f"a crop fraction must be in (0, 1]; got '{text}'")
+    return fraction
+
+
 def decode_hint(image_size: int, min_scale: float) -> int:
     """Smallest shorter side that still lets a random-resized crop avoid upsampling (draft mode)."""
     return int(math.ceil(image_size / math.sqrt(min_scale)))

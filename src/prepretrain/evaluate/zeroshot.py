@@ -15,6 +15,9 @@ Inputs users bring (CLIP_benchmark-style, because users ask for zero-shot on the
 * templates: a text file, one template per line, ``{}`` where the class name goes
   (``#`` comments and blank lines skipped). Default: the 44 ImageNet-style templates
   shipped in ``prepretrain/assets/zeroshot_templates.txt``.
+  Templates are filled verbatim (``template.replace("{}", name)``). ``article_fix`` writes "an"
+  for "a" before a vowel ("a photo of an oval"): ``auto`` (default) = only for the shipped set,
+  which is written with "a {}" and the fix in mind; ``true`` / ``false`` = for every set.
 
 ``prepretrain zeroshot model=RUN_DIR_OR_FILE [data=... split=... task=... classes=... templates=...]``
 writes ``results.json`` (``evaluation``, the setting, ``top1``, ``top5``,
@@ -107,9 +110,25 @@ def _classes_from_json(data: Any, task: str, origin: str) -> list[list[str]]:
     raise ValueError(f"{origin}: expected a list of names, a list of synonym lists or a mapping name -> synonyms")
 
 
-def fill_template(template: str, name: str) -> str:
-    """``template.format(name)``, writing "an" for "a" before a vowel ("a photo of an oval")."""
-    if name[:1].lower() in "aeiou":
+ARTICLE_FIX_CHOICES = ("auto", "true", "false")
+
+
+def check_article_fix(key: str, value: str) -> None:
+    """ConfigError naming ``key`` unless ``value`` is auto | true | false."""
+    if str(value).lower() not in ARTICLE_FIX_CHOICES:
+        raise ConfigError(key, f"must be auto, true or false; got '{value}'")
+
+
+def article_fix_for(setting: str, templates_file: str) -> bool:
+    """Whether to apply the "a" -> "an" fix: ``auto`` = only for the shipped set (no templates file)."""
+    setting = str(setting).lower()
+    return not templates_file if setting == "auto" else setting == "true"
+
+
+def fill_template(template: str, name: str, article_fix: bool = False) -> str:
+    """``template`` with ``{}`` replaced by ``name``, verbatim; with ``article_fix`` "a" becomes "an"
+    before a vowel ("a photo of an oval")."""
+    if article_fix and name[:1].lower() in "aeiou":
         template = re.sub(r"(^|\s)([Aa]) \{\}", lambda m: f"{m.group(1)}{m.group(2)}n {{}}", template)
     return template.replace("{}", name)
 
@@ -117,12 +136,13 @@ def fill_template(template: str, name: str) -> str:
 @torch.no_grad()
 def build_classifier(model: CLIPModel, tokenizer: Tokenizer, classes: Sequence[Sequence[str]],
                      templates: Sequence[str], device: torch.device | str = "cpu",
-                     batch_size: int = 512) -> torch.Tensor:
-    """(num_classes, embed_dim) unit vectors: mean of normalised prompt embeddings, renormalised."""
+                     batch_size: int = 512, article_fix: bool = False) -> torch.Tensor:
+    """(num_classes, embed_dim) unit vectors: mean of normalised prompt embeddings, renormalised.
+    Prompts are the templates filled verbatim, or with "an" before vowels when ``article_fix``."""
     device = torch.device(device)
     weights = []
     for synonyms in classes:
-        prompts = [fill_template(t, name) for name in synonyms for t in templates]
+        prompts = [fill_template(t, name, article_fix) for name in synonyms for t in templates]
         embeddings = torch.cat([
             model.encode_texts(tokenizer(prompts[i : i + batch_size]).to(device), normalize=True).float()
             for i in range(0, len(prompts), batch_size)
@@ -207,6 +227,7 @@ class ZeroShotConfig:
     task: str = "coarse"  # label task (synthetic: coarse | fine; image folders: label)
     classes: str = ""  # class names (+ synonyms) file; empty = the data's own names and synonyms
     templates: str = ""  # templates file; empty = the shipped ImageNet-style set
+    article_fix: str = "auto"  # "a {}" -> "an {}" before a vowel: auto (= shipped set only) | true | false
     tokenizer: str = ""  # XLM-R SentencePiece .model (needed for official MAWS CLIP files)
     image_size: int = 0  # 0 = the model's resolution
     num_images: int = 4000  # synthetic: size of the training split (val/test sized from it)
@@ -233,6 +254,7 @@ class ZeroShotConfig:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
+        check_article_fix("article_fix", self.article_fix)
 
 
 def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
@@ -247,7 +269,9 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     templates = read_templates(cfg.templates) if cfg.templates else default_templates()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if use_bf16 else None
-    scorer = ZeroShotScorer(build_classifier(model, tokenizer, classes, templates, device), cfg.task)
+    article_fix = article_fix_for(cfg.article_fix, cfg.templates)
+    scorer = ZeroShotScorer(build_classifier(model, tokenizer, classes, templates, device,
+                                             article_fix=article_fix), cfg.task)
     dataset = RecordDataset(source, labelled_images(eval_transform(image_size, crop_fraction=1.0), cfg.task))
     skipped = 0
     for batch in eval_loader(dataset, cfg.batch_size, cfg.num_workers):
@@ -268,6 +292,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         "task": cfg.task,
         "num_classes": len(classes),
         "num_templates": len(templates),
+        "article_fix": article_fix,
         "image_size": image_size,
         **scores,
         "skipped_images": skipped,

@@ -35,7 +35,7 @@ from torch import nn
 from ..config import ConfigError, TrainConfig
 from ..data.loader import RecordDataset, eval_loader
 from ..data.records import BadSample, Record
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform, parse_crop_fraction
 from ..evaluate.common import EvalData, open_eval_data
 from ..evaluate.metrics import topk_accuracy
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
@@ -68,6 +68,9 @@ class FinetuneConfig(TrainConfig):
     min_crop_scale: float = 0.08  # RandomResizedCrop scale lower bound
     ema_decay: float = 0.0  # weight EMA (timm ModelEmaV3, warmed up); 0 = off (the MAE reference has none)
     eval_batch_size: int = 256
+    # evaluation crop: auto (today's: crop 0.875, images <= 64 px resized straight to size) | a crop fraction
+    # in (0, 1] (resize to size / f, center-crop) | squash (resize to size x size, MAWS's released evaluation)
+    eval_crop: str = "auto"
     # CPU-demo schedule (the reference: blr 5e-4 (B) / 1e-3 (L, H), batch 1024, 100 / 50 epochs, 5 warmup)
     blr: float = 2e-3
     epochs: float = 3.0
@@ -99,6 +102,11 @@ class FinetuneConfig(TrainConfig):
             raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         if self.eval_batch_size <= 0:
             raise ConfigError("eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
+        if str(self.eval_crop).strip().lower() not in ("auto", "squash"):
+            try:
+                parse_crop_fraction(str(self.eval_crop).strip())
+            except ValueError as error:
+                raise ConfigError("eval_crop", str(error)) from None
         if self.randaugment and not self.randaugment.startswith("rand"):
             raise ConfigError("randaugment", f"expected a timm RandAugment spec like 'rand-m9-mstd0.5-inc1', "
                                              f"got '{self.randaugment}'")
@@ -276,7 +284,7 @@ class FinetuneStage(Stage):
     # --------------------------------------------------------------------- evaluation
     @torch.no_grad()
     def _accuracy(self, net: nn.Module, role: str, device: torch.device) -> dict[str, float]:
-        task, transform = self.data.task, eval_transform(self.cfg.image_size)
+        task, transform = self.data.task, crop_eval_transform(self.cfg.image_size, self.cfg.eval_crop)
 
         def to_tensors(record: Record) -> dict[str, Any]:
             return {"image": transform(record.image), "label": int(record.labels.get(task, -1))}

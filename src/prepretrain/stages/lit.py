@@ -47,7 +47,9 @@ from ..data.records import BadSample, Record
 from ..data.transforms import eval_transform
 from ..evaluate.zeroshot import (
     ZeroShotScorer,
+    article_fix_for,
     build_classifier,
+    check_article_fix,
     default_templates,
     labelled_images,
     read_class_names,
@@ -107,6 +109,7 @@ class LiTConfig(TrainConfig):
     zeroshot_task: str = "coarse"  # label task scored at evaluation
     zeroshot_classes: str = ""  # class names file for non-synthetic data
     zeroshot_templates: str = ""  # templates file; empty = the shipped ImageNet-style set
+    zeroshot_article_fix: str = "auto"  # "a {}" -> "an {}" before vowels: auto (= shipped set only) | true | false
     eval_images: int = 0  # validation images for zero-shot; 0 = the whole split
     # CPU-demo schedule, chosen with a shape-aware stand-in tower (tests/test_lit.py); paper scale:
     # configs/lit_*.yaml
@@ -150,6 +153,7 @@ class LiTConfig(TrainConfig):
         for key in ("zeroshot_classes", "zeroshot_templates"):
             if getattr(self, key) and not Path(getattr(self, key)).is_file():
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")
+        check_article_fix("zeroshot_article_fix", self.zeroshot_article_fix)
         if not self.encoder:
             check_model_and_size(self.model, self.image_size)
 
@@ -334,7 +338,9 @@ class LiTStage(Stage):
         classes, templates = inputs
         features, labels = val
         with run.gathered(model):
-            scorer = ZeroShotScorer(build_classifier(model, self.tokenizer, classes, templates, run.device))
+            article_fix = article_fix_for(self.cfg.zeroshot_article_fix, self.cfg.zeroshot_templates)
+            scorer = ZeroShotScorer(build_classifier(model, self.tokenizer, classes, templates, run.device,
+                                                     article_fix=article_fix))
             with torch.no_grad():
                 scorer.add(model.project_images(features), labels)
         scores = scorer.result()
