@@ -27,7 +27,7 @@ import torch
 
 from ..files import save_safetensors, save_torch, write_text
 from .checkpoints import CheckpointMismatch, read_state_dict
-from .layouts import detect_layout, encoder_from_any, timm_to_torchvision, upgrade_torchtext_names
+from .layouts import detect_layout, encoder_from_any, image_size_of, timm_to_torchvision, upgrade_torchtext_names
 from .resolve import Weights, resolve_weights
 from .vit import VIT_SHAPES, resolve_name, vision_name_from_state
 
@@ -77,8 +77,7 @@ def describe(encoder: dict[str, torch.Tensor], weights: Weights, model: str = ""
     """The metadata of a timm-layout encoder: architecture, resolution, classes, pooling."""
     name = resolve_name(model or weights.model or vision_name_from_state(encoder)[0])
     depth = 1 + max(int(k.split(".")[1]) for k in encoder if k.startswith("blocks."))
-    grid = int((encoder["pos_embed"].shape[1] - 1) ** 0.5)
-    image_size = grid * int(encoder["patch_embed.proj.weight"].shape[-1])
+    image_size = image_size_of(encoder)
     num_classes = int(encoder["head.weight"].shape[0]) if "head.weight" in encoder else 0
     pool = "avg" if "fc_norm.weight" in encoder else weights.metadata.get("global_pool", "token")
     info = {**weights.metadata, "model": name, "image_size": str(image_size), "num_classes": str(num_classes),

@@ -19,7 +19,6 @@ function (:func:`encoder_metadata`).
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..config import ConfigError
 from ..files import file_sha256, read_keys, read_metadata
 from .checkpoints import load_encoder_weights, read_state_dict
-from .layouts import encoder_from_any
+from .layouts import CheckpointMismatch, encoder_from_any, image_size_of
 from .vit import create_vit, resolve_name, vit_shape
 from .zoo import is_release_name, locate
 
@@ -160,9 +159,9 @@ def resolve_encoder(encoder: str | Path, model: str = "vit_micro4", image_size: 
         return EncoderSpec(name, shape.depth, size, None, f"random:{name}:{shape.depth}:{seed}", seed)
     weights = resolve_weights(encoder)
     name = resolve_name(weights.model or model)
-    shapes = encoder_shapes(weights.path)
-    depth = count_blocks(list(shapes)) or vit_shape(name).depth
-    native = weights.image_size or native_image_size(shapes)
+    state = encoder_tensors(weights.path)
+    depth = count_blocks(list(state)) or vit_shape(name).depth
+    native = weights.image_size or native_image_size(state)
     size = image_size or native or vit_shape(name).img_size
     if image_size and native and image_size != native:
         print(f"[prepretrain] {encoder}: the weights were made for {native} px; running at image_size={image_size} "
@@ -170,27 +169,25 @@ def resolve_encoder(encoder: str | Path, model: str = "vit_micro4", image_size: 
     return EncoderSpec(name, depth, size, weights.path, file_sha256(weights.path), seed)
 
 
-def encoder_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Shapes of the timm-layout encoder tensors in a weights file (any supported layout);
-    a safetensors file is read from its header alone, without loading (possibly 26 GB of) tensors."""
+def encoder_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The timm-layout encoder tensors of a weights file (any supported layout); from a
+    safetensors file as meta tensors read off its header, without loading (possibly 26 GB of) data."""
     keys = read_keys(path)
-    if keys is not None:
-        from safetensors import safe_open
+    if keys is None:
+        return encoder_from_any(read_state_dict(path))
+    from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
-            state = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in keys}
-    else:
-        state = read_state_dict(path)
-    return {key: tuple(value.shape) for key, value in encoder_from_any(state).items()}
+    with safe_open(str(path), framework="pt") as handle:
+        state = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in keys}
+    return encoder_from_any(state)
 
 
-def native_image_size(shapes: dict[str, tuple[int, ...]]) -> int:
-    """The resolution a timm position embedding was made for (0 when the shapes do not say)."""
-    pos, patch = shapes.get("pos_embed"), shapes.get("patch_embed.proj.weight")
-    if not pos or not patch:
+def native_image_size(state: dict[str, torch.Tensor]) -> int:
+    """The resolution an encoder's position embedding was made for (0 when it does not say)."""
+    try:
+        return image_size_of(state)
+    except CheckpointMismatch:
         return 0
-    grid = math.isqrt(pos[1] - 1)
-    return grid * patch[-1] if grid * grid == pos[1] - 1 else 0
 
 
 def build_encoder(spec: EncoderSpec, *, num_classes: int = 0, global_pool: str = "token",

@@ -8,7 +8,6 @@ CPU work on 32-64 px images.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -19,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..config import ConfigError
-from .checkpoints import CheckpointMismatch
+from .layouts import CheckpointMismatch, image_size_of
 
 
 @dataclass(frozen=True)
@@ -175,9 +174,8 @@ def vision_name_from_state(vision: dict[str, torch.Tensor]) -> tuple[str, int, i
     width = int(vision["patch_embed.proj.weight"].shape[0])
     depth = 1 + max(int(k.split(".")[1]) for k in vision if k.startswith("blocks."))
     mlp = int(vision["blocks.0.mlp.fc1.weight"].shape[0])
-    grid = math.isqrt(vision["pos_embed"].shape[1] - 1)
     matches = [n for n, s in VIT_SHAPES.items() if (s.patch_size, s.embed_dim, s.mlp_dim) == (patch, width, mlp)]
     if not matches:
         raise CheckpointMismatch(f"no registered ViT has patch {patch}, width {width}, MLP {mlp}")
     exact = [n for n in matches if VIT_SHAPES[n].depth == depth]
-    return (exact or matches)[0], depth, grid * patch
+    return (exact or matches)[0], depth, image_size_of(vision, patch)
