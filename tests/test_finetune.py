@@ -17,10 +17,10 @@ from prepretrain.config import ConfigError, build_config
 from prepretrain.data.synthetic import SyntheticSource
 from prepretrain.data.transforms import eval_transform
 from prepretrain.models.vit import create_vit
-from prepretrain.stages.finetune import FinetuneConfig, FinetuneStage, layer_id
+from prepretrain.stages.finetune import FinetuneConfig, FinetuneStage
 from prepretrain.stages.mae import MAEConfig, MAEStage
 from prepretrain.train.engine import train
-from prepretrain.train.optim import build_optimizer, set_lr
+from prepretrain.train.optim import build_optimizer, layer_id, set_lr
 from prepretrain.train.run import Run
 
 TINY = dict(num_images=32, batch_size=16, progress=False, tensorboard=False, eval_batch_size=200)

@@ -41,10 +41,8 @@ from ..evaluate.metrics import topk_accuracy
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
 from ..models.vit import check_model_and_size, forward_flops, resolve_name, vit_shape
 from ..train.engine import Stage, TrainData
-from ..train.optim import param_groups
+from ..train.optim import layer_decay_scale, param_groups
 from ..train.run import BEST_WEIGHTS, Run
-
-EMBEDDING_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token")
 
 
 @dataclass
@@ -114,24 +112,6 @@ class FinetuneConfig(TrainConfig):
         if self.data == "synthetic" and self.task not in ("auto", "coarse", "fine"):
             raise ConfigError("task", f"the synthetic dataset has tasks coarse and fine; got '{self.task}'")
         check_weights("encoder", self.encoder)
-
-
-# --------------------------------------------------------------------- layer-wise lr decay
-
-
-def layer_id(name: str, num_layers: int) -> int:
-    """Depth of a timm-ViT parameter: embeddings 0, ``blocks.i`` i + 1, everything after (norm, head) L + 1."""
-    if name in EMBEDDING_PARAMS or name.startswith("patch_embed."):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return num_layers + 1
-
-
-def layer_decay_scale(name: str, num_layers: int, decay: float) -> float:
-    """lr multiplier ``decay ** (num_layers + 1 - layer_id)``: the head trains at the full lr,
-    each block below at ``decay`` times the one above (lower layers hold more general features)."""
-    return decay ** (num_layers + 1 - layer_id(name, num_layers))
 
 
 # --------------------------------------------------------------------------------- model

@@ -13,6 +13,26 @@ NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "
                   "logit_scale", "position_embedding", "positional_embedding")
 
 
+# Parameters that sit before the first block (depth 0 for layer-wise lr decay).
+EMBEDDING_PARAMS = ("cls_token", "pos_embed", "reg_token", "dist_token")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a timm-ViT parameter: embeddings 0, ``blocks.i`` i + 1, everything after (norm, head) L + 1."""
+    if name in EMBEDDING_PARAMS or name.startswith("patch_embed."):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers + 1
+
+
+def layer_decay_scale(name: str, num_layers: int, decay: float) -> float:
+    """lr multiplier ``decay ** (num_layers + 1 - layer_id)``: the head trains at the full lr,
+    each block below at ``decay`` times the one above (lower layers hold more general features).
+    Names are those of a timm ``VisionTransformer``; strip any wrapper prefix before asking."""
+    return decay ** (num_layers + 1 - layer_id(name, num_layers))
+
+
 def decays(name: str, param: torch.Tensor) -> bool:
     """Weight decay applies to matrices only: not to biases, norms, tokens or position embeddings."""
     leaf = name.split(".")[-1]
