@@ -256,6 +256,23 @@ def test_lit_under_fsdp_on_two_ranks_reproduces_one_process(tmp_path: Path, augm
 
 
 @pytest.mark.slow
+def test_lit_accumulating_on_two_ranks_trains_on_one_global_contrastive_batch(tmp_path: Path) -> None:
+    """batch 32 = 2 ranks x 2 accumulated micro-batches of 8: every rank scores its rows against
+    all 32 captions, so losses and gradient norms equal one process on batches of 32."""
+    from prepretrain.stages.lit import LiTConfig, LiTStage
+
+    settings = [*LIT_SETTINGS, "clip_grad=1e6"]  # no clipping; the norm is logged
+    assert_launch_ok(launch_cli(["lit", *settings, "strategy=ddp", "micro_batch_size=8",
+                                 f"out_dir={tmp_path / 'ddp'}"]))
+    train(LiTStage(build_config(LiTConfig, None, [*settings, "strategy=none", f"out_dir={tmp_path / 'one'}"])))
+    assert_same_losses(losses(tmp_path / "ddp"), losses(tmp_path / "one"), [1, 2, 3, 4])
+    norms = {name: [json.loads(line).get("grad_norm") for line in (tmp_path / name / "metrics.jsonl").read_text()
+                    .splitlines()] for name in ("ddp", "one")}
+    norms = {name: [n for n in values if n is not None] for name, values in norms.items()}
+    assert len(norms["one"]) == 4 and norms["ddp"] == pytest.approx(norms["one"], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_finetune_under_fsdp_evaluates_and_exports(tmp_path: Path) -> None:
     """The classifier and its EMA are evaluated outside the root's forward: the gathered weights."""
     from safetensors.torch import load_file

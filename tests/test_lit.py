@@ -561,12 +561,52 @@ def test_augmented_lit_trains_through_the_stage_decode_paths(tmp_path, decode):
     assert math.isfinite(results["final_loss"])
 
 
-def test_accumulation_that_would_shrink_the_contrastive_batch_is_refused(tmp_path):
+def test_slot_losses_sum_to_the_gradient_of_one_batch():
+    """open_clip's accum-freq: each micro-batch recomputed with its graph against the others'
+    graph-free embeddings; summed gradients equal the one-batch gradients, temperature included."""
+    from prepretrain.models.clip import clip_loss_over_slots
+
+    features, tokens = _global_batch(12)
+    model = _tiny_clip()
+    loss = clip_loss(*model(tokens, image_features=features), gather=False)
+    loss.backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model = _tiny_clip()
+    slots = [slice(0, 5), slice(5, 8), slice(8, 12)]  # unequal micro-batches (a skipped sample)
+    with torch.no_grad():
+        embedded = [model(tokens[s], image_features=features[s]) for s in slots]
+    for live, part in enumerate(slots):
+        out = [*embedded[:live], model(tokens[part], image_features=features[part]), *embedded[live + 1:]]
+        slot_loss = clip_loss_over_slots([e[0] for e in out], [e[1] for e in out], out[live][2], live, gather=False)
+        torch.testing.assert_close(slot_loss, loss.detach(), rtol=1e-6, atol=1e-6)
+        slot_loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(got) == set(expected) and "logit_scale" in got
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_accumulated_lit_steps_equal_one_global_batch(tmp_path):
+    """batch_size 32 from micro-batches of 8 (4 accumulated) trains exactly as one batch of 32:
+    the same losses at every step and the same weights at the end."""
+    from safetensors.torch import load_file
+
     from prepretrain.stages.lit import LiTStage
     from prepretrain.train.engine import train
 
-    cfg = _lit_config(tmp_path, batch_size=64, micro_batch_size=16, steps=1)
-    with pytest.raises(ConfigError) as error:
+    runs = {}
+    for micro in (32, 8):
+        out = tmp_path / f"micro{micro}"
+        cfg = _lit_config(tmp_path, out_dir=str(out), batch_size=32, micro_batch_size=micro, steps=3, log_every=1,
+                          lr=2e-3, warmup_steps=0, clip_grad=1e6)  # clip_grad logs the gradient norm
         train(LiTStage(cfg))
-    assert error.value.key == "micro_batch_size" and "4 separate batches of 16" in str(error.value)
-    assert not (tmp_path / "lit" / "checkpoints").exists()
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[micro] = ([row["loss"] for row in rows if "loss" in row],
+                       [row["grad_norm"] for row in rows if "grad_norm" in row],
+                       load_file(str(out / "clip.safetensors")))
+    assert len(runs[32][0]) == 3 and len(runs[32][1]) == 3
+    assert runs[8][0] == pytest.approx(runs[32][0], rel=1e-5)
+    assert runs[8][1] == pytest.approx(runs[32][1], rel=1e-4)
+    for name, tensor in runs[32][2].items():  # within 1% of one step's lr: summation order only
+        torch.testing.assert_close(runs[8][2][name], tensor, rtol=0, atol=2e-5, msg=name)

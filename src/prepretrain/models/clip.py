@@ -164,18 +164,38 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tens
     With several ranks (``gather``), this rank's rows are scored against all ranks' columns;
     the mean over ranks of the returned value equals the loss of the whole global batch.
     """
-    image_emb, text_emb = image_emb.float(), text_emb.float()
-    if gather:
-        all_images, all_texts = gather_with_grad(image_emb), gather_with_grad(text_emb)
-    else:
-        all_images, all_texts = image_emb, text_emb
-    offset = 0
-    if all_images.shape[0] != image_emb.shape[0]:
-        offset = dist.get_rank() * image_emb.shape[0]  # equal shards: the engine's micro batches
-    targets = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
-    image_logits = scale * image_emb @ all_texts.t()
-    text_logits = scale * text_emb @ all_images.t()
-    return (F.cross_entropy(image_logits, targets) + F.cross_entropy(text_logits, targets)) / 2
+    return clip_loss_over_slots([image_emb], [text_emb], scale, live=0, gather=gather)
+
+
+def clip_loss_over_slots(image_slots: list[torch.Tensor], text_slots: list[torch.Tensor], scale: torch.Tensor,
+                         live: int, gather: bool = True) -> torch.Tensor:
+    """The contrastive loss of a global batch made of several micro-batches ("slots") per rank,
+    of which only slot ``live`` carries a graph (open_clip's ``--accum-freq`` technique).
+
+    The global batch is every slot of every rank: this rank's rows (all its slots) are scored
+    against all columns (every rank's slots). Calling this once per slot with that slot live
+    and the others' embeddings computed without a graph, and summing the gradients, gives
+    exactly the gradient of the one big batch: each embedding's gradient is taken once, and the
+    temperature's once (it is detached except in the last slot). The returned value is the
+    whole batch's loss (on this rank's rows) in every call. Slots of one rank may differ in size;
+    under several ranks each slot must have the same size on every rank (the engine's batches).
+    """
+    images = [(x if j == live else x.detach()).float() for j, x in enumerate(image_slots)]
+    texts = [(x if j == live else x.detach()).float() for j, x in enumerate(text_slots)]
+    if live != len(image_slots) - 1:  # the temperature's gradient once: in the last slot, which DDP synchronises
+        scale = scale.detach()
+    columns_i = [gather_with_grad(x) if gather else x for x in images]
+    columns_t = [gather_with_grad(x) if gather else x for x in texts]
+    rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0
+    targets, offset = [], 0  # column of each local row: slots in order, ranks in order within a slot
+    for x, column in zip(images, columns_i):
+        targets.append(torch.arange(x.shape[0], device=x.device) + offset + rank * x.shape[0])
+        offset += column.shape[0]
+    targets_all = torch.cat(targets)
+    all_images, all_texts = torch.cat(columns_i), torch.cat(columns_t)
+    image_logits = scale * torch.cat(images) @ all_texts.t()
+    text_logits = scale * torch.cat(texts) @ all_images.t()
+    return (F.cross_entropy(image_logits, targets_all) + F.cross_entropy(text_logits, targets_all)) / 2
 
 
 def retrieval_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:

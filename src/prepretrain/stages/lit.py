@@ -5,8 +5,10 @@ from ``encoder=`` (an MAE/WSP run directory, an encoder file, a MAWS or LiT chec
 frozen; a text tower (``text_micro`` for CPU work, ``xlmr_base``/``xlmr_large`` as MAWS);
 projections and temperature. Data: image-caption pairs (the synthetic captions by default;
 any source whose records carry ``caption``). Loss: the symmetric CLIP loss over the global
-batch (``micro_batch_size`` x ranks); a config that would accumulate gradients over several
-contrastive batches is refused (``Stage.whole_batch_loss``) rather than silently shrinking them.
+batch (``batch_size``: every micro-batch on every rank), whatever the accumulation
+(``Stage.whole_batch_loss``): with ``batch_size`` > ``micro_batch_size`` x ranks the loop
+embeds the step's micro-batches without a graph, then recomputes one at a time with its graph
+against all the others (open_clip's ``--accum-freq``): one text-tower forward more per sample.
 
 The frozen tower is why LiT is cheap, and this stage takes the rest of the gain: without
 augmentation an image's tower features never change, so with ``cache_features=auto`` they
@@ -57,7 +59,7 @@ from ..evaluate.zeroshot import (
     source_classes,
 )
 from ..models.checkpoints import load_encoder_weights, load_strict, read_state_dict
-from ..models.clip import CLIPModel, build_clip, clip_loss, retrieval_accuracy, save_clip
+from ..models.clip import CLIPModel, build_clip, clip_loss_over_slots, retrieval_accuracy, save_clip
 from ..models.layouts import encoder_from_any
 from ..models.resolve import check_weights, encoder_metadata, resolve_weights
 from ..models.text import TEXT_SHAPES, text_forward_flops, text_shape
@@ -267,14 +269,19 @@ class LiTStage(Stage):
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ loss
-    def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image embeddings, text embeddings, temperature) of one micro-batch."""
         if "image_features" in batch:
-            image_emb, text_emb, scale = model(batch["tokens"], image_features=batch["image_features"])
-        else:
-            image_emb, text_emb, scale = model(batch["tokens"], images=batch["image"])
-        loss = clip_loss(image_emb, text_emb, scale)
+            return model(batch["tokens"], image_features=batch["image_features"])
+        return model(batch["tokens"], images=batch["image"])
+
+    def loss_of_embeddings(self, embedded: list[Any], live: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The CLIP loss over the global batch: every micro-batch of the step on every rank."""
+        images, texts = [e[0] for e in embedded], [e[1] for e in embedded]
+        scale = embedded[live][2]
+        loss = clip_loss_over_slots(images, texts, scale, live)
         return loss, {"temperature": float(scale.detach()),
-                      "batch_retrieval": retrieval_accuracy(image_emb.detach(), text_emb.detach())}
+                      "batch_retrieval": retrieval_accuracy(torch.cat(images).detach(), torch.cat(texts).detach())}
 
     def flops_per_sample(self) -> float:
         """Text tower forward + backward (3x), plus the locked image tower's forward when not cached."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, TrainConfig, dump_config
+from ..config import TrainConfig, dump_config
 from ..data.loader import SampleStream, train_loader
 from ..data.records import BadSample, SkipCounter
 from .checkpoint import Checkpointer, CorruptCheckpoint, load_training_state, save_training_state
@@ -77,8 +77,11 @@ class Stage(ABC):
 
     name = "stage"
     select_on: str = ""
-    # True when the loss compares the samples of a step with each other (LiT's contrastive loss):
-    # gradient accumulation would then silently shrink the batch, so the loop refuses it.
+    # True when the loss compares the samples of a step with each other (LiT's contrastive loss).
+    # Such a stage implements ``embed`` and ``loss_of_embeddings`` instead of ``loss``: with
+    # gradient accumulation the loop then embeds every micro-batch of the step without a graph,
+    # and recomputes one micro-batch at a time with its graph, so the loss always spans the
+    # global batch (open_clip's accum-freq) instead of shrinking to a micro-batch.
     whole_batch_loss: bool = False
 
     def __init__(self, cfg: TrainConfig):
@@ -92,9 +95,22 @@ class Stage(ABC):
     def train_data(self, run: Run) -> TrainData:
         """The training samples and how to draw them."""
 
-    @abstractmethod
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss, metrics to log) of one micro-batch."""
+        if not self.whole_batch_loss:
+            raise NotImplementedError(f"{type(self).__name__} must define loss()")
+        return self.loss_of_embeddings([self.embed(model, batch)], live=0)
+
+    def embed(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        """Whole-batch stages: what one micro-batch contributes to the loss (e.g. its embeddings)."""
+        raise NotImplementedError(f"{type(self).__name__} declares whole_batch_loss but defines no embed()")
+
+    def loss_of_embeddings(self, embedded: list[Any], live: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Whole-batch stages: (loss of the whole step, metrics) from every micro-batch's
+        ``embed`` output, of which only ``embedded[live]`` carries a graph. Summed over ``live``,
+        the gradients must equal those of the loss of the whole batch (each part counted once)."""
+        raise NotImplementedError(f"{type(self).__name__} declares whole_batch_loss but defines no "
+                                  "loss_of_embeddings()")
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return param_groups(model, self.cfg.weight_decay)
@@ -267,15 +283,6 @@ class Trainer:
                 f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x {info.world_size} ranks"
             )
         accum = cfg.batch_size // (micro * info.world_size)
-        if stage.whole_batch_loss and accum > 1:
-            raise ConfigError(
-                "micro_batch_size",
-                f"the {stage.name} loss compares the samples of one step with each other: batch_size "
-                f"{cfg.batch_size} from micro-batches of {micro} on {info.world_size} rank(s) would accumulate "
-                f"{accum} separate batches of {micro * info.world_size}. Set micro_batch_size="
-                f"{cfg.batch_size // info.world_size} (if it fits) or batch_size={micro * info.world_size}, or "
-                "use more ranks; accumulation over one global contrastive batch is not implemented yet",
-            )
         model = stage.build_model(run).to(device)
         if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
@@ -350,15 +357,27 @@ class Trainer:
         step_loss = torch.zeros((), device=device)
         step_metrics: dict[str, float] = {}
         finite = True
+        # A whole-batch loss over accumulated micro-batches: embed all of them first, no graph.
+        whole = self.stage.whole_batch_loss and self.accum > 1
+        batches = [self._next_batch(step, j) for j in range(self.accum)] if whole else []
+        if whole:
+            with torch.no_grad(), precision.autocast(device):
+                embedded = [self.stage.embed(self.trained, batch) for batch in batches]
         for micro_step in range(self.accum):
-            batch = self._next_batch(step, micro_step)
+            batch = batches[micro_step] if whole else self._next_batch(step, micro_step)
             sync = nullcontext()
             if micro_step < self.accum - 1 and hasattr(self.trained, "no_sync"):
                 sync = self.trained.no_sync()
             with sync, precision.autocast(device):
-                loss, metrics = self.stage.loss(self.trained, batch)
+                if whole:  # this micro-batch again, with its graph; the loss spans the whole step
+                    live = [*embedded[:micro_step], self.stage.embed(self.trained, batch), *embedded[micro_step + 1:]]
+                    loss, metrics = self.stage.loss_of_embeddings(live, micro_step)
+                else:
+                    loss, metrics = self.stage.loss(self.trained, batch)
             finite = finite and bool(torch.isfinite(loss.detach()))
-            scaled = loss / self.accum
+            # Micro-batch losses are averaged; a whole-batch loss is the same value each time and
+            # its per-slot gradients add up to the whole batch's.
+            scaled = loss if whole else loss / self.accum
             if precision.scaler is not None:
                 scaled = precision.scaler.scale(scaled)
             scaled.backward()
