@@ -178,3 +178,18 @@ def test_dry_run_lists_the_data_sources_with_their_sizes(tmp_path):
     missing = dry_run(build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path),
                                                           "eval_data": str(tmp_path / "gone")}))
     assert f"eval_data={tmp_path / 'gone'} task=coarse: NOT USABLE" in missing  # planned anyway
+
+
+@pytest.mark.parametrize("count", [1, 5, 18])
+def test_transfer_chart_keeps_page_proportions_as_tasks_grow(tmp_path, count):
+    """One panel per task in rows of four: the figure gets taller, never a thin strip."""
+    from PIL import Image
+
+    from prepretrain.report import plot_bars
+
+    table = {f"task {i}": {"MAE→WSP": [0.5, 0.6], "WSP": [0.4], "MAE": [0.3], "random init": [0.1]}
+             for i in range(count)}
+    path = plot_bars(table, tmp_path / "bars.png", "transfer")
+    width, height = Image.open(path).size
+    assert 0.4 <= width / height <= 2.5, (width, height)
+    assert height >= 250 * -(-count // 4)  # every row of panels keeps its height

@@ -104,25 +104,45 @@ def plot_curves(curves: dict[str, list[list[tuple[float, float]]]], path: Path, 
     return plot_panels({ylabel: curves}, path, xlabel, title, logx)
 
 
-def plot_bars(table: dict[str, dict[str, list[float]]], path: Path, title: str) -> Path:
-    """Grouped bars: tasks on x, one bar per encoder (mean ± std over seeds)."""
+def plot_bars(table: dict[str, dict[str, list[float]]], path: Path, title: str, ylabel: str = "score (%)",
+              columns: int = 4) -> Path:
+    """Small multiples: one panel per task (its own y range), one bar per encoder (mean ± std over
+    seeds, the value printed on the bar). The figure grows in rows as tasks are added, so it keeps
+    the proportions of a page (a single row of grouped bars became an unreadable strip once there
+    were a dozen tasks). Values are fractions (0.5 = 50%)."""
     plt = _pyplot()
     tasks = list(table)
     encoders = sorted({e for row in table.values() for e in row}, key=lambda e: list(ENCODER_ORDER).index(e)
                       if e in ENCODER_ORDER else 99)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(encoders)) / 2), 4))
-    width = 0.8 / max(1, len(encoders))
-    for i, encoder in enumerate(encoders):
-        stats = [mean_std(table[t].get(encoder, [])) for t in tasks]
-        ax.bar([j + i * width for j in range(len(tasks))], [100 * (m if not math.isnan(m) else 0) for m, _ in stats],
-               width, yerr=[100 * (s if not math.isnan(s) else 0) for _, s in stats], label=encoder, capsize=2)
-    ax.set_xticks([j + width * (len(encoders) - 1) / 2 for j in range(len(tasks))])
-    ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    columns = max(1, min(columns, len(tasks)))
+    rows = max(1, math.ceil(len(tasks) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.1 * columns, 2.5 * rows + 0.6), squeeze=False)
+    colors = {encoder: f"C{i}" for i, encoder in enumerate(encoders)}
+    for index, ax in enumerate(axes.flat):
+        if index >= len(tasks):
+            ax.axis("off")
+            continue
+        task = tasks[index]
+        stats = [mean_std(table[task].get(encoder, [])) for encoder in encoders]
+        means = [100 * m if not math.isnan(m) else 0.0 for m, _ in stats]
+        errors = [100 * s if not math.isnan(s) else 0.0 for _, s in stats]
+        ax.bar(range(len(encoders)), means, 0.75, yerr=errors, capsize=2,
+               color=[colors[e] for e in encoders])
+        for x, ((mean, _), height) in enumerate(zip(stats, means)):
+            if not math.isnan(mean):
+                ax.text(x, height, f"{height:.1f}", ha="center", va="bottom", fontsize=7)
+        top = max([m + e for m, e in zip(means, errors)] + [1.0])
+        ax.set_ylim(0, min(100.0, top * 1.2) if top <= 100 else top * 1.2)
+        ax.set_title(task, fontsize=9)
+        ax.set_xticks([])
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+        if index % columns == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[e]) for e in encoders]
+    fig.legend(handles, encoders, loc="upper center", ncol=max(1, len(encoders)), fontsize=8, frameon=False)
+    fig.suptitle(title, y=0.995, fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.5 * rows + 0.6)))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
