@@ -161,6 +161,31 @@ def test_eval_folder_without_the_tasks_labels_fails_naming_eval_data(tmp_path):
         ("data", "", {"train": 120}, 0), ("eval_data", "label", {"train": 2, "val": 2, "test": 2}, 2)]
 
 
+def test_zeroshot_class_names_are_checked_before_any_job(tmp_path):
+    """An ImageNet-style folder (WordNet-id class folders) needs no class file; a class file
+    whose length does not match the classes stops the pipeline before any compute."""
+    from PIL import Image
+
+    from prepretrain.pipeline import pre_flight
+
+    folder = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n01443537"):
+            (folder / split / wnid).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / split / wnid / "0.png")
+    base = {**TINY, "out_dir": str(tmp_path / "out"), "eval_data": str(folder), "tasks": "label",
+            "evaluations": "zeroshot", "zeroshot_templates": "openai80"}
+    checks = pre_flight(build_config(PipelineConfig, None, base))
+    assert checks[-1].zeroshot and checks[-1].num_classes == 2 and not checks[-1].error
+    zeroshot = [job for job in plan_jobs(build_config(PipelineConfig, None, base)) if job.kind == "zeroshot"]
+    assert zeroshot and all(job.values["templates"] == "openai80" for job in zeroshot)
+    wrong = tmp_path / "three.txt"
+    wrong.write_text("tench\ngoldfish\nshark\n")
+    with pytest.raises(ConfigError, match="eval_data.*3 class names for the 2 classes"):
+        run_pipeline(build_config(PipelineConfig, None, {**base, "zeroshot_classes": str(wrong)}))
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_stage_data_names_its_key(tmp_path):
     cfg = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "out"),
                                               "wsp_data": str(tmp_path / "no_such_wsp")})

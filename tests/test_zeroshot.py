@@ -12,6 +12,7 @@ from prepretrain.config import ConfigError, build_config
 from prepretrain.evaluate.metrics import topk_hits
 from prepretrain.evaluate.zeroshot import (
     ZeroShotConfig,
+    source_classes,
     article_fix_for,
     build_classifier,
     check_article_fix,
@@ -68,6 +69,46 @@ def test_templates_use_an_before_vowels_when_asked():
 def test_templates_are_filled_verbatim_by_default():
     assert fill_template("a photo of a {}.", "apple") == "a photo of a apple."
     assert fill_template("A {} on a table", "egg") == "A egg on a table"
+
+
+def test_shipped_sets_by_name_openai80_and_imagenet1k(tmp_path):
+    openai = read_templates("openai80")
+    assert len(openai) == 80 == len(set(openai)) and openai[0] == "a bad photo of a {}."
+    assert "a origami {}." in openai  # published verbatim, and used so
+    assert article_fix_for("auto", "openai80") is False and article_fix_for("auto", "prepretrain") is True
+    assert read_templates("prepretrain") == default_templates()
+    names = read_class_names("imagenet1k")
+    assert len(names) == 1000 and names[0] == ["tench"] and names[1] == ["goldfish"] and names[-1] == ["toilet paper"]
+    cfg = build_config(ZeroShotConfig, None, {"model": str(_saved_model(tmp_path)), "classes": "imagenet1k",
+                                              "templates": "openai80"})
+    assert (cfg.classes, cfg.templates) == ("imagenet1k", "openai80")
+    with pytest.raises(ConfigError, match="templates.*openai80"):
+        build_config(ZeroShotConfig, None, {"model": str(_saved_model(tmp_path)), "templates": "openai81"})
+
+
+def _saved_model(tmp_path):
+    path = tmp_path / "clip.safetensors"
+    if not path.exists():
+        save_clip(_tiny_model(), path, ByteTokenizer(40).describe(), 32, "vit_micro4")
+    return path
+
+
+def test_wordnet_id_folders_get_words():
+    """ImageNet folders are named by WordNet id: 1k ids get the shipped names first, then WordNet's
+    lemmas as synonyms; 21k ids get the lemmas; an unknown id is named in the error."""
+
+    class Folder:
+        class_names = {"label": ["n01440764", "n15075141", "n00004475"]}
+
+    classes = source_classes(Folder(), "label")
+    assert classes[0][:2] == ["tench", "Tinca tinca"]
+    assert classes[1][0] == "toilet paper" and "toilet tissue" in classes[1]
+    assert classes[2][0] == "organism"  # an ImageNet-21k id
+    Folder.class_names = {"label": ["n01440764", "n99999999"]}
+    with pytest.raises(ValueError, match="n99999999"):
+        source_classes(Folder(), "label")
+    Folder.class_names = {"label": ["cat", "n01440764"]}  # not all ids: names as they are
+    assert source_classes(Folder(), "label") == [["cat"], ["n01440764"]]
 
 
 def test_article_fix_setting_auto_means_the_shipped_set_only():

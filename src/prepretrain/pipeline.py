@@ -28,7 +28,14 @@ from .config import ConfigError, build_config, config_to_dict, dump_config
 from .data.loader import open_data
 from .evaluate.common import open_eval_data
 from .evaluate.runner import evaluate_encoder
-from .evaluate.zeroshot import ZeroShotConfig
+from .evaluate.zeroshot import (
+    CLASS_SETS,
+    TEMPLATE_SETS,
+    ZeroShotConfig,
+    check_names_file,
+    read_class_names,
+    source_classes,
+)
 from .files import write_json, write_text
 from .pipeline_report import write_pipeline_report
 from .plan import plan_config_from, plan_run
@@ -69,6 +76,10 @@ class PipelineConfig:
     finetune_config: str = ""
     evaluations: tuple[str, ...] = ("probe", "knn", "lowshot", "zeroshot", "finetune")
     tasks: tuple[str, ...] = ("coarse", "fine")
+    # zero-shot class names and templates: a file, or a shipped set (classes: imagenet1k; templates:
+    # prepretrain | openai80); empty = the data's own names (WordNet-id folders become words) / prepretrain
+    zeroshot_classes: str = ""
+    zeroshot_templates: str = ""
     random_baseline: bool = True
     # --dry-run estimates
     gpus: int = 8
@@ -90,6 +101,8 @@ class PipelineConfig:
         for key in ("mae_config", "wsp_config", "lit_config", "finetune_config"):
             if getattr(self, key) and not Path(getattr(self, key)).exists():
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")
+        check_names_file("zeroshot_classes", self.zeroshot_classes, CLASS_SETS)
+        check_names_file("zeroshot_templates", self.zeroshot_templates, TEMPLATE_SETS)
 
 
 @dataclass
@@ -113,6 +126,7 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
             "batch_size": cfg.batch_size, "progress": False}
     jobs: list[Job] = []
     eval_data = cfg.eval_data or cfg.data
+    zeroshot_files = {"zeroshot_classes": cfg.zeroshot_classes, "zeroshot_templates": cfg.zeroshot_templates}
 
     def train_values(kind: str, steps: int, recipe: str, seed: int, name: str, **extra: Any) -> Job:
         values = {**common, "seed": seed, "out_dir": str(out / name), **extra}
@@ -137,13 +151,15 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
         if "zeroshot" in cfg.evaluations:
             for label in ("mae_wsp", "wsp"):
                 lit = train_values("lit", cfg.lit_steps, cfg.lit_config, seed, f"{s}/lit_{label}",
-                                   encoder=str(out / encoders[label]), model=cfg.model)
+                                   encoder=str(out / encoders[label]), model=cfg.model,
+                                   **{k: v for k, v in zeroshot_files.items() if v})
                 lit.deps = [encoders[label]]
                 jobs.append(lit)
                 zs = Job(f"{s}/eval/{label}/zeroshot", "zeroshot",
                          {"model": str(out / f"{s}/lit_{label}"), "out_dir": str(out / f"{s}/eval/{label}/zeroshot"),
                           "data": eval_data, "task": cfg.tasks[0], "device": cfg.device,
-                          "num_images": cfg.num_images},
+                          "num_images": cfg.num_images, "classes": cfg.zeroshot_classes,
+                          "templates": cfg.zeroshot_templates},
                          deps=[f"{s}/lit_{label}"])
                 jobs.append(zs)
         frozen = tuple(e for e in ("probe", "knn", "lowshot") if e in cfg.evaluations)
@@ -187,6 +203,7 @@ class DataCheck:
     task: str = ""  # evaluation sources: the label task the jobs read
     sizes: dict[str, int] = field(default_factory=dict)  # split/role -> images (shards: "shards" -> files)
     num_classes: int = 0
+    zeroshot: bool = False  # zero-shot jobs read it: its classes need names
     error: str = ""
 
     def describe(self) -> str:
@@ -210,7 +227,8 @@ def planned_sources(cfg: PipelineConfig, jobs: list[Job]) -> list[DataCheck]:
             entry = (stage_data(cfg, "eval")[0], data, job.values.get("task") or ZeroShotConfig.task)
         else:  # frozen evaluations and finetuning
             entry = (stage_data(cfg, "eval")[0], data, job.values["task"])
-        seen.setdefault(entry, DataCheck(*entry))
+        check = seen.setdefault(entry, DataCheck(*entry))
+        check.zeroshot = check.zeroshot or job.kind == "zeroshot"
     return list(seen.values())
 
 
@@ -241,6 +259,12 @@ def _open_check(cfg: PipelineConfig, check: DataCheck) -> None:
         for role, count in check.sizes.items():
             if count == 0:
                 raise ValueError(f"the {data.split_names[role]} split has no images")
+        if check.zeroshot:
+            classes = (read_class_names(cfg.zeroshot_classes, check.task) if cfg.zeroshot_classes
+                       else source_classes(data.sources["test"], check.task))
+            if len(classes) != data.num_classes:
+                raise ValueError(f"zero-shot has {len(classes)} class names for the {data.num_classes} classes of "
+                                 f"task {check.task!r} (zeroshot_classes={cfg.zeroshot_classes or 'the data'})")
         return
     source = open_data(check.path, split="train", image_size=cfg.image_size, num_images=cfg.num_images)
     urls = getattr(source, "urls", None)

@@ -13,11 +13,14 @@ Inputs users bring (CLIP_benchmark-style, because users ask for zero-shot on the
   (``{"synonyms": {task: ...}, "class_names": {task: ...}}``, the task picked by ``task=``).
   Classes are in label order: line i is label i.
 * templates: a text file, one template per line, ``{}`` where the class name goes
-  (``#`` comments and blank lines skipped). Default: the 44 ImageNet-style templates
-  shipped in ``prepretrain/assets/zeroshot_templates.txt``.
+  (``#`` comments and blank lines skipped), or a shipped set by name: ``prepretrain`` (the
+  default, 44 ImageNet-style templates of our own) or ``openai80`` (the 80 templates of
+  OpenAI's CLIP ImageNet evaluation). Class names likewise: ``classes=imagenet1k`` is the
+  1000 ImageNet-1k names in label order, and a folder whose class folders are WordNet ids
+  (``n01440764``) gets those names (ImageNet-21k ids: WordNet's lemmas) without any file.
   Templates are filled verbatim (``template.replace("{}", name)``). ``article_fix`` writes "an"
-  for "a" before a vowel ("a photo of an oval"): ``auto`` (default) = only for the shipped set,
-  which is written with "a {}" and the fix in mind; ``true`` / ``false`` = for every set.
+  for "a" before a vowel ("a photo of an oval"): ``auto`` (default) = only for the ``prepretrain``
+  set, which is written with "a {}" and the fix in mind; ``true`` / ``false`` = for every set.
 
 ``prepretrain zeroshot model=RUN_DIR_OR_FILE [data=... split=... task=... classes=... templates=...]``
 writes ``results.json`` (``evaluation``, the setting, ``top1``, ``top5``,
@@ -50,13 +53,25 @@ from ..models.tokenizers import Tokenizer
 from ..train.distributed import pick_device
 from .metrics import topk_hits
 
-TEMPLATE_ASSET = "zeroshot_templates.txt"
+# Built-in sets, chosen by name wherever a templates or classes file is accepted.
+TEMPLATE_SETS = {"prepretrain": "prepretrain_templates.txt", "openai80": "openai_imagenet_templates.txt"}
+CLASS_SETS = {"imagenet1k": "imagenet1k_classes.txt"}
+WORDNET_ID = re.compile(r"^n\d{8}$")
+
+
+def _asset_text(name: str) -> str:
+    return resources.files("prepretrain").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def default_templates() -> list[str]:
-    """The shipped ImageNet-style prompt set (our own wording)."""
-    text = resources.files("prepretrain").joinpath("assets", TEMPLATE_ASSET).read_text(encoding="utf-8")
-    return parse_templates(text, TEMPLATE_ASSET)
+    """The shipped ImageNet-style prompt set (our own wording, written for the article fix)."""
+    return read_templates("prepretrain")
+
+
+def check_names_file(key: str, value: str, builtin: dict[str, str]) -> None:
+    """ConfigError naming ``key`` unless ``value`` is empty, a built-in set's name or an existing file."""
+    if value and value not in builtin and not Path(value).is_file():
+        raise ConfigError(key, f"file not found: {value} (or one of the built-in sets: {', '.join(builtin)})")
 
 
 def parse_templates(text: str, origin: str = "templates") -> list[str]:
@@ -70,16 +85,25 @@ def parse_templates(text: str, origin: str = "templates") -> list[str]:
 
 
 def read_templates(path: str | Path) -> list[str]:
-    """Templates from a file, one per line with ``{}``."""
+    """Templates from a file, one per line with ``{}``; or a built-in set by name (``TEMPLATE_SETS``)."""
+    if str(path) in TEMPLATE_SETS:
+        return parse_templates(_asset_text(TEMPLATE_SETS[str(path)]), str(path))
     return parse_templates(Path(path).read_text(encoding="utf-8"), str(path))
 
 
 def read_class_names(path: str | Path, task: str = "") -> list[list[str]]:
-    """Synonym lists (first = the class name) from a ``.txt`` or ``.json`` file, in label order."""
+    """Synonym lists (first = the class name) from a ``.txt`` or ``.json`` file, in label order;
+    or a built-in set by name (``CLASS_SETS``: ``imagenet1k``)."""
+    if str(path) in CLASS_SETS:
+        return _class_lines(_asset_text(CLASS_SETS[str(path)]), str(path))
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         return _classes_from_json(json.loads(text), task, str(path))
+    return _class_lines(text, str(path))
+
+
+def _class_lines(text: str, path: str) -> list[list[str]]:
     classes = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -120,9 +144,10 @@ def check_article_fix(key: str, value: str) -> None:
 
 
 def article_fix_for(setting: str, templates_file: str) -> bool:
-    """Whether to apply the "a" -> "an" fix: ``auto`` = only for the shipped set (no templates file)."""
+    """Whether to apply the "a" -> "an" fix: ``auto`` = only for prepretrain's own set (the default,
+    written for it); published sets (``openai80``) and users' files are used verbatim."""
     setting = str(setting).lower()
-    return not templates_file if setting == "auto" else setting == "true"
+    return templates_file in ("", "prepretrain") if setting == "auto" else setting == "true"
 
 
 def fill_template(template: str, name: str, article_fix: bool = False) -> str:
@@ -202,14 +227,39 @@ def labelled_images(transform, task: str):
 
 
 def source_classes(source: Any, task: str) -> list[list[str]]:
-    """Synonym lists of a source's task (``synonyms`` when it has them, else ``class_names``)."""
+    """Synonym lists of a source's task (``synonyms`` when it has them, else ``class_names``).
+    Folder names that are WordNet ids (ImageNet's ``n01440764``) become words: see :func:`wordnet_names`."""
     synonyms = (getattr(source, "synonyms", None) or {}).get(task)
     if synonyms:
         return [list(s) for s in synonyms]
     names = (getattr(source, "class_names", None) or {}).get(task)
     if names:
+        if all(WORDNET_ID.match(str(n)) for n in names):
+            return wordnet_names([str(n) for n in names])
         return [[n] for n in names]
-    raise ValueError(f"the data has no class names for task {task!r}: pass classes=FILE")
+    raise ValueError(f"the data has no class names for task {task!r}: pass classes=FILE (or classes=imagenet1k)")
+
+
+def wordnet_names(ids: Sequence[str]) -> list[list[str]]:
+    """Class names for WordNet ids: the ImageNet-1k ids get the shipped ``imagenet1k`` names (then
+    WordNet's lemmas as synonyms); other ids (ImageNet-21k) WordNet's lemmas, from the tables timm
+    ships. An id found in neither is a ``ValueError`` naming it."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo("imagenet-1k")
+    clean = dict(zip(info.label_names(), (c[0] for c in read_class_names("imagenet1k"))))
+    lemmas = ImageNetInfo("imagenet-22k").label_descriptions(as_dict=True)  # id -> "tench, Tinca tinca"
+    classes, unknown = [], []
+    for wnid in ids:
+        words = [w.strip() for w in str(lemmas.get(wnid, "")).split(",") if w.strip()]
+        first = [clean[wnid]] if wnid in clean else []
+        names = first + [w for w in words if w not in first]
+        if not names:
+            unknown.append(wnid)
+        classes.append(names)
+    if unknown:
+        raise ValueError(f"no class name known for WordNet id(s) {', '.join(unknown[:5])}: pass classes=FILE")
+    return classes
 
 
 # ------------------------------------------------------------------------------ command
@@ -225,8 +275,8 @@ class ZeroShotConfig:
     data: str = "synthetic"  # "synthetic" or a labelled folder / manifest / shards
     split: str = "val"
     task: str = "coarse"  # label task (synthetic: coarse | fine; image folders: label)
-    classes: str = ""  # class names (+ synonyms) file; empty = the data's own names and synonyms
-    templates: str = ""  # templates file; empty = the shipped ImageNet-style set
+    classes: str = ""  # class names (+ synonyms) file or imagenet1k; empty = the data's own names and synonyms
+    templates: str = ""  # templates file, or prepretrain | openai80 (shipped sets); empty = prepretrain
     article_fix: str = "auto"  # "a {}" -> "an {}" before a vowel: auto (= shipped set only) | true | false
     tokenizer: str = ""  # XLM-R SentencePiece .model (needed for official MAWS CLIP files)
     image_size: int = 0  # 0 = the model's resolution
@@ -242,10 +292,10 @@ class ZeroShotConfig:
         if not self.model:
             raise ConfigError("model", "give a LiT run directory or a CLIP checkpoint file: model=runs/lit")
         check_weights("model", self.model)
-        for key in ("classes", "templates", "tokenizer"):
-            value = getattr(self, key)
-            if value and not Path(value).is_file():
-                raise ConfigError(key, f"file not found: {value}")
+        check_names_file("classes", self.classes, CLASS_SETS)
+        check_names_file("templates", self.templates, TEMPLATE_SETS)
+        if self.tokenizer and not Path(self.tokenizer).is_file():
+            raise ConfigError("tokenizer", f"file not found: {self.tokenizer}")
         for key in ("batch_size", "num_images"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")

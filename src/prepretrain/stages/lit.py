@@ -48,10 +48,13 @@ from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
 from ..data.transforms import eval_transform
 from ..evaluate.zeroshot import (
+    CLASS_SETS,
+    TEMPLATE_SETS,
     ZeroShotScorer,
     article_fix_for,
     build_classifier,
     check_article_fix,
+    check_names_file,
     default_templates,
     labelled_images,
     read_class_names,
@@ -109,8 +112,8 @@ class LiTConfig(TrainConfig):
     min_crop_scale: float = 0.5
     cache_features: str = "auto"  # auto (= when augment is off) | yes | no
     zeroshot_task: str = "coarse"  # label task scored at evaluation
-    zeroshot_classes: str = ""  # class names file for non-synthetic data
-    zeroshot_templates: str = ""  # templates file; empty = the shipped ImageNet-style set
+    zeroshot_classes: str = ""  # class names file (or imagenet1k) for data without its own names
+    zeroshot_templates: str = ""  # templates file, or prepretrain | openai80 (shipped); empty = prepretrain
     zeroshot_article_fix: str = "auto"  # "a {}" -> "an {}" before vowels: auto (= shipped set only) | true | false
     eval_images: int = 0  # validation images for zero-shot; 0 = the whole split
     # CPU-demo schedule, chosen with a shape-aware stand-in tower (tests/test_lit.py); paper scale:
@@ -152,9 +155,8 @@ class LiTConfig(TrainConfig):
         if self.text_init and not Path(self.text_init).is_file():
             raise ConfigError("text_init", f"file not found: {self.text_init}")
         check_weights("encoder", self.encoder)
-        for key in ("zeroshot_classes", "zeroshot_templates"):
-            if getattr(self, key) and not Path(getattr(self, key)).is_file():
-                raise ConfigError(key, f"file not found: {getattr(self, key)}")
+        check_names_file("zeroshot_classes", self.zeroshot_classes, CLASS_SETS)
+        check_names_file("zeroshot_templates", self.zeroshot_templates, TEMPLATE_SETS)
         check_article_fix("zeroshot_article_fix", self.zeroshot_article_fix)
         if not self.encoder:
             check_model_and_size(self.model, self.image_size)
