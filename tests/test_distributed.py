@@ -222,6 +222,63 @@ def test_one_process_checkpoint_resumes_on_two_ranks(reference_run: Path, tmp_pa
 
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_a_c10d_rendezvous_on_localhost(reference_run: Path, tmp_path: Path) -> None:
+    """The multi-node launch of docs/distributed.md, rehearsed on one machine: two torchrun
+    launchers (``--nnodes 2``, one process each) meet at a c10d rendezvous and train as one job,
+    with the one-process losses."""
+    port, run_dir = free_port(), tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(FAIL_ENV, None)
+    overrides = json.dumps({**RUN_SETTINGS, "strategy": "ddp", "out_dir": str(run_dir)})
+    launchers = [subprocess.Popen([str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                                   "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "rehearsal",
+                                   "--max-restarts", "0", __file__, overrides],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+    outputs = [launcher.communicate(timeout=4 * TIMEOUT_S) for launcher in launchers]
+    for launcher, (out, err) in zip(launchers, outputs):
+        assert launcher.returncode == 0, f"launcher failed:\n{out[-2000:]}\n{err[-4000:]}"
+    assert_same_losses(losses(run_dir), losses(reference_run), [1, 2, 3, 4])
+    assert json.loads((run_dir / "results.json").read_text())["steps"] == 4
+
+
+def test_slurm_script_launches_torchrun_on_every_node(tmp_path: Path) -> None:
+    """scripts/slurm_train.sh without Slurm: stand-in ``scontrol`` and ``srun`` record what the
+    script asks for; the torchrun line must carry the allocation (nodes, GPUs per node, the first
+    host as rendezvous, the job id) and pass the command through untouched."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_train.sh"
+    text = script.read_text()
+    assert "#SBATCH --signal=TERM@" in text and "#SBATCH --ntasks-per-node=1" in text
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-node-07\\ngpu-node-08\\n'\n")
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path / 'srun_args'}\n")
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242",
+           "SLURM_JOB_NODELIST": "gpu-node-[07-08]", "SLURM_GPUS_ON_NODE": "4", "SLURM_CPUS_PER_TASK": "32"}
+    result = subprocess.run(["bash", str(script), "mae", "--config", "configs/mae_vit_b16.yaml", "out_dir=/shared/x"],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert args[:2] == ["--kill-on-bad-exit=1", "torchrun"]
+    assert {"--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d", "--rdzv-endpoint=gpu-node-07:29500",
+            "--rdzv-id=4242", "--max-restarts=0"} <= set(args)
+    assert args[-6:] == ["-m", "prepretrain.cli", "mae", "--config", "configs/mae_vit_b16.yaml", "out_dir=/shared/x"]
+    assert "2 node(s) x 4 GPU(s), rendezvous gpu-node-07:29500" in result.stdout
+    usage = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
 def launch_cli(command: list[str]) -> subprocess.CompletedProcess:
     """``prepretrain <command>`` under torchrun with two gloo ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
