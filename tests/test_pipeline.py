@@ -218,3 +218,36 @@ def test_transfer_chart_keeps_page_proportions_as_tasks_grow(tmp_path, count):
     width, height = Image.open(path).size
     assert 0.4 <= width / height <= 2.5, (width, height)
     assert height >= 250 * -(-count // 4)  # every row of panels keeps its height
+
+
+@pytest.mark.slow
+def test_rehearsal_runs_a_paper_pipeline_config_end_to_end(tmp_path, monkeypatch):
+    """`prepretrain data rehearsal` writes shards and a labelled folder and a pipeline config that
+    keeps every recipe value but model size, budgets and hardware; the pipeline then runs all of it."""
+    import yaml
+
+    from prepretrain.cli import main
+
+    monkeypatch.chdir(ROOT)  # the paper configs name their recipes from the repository root
+    out = tmp_path / "rehearsal"
+    assert main(["data", "rehearsal", "--out", str(out), "--num-images", "300", "--steps", "2"]) == 0
+    assert sorted(p.name for p in (out / "data" / "pretrain").iterdir()) == ["train", "val"]
+    assert (out / "data" / "eval" / "val" / "ring").is_dir()
+    cfg = build_config(PipelineConfig, out / "pipeline.yaml")
+    assert cfg.mae_config.endswith("configs/mae_vit_b16.yaml") and "lit.micro_batch_size=8" in cfg.recipe_overrides
+    results = run_pipeline(cfg)
+    runs = out / "runs" / "seed0"
+    stage = {name: yaml.safe_load((runs / name / "config.yaml").read_text())
+             for name in ("mae", "wsp_mae", "lit_mae_wsp", "eval/wsp/finetune")}
+    # the recipes as written ...
+    assert stage["mae"]["mask_ratio"] == 0.75 and stage["mae"]["norm_pix_loss"] is True
+    assert stage["wsp_mae"]["loss"] == "softmax" and stage["wsp_mae"]["resample_power"] == 0.5
+    assert stage["lit_mae_wsp"]["text_dropout"] == 0.1 and stage["eval/wsp/finetune"]["layer_decay"] == 0.65
+    # ... with the rehearsal's size, budget and hardware
+    assert all(values["steps"] == 2 and values["device"] == "cpu" for values in stage.values())
+    assert stage["lit_mae_wsp"]["batch_size"] == 32 and stage["lit_mae_wsp"]["micro_batch_size"] == 8
+    assert stage["wsp_mae"]["init"] == str(runs / "mae")
+    wsp = [json.loads(line) for line in (runs / "wsp_mae" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_precision_at_1" in row for row in wsp)  # held out: the val shards
+    assert "finetune (label)" in (out / "runs" / "report.md").read_text()
+    assert results["seed0/eval/mae_wsp/zeroshot"]["num_classes"] == 10

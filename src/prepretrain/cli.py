@@ -16,18 +16,28 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .bench import BenchConfig, LiTBenchConfig, print_lit_benchmark, print_result, run_benchmark, run_lit_benchmark
 from .config import ConfigError, build_config, dump_config
 from .data.bench import BenchDataConfig, run_data_benchmark
 from .data.loader import open_data
 from .data.shards import UnknownSampleCount
-from .data.tools import build_vocab_streaming, describe_source, tag_aliases, write_shards, write_synthetic
-from .files import UnsafeCheckpoint
+from .data.tools import (
+    build_vocab_streaming,
+    describe_source,
+    tag_aliases,
+    write_rehearsal_data,
+    write_shards,
+    write_synthetic,
+)
+from .files import UnsafeCheckpoint, write_text
 from .models.checkpoints import CheckpointMismatch
 from .models.convert import TARGETS, convert
-from .pipeline import PipelineConfig, dry_run, run_pipeline
+from .pipeline import PipelineConfig, dry_run, rehearsal_config, run_pipeline
 from .plan import PlanConfig, format_plan, plan_run
 from .registry import COMMANDS, Command
 from .train.checkpoint import CorruptCheckpoint, checkpoint_step, export_weights, resolve_checkpoint
@@ -144,6 +154,15 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     shards.add_argument("--split", default="train")
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.add_argument("--prefix", default="shard")
+    rehearsal = sub.add_parser(
+        "rehearsal", help="write a small copy of the paper-scale data layout (pretraining shards with hashtags and "
+                          "captions, a labelled evaluation folder) and a pipeline config that runs a paper pipeline "
+                          "config on it with only model size, budgets and hardware overridden")
+    rehearsal.add_argument("--out", required=True, help="output folder (data, pipeline.yaml, and runs/ when run)")
+    rehearsal.add_argument("--pipeline", default="configs/pipeline_vit_b16.yaml", help="the paper pipeline config")
+    rehearsal.add_argument("--num-images", type=int, default=3000, help="pretraining images")
+    rehearsal.add_argument("--steps", type=int, default=20, help="optimizer steps of every training stage")
+    rehearsal.add_argument("--seed", type=int, default=0)
 
 
 def _data_run(args: argparse.Namespace) -> int:
@@ -152,6 +171,8 @@ def _data_run(args: argparse.Namespace) -> int:
                               image_format=args.format)
         print(f"wrote the synthetic dataset to {out}")
         return 0
+    if args.data_command == "rehearsal":
+        return _rehearsal(args)
     if args.data_command == "vocab":
         source = open_data(args.source, split=args.split, hashtag_field=args.hashtag_field)
         vocab = build_vocab_streaming(source, min_count=args.min_count, max_size=args.size,
@@ -165,6 +186,24 @@ def _data_run(args: argparse.Namespace) -> int:
         return 0
     paths = write_shards(source, args.out, samples_per_shard=args.samples_per_shard, prefix=args.prefix)
     print(f"wrote {len(paths)} shards to {args.out}")
+    return 0
+
+
+def _rehearsal(args: argparse.Namespace) -> int:
+    if args.steps <= 0 or args.num_images <= 0:
+        raise ConfigError("--steps" if args.steps <= 0 else "--num-images", "must be > 0")
+    out = Path(args.out)
+    data = {"data": str(out / "data" / "pretrain"), "eval_data": str(out / "data" / "eval")}
+    values = rehearsal_config(args.pipeline, data["data"], data["eval_data"], str(out / "runs"), steps=args.steps,
+                              seeds=(args.seed,))  # a bad pipeline config stops here, before any file is written
+    if write_rehearsal_data(out / "data", num_images=args.num_images, seed=args.seed) != data:
+        raise RuntimeError("write_rehearsal_data wrote elsewhere than planned")
+    config = out / "pipeline.yaml"
+    write_text(config, f"# prepretrain data rehearsal of {args.pipeline}: the paper recipes with only the model size, "
+                       "budgets and hardware\n# overridden (recipe_overrides); run it with the command below.\n"
+                       + yaml.safe_dump(values, sort_keys=False))
+    print(f"wrote {args.num_images} pretraining images as shards ({data['data']}), a labelled evaluation folder "
+          f"({data['eval_data']}) and {config}\nrun it:\n  prepretrain pipeline --config {config}")
     return 0
 
 

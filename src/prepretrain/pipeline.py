@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, build_config, config_to_dict, dump_config
+from .config import ConfigError, build_config, config_to_dict, dump_config, read_yaml
 from .data.loader import open_data
 from .evaluate.common import open_eval_data
 from .evaluate.runner import evaluate_encoder
@@ -74,6 +74,9 @@ class PipelineConfig:
     wsp_config: str = ""
     lit_config: str = ""
     finetune_config: str = ""
+    # key=value applied on top of every recipe file ("steps=20"), or of one stage's ("lit.text_model=
+    # text_micro"): a rehearsal of the paper recipes with a small model and budget, nothing else changed
+    recipe_overrides: tuple[str, ...] = ()
     evaluations: tuple[str, ...] = ("probe", "knn", "lowshot", "zeroshot", "finetune")
     tasks: tuple[str, ...] = ("coarse", "fine")
     # zero-shot class names and templates: a file, or a shipped set (classes: imagenet1k; templates:
@@ -101,6 +104,7 @@ class PipelineConfig:
         for key in ("mae_config", "wsp_config", "lit_config", "finetune_config"):
             if getattr(self, key) and not Path(getattr(self, key)).exists():
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")
+        recipe_overrides(self, "mae")  # malformed entries name the key now
         check_names_file("zeroshot_classes", self.zeroshot_classes, CLASS_SETS)
         check_names_file("zeroshot_templates", self.zeroshot_templates, TEMPLATE_SETS)
 
@@ -129,7 +133,8 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
     zeroshot_files = {"zeroshot_classes": cfg.zeroshot_classes, "zeroshot_templates": cfg.zeroshot_templates}
 
     def train_values(kind: str, steps: int, recipe: str, seed: int, name: str, **extra: Any) -> Job:
-        values = {**common, "seed": seed, "out_dir": str(out / name), **extra}
+        values = {**common, **(recipe_overrides(cfg, kind) if recipe else {}), "seed": seed,
+                  "out_dir": str(out / name), **extra}
         if not recipe:
             values.update(demo)
             values["steps"] = steps
@@ -187,10 +192,73 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
     return jobs
 
 
+RECIPE_STAGES = ("mae", "wsp", "lit", "finetune")
+RECIPE_KEYS = tuple(f"{stage}_config" for stage in RECIPE_STAGES)
+
+
+def recipe_overrides(cfg: PipelineConfig, kind: str) -> dict[str, str]:
+    """The ``recipe_overrides`` entries that apply to a ``kind`` job: ``key=value`` for every
+    stage, ``kind.key=value`` for that one (the later entry wins)."""
+    values: dict[str, str] = {}
+    for entry in cfg.recipe_overrides:
+        key, sep, value = str(entry).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError("recipe_overrides", f"expected key=value or stage.key=value, got '{entry}'")
+        stage, dot, name = key.strip().rpartition(".")
+        if dot and stage not in RECIPE_STAGES:
+            raise ConfigError("recipe_overrides", f"'{entry}': unknown stage '{stage}' (one of "
+                                                  f"{', '.join(RECIPE_STAGES)})")
+        if not dot or stage == kind:
+            values[name] = value.strip()
+    return values
+
+
 def stage_data(cfg: PipelineConfig, kind: str) -> tuple[str, str]:
     """(pipeline key, data) a job of ``kind`` reads: its own key when set, else ``data``."""
     key = {"mae": "mae_data", "wsp": "wsp_data", "lit": "lit_data"}.get(kind, "eval_data")
     return (key, getattr(cfg, key)) if getattr(cfg, key) else ("data", cfg.data)
+
+
+# ------------------------------------------------------------------------------ rehearsal
+# What a rehearsal changes in a paper pipeline: the model's size, the budgets and the hardware.
+# Every other value of every recipe (optimizer, schedule shape, loss, vocabulary rules, crops,
+# the data layouts and the evaluation protocol) runs as written.
+REHEARSAL_OVERRIDES = (
+    "model=vit_micro4", "image_size=32", "batch_size=32", "micro_batch_size=0", "num_workers=0",
+    "strategy=none", "log_every=5", "ckpt_every=1000", "eval_every=0", "progress=false",
+    "mae.decoder_embed_dim=64", "mae.decoder_depth=1", "mae.decoder_num_heads=4",
+    "wsp.eval_images=200",
+    # LiT: a small text tower with the byte tokenizer (no SentencePiece file needed); micro-batches
+    # of 8 keep the recipe's accumulation over one global contrastive batch in the rehearsal
+    "lit.text_model=text_micro", "lit.tokenizer=", "lit.embed_dim=64", "lit.micro_batch_size=8",
+    "lit.max_text_tokens=60",
+)
+
+
+def rehearsal_config(paper_config: str | Path, data: str, eval_data: str, out_dir: str, steps: int = 4,
+                     seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
+    """A paper pipeline config (``configs/pipeline_vit_*.yaml``) pointed at rehearsal data, with
+    only the model size, budgets (``steps`` per training stage) and hardware overridden; recipe
+    paths made absolute so the result runs from anywhere. Returns the values of a pipeline YAML."""
+    paper = Path(paper_config)
+    values = read_yaml(paper) or {}
+    if not isinstance(values, dict) or values.get("stage", "pipeline") != "pipeline":
+        raise ConfigError(str(paper), "not a pipeline config (stage: pipeline)")
+    for key in RECIPE_KEYS:
+        recipe = values.get(key)
+        if recipe and not Path(recipe).is_file():
+            beside = paper.resolve().parent.parent / recipe  # recipes are named from the repository root
+            if not beside.is_file():
+                raise ConfigError(key, f"{recipe}: recipe file not found (from {paper})")
+            recipe = beside
+        if recipe:
+            values[key] = str(Path(recipe).resolve())
+    values.update({"model": "vit_micro4", "image_size": 32, "out_dir": out_dir, "data": data, "eval_data": eval_data,
+                   "seeds": list(seeds), "device": "cpu", "precision": "fp32", "tasks": ["label"], "mae_data": "",
+                   "wsp_data": "", "lit_data": ""})
+    values["recipe_overrides"] = [*REHEARSAL_OVERRIDES, f"steps={steps}"]
+    build_config(PipelineConfig, None, {k: v for k, v in values.items() if k != "stage"})  # valid as written
+    return values
 
 
 # ------------------------------------------------------------------------------ pre-flight

@@ -112,12 +112,12 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
                 offset = mae_flops if label == "MAE→WSP" else 0.0
                 if per_sample:
                     flop_curves[label].append([(offset + per_sample * batch * step, v) for step, v in points])
-    if any(curves.values()):
+    if any(points for runs in curves.values() for points in runs):
         plot_curves(curves, out / "wsp_convergence.png", "WSP step", "held-out tag precision@1 (%)",
                     "WSP convergence with and without MAE init")
         blocks += [Block("heading", "WSP convergence (paper Fig. 4)"),
                    Block("image", "Held-out tag precision@1 during WSP", items=["wsp_convergence.png"])]
-    if any(flop_curves.values()):
+    if any(points for runs in flop_curves.values() for points in runs):
         plot_curves(flop_curves, out / "accuracy_vs_flops.png", "total training FLOPs (MAE + WSP)",
                     "held-out tag precision@1 (%)", "accuracy against training FLOPs")
         blocks += [Block("heading", "Accuracy against training FLOPs (paper Fig. 5)"),

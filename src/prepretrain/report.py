@@ -88,7 +88,7 @@ def plot_panels(panels: dict[str, dict[str, list[list[tuple[float, float]]]]], p
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if any(label for label in curves):
+        if ax.get_legend_handles_labels()[0]:
             ax.legend()
     if title:
         (axes[0][0].set_title if len(panels) == 1 else fig.suptitle)(title)

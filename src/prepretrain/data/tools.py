@@ -604,3 +604,36 @@ def tag_aliases(source: Any, choice: str = "auto") -> dict[str, str]:
     if groups is None and isinstance(source, SyntheticSource):
         groups = [group for attribute in ATTRIBUTE_TAGS.values() for group in attribute]
     return synonym_map(groups) if groups else {}
+
+
+# -- a rehearsal of the paper-scale data layout ---------------------------------------------
+
+
+def write_rehearsal_data(out_dir: str | Path, num_images: int = 3000, image_size: int = 32, seed: int = 0,
+                         samples_per_shard: int = 500) -> dict[str, str]:
+    """The data layout of a paper-scale run, small: pretraining images with hashtags and captions
+    as WebDataset shards (``pretrain/{train,val}/shard-NNNNNN.tar`` + ``index.json``, JPEG), and a labelled
+    evaluation set as an image folder (``eval/{train,val,test}/<class name>/<n>.png``, the
+    synthetic coarse classes, drawn with another seed than the pretraining images).
+
+    Returns ``{"data": <shards folder>, "eval_data": <folder>}``: what a pipeline config
+    points at. Why: a paper pipeline config can then run end to end on CPU with only model size
+    and budgets overridden (``prepretrain data rehearsal``), before a cluster sees it.
+    """
+    out = Path(out_dir)
+    for split, count in synthetic_split_sizes(num_images).items():
+        if split != "test":  # train: what the stages learn from; val: WSP's held-out tag precision
+            source = SyntheticSource(count, image_size=image_size, seed=seed, split=split)
+            write_shards(source, out / "pretrain" / split, samples_per_shard=samples_per_shard, image_format="jpg",
+                         overwrite=True, shuffle_seed=seed, verbose=False)
+    eval_sizes = synthetic_split_sizes(max(200, num_images // 2))
+    for split, count in eval_sizes.items():
+        source = SyntheticSource(count, image_size=image_size, seed=seed + 1, split=split)
+        names = source.class_names["coarse"]
+        for index in range(count):
+            record = source.get(index)
+            folder = out / "eval" / split / names[int(record.labels["coarse"])]
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / f"{index:06d}.png") as tmp:
+                record.image.save(tmp, format="PNG")
+    return {"data": str(out / "pretrain"), "eval_data": str(out / "eval")}
