@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from prepretrain.data.decode import image_files
 from prepretrain.data.loader import open_source
+from prepretrain.data.records import BadSample
 from prepretrain.data.shards import INDEX_NAME, ShardSource
 from prepretrain.data.sources import FolderSource, ImageFolderSource, ManifestSource
 from prepretrain.data.tools import describe_source, write_shards
@@ -204,17 +206,60 @@ def test_jsonl_manifest_reads_class_names_sidecar(dataset: Path) -> None:
         ('["a.png"]', "expected a JSON object"),
     ],
 )
-def test_malformed_manifest_line_names_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+def test_malformed_manifest_row_is_a_counted_bad_sample_and_check_names_the_line(tmp_path: Path,
+                                                                                    line: str, message: str) -> None:
+    """Opening reads no row (any size opens at once); a malformed row is a ``bad_row`` skip when
+    drawn, and ``check()`` (``prepretrain data check``) names it by file and line."""
     manifest = tmp_path / "bad.jsonl"
     manifest.write_text('{"path": "x.png"}\n\n' + line + "\n")
-    with pytest.raises(ValueError, match=rf"bad\.jsonl:3: .*{message}"):
-        ManifestSource(manifest)
+    source = ManifestSource(manifest)
+    assert len(source) == 2 and source.annotation(0).key == "x.png"
+    with pytest.raises(BadSample, match=message) as caught:
+        source.annotation(1)
+    assert caught.value.reason == "bad_row"
+    report = source.check()
+    assert report["rows"] == 2 and report["bad_rows"] == 1
+    assert re.match(rf".*bad\.jsonl:3: .*{message}", report["examples"][0])
 
 
-def test_csv_manifest_rejects_non_integer_label_with_line(tmp_path: Path) -> None:
+def test_csv_manifest_non_integer_label_is_a_bad_row_named_by_line(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("path,label\nx.png,1\ny.png,cat\n")
-    with pytest.raises(ValueError, match=r"bad\.csv:3: column 'label' must be an integer"):
-        ManifestSource(tmp_path / "bad.csv")
+    source = ManifestSource(tmp_path / "bad.csv")
+    assert source.annotation(0).labels == {"label": 1}
+    with pytest.raises(BadSample, match="column 'label' must be an integer"):
+        source.annotation(1)
+    assert re.match(r".*bad\.csv:3: column 'label' must be an integer", source.check()["examples"][0])
+    assert source.num_classes("label") == 2  # the readable rows' labels
+
+
+def test_manifest_index_is_built_once_streaming_and_follows_edits(tmp_path: Path, monkeypatch) -> None:
+    """The row index is a cache file named by the manifest's path, size and mtime: reopening maps
+    it (no second pass), an edited manifest gets a new one; CRLF endings and a last line without
+    a newline are read whole; rows across the streaming chunk boundary are found."""
+    import prepretrain.data.rowindex as rowindex
+
+    monkeypatch.setenv("PREPRETRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(rowindex, "CHUNK_BYTES", 7)  # every row crosses a chunk boundary
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"path": f"{i}.png", "caption": "c" * i} for i in range(20)]
+    manifest.write_bytes(b"# comment\r\n" + b"\r\n".join(json.dumps(r).encode() for r in rows) + b"\r\n\r\n" +
+                         json.dumps({"path": "last.png"}).encode())
+    source = ManifestSource(manifest)
+    assert len(source) == 21
+    assert [source.annotation(i).key for i in (0, 7, 19, 20)] == ["0.png", "7.png", "19.png", "last.png"]
+    assert source.annotation(13).caption == "c" * 13
+    built = list((tmp_path / "cache" / "rows").glob("*.offsets"))
+    assert len(built) == 1
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the index was rebuilt")
+
+    monkeypatch.setattr(rowindex, "build_row_offsets", no_second_pass)
+    assert len(ManifestSource(manifest)) == 21
+    monkeypatch.undo()
+    monkeypatch.setenv("PREPRETRAIN_CACHE", str(tmp_path / "cache"))
+    manifest.write_text(json.dumps({"path": "only.png"}) + "\n")
+    assert [ManifestSource(manifest).annotation(0).key] == ["only.png"]
 
 
 def test_open_source_resolves_every_layout(dataset: Path) -> None:

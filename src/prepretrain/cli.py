@@ -28,6 +28,7 @@ from .data.loader import open_data
 from .data.shards import UnknownSampleCount
 from .data.tools import (
     build_vocab_streaming,
+    check_source,
     describe_source,
     tag_aliases,
     write_rehearsal_data,
@@ -154,6 +155,11 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     shards.add_argument("--split", default="train")
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.add_argument("--prefix", default="shard")
+    check = sub.add_parser("check", help="validate every row of a manifest (or annotation of a source) without "
+                                         "decoding images; bad rows are named by file:line (exit 3 if any)")
+    check.add_argument("source")
+    check.add_argument("--split", default="train")
+    check.add_argument("--max-errors", type=int, default=20, help="bad rows listed")
     rehearsal = sub.add_parser(
         "rehearsal", help="write a small copy of the paper-scale data layout (pretraining shards with hashtags and "
                           "captions, a labelled evaluation folder) and a pipeline config that runs a paper pipeline "
@@ -181,6 +187,10 @@ def _data_run(args: argparse.Namespace) -> int:
         print(f"wrote {len(vocab)} tags to {path} ({json.dumps(vocab.info)})")
         return 0
     source = open_data(args.source, split=args.split)
+    if args.data_command == "check":
+        report = check_source(source, max_errors=args.max_errors)
+        print(json.dumps(report, indent=2))
+        return 3 if report["bad_rows"] else 0
     if args.data_command == "stats":
         print(json.dumps(describe_source(source, max_images=args.sample), indent=2))
         return 0

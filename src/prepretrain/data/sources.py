@@ -2,8 +2,9 @@
 
 Every source yields :class:`~prepretrain.data.records.Record` objects and raises
 ``BadSample`` for a sample it cannot use, so the loader counts it instead of crashing.
-Listing is done once, at construction, and kept *compact*: paths and manifest rows live in
-one ``bytes`` blob plus a NumPy offset array rather than millions of Python strings/dicts.
+Listing is done once, at construction, and kept *compact*: folder paths live in one ``bytes``
+blob plus a NumPy offset array rather than millions of Python strings; manifest rows stay in
+their file, found through a memory-mapped offset index (:mod:`prepretrain.data.rowindex`).
 That matters twice: a list of 10M small objects costs GBs, and DataLoader workers forked
 from the main process touch every object's reference count, which copies the pages
 (copy-on-write) and multiplies that memory by the number of workers. A blob and an array
@@ -16,7 +17,6 @@ statistics (``describe_source``) and conversion to shards are in :mod:`prepretra
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from abc import ABC, abstractmethod
@@ -33,7 +33,9 @@ from prepretrain.data.decode import (
     image_files,
     load_pixels,
 )
-from prepretrain.data.records import Annotation, Record, num_classes_of, split_hashtags
+from prepretrain.data.records import Annotation, BadSample, Record, num_classes_of, split_hashtags
+from prepretrain.data.rowindex import RowIndex, cache_root, file_identity
+from prepretrain.files import atomic_path
 
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv")
 
@@ -213,17 +215,21 @@ class ManifestSource(_FileSource):
     columns ``label`` (task ``label``) or ``label_<task>`` (task ``<task>``) holding
     integers, empty for "no label". Other columns are ignored.
 
-    ``path`` is relative to the manifest's directory, or absolute. Files are *not* checked
-    at construction (a stat per row is minutes on network storage for millions of rows): a
-    missing file is ``BadSample(reason="missing_file")`` when the sample is read. Rows are
-    validated at construction, so a malformed line fails before any compute with
-    ``file:line``. Bytes that are not UTF-8 are decoded with replacement characters: a
-    mangled caption is still a usable image.
+    ``path`` is relative to the manifest's directory, or absolute. Opening is bounded in time
+    and memory whatever the size (:class:`~prepretrain.data.rowindex.RowIndex`: one streaming
+    pass records each row's byte offset in a cache file the first time, later opens memory-map
+    it; a CSV is first normalised to JSONL rows in the cache, in one streaming pass). Nothing
+    about a row is checked when the manifest is opened: a malformed row, like a missing file,
+    is a ``BadSample`` when its sample is read (``bad_row``, ``missing_file``), counted by the
+    loop's bad-data rule. ``prepretrain data check MANIFEST`` validates every row and names
+    each bad one by ``file:line``. Bytes that are not UTF-8 are decoded with replacement
+    characters: a mangled caption is still a usable image.
 
     Class names come from ``class_names=``, else from ``classes.json`` next to the manifest
     (``{"class_names": {task: [...]}}``, as :func:`~prepretrain.data.tools.write_synthetic`
     writes, or ``{task: [...]}``), else are empty; ``num_classes(task)`` is the larger of
-    their count and the largest label seen + 1.
+    their count and the largest label + 1, found by reading every row the first time it is
+    asked (evaluation sets are small; at pretraining scale nothing asks).
 
     ``hashtag_field`` / ``caption_field`` name the JSON field (CSV column) holding the
     hashtags and the caption when they are not ``hashtags`` and ``caption``, e.g. ``tags``.
@@ -249,106 +255,40 @@ class ManifestSource(_FileSource):
         for name, value in (("hashtag_field", hashtag_field), ("caption_field", caption_field)):
             if not isinstance(value, str) or not value or value in ("path", "labels"):
                 raise ValueError(f"{name} must name a manifest field other than 'path' and 'labels', got {value!r}")
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: manifest not found")
         self.hashtag_field = hashtag_field
         self.caption_field = caption_field
-        data = self.path.read_bytes()
-        max_label: dict[str, int] = {}
         if suffix in (".jsonl", ".ndjson"):
-            # JSONL rows are kept as written, so they are read by the chosen field names.
+            # JSONL rows are read as written, by the chosen field names.
             self._row_fields = (hashtag_field, caption_field)
-            rows = self._read_jsonl(data, max_label)
+            self._rows = RowIndex(self.path)
         else:
-            # CSV rows are stored normalised, under "hashtags" and "caption".
+            # CSV rows are normalised once into JSONL rows (under "hashtags" and "caption").
             self._row_fields = ("hashtags", "caption")
-            rows = self._read_csv(data, "\t" if suffix == ".tsv" else ",", max_label)
-        self._rows = PackedStrings(rows)
+            self._rows = RowIndex(normalised_csv(self.path, "\t" if suffix == ".tsv" else ",", hashtag_field,
+                                                 caption_field))
         if not len(self._rows):
             raise ValueError(f"{self.path}: the manifest lists no images")
         self.class_names = dict(class_names) if class_names is not None else self._sidecar_class_names()
-        self.num_classes_by_task = {task: len(names) for task, names in self.class_names.items()}
-        for task, largest in max_label.items():
-            self.num_classes_by_task[task] = max(self.num_classes_by_task.get(task, 0), largest + 1)
+        self._num_classes: dict[str, int] | None = None
 
-    # -- parsing (construction time) ---------------------------------------------------
-    def _fail(self, line: int, message: str) -> ValueError:
-        return ValueError(f"{self.path}:{line}: {message}")
-
-    def _validate(self, row: Any, line: int, max_label: dict[str, int]) -> None:
-        if not isinstance(row, dict):
-            raise self._fail(line, f"expected a JSON object, got {type(row).__name__}")
-        path = row.get("path")
-        if not isinstance(path, str) or not path:
-            raise self._fail(line, "missing or empty 'path'")
-        hashtag_key, caption_key = self._row_fields
-        hashtags = row.get(hashtag_key, [])
-        if hashtags is not None and not isinstance(hashtags, (list, str)):
-            raise self._fail(line, f"'{hashtag_key}' must be a list of strings (or one string)")
-        caption = row.get(caption_key, "")
-        if caption is not None and not isinstance(caption, str):
-            raise self._fail(line, f"'{caption_key}' must be a string")
-        labels = row.get("labels", {})
-        if labels is None:
-            return
-        if not isinstance(labels, dict):
-            raise self._fail(line, "'labels' must be an object mapping task -> class index")
-        for task, value in labels.items():
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise self._fail(line, f"label {task!r} must be a non-negative integer, got {value!r}")
-            max_label[task] = max(max_label.get(task, -1), value)
-
-    def _read_jsonl(self, data: bytes, max_label: dict[str, int]) -> Iterator[bytes]:
-        for number, raw in enumerate(data.splitlines(), start=1):
-            stripped = raw.strip()
-            if not stripped or stripped.startswith(b"#"):
-                continue
-            try:
-                row = json.loads(stripped.decode("utf-8", errors="replace"))
-            except json.JSONDecodeError as error:
-                raise self._fail(number, f"malformed JSON ({error.msg} at column {error.colno})") from None
-            self._validate(row, number, max_label)
-            yield stripped
-
-    def _read_csv(self, data: bytes, delimiter: str, max_label: dict[str, int]) -> Iterator[str]:
-        text = data.decode("utf-8-sig", errors="replace")
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            return
-        header = [name.strip() for name in header]
-        if "path" not in header:
-            raise self._fail(1, f"the header needs a 'path' column, got {header}")
-        label_columns = {
-            name: ("label" if name == "label" else name[len("label_") :])
-            for name in header
-            if name == "label" or (name.startswith("label_") and len(name) > len("label_"))
-        }
-        column = {name: position for position, name in enumerate(header)}
-        for cells in reader:
-            number = reader.line_num
-            if not any(cell.strip() for cell in cells):
-                continue
-            if len(cells) != len(header):
-                raise self._fail(number, f"expected {len(header)} columns, got {len(cells)}")
-            labels: dict[str, int] = {}
-            for name, task in label_columns.items():
-                value = cells[column[name]].strip()
-                if not value:
-                    continue
+    @property
+    def num_classes_by_task(self) -> dict[str, int]:
+        """Classes per label task: names given, or the largest label + 1 (one pass over the rows,
+        the first time it is asked; rows that cannot be read are left out here and counted where
+        they are drawn)."""
+        if self._num_classes is None:
+            counts = {task: len(names) for task, names in self.class_names.items()}
+            for index in range(len(self)):
                 try:
-                    labels[task] = int(value)
-                except ValueError:
-                    raise self._fail(number, f"column {name!r} must be an integer, got {value!r}") from None
-            hashtag_column, caption_column = self.hashtag_field, self.caption_field
-            row = {
-                "path": cells[column["path"]].strip(),
-                "hashtags": split_hashtags(cells[column[hashtag_column]]) if hashtag_column in column else [],
-                "caption": cells[column[caption_column]] if caption_column in column else "",
-                "labels": labels,
-            }
-            self._validate(row, number, max_label)
-            yield json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+                    labels = self._parse(index)[3]
+                except BadSample:
+                    continue
+                for task, value in labels.items():
+                    counts[task] = max(counts.get(task, 0), value + 1)
+            self._num_classes = counts
+        return self._num_classes
 
     def _sidecar_class_names(self) -> dict[str, list[str]]:
         sidecar = self.root / "classes.json"
@@ -361,28 +301,146 @@ class ManifestSource(_FileSource):
         names = content.get("class_names", content) if isinstance(content, dict) else {}
         return {str(task): [str(name) for name in values] for task, values in names.items() if isinstance(values, list)}
 
-    # -- access ------------------------------------------------------------------------
+    # -- rows --------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._rows)
 
     def __repr__(self) -> str:
         return f"ManifestSource({str(self.path)!r}, {len(self)} samples)"
 
+    def _parse(self, index: int) -> tuple[str, list[str], str, dict[str, int]]:
+        """(path, hashtags, caption, labels) of row ``index``; ``BadSample("bad_row")`` when malformed."""
+        raw = self._rows.raw(_check_index(index, len(self)))
+        try:
+            return parse_row(raw, *self._row_fields)
+        except ValueError as error:
+            raise BadSample(f"{self.path.name}:row{index}", "bad_row", str(error)) from None
+
     def entry(self, index: int) -> tuple[Annotation, Path]:
-        row = json.loads(self._rows.text(_check_index(index, len(self))))
-        hashtag_key, caption_key = self._row_fields
-        hashtags = row.get(hashtag_key) or []
-        if isinstance(hashtags, str):
-            hashtags = split_hashtags(hashtags)
-        labels = {str(task): int(value) for task, value in (row.get("labels") or {}).items() if value is not None}
-        annotation = Annotation(
-            key=row["path"],
-            hashtags=[str(tag) for tag in hashtags],
-            caption=row.get(caption_key) or "",
-            labels=labels,
-        )
-        path = Path(row["path"])
-        return annotation, (path if path.is_absolute() else self.root / path)
+        path, hashtags, caption, labels = self._parse(index)
+        annotation = Annotation(key=path, hashtags=hashtags, caption=caption, labels=labels)
+        file = Path(path)
+        return annotation, (file if file.is_absolute() else self.root / file)
+
+    def check(self, max_errors: int = 20) -> dict[str, Any]:
+        """Validate every row in one streaming pass (``prepretrain data check``): counts, and the
+        first ``max_errors`` bad rows as ``file:line: message``. Files are not opened."""
+        bad: list[str] = []
+        rows = errors = 0
+        for line, raw in iter_rows(self.path, self.hashtag_field, self.caption_field):
+            rows += 1
+            try:
+                parse_row(raw, *self._row_fields)
+            except ValueError as error:
+                errors += 1
+                if len(bad) < max_errors:
+                    bad.append(f"{self.path}:{line}: {error}")
+        return {"manifest": str(self.path), "rows": rows, "bad_rows": errors, "examples": bad}
+
+
+def parse_row(raw: bytes | str, hashtag_key: str = "hashtags",
+              caption_key: str = "caption") -> tuple[str, list[str], str, dict[str, int]]:
+    """(path, hashtags, caption, labels) of one JSON manifest row; ``ValueError`` saying what is wrong."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    if not text.strip():
+        raise ValueError("blank row")
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"malformed JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+    if "_error" in row:  # a CSV line that could not be normalised
+        raise ValueError(str(row["_error"]))
+    path = row.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError("missing or empty 'path'")
+    hashtags = row.get(hashtag_key) or []
+    if isinstance(hashtags, str):
+        hashtags = split_hashtags(hashtags)
+    if not isinstance(hashtags, list):
+        raise ValueError(f"'{hashtag_key}' must be a list of strings (or one string)")
+    caption = row.get(caption_key) or ""
+    if not isinstance(caption, str):
+        raise ValueError(f"'{caption_key}' must be a string")
+    labels = row.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise ValueError("'labels' must be an object mapping task -> class index")
+    clean: dict[str, int] = {}
+    for task, value in labels.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"label {task!r} must be a non-negative integer, got {value!r}")
+        clean[str(task)] = value
+    return path, [str(tag) for tag in hashtags], caption, clean
+
+
+def iter_rows(path: Path, hashtag_field: str = "hashtags", caption_field: str = "caption") -> Iterator[tuple[int, str]]:
+    """(line number, JSON row) of a manifest, streaming; CSV lines normalised as they are read."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                stripped = raw.strip()
+                if stripped and not stripped.startswith(b"#"):
+                    yield number, stripped.decode("utf-8", errors="replace")
+        return
+    yield from _csv_rows(path, "\t" if suffix == ".tsv" else ",", hashtag_field, caption_field)
+
+
+def _csv_rows(path: Path, delimiter: str, hashtag_column: str, caption_column: str) -> Iterator[tuple[int, str]]:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        reader = csv.reader(handle, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [name.strip() for name in header]
+        if "path" not in header:
+            raise ValueError(f"{path}:1: the header needs a 'path' column, got {header}")
+        label_columns = {
+            name: ("label" if name == "label" else name[len("label_") :])
+            for name in header
+            if name == "label" or (name.startswith("label_") and len(name) > len("label_"))
+        }
+        column = {name: position for position, name in enumerate(header)}
+        for cells in reader:
+            number = reader.line_num
+            if not any(cell.strip() for cell in cells):
+                continue
+            if len(cells) != len(header):
+                yield number, json.dumps({"_error": f"expected {len(header)} columns, got {len(cells)}"})
+                continue
+            labels: dict[str, int] = {}
+            error = ""
+            for name, task in label_columns.items():
+                value = cells[column[name]].strip()
+                if value:
+                    try:
+                        labels[task] = int(value)
+                    except ValueError:
+                        error = f"column {name!r} must be an integer, got {value!r}"
+            if error:
+                yield number, json.dumps({"_error": error})
+                continue
+            row = {
+                "path": cells[column["path"]].strip(),
+                "hashtags": split_hashtags(cells[column[hashtag_column]]) if hashtag_column in column else [],
+                "caption": cells[column[caption_column]] if caption_column in column else "",
+                "labels": labels,
+            }
+            yield number, json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+
+
+def normalised_csv(path: Path, delimiter: str, hashtag_column: str, caption_column: str) -> Path:
+    """The CSV's rows as JSONL in the cache (written once, streaming; named by the file's identity
+    and the columns read), so a CSV opens like a JSONL manifest afterwards."""
+    out = cache_root() / "rows" / f"{file_identity(path, f'{delimiter}|{hashtag_column}|{caption_column}')}.jsonl"
+    if not out.is_file():
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as sink:
+            for _, row in _csv_rows(path, delimiter, hashtag_column, caption_column):
+                sink.write(row + "\n")
+    return out
 
 
 __all__ = [

@@ -637,3 +637,21 @@ def write_rehearsal_data(out_dir: str | Path, num_images: int = 3000, image_size
             with atomic_path(folder / f"{index:06d}.png") as tmp:
                 record.image.save(tmp, format="PNG")
     return {"data": str(out / "pretrain"), "eval_data": str(out / "eval")}
+
+
+def check_source(source: Any, max_errors: int = 20) -> dict[str, Any]:
+    """Validate every sample's annotation without decoding pixels (``prepretrain data check``):
+    a manifest checks each row and names bad ones by ``file:line``; other sources read their
+    annotations (shards: the metadata members) and count what cannot be used."""
+    if hasattr(source, "check"):
+        return source.check(max_errors=max_errors)
+    rows = errors = 0
+    examples: list[str] = []
+    for outcome in iter_annotations(source):
+        rows += 1
+        if isinstance(outcome, BadSample):
+            errors += 1
+            if len(examples) < max_errors:
+                examples.append(str(outcome))
+    return {"source": repr(source), "rows": rows, "bad_rows": errors, "examples": examples}
+
