@@ -272,3 +272,37 @@ def test_min_size_hint_reaches_folder_manifest_and_shard_sources(tmp_path: Path)
         tensor = open_data(str(spec), min_size_hint=140, pixels="tensor")
         record = tensor.get(0) if hasattr(tensor, "get") else next(tensor.iter_records())
         assert record.image.dtype == torch.uint8 and tuple(record.image.shape) == (3, 150, 200)
+
+
+def test_large_sources_are_shuffled_without_an_epoch_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above LARGE_SOURCE the order is a keyed permutation computed per position (O(1) memory)
+    and weighted draws come one block at a time: still one permutation per epoch, different
+    between epochs, ranks splitting it exactly, resume exact, draws following the weights."""
+    import prepretrain.data.loader as loader
+    from prepretrain.data.loader import KeyedPermutation, SampleStream
+
+    for n in (1, 2, 3, 17, 1000, 4097):
+        assert sorted(KeyedPermutation(n, 5).at(i) for i in range(n)) == list(range(n))
+    monkeypatch.setattr(loader, "LARGE_SOURCE", 100)
+    monkeypatch.setattr(loader, "DRAW_BLOCK", 64)
+    n = 1000
+
+    def take(stream: SampleStream, batches: int) -> list[int]:
+        out = []
+        for _, batch in zip(range(batches), stream):
+            out += [index for index, _ in batch]
+        return out
+
+    one = take(SampleStream(n, 10, seed=3), 200)  # two epochs
+    assert sorted(one[:n]) == list(range(n)) == sorted(one[n:]) and one[:n] != one[n:]
+    assert one[:n] != list(range(n))
+    ranks = [take(SampleStream(n, 5, seed=3, rank=r, world_size=2), 100) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(n))
+    assert take(SampleStream(n, 10, seed=3, start_position=370), 5) == one[370:420]
+
+    weights = torch.ones(n)
+    weights[:10] = 100.0  # 10 heavy samples hold half the mass
+    draws = take(SampleStream(n, 10, seed=1, weights=weights, epoch_size=4000), 400)
+    assert len(draws) == 4000 and abs(sum(d < 10 for d in draws) / 4000 - 0.5) < 0.04
+    assert take(SampleStream(n, 10, seed=1, weights=weights, epoch_size=4000, start_position=1234), 3) == \
+        draws[1234:1264]

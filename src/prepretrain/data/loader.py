@@ -67,6 +67,46 @@ def sample_seed(seed: int, position: int) -> int:
     return (seed * SEED_MIX + position * 2654435761 + 12345) % (2**63 - 1)
 
 
+# Above this many samples an epoch's order is computed per position (a keyed permutation, or
+# weighted draws per block) instead of held whole: a randperm of 3 * 10^9 indices is 24 GB per rank.
+LARGE_SOURCE = 1 << 24
+DRAW_BLOCK = 1 << 20
+
+
+class KeyedPermutation:
+    """A pseudo-random permutation of ``range(n)`` computed per element in O(1) memory: a
+    4-round Feistel network on the smallest even power of two >= n, walked until the value falls
+    below n (cycle walking keeps it a bijection). Why: shuffling a billions-long epoch without
+    materialising it, with exact resume (``at(position)`` is a pure function of the key)."""
+
+    MASK64 = (1 << 64) - 1
+
+    def __init__(self, n: int, key: int):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.half = (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = [(key * 0x9E3779B97F4A7C15 + round_ * 0xBF58476D1CE4E5B9 + 1) & self.MASK64 for round_ in range(4)]
+
+    def _round(self, value: int, key: int) -> int:
+        x = (value * 0x94D049BB133111EB + key) & self.MASK64
+        x ^= x >> 31
+        x = (x * 0xD6E8FEB86659FD93) & self.MASK64
+        return (x ^ (x >> 29)) & self.mask
+
+    def _encrypt(self, value: int) -> int:
+        left, right = value >> self.half, value & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << self.half) | right
+
+    def at(self, position: int) -> int:
+        value = self._encrypt(position)
+        while value >= self.n:
+            value = self._encrypt(value)
+        return value
+
+
 class SampleStream:
     """Batch sampler over global positions for one rank: yields ``[(index, aug_seed), ...]``.
 
@@ -112,9 +152,32 @@ class SampleStream:
 
     def index_at(self, position: int) -> int:
         epoch, offset = divmod(position, self.epoch_size)
+        if self.shuffle and self.num_samples > LARGE_SOURCE:
+            return self._large_index(epoch, offset)
         if epoch != self._epoch:
             self._order, self._epoch = self.order(epoch), epoch
         return int(self._order[offset])
+
+    def _large_index(self, epoch: int, offset: int) -> int:
+        """Sources above ``LARGE_SOURCE``: no epoch-long order in memory. Unweighted: a keyed
+        permutation per epoch; weighted: draws by inverse CDF, generated one block of positions
+        at a time from a generator seeded by (seed, epoch, block)."""
+        key = self.seed * 1_000_003 + epoch
+        if self.weights is None:
+            if epoch != self._epoch:
+                self._order, self._epoch = KeyedPermutation(self.num_samples, key), epoch
+            return self._order.at(offset)
+        block, within = divmod(offset, DRAW_BLOCK)
+        if (epoch, block) != self._epoch:
+            if getattr(self, "_cdf", None) is None:
+                cdf = torch.cumsum(self.weights.double(), 0)
+                self._cdf = cdf / cdf[-1]
+            count = min(DRAW_BLOCK, self.epoch_size - block * DRAW_BLOCK)
+            generator = torch.Generator().manual_seed(key * 1_000_003 + block)
+            uniform = torch.rand(count, generator=generator, dtype=torch.float64)
+            draws = torch.searchsorted(self._cdf, uniform, right=True).clamp_(max=self.num_samples - 1)
+            self._order, self._epoch = draws, (epoch, block)
+        return int(self._order[within])
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         position = self.start_position
