@@ -7,7 +7,8 @@ resampling lives in :mod:`prepretrain.data.hashtags`; the head, losses and tag-p
 metrics in :mod:`prepretrain.models.heads`.
 
 Data: a manifest, folder or the synthetic set is resampled by the loader's weighted draw
-(per-image weights, at most ``MAX_WEIGHTED_IMAGES`` images). WebDataset shards, which have no
+(per-image weights and tags held in memory, about 8 bytes per image plus 4 per tag: fine to
+~10^8 images; beyond 2^24 the loader draws one block at a time). WebDataset shards, which have no
 random access, are resampled in the stream instead: every sample appears a fixed number of
 times per epoch (``RepeatFactors``: floor or ceil of its expected count, from the seed and its
 key), expanded by the shard readers before their block shuffle (``ShardSource.repeats``), with
@@ -81,8 +82,6 @@ from ..models.resolve import ENCODER_FILE, HEAD_FILE, VOCAB_FILE, check_weights,
 from ..models.vit import check_model_and_size, create_vit, forward_flops, vit_shape
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
-
-MAX_WEIGHTED_IMAGES = 2**24  # torch.multinomial's limit on categories (the loader's weighted draw; not shards)
 
 
 @dataclass
@@ -248,12 +247,6 @@ class WSPStage(Stage):
         if not hasattr(source, "get"):
             self._data = self._prepare_stream(source, run)
             return self._data
-        if len(source) > MAX_WEIGHTED_IMAGES:
-            raise ValueError(
-                f"{len(source)} training images: weighted resampling draws from at most {MAX_WEIGHTED_IMAGES} "
-                "images per source (torch.multinomial); split the manifest into parts, or write shards "
-                "(`prepretrain data shards`), which resample in the stream without that limit"
-            )
         vocab, _ = self._choose_vocab(source, run)
         encoded = encode_images(vocab, source_hashtags(source))
         if encoded.images_without_known_tag == len(encoded):
