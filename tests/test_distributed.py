@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -32,6 +34,7 @@ from prepretrain.train.engine import train
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 FAIL_ENV = "PREPRETRAIN_TEST_FAIL_AT"  # "rank:loss_call": that rank raises on that call of loss()
+SIGTERM_ENV = "PREPRETRAIN_TEST_SIGTERM_AT"
 TIMEOUT_S = 60
 
 # 4 optimizer steps of a global batch of 8 (4 per rank on two ranks), checkpoints at steps 2 and 4.
@@ -63,6 +66,13 @@ class SeededMaskMAE(MAEStage):
         loss, _, _ = model(batch["image"], mask_ratio=self.cfg.mask_ratio, noise=batch["noise"])
         return loss, {}
 
+    def after_step(self, model: nn.Module, step: int) -> None:
+        stop_at = os.environ.get(SIGTERM_ENV)  # "rank:step": that rank alone is sent SIGTERM after that step
+        if stop_at:
+            rank, at = (int(part) for part in stop_at.split(":"))
+            if int(os.environ.get("RANK", "0")) == rank and step == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
 
 def run_config(out_dir: Path, **extra: Any) -> MAEConfig:
     values = {**RUN_SETTINGS, **extra, "out_dir": str(out_dir)}
@@ -74,12 +84,16 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in rows if "loss" in row}
 
 
-def launch(out_dir: Path, fail_at: str = "", **extra: Any) -> tuple[subprocess.CompletedProcess, float]:
+def launch(out_dir: Path, fail_at: str = "", sigterm_at: str = "", **extra: Any
+           ) -> tuple[subprocess.CompletedProcess, float]:
     """torchrun with two gloo ranks on this file; returns the finished process and its wall time."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(FAIL_ENV, None)
+    env.pop(SIGTERM_ENV, None)
     if fail_at:
         env[FAIL_ENV] = fail_at
+    if sigterm_at:
+        env[SIGTERM_ENV] = sigterm_at
     overrides = json.dumps({**RUN_SETTINGS, **extra, "out_dir": str(out_dir)})
     command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", __file__, overrides]
     started = time.monotonic()
@@ -205,6 +219,32 @@ def test_failing_rank_ends_job_and_two_rank_checkpoint_resumes_on_one(reference_
     train(SeededMaskMAE(run_config(run_dir, strategy="none")))
     assert_same_losses(losses(run_dir), losses(reference_run), [1, 2, 3, 4])
     assert (run_dir / "checkpoints" / "step_00000004.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp"])  # DDP takes the same all-reduce of stop requests
+def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_boundary(reference_run: Path, tmp_path: Path,
+                                                                      strategy: str, fault_counts) -> None:
+    """Preemption reaches one rank (rank 1, after step 1): the ranks' stop requests are all-reduced
+    with the step's flags, so both checkpoint the same step and stop with ``Preempted`` (the CLI's
+    exit code 75), and the rerun on two ranks ends with the uninterrupted losses."""
+    run_dir = tmp_path / strategy
+    try:
+        result, _ = launch(run_dir, sigterm_at="1:1", strategy=strategy)
+    except subprocess.TimeoutExpired:
+        fault_counts["hangs"] += 1
+        raise
+    fault_counts["faults_injected"] += 1
+    assert result.returncode != 0 and "stopped by SIGTERM after step 2" in result.stdout + result.stderr
+    assert [checkpoint_step(p) for p in Checkpointer(run_dir).all()] == [2]
+    for rank in (0, 1):  # the worker calls train() itself: Preempted reaches its top on both ranks
+        assert re.search(rf"\[rank{rank}\]: prepretrain.train.engine.Preempted: stopped by .* after step 2/4",
+                         result.stderr), result.stderr[-3000:]
+    resumed, _ = launch(run_dir, strategy=strategy)
+    assert_launch_ok(resumed)
+    assert_same_losses(losses(run_dir), losses(reference_run), [1, 2, 3, 4])
+    fault_counts["runs"] += 2
+    fault_counts["same_losses"] += 1
 
 
 @pytest.mark.slow
