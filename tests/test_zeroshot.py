@@ -12,7 +12,6 @@ from prepretrain.config import ConfigError, build_config
 from prepretrain.evaluate.metrics import topk_hits
 from prepretrain.evaluate.zeroshot import (
     ZeroShotConfig,
-    source_classes,
     article_fix_for,
     build_classifier,
     check_article_fix,
@@ -21,6 +20,7 @@ from prepretrain.evaluate.zeroshot import (
     read_class_names,
     read_templates,
     run_zeroshot,
+    source_classes,
 )
 from prepretrain.models.clip import build_clip, save_clip
 from prepretrain.models.tokenizers import ByteTokenizer
