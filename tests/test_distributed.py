@@ -207,6 +207,33 @@ def test_fsdp_two_ranks_reproduce_one_process_and_export_consolidates(
 
 
 @pytest.mark.slow
+def test_a_damaged_shard_of_the_newest_folder_is_caught_and_both_ranks_fall_back(
+        fsdp_run: Path, reference_run: Path, tmp_path: Path, fault_counts) -> None:
+    """A DCP folder records every file's size and SHA-256 (checksums.json). One flipped byte in
+    rank 1's shard of the newest checkpoint: the ranks agree it is damaged, set it aside together
+    and resume from the previous one, ending with the uninterrupted losses."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(fsdp_run, run_dir)
+    newest = run_dir / "checkpoints" / "step_00000004"
+    table = json.loads((newest / "checksums.json").read_text())
+    assert {".metadata", "rng_rank00000.pt", "rng_rank00001.pt"} <= set(table)
+    shard = sorted(newest.glob("__1_*.distcp"))[0]
+    assert shard.name in table
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fault_counts["faults_injected"] += 1
+    result, _ = launch(run_dir, strategy="fsdp", steps=4)
+    assert_launch_ok(result)
+    assert f"{shard.name}: its bytes do not match" in result.stdout
+    assert "trying the previous checkpoint" in result.stdout
+    assert (run_dir / "checkpoints" / "corrupt-step_00000004").is_dir()
+    assert_same_losses(losses(run_dir), losses(reference_run), [1, 2, 3, 4])
+    fault_counts["same_losses"] += 1
+    fault_counts["runs"] += 1
+
+
+@pytest.mark.slow
 def test_failing_rank_ends_job_and_two_rank_checkpoint_resumes_on_one(reference_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "crash"
     # Rank 1 raises in the third step (loss call 2 with one micro-batch per step), after the step-2 checkpoint.

@@ -8,7 +8,8 @@ Two layouts live side by side in ``run_dir/checkpoints``:
   folder: every rank writes its own shards of the model and optimizer (never gathered on one
   rank, so a 6.5B model saves without 100 GB on rank 0), plus ``rng_rankNNNNN.pt`` per rank
   and ``meta.pt`` (step, world size, scaler). DCP re-shards on load, so a run saved on N ranks
-  resumes on M ranks, and one process can read it too.
+  resumes on M ranks, and one process can read it too. ``checksums.json`` records each file's
+  size and SHA-256 (as ``step_XXXXXXXX.pt.sha256`` does for a file), checked before loading.
 
 Both are atomic: a file is written under a temporary name and renamed; a folder is written
 as ``.step_XXXXXXXX.tmp`` and renamed once every rank has finished, ``meta.pt`` last, so a
@@ -18,6 +19,7 @@ turns either layout into one safetensors file for sharing.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -36,6 +38,7 @@ from ..models.layouts import encoder_from_any
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 SHARDED_PATTERN = re.compile(r"^step_(\d{8})$")
 SHARDED_META = "meta.pt"
+FOLDER_CHECKSUMS = "checksums.json"  # a DCP folder's files: size and SHA-256 of each
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
 
 
@@ -98,15 +101,43 @@ class Checkpointer:
         self.rotate()
         return path
 
-    def verify(self, path: str | Path) -> None:
-        """Raise :class:`CorruptCheckpoint` when a file's bytes differ from the checksum saved with it."""
+    def verify(self, path: str | Path, rank: int = 0, world_size: int = 1,
+               device: torch.device | None = None) -> None:
+        """Raise :class:`CorruptCheckpoint` when a file's bytes differ from the checksum saved with it.
+
+        A DCP folder lists every file's size and SHA-256 in ``checksums.json``: every rank checks
+        all sizes and hashes its share of the files (file i on rank i mod world size), and the
+        ranks agree (one all-reduce) so that all of them raise, or none."""
         path = Path(path)
+        if path.is_dir():
+            self._verify_folder(path, rank, world_size, device)
+            return
         recorded = checksum_file(path)
         if path.is_file() and recorded.is_file():
             expected = recorded.read_text().strip()
             if file_sha256(path) != expected:
                 raise CorruptCheckpoint(f"{path}: its bytes do not match the checksum saved with it "
                                         f"({recorded.name}): damaged on disk or in transfer")
+
+    def _verify_folder(self, path: Path, rank: int, world_size: int, device: torch.device | None) -> None:
+        from .distributed import all_reduce_sum
+
+        listed = path / FOLDER_CHECKSUMS
+        problems: list[str] = []
+        if listed.is_file():
+            table = json.loads(listed.read_text())
+            for number, (name, entry) in enumerate(sorted(table.items())):
+                file = path / name
+                if not file.is_file() or file.stat().st_size != entry["size"]:
+                    problems.append(f"{name} is missing or has the wrong size")
+                elif number % world_size == rank and file_sha256(file) != entry["sha256"]:
+                    problems.append(f"{name}: its bytes do not match the checksum saved with it")
+        elif (path / SHARDED_META).is_file() and any(path.glob("*.distcp")):
+            pass  # written before checksums were recorded: loading will tell
+        bad = all_reduce_sum(torch.tensor([float(len(problems))], device=device)).item()
+        if bad:
+            where = problems[0] if problems else "a file checked by another rank"
+            raise CorruptCheckpoint(f"{path}: {where} (damaged on disk or in transfer)")
 
     def set_aside(self, path: str | Path) -> Path:
         """Rename a damaged checkpoint out of the way (kept for inspection, never loaded again)."""
@@ -148,7 +179,15 @@ class Checkpointer:
         dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}, checkpoint_id=str(tmp))
         save_torch(tmp / f"rng_rank{rank:05d}.pt", rng_state())
         dist.barrier()
+        # Each rank hashes the files it wrote; rank 0 records them all (and DCP's metadata).
+        mine = [f for f in tmp.iterdir() if f.name.startswith(f"__{rank}_") or f.name == f"rng_rank{rank:05d}.pt"]
         if rank == 0:
+            mine += [f for f in tmp.iterdir() if f.name == ".metadata"]
+        hashes: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(hashes, {f.name: {"size": f.stat().st_size, "sha256": file_sha256(f)} for f in mine})
+        if rank == 0:
+            table = {name: entry for part in hashes for name, entry in part.items()}
+            write_text(tmp / FOLDER_CHECKSUMS, json.dumps(table, indent=1, sort_keys=True))
             save_torch(tmp / SHARDED_META,
                        {**meta, "step": step, "world_size": dist.get_world_size(), "format": "dcp"})
             _replace_dir(tmp, final)

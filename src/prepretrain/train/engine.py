@@ -332,11 +332,21 @@ class Trainer:
         checkpointer = run.checkpointer
         for candidate in reversed(checkpointer.all()):
             try:
-                checkpointer.verify(candidate)
+                # Checksums first: every rank reaches the same verdict, so all fall back together.
+                checkpointer.verify(candidate, rank=run.rank, world_size=run.world_size, device=run.device)
+            except CorruptCheckpoint as error:
+                barrier()
+                if run.is_main:
+                    aside = checkpointer.set_aside(candidate)
+                    run.print(f"{candidate} cannot be read ({str(error).splitlines()[0][:200]}); moved to "
+                              f"{aside.name}, trying the previous checkpoint")
+                barrier()
+                continue
+            try:
                 restored = load_training_state(candidate, model, optimizer, rank=run.rank,
                                                world_size=run.world_size, distributed=is_distributed(), seed=seed)
             except (CorruptCheckpoint, RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError) as error:
-                if is_distributed():
+                if is_distributed():  # a rank's load failed where the others' may not have: no agreed fallback
                     raise CorruptCheckpoint(f"cannot resume from {candidate}: {error}") from None
                 aside = checkpointer.set_aside(candidate)
                 run.print(f"{candidate} cannot be read ({str(error).splitlines()[0][:200]}); moved to {aside.name}, "
