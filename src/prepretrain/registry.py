@@ -17,6 +17,7 @@ from .evaluate.zeroshot import ZeroShotConfig, run_zeroshot
 from .stages.finetune import FinetuneConfig, FinetuneStage
 from .stages.lit import LiTConfig, LiTStage
 from .stages.mae import MAEConfig, MAEStage
+from .stages.video import VideoConfig, VideoStage
 from .stages.wsp import WSPConfig, WSPStage
 from .train.engine import Stage, train
 
@@ -88,6 +89,8 @@ COMMANDS: dict[str, Command] = {
         _stage("wsp", "WSP: weakly supervised hashtag pretraining", WSPConfig, WSPStage),
         _stage("lit", "LiT: train a text tower against a locked image tower", LiTConfig, LiTStage),
         _stage("finetune", "full finetuning on a labeled task", FinetuneConfig, FinetuneStage),
+        _stage("video", "video finetuning on clips (K400, SSv2): a video ViT inflated from the image encoder",
+               VideoConfig, VideoStage),
         _evaluation("probe", "linear probe on frozen features (logistic regression, or the MAE BatchNorm+linear "
                              "head)"),
         _evaluation("lowshot", "low-shot transfer: K images per class, seeded splits (linear classifier or VPT "

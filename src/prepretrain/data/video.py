@@ -1,0 +1,765 @@
+"""Video data: sources of labeled videos, clip sampling, multi-view evaluation, mixing clips.
+
+Why a module of its own: a video sample is not a decoded image but a *file plus a choice of
+frames*. Decoding a whole 10 s Kinetics video to use 16 of its 300 frames would dominate the
+run, so a source hands out a cheap reference (:class:`VideoRef`) and the stage's transform,
+running in the loader under the per-sample seeds, asks it for exactly the frames it samples
+(:meth:`VideoRef.frames`). A video that cannot be opened, holds no decodable frame or (with
+``short_videos="skip"``) is too short raises :class:`~.records.BadSample` there, so the
+training loop counts and skips it like an unreadable image.
+
+Sources (:func:`open_video_data`):
+
+* ``synthetic`` (the default): :class:`SyntheticVideos`, drawn in memory from a seed. Its
+  classes are *motions*: a random shape drifts right, left, down or up (task ``direction``;
+  task ``motion`` also tells slow from fast). Every start position is equally likely and the
+  motion wraps around the frame, so any single frame has the same distribution in every class:
+  one frame cannot solve it, a clip can.
+* a folder of videos by class: ``root/<split>/<class>/<name>.mp4|webm|avi|mkv|mov``.
+* Kinetics annotation CSVs as the dataset ships them (``label,youtube_id,time_start,time_end,
+  split``; ``train.csv``, ``validate.csv``/``val.csv``, ``test.csv``) in the data folder; the
+  file of a row is ``<youtube_id>_<time_start:06d>_<time_end:06d>.<ext>`` anywhere under
+  ``video_dir`` (default: the data folder; flat or ``<split>/<label>/`` both work).
+* Something-Something v2 as it ships: ``something-something-v2-{train,validation}.json``
+  (lists of ``{"id", "label", "template", "placeholders"}``) and
+  ``something-something-v2-labels.json`` (template name -> index); the file of an entry is
+  ``<id>.webm`` under ``video_dir``. Its test split has no public labels, so the validation
+  split is both selected on and reported (``selection_is_test``), as papers report SSv2.
+* simple manifests: ``{train,val,test}.csv`` with columns ``path,label`` or ``.jsonl`` lines
+  ``{"path": ..., "label": ...}``; a label is a class name or an integer index, a relative path
+  is relative to the manifest's folder (or to ``video_dir`` when given).
+
+Split roles: ``train`` trains, ``val`` selects the best checkpoint, ``test`` is reported; a
+dataset without a test split reports on ``val`` and says so. Rows whose file is missing are
+counted per split and dropped with a printed note; more than ``max_missing_fraction`` of a
+split missing refuses to start (a wrong ``video_dir`` must not become a tiny dataset).
+
+Clip sampling follows PySlowFast: ``num_frames`` frames ``frame_stride`` apart; training
+takes a random start, evaluation ``temporal_views`` starts spread evenly over the video,
+each with ``spatial_views`` crops (1: center; 3: both ends and the center of the long side)
+after resizing the short side to ``image_size``; the stage averages the views' logits.
+Videos shorter than a clip are padded with their last frame (``short_videos="pad"``, as
+PySlowFast clamps indices) or counted as ``too_short`` and skipped (``short_videos="skip"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import ConfigError
+from .records import BadSample
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SHORT_VIDEO_POLICIES = ("pad", "skip")
+SEEK_AFTER_FRAMES = 64  # decode from the start up to here; seek to a later first frame
+ROLES = ("train", "val", "test")
+
+FramePicker = Callable[[int], Sequence[int]]  # total frames -> the frame indices wanted (any order, repeats ok)
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+class VideoSource(Protocol):
+    """What every video source offers: labels and keys cheaply, frames on request."""
+
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def label(self, index: int) -> int: ...
+
+    def key(self, index: int) -> str: ...
+
+    def read(self, index: int, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
+        """(len(pick(total)), H, W, 3) uint8 frames of video ``index``, or raise BadSample."""
+        ...
+
+
+@dataclass
+class VideoRef:
+    """One video as the loader sees it: its key and label now, its frames when the transform asks."""
+
+    source: Any
+    index: int
+    key: str
+    label: int
+
+    def frames(self, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
+        return self.source.read(self.index, pick, short_videos)
+
+
+class RefSource:
+    """A video source as a map-style record source (``get`` -> :class:`VideoRef`), so
+    :class:`~.loader.RecordDataset` seeds, counts and batches videos like images."""
+
+    def __init__(self, videos: Any):
+        self.videos = videos
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+    def get(self, index: int) -> VideoRef:
+        return VideoRef(self.videos, index, self.videos.key(index), self.videos.label(index))
+
+
+# ---- synthetic
+
+
+DIRECTIONS = ("right", "left", "down", "up")
+_STEPS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+SPEEDS = ("slow", "fast")
+_SPEED_PIXELS = {"slow": 1, "fast": 3}
+SYNTHETIC_TASKS = ("direction", "motion")
+_SHAPES = ("square", "disc", "cross", "triangle", "ring")
+
+
+def synthetic_video_sizes(num_videos: int) -> dict[str, int]:
+    """Train ``num_videos``; val and test ``max(64, num_videos // 5)`` each."""
+    held_out = max(64, num_videos // 5)
+    return {"train": num_videos, "val": held_out, "test": held_out}
+
+
+def _shape_mask(kind: str, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = (size - 1) / 2
+    r = np.hypot(yy - c, xx - c)
+    if kind == "square":
+        return np.ones((size, size), bool)
+    if kind == "disc":
+        return r <= size / 2
+    if kind == "ring":
+        return (r <= size / 2) & (r >= size / 4)
+    if kind == "cross":
+        third = max(1, size // 3)
+        band = slice(third, size - third)
+        mask = np.zeros((size, size), bool)
+        mask[band, :] = True
+        mask[:, band] = True
+        return mask
+    return np.abs(xx - c) <= yy / 2  # triangle, apex up
+
+
+class SyntheticVideos:
+    """Procedural clips whose label is a motion (see the module docstring).
+
+    Every video is a pure function of ``(seed, split, index)``: a static textured background,
+    one shape of random kind, colour and size (appearance never depends on the label), moving
+    ``speed`` pixels per frame in the label's direction and wrapping around the frame, from a
+    uniformly random start; half the videos also hold a static distractor shape; each frame
+    gets a little independent noise. Labels come in seeded blocks, so classes are balanced.
+    """
+
+    def __init__(self, num_videos: int, split: str = "train", *, task: str = "direction", seed: int = 0,
+                 size: int = 32, length: int = 32):
+        if task not in SYNTHETIC_TASKS:
+            raise ValueError(f"synthetic video tasks are {', '.join(SYNTHETIC_TASKS)}; got '{task}'")
+        self.num_videos, self.split, self.task, self.seed = num_videos, split, task, seed
+        self.size, self.length = size, length
+        self.class_names = (list(DIRECTIONS) if task == "direction"
+                            else [f"{speed} {direction}" for direction in DIRECTIONS for speed in SPEEDS])
+
+    def __len__(self) -> int:
+        return self.num_videos
+
+    def _rng(self, index: int, stream: str) -> np.random.Generator:
+        salt = zlib.crc32(f"{self.split}/{stream}".encode())
+        return np.random.default_rng([self.seed, salt, index])
+
+    def label(self, index: int) -> int:
+        classes = len(self.class_names)
+        block, offset = divmod(index, classes)
+        return int(self._rng(block, "labels").permutation(classes)[offset])
+
+    def key(self, index: int) -> str:
+        return f"synthetic-video/{self.split}/{index}"
+
+    def motion(self, index: int) -> tuple[str, int]:
+        """(direction, pixels per frame) of video ``index``."""
+        name = self.class_names[self.label(index)]
+        if self.task == "direction":
+            return name, int(self._rng(index, "speed").integers(1, 3))  # 1 or 2 px: a nuisance, not a class
+        speed, direction = name.split(" ")
+        return direction, _SPEED_PIXELS[speed]
+
+    def _shape(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mask on the whole frame at the origin, colour, start offset) of one shape."""
+        n = self.size
+        side = int(rng.integers(max(3, n // 5), max(4, n // 3) + 1))
+        mask = np.zeros((n, n), bool)
+        mask[:side, :side] = _shape_mask(_SHAPES[int(rng.integers(len(_SHAPES)))], side)
+        colour = rng.uniform(0.6, 1.0, 3)  # always brighter than the background
+        return mask, colour, rng.integers(0, n, 2)
+
+    def render(self, index: int) -> np.ndarray:
+        """All ``length`` frames, (T, size, size, 3) uint8."""
+        rng, n = self._rng(index, "appearance"), self.size
+        base = rng.uniform(0.0, 0.35, 3)  # a dark background with a faint static texture ...
+        coarse = rng.uniform(-0.05, 0.05, (4, 4, 3))
+        texture = np.kron(coarse, np.ones((math.ceil(n / 4), math.ceil(n / 4), 1)))[:n, :n]
+        background = np.clip(base + texture, 0, 1)
+        layers = [self._shape(rng)]  # ... a bright moving shape, then maybe a static distractor
+        if rng.random() < 0.5:
+            layers.append(self._shape(rng))
+        direction, speed = self.motion(index)
+        step = np.array(_STEPS[direction]) * speed
+        noise = np.random.default_rng([self.seed, zlib.crc32(f"{self.split}/noise".encode()), index])
+        frames = np.empty((self.length, n, n, 3), np.float32)
+        for t in range(self.length):
+            frame = background.copy()
+            for number, (mask, colour, start) in enumerate(layers):
+                shift = start + (step * t if number == 0 else 0)
+                frame[np.roll(mask, tuple(int(v) for v in shift), axis=(0, 1))] = colour
+            frames[t] = frame + noise.normal(0, 0.02, frame.shape)
+        return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    def read(self, index: int, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
+        wanted = list(pick(self.length))
+        frames = self.render(index)
+        return frames[[min(max(i, 0), self.length - 1) for i in wanted]]
+
+
+# ---- files
+
+
+def frame_count(stream: Any, container: Any) -> int:
+    """Frames of a video stream from its metadata (no decoding): the stream's count when the
+    container records one (mp4, avi), else duration x frame rate (webm, mkv); 0 when unknown."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        return 0
+    if stream.duration and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration:
+        seconds = container.duration / 1_000_000
+    else:
+        return 0
+    return max(0, int(round(seconds * float(rate))))
+
+
+def decode_frames(path: str | Path, pick: FramePicker, *, key: str = "", short_videos: str = "pad") -> np.ndarray:
+    """The frames ``pick(total)`` asks for, decoded with PyAV, as (N, H, W, 3) uint8.
+
+    Decodes from the start, or seeks to the keyframe before the first wanted frame when it is
+    far in, and stops after the last wanted frame. Indices come from presentation times.
+    Frames past the end of a short or truncated file repeat the last decodable frame
+    (``short_videos="pad"``) or make the video a ``too_short`` BadSample (``"skip"``).
+    """
+    import av  # the video extra; imported here so image-only installs never need it
+
+    key = key or str(path)
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as error:
+        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise BadSample(key, "unreadable", detail) from None
+    with container:
+        if not container.streams.video:
+            raise BadSample(key, "unreadable", "no video stream")
+        stream = container.streams.video[0]
+        total = frame_count(stream, container)
+        wanted = [int(i) for i in pick(max(total, 1))]
+        needed = set(wanted)
+        last_needed = max(wanted)
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        time_base = float(stream.time_base) if stream.time_base else None
+        origin = stream.start_time or 0
+        got: dict[int, np.ndarray] = {}
+        last_frame, last_number = None, -1
+        first = min(wanted)
+        if first > SEEK_AFTER_FRAMES and rate and time_base:
+            try:
+                container.seek(origin + int(first / rate / time_base), stream=stream, backward=True, any_frame=False)
+            except av.error.FFmpegError:
+                container.seek(0)
+        try:
+            for sequential, frame in enumerate(container.decode(stream)):
+                if frame.pts is not None and rate and time_base:
+                    number = int(round((frame.pts - origin) * time_base * rate))
+                else:
+                    number = sequential
+                last_frame, last_number = frame, number
+                if number in needed:
+                    got[number] = frame.to_ndarray(format="rgb24")
+                if number >= last_needed:
+                    break
+        except (av.error.FFmpegError, OSError):
+            pass  # a truncated or damaged tail: keep what decoded
+        last = last_frame.to_ndarray(format="rgb24") if last_frame is not None and needed - set(got) else None
+    if last_frame is None:
+        raise BadSample(key, "unreadable", "no decodable frame")
+    missing = sorted(needed - set(got))
+    if missing:
+        if short_videos == "skip":
+            raise BadSample(key, "too_short", f"decoding ended at frame {last_number}; the clip needs frame "
+                                              f"{missing[-1]}")
+        for index in missing:  # past the end: the last frame (PySlowFast clamps); a gap: the nearest decoded
+            if index > last_number or not got:
+                got[index] = last
+            else:
+                got[index] = got[min(got, key=lambda h: abs(h - index))]
+    return np.stack([got[i] for i in wanted])
+
+
+@dataclass
+class FileVideos:
+    """Video files with labels: the folder, Kinetics, SSv2 and simple manifest sources."""
+
+    paths: list[Path]
+    labels: list[int]
+    class_names: list[str]
+    missing: list[str] = field(default_factory=list)  # rows whose file was not found
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def label(self, index: int) -> int:
+        return self.labels[index]
+
+    def key(self, index: int) -> str:
+        return str(self.paths[index])
+
+    def read(self, index: int, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
+        return decode_frames(self.paths[index], pick, key=self.key(index), short_videos=short_videos)
+
+
+def _files_by_stem(root: Path) -> dict[str, Path]:
+    """Every video file under ``root`` by its name without extension (one walk, any layout)."""
+    found: dict[str, Path] = {}
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(names):
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in VIDEO_EXTENSIONS and not name.startswith("."):
+                found.setdefault(stem, Path(directory) / name)
+    return found
+
+
+def kinetics_file_stem(youtube_id: str, time_start: str | float, time_end: str | float) -> str:
+    """``<youtube_id>_<start:06d>_<end:06d>``: how the Kinetics downloaders name a clip."""
+    return f"{youtube_id}_{int(float(time_start)):06d}_{int(float(time_end)):06d}"
+
+
+def read_kinetics_csv(path: Path) -> list[tuple[str, str]]:
+    """(file stem, label name) of each row of a Kinetics annotation CSV."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    required = {"label", "youtube_id", "time_start", "time_end"}
+    if rows and not required <= set(rows[0]):
+        raise ConfigError("data", f"{path}: a Kinetics CSV needs columns {sorted(required)}; has {sorted(rows[0])}")
+    return [(kinetics_file_stem(r["youtube_id"], r["time_start"], r["time_end"]), r["label"].strip()) for r in rows]
+
+
+def ssv2_template_name(template: str) -> str:
+    """SSv2's class name of a template: ``"Putting [something] on a surface"`` -> without brackets."""
+    return template.replace("[", "").replace("]", "").strip()
+
+
+def read_ssv2_json(path: Path, labels: dict[str, int]) -> list[tuple[str, int]]:
+    """(video id, class index) of each entry of an SSv2 annotation JSON."""
+    entries = json.loads(path.read_text(encoding="utf-8"))
+    out = []
+    for entry in entries:
+        if "template" not in entry:
+            raise ConfigError("data", f"{path}: entry {entry.get('id')} has no template (the test split has no "
+                                      "public labels; use the validation split)")
+        name = ssv2_template_name(entry["template"])
+        if name not in labels:
+            raise ConfigError("data", f"{path}: template '{name}' is not in the labels file")
+        out.append((str(entry["id"]), labels[name]))
+    return out
+
+
+def read_simple_manifest(path: Path) -> list[tuple[str, str]]:
+    """(path, label) rows of a ``path,label`` CSV or a JSONL of ``{"path", "label"}``."""
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                item = json.loads(line)
+                if "path" not in item or "label" not in item:
+                    raise ConfigError("data", f"{path}:{number}: each line needs \"path\" and \"label\"")
+                rows.append((str(item["path"]), str(item["label"])))
+        return rows
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
+            raise ConfigError("data", f"{path}: a video manifest CSV needs a header with path,label")
+        return [(row["path"], row["label"].strip()) for row in reader]
+
+
+def _class_index(names: list[str]) -> Callable[[str, str], int]:
+    lookup = {name: i for i, name in enumerate(names)}
+
+    def index(label: str, where: str) -> int:
+        if label in lookup:
+            return lookup[label]
+        if label.lstrip("-").isdigit() and 0 <= int(label) < len(names):
+            return int(label)
+        raise ConfigError("data", f"{where}: label '{label}' is not a class of the training split")
+
+    return index
+
+
+@dataclass
+class VideoData:
+    """A labeled video dataset by role (``train``, ``val``, ``test``)."""
+
+    spec: str
+    task: str
+    class_names: list[str]
+    split_names: dict[str, str]  # role -> split name on disk
+    sources: dict[str, Any]
+    missing: dict[str, int] = field(default_factory=dict)  # role -> rows without a file
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def selection_is_test(self) -> bool:
+        return self.split_names["val"] == self.split_names["test"]
+
+    def source(self, role: str) -> RefSource:
+        return RefSource(self.sources[role])
+
+
+def _first(directory: Path, names: Sequence[str]) -> Path | None:
+    return next((directory / n for n in names if (directory / n).is_file()), None)
+
+
+def _resolve_rows(rows: list[tuple[str, int]], locate: Callable[[str], Path | None],
+                  class_names: list[str]) -> FileVideos:
+    paths, labels, missing = [], [], []
+    for name, label in rows:
+        path = locate(name)
+        if path is None:
+            missing.append(name)
+        else:
+            paths.append(path)
+            labels.append(label)
+    return FileVideos(paths, labels, class_names, missing)
+
+
+def _check_missing(sources: dict[str, FileVideos], split_names: dict[str, str], max_missing: float,
+                   where: str) -> dict[str, int]:
+    counts = {}
+    for role, videos in sources.items():
+        total = len(videos) + len(videos.missing)
+        counts[role] = len(videos.missing)
+        if not total:
+            raise ConfigError("data", f"{where}: split '{split_names[role]}' has no videos")
+        if not len(videos) or len(videos.missing) > max_missing * total:
+            examples = ", ".join(videos.missing[:3])
+            raise ConfigError("data", f"{where}: {len(videos.missing)} of {total} videos of split "
+                                      f"'{split_names[role]}' are missing (e.g. {examples}); check video_dir= "
+                                      f"(max_missing_fraction={max_missing})")
+        if videos.missing:
+            print(f"[video] {where}: {len(videos.missing)} of {total} videos of split '{split_names[role]}' not "
+                  f"found, left out (e.g. {videos.missing[0]})", flush=True)
+    return counts
+
+
+def _roles(available: dict[str, Path], where: str) -> dict[str, str]:
+    """role -> split name: test falls back to val (reported and selected on the same split)."""
+    if "train" not in available or "val" not in available:
+        raise ConfigError("data", f"{where}: needs a train and a val split; found {sorted(available) or 'none'}")
+    return {"train": "train", "val": "val", "test": "test" if "test" in available else "val"}
+
+
+def _open_folder(root: Path, max_missing: float) -> VideoData:
+    aliases = {"train": ("train",), "val": ("val", "validation", "validate"), "test": ("test",)}
+    found = {role: root / name for role, names in aliases.items() for name in names if (root / name).is_dir()}
+    split_names = _roles(found, str(root))
+    class_names = sorted(d.name for d in found["train"].iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_names:
+        raise ConfigError("data", f"{found['train']}: expected one folder per class holding videos")
+    index = _class_index(class_names)
+    sources = {}
+    for role in ROLES:
+        split = found[split_names[role]]
+        paths, labels = [], []
+        for class_dir in sorted(d for d in split.iterdir() if d.is_dir() and not d.name.startswith(".")):
+            label = index(class_dir.name, str(split))
+            for path in sorted(class_dir.rglob("*")):
+                if path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith("."):
+                    paths.append(path)
+                    labels.append(label)
+        sources[role] = FileVideos(paths, labels, class_names)
+    names = {role: found[split_names[role]].name for role in ROLES}
+    return VideoData(str(root), "label", class_names, names, sources,
+                     _check_missing(sources, names, max_missing, str(root)))
+
+
+def _open_kinetics(root: Path, video_dir: Path, max_missing: float) -> VideoData:
+    files = {"train": _first(root, ("train.csv",)), "val": _first(root, ("validate.csv", "val.csv")),
+             "test": _first(root, ("test.csv",))}
+    found = {role: path for role, path in files.items() if path is not None}
+    split_names = _roles(found, str(root))
+    rows = {role: read_kinetics_csv(found[split_names[role]]) for role in ROLES}
+    class_names = sorted({label for _, label in rows["train"]})
+    index = _class_index(class_names)
+    by_stem = _files_by_stem(video_dir)
+    sources = {role: _resolve_rows([(stem, index(label, str(found[split_names[role]]))) for stem, label in rows[role]],
+                                   by_stem.get, class_names) for role in ROLES}
+    names = {role: found[split_names[role]].stem for role in ROLES}
+    return VideoData(str(root), "label", class_names, names, sources,
+                     _check_missing(sources, names, max_missing, str(root)))
+
+
+SSV2_PREFIX = "something-something-v2-"
+
+
+def _open_ssv2(root: Path, video_dir: Path, max_missing: float) -> VideoData:
+    labels_file = root / f"{SSV2_PREFIX}labels.json"
+    if not labels_file.is_file():
+        raise ConfigError("data", f"{root}: SSv2 needs {labels_file.name} beside the annotation files")
+    labels = {name: int(value) for name, value in json.loads(labels_file.read_text(encoding="utf-8")).items()}
+    class_names = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+    found = {role: root / f"{SSV2_PREFIX}{name}.json" for role, name in (("train", "train"), ("val", "validation"))
+             if (root / f"{SSV2_PREFIX}{name}.json").is_file()}
+    split_names = _roles(found, str(root))
+    by_stem = _files_by_stem(video_dir)
+    sources = {role: _resolve_rows(read_ssv2_json(found[split_names[role]], labels), by_stem.get, class_names)
+               for role in ROLES}
+    names = {role: {"train": "train", "val": "validation"}[split_names[role]] for role in ROLES}
+    return VideoData(str(root), "label", class_names, names, sources,
+                     _check_missing(sources, names, max_missing, str(root)))
+
+
+def _open_simple(root: Path, video_dir: Path | None, max_missing: float) -> VideoData:
+    found: dict[str, Path] = {}
+    for role, stems in (("train", ("train",)), ("val", ("val", "validation")), ("test", ("test",))):
+        for stem in stems:
+            path = _first(root, (f"{stem}.csv", f"{stem}.jsonl"))
+            if path is not None and role not in found:
+                found[role] = path
+    split_names = _roles(found, str(root))
+    rows = {role: read_simple_manifest(found[split_names[role]]) for role in ROLES}
+    train_labels = {label for _, label in rows["train"]}
+    numeric = all(label.lstrip("-").isdigit() for label in train_labels)
+    class_names = ([str(i) for i in range(max(int(x) for x in train_labels) + 1)] if numeric
+                   else sorted(train_labels))
+    index = _class_index(class_names)
+    base = video_dir or root
+
+    def locate(name: str) -> Path | None:
+        path = Path(name) if Path(name).is_absolute() else base / name
+        return path if path.is_file() else None
+
+    sources = {role: _resolve_rows([(p, index(label, str(found[split_names[role]]))) for p, label in rows[role]],
+                                   locate, class_names) for role in ROLES}
+    names = {role: found[split_names[role]].stem for role in ROLES}
+    return VideoData(str(root), "label", class_names, names, sources,
+                     _check_missing(sources, names, max_missing, str(root)))
+
+
+def video_data_kind(root: Path) -> str:
+    """Which layout a data folder holds: ``ssv2``, ``kinetics``, ``manifest`` or ``folder``."""
+    if (root / f"{SSV2_PREFIX}labels.json").is_file() or (root / f"{SSV2_PREFIX}train.json").is_file():
+        return "ssv2"
+    train_csv = root / "train.csv"
+    if train_csv.is_file():
+        with open(train_csv, newline="", encoding="utf-8") as handle:
+            header = next(csv.reader(handle), [])
+        return "kinetics" if "youtube_id" in header else "manifest"
+    if (root / "train.jsonl").is_file():
+        return "manifest"
+    return "folder"
+
+
+def open_video_data(spec: str, *, task: str = "auto", num_videos: int = 1000, seed: int = 0, image_size: int = 32,
+                    length: int = 32, video_dir: str = "", max_missing_fraction: float = 0.1) -> VideoData:
+    """The labeled video dataset ``spec`` names (``synthetic`` or a folder; see the module docstring)."""
+    if spec == "synthetic":
+        task = "direction" if task == "auto" else task
+        if task not in SYNTHETIC_TASKS:
+            raise ConfigError("task", f"the synthetic video dataset has tasks {', '.join(SYNTHETIC_TASKS)}; "
+                                      f"got '{task}'")
+        sizes = synthetic_video_sizes(num_videos)
+        sources = {role: SyntheticVideos(sizes[role], role, task=task, seed=seed, size=image_size, length=length)
+                   for role in ROLES}
+        return VideoData("synthetic", task, sources["train"].class_names, {r: r for r in ROLES}, sources)
+    root = Path(spec)
+    if not root.is_dir():
+        raise ConfigError("data", f"{spec}: not a folder (video data is 'synthetic' or a folder: class folders per "
+                                  "split, Kinetics CSVs, SSv2 JSONs or {train,val,test}.csv|jsonl manifests)")
+    if task not in ("auto", "label"):
+        raise ConfigError("task", f"video folders and manifests have one task, 'label'; got '{task}'")
+    videos = Path(video_dir) if video_dir else root
+    if video_dir and not videos.is_dir():
+        raise ConfigError("video_dir", f"{video_dir}: no such folder")
+    kind = video_data_kind(root)
+    if kind == "ssv2":
+        return _open_ssv2(root, videos, max_missing_fraction)
+    if kind == "kinetics":
+        return _open_kinetics(root, videos, max_missing_fraction)
+    if kind == "manifest":
+        return _open_simple(root, Path(video_dir) if video_dir else None, max_missing_fraction)
+    return _open_folder(root, max_missing_fraction)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def clip_indices(start: int, num_frames: int, stride: int) -> list[int]:
+    return [start + i * stride for i in range(num_frames)]
+
+
+def clip_starts(total: int, span: int, views: int) -> list[int]:
+    """Starts of ``views`` clips of ``span`` frames spread evenly over ``total`` frames (the
+    middle one when ``views == 1``); 0 when the video is shorter than a clip."""
+    room = max(total - span, 0)
+    if views == 1:
+        return [room // 2]
+    return [round(room * v / (views - 1)) for v in range(views)]
+
+
+def _resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """(T, C, H, W) float frames with their short side resized to ``size`` (antialiased bilinear)."""
+    height, width = frames.shape[-2:]
+    scale = size / min(height, width)
+    new = (max(size, round(height * scale)), max(size, round(width * scale)))
+    if new == (height, width):
+        return frames
+    return F.interpolate(frames, size=new, mode="bilinear", align_corners=False, antialias=True)
+
+
+def _normalise(frames: torch.Tensor) -> torch.Tensor:
+    """(T, C, H, W) in [0, 1] -> normalised (C, T, H, W)."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((frames - mean) / std).permute(1, 0, 2, 3).contiguous()
+
+
+def _to_float(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def spatial_crops(frames: torch.Tensor, size: int, views: int) -> list[torch.Tensor]:
+    """``views`` square crops of (T, C, H, W) frames whose short side is ``size``: the center
+    (1 view) or evenly along the long side (3 views: both ends and the center, as PySlowFast)."""
+    height, width = frames.shape[-2:]
+    crops = []
+    for view in range(views):
+        fraction = 0.5 if views == 1 else view / (views - 1)
+        top = round((height - size) * (fraction if height > width else 0.5))
+        left = round((width - size) * (fraction if width >= height else 0.5))
+        crops.append(frames[..., top:top + size, left:left + size])
+    return crops
+
+
+class TrainClip:
+    """VideoRef -> ``{"video": (C, T, S, S), "label"}``: a random start, a random-resized crop
+    (one box for every frame), an optional horizontal flip. Randomness: torch and Python RNGs,
+    which the loader seeds per sample position (exact resume)."""
+
+    def __init__(self, num_frames: int, stride: int, image_size: int, *, min_scale: float = 0.08,
+                 hflip: float = 0.0, short_videos: str = "pad"):
+        self.num_frames, self.stride, self.image_size = num_frames, stride, image_size
+        self.min_scale, self.hflip, self.short_videos = min_scale, hflip, short_videos
+
+    def pick(self, total: int) -> list[int]:
+        span = (self.num_frames - 1) * self.stride + 1
+        start = random.randint(0, max(total - span, 0))
+        return clip_indices(start, self.num_frames, self.stride)
+
+    def __call__(self, ref: VideoRef) -> dict[str, Any]:
+        frames = _to_float(ref.frames(self.pick, self.short_videos))
+        height, width = frames.shape[-2:]
+        area = height * width
+        for _ in range(10):
+            target = area * random.uniform(self.min_scale, 1.0)
+            ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                top, left = random.randint(0, height - h), random.randint(0, width - w)
+                break
+        else:
+            h = w = min(height, width)
+            top, left = (height - h) // 2, (width - w) // 2
+        frames = frames[..., top:top + h, left:left + w]
+        frames = F.interpolate(frames, size=(self.image_size, self.image_size), mode="bilinear",
+                               align_corners=False, antialias=True)
+        if self.hflip and random.random() < self.hflip:
+            frames = frames.flip(-1)
+        return {"video": _normalise(frames.clamp(0, 1)), "label": ref.label}
+
+
+class EvalClips:
+    """VideoRef -> ``{"video": (V, C, T, S, S), "label"}`` with V = temporal x spatial views.
+
+    ``middle_frame_only``: the single-frame baseline's view, one frame at the middle of the video."""
+
+    def __init__(self, num_frames: int, stride: int, image_size: int, *, temporal_views: int = 1,
+                 spatial_views: int = 1, short_videos: str = "pad"):
+        self.num_frames, self.stride, self.image_size = num_frames, stride, image_size
+        self.temporal_views, self.spatial_views, self.short_videos = temporal_views, spatial_views, short_videos
+
+    def pick(self, total: int) -> list[int]:
+        span = (self.num_frames - 1) * self.stride + 1
+        starts = clip_starts(total, span, self.temporal_views)
+        return [i for start in starts for i in clip_indices(start, self.num_frames, self.stride)]
+
+    def __call__(self, ref: VideoRef) -> dict[str, Any]:
+        frames = _resize_short_side(_to_float(ref.frames(self.pick, self.short_videos)), self.image_size)
+        views = []
+        for t in range(self.temporal_views):
+            clip = frames[t * self.num_frames:(t + 1) * self.num_frames]
+            views += [_normalise(crop.clamp(0, 1)) for crop in spatial_crops(clip, self.image_size, self.spatial_views)]
+        return {"video": torch.stack(views), "label": ref.label}
+
+
+# ------------------------------------------------------------------------------- mixing
+
+
+def mix_clips(clips: torch.Tensor, labels: torch.Tensor, num_classes: int, *, mixup: float = 0.8,
+              cutmix: float = 1.0, prob: float = 1.0, switch_prob: float = 0.5,
+              label_smoothing: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or CutMix of a batch of clips (B, C, T, H, W) with its flipped self, and soft targets.
+
+    timm's ``Mixup`` cuts boxes out of dims -2/-1 but indexes ``x[:, :, y, x]``, i.e. time and
+    height of a 5-D clip; here the box spans every frame (as in VideoMAE). Draws come from
+    torch's RNG (checkpointed by the loop), not NumPy's. Targets are label-smoothed one-hots
+    mixed with the same weight as the pixels (the box's true area for CutMix).
+    """
+    off = label_smoothing / num_classes
+    one_hot = torch.full((len(labels), num_classes), off, device=clips.device)
+    one_hot.scatter_(1, labels.view(-1, 1).long(), 1.0 - label_smoothing + off)
+    use = (mixup > 0 or cutmix > 0) and float(torch.rand(())) < prob
+    if not use:
+        return clips, one_hot
+    use_cutmix = cutmix > 0 and (mixup <= 0 or float(torch.rand(())) < switch_prob)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    flipped = clips.flip(0)
+    if use_cutmix:
+        height, width = clips.shape[-2:]
+        cut = math.sqrt(1 - lam)
+        ch, cw = int(height * cut), int(width * cut)
+        cy, cx = int(torch.randint(0, height, ())), int(torch.randint(0, width, ()))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+        clips = clips.clone()
+        clips[..., y0:y1, x0:x1] = flipped[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (height * width)
+    else:
+        clips = clips * lam + flipped * (1 - lam)
+    return clips, one_hot * lam + one_hot.flip(0) * (1 - lam)

@@ -1,0 +1,404 @@
+"""Video transfer: inflation, the motion dataset, real encoded files, manifests, the command, resume."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from prepretrain.cli import main
+from prepretrain.config import ConfigError, build_config
+from prepretrain.data.loader import RecordDataset, eval_loader
+from prepretrain.data.records import BadSample
+from prepretrain.data.video import (
+    EvalClips,
+    RefSource,
+    SyntheticVideos,
+    TrainClip,
+    VideoRef,
+    decode_frames,
+    kinetics_file_stem,
+    mix_clips,
+    open_video_data,
+)
+from prepretrain.models.video import VideoViT, inflate_patch_weight
+from prepretrain.models.vit import create_vit
+from prepretrain.stages.video import VideoConfig, VideoStage
+from prepretrain.train.engine import train
+
+av = pytest.importorskip("av")
+
+TINY = dict(num_images=16, steps=2, batch_size=8, num_frames=4, tubelet_size=2, frame_stride=2, synthetic_length=8,
+            temporal_views=2, eval_batch_size=64, progress=False, tensorboard=False, log_every=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ inflation
+
+
+@pytest.mark.parametrize("pool,rel_pos", [("token", False), ("avg", False), ("token", True)])
+def test_a_static_clip_gives_the_image_models_features(pool, rel_pos):
+    torch.manual_seed(0)
+    image = create_vit("vit_micro4", num_classes=7, global_pool=pool).eval()
+    frames = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected_features = image.forward_head(image.forward_features(frames), pre_logits=True)
+        expected_tokens = image.forward_features(frames)
+        expected_logits = image(frames)
+    video = VideoViT(image, num_frames=8, tubelet_size=2, rel_pos=rel_pos, motion_init=0.5,
+                     generator=torch.Generator().manual_seed(1)).eval()
+    clip = frames.unsqueeze(2).repeat(1, 1, 8, 1, 1)  # (B, C, T, H, W): one frame repeated
+    with torch.no_grad():
+        tokens = video.forward_features(clip)
+        features = video.forward_head(tokens, pre_logits=True)
+        logits = video(clip)
+    assert tokens.shape == (3, 1 + 4 * 64, 128)
+    assert torch.allclose(features, expected_features, atol=1e-5), (features - expected_features).abs().max()
+    assert torch.allclose(logits, expected_logits, atol=1e-5)
+    assert torch.allclose(tokens[:, 0], expected_tokens[:, 0], atol=1e-5)  # CLS
+    for slot in range(4):  # every temporal copy of every patch token
+        assert torch.allclose(tokens[:, 1 + slot * 64:1 + (slot + 1) * 64], expected_tokens[:, 1:], atol=1e-5)
+    # ... while the clip model does see time: a moving clip is not a static one
+    moving = clip.clone()
+    moving[:, :, 4:] = moving[:, :, 4:].roll(4, dims=-1)
+    with torch.no_grad():
+        assert (video.forward_features(moving) - tokens).abs().max() > 1e-2
+
+
+def test_inflation_keeps_the_2d_sum_and_names_timm_parameters():
+    weight = torch.randn(16, 3, 4, 4)
+    plain = inflate_patch_weight(weight, 4)
+    assert plain.shape == (16, 3, 4, 4, 4) and torch.allclose(plain[:, :, 1], weight / 4)
+    motion = inflate_patch_weight(weight, 4, motion_init=0.2, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(motion.sum(dim=2), weight, atol=1e-6) and not torch.allclose(motion, plain)
+    video = VideoViT(create_vit("vit_micro4", num_classes=3), num_frames=4, tubelet_size=2, rel_pos=True)
+    names = {name for name, _ in video.named_parameters()}
+    assert {"patch_embed.proj.weight", "cls_token", "pos_embed", "temporal.pos_embed", "head.weight",
+            "blocks.5.attn.qkv.weight", "rel_pos.5.rel_t"} <= names
+    assert video.temporal.pos_embed.abs().sum() == 0
+
+
+# ------------------------------------------------------------------------ synthetic motion
+
+
+def _track(video: np.ndarray, gap: int) -> tuple[int, int]:
+    """Displacement of the moving shape between frames 0 and ``gap``: the static parts are removed
+    by the temporal median, then the best circular shift is taken."""
+    moving = np.abs(video.astype(float) - np.median(video, axis=0)).sum(-1)
+    scores = {(dy, dx): float((np.roll(moving[0], (dy, dx), axis=(0, 1)) * moving[gap]).sum())
+              for dy in range(-7, 8) for dx in range(-7, 8)}
+    return max(scores, key=scores.get)
+
+
+def test_synthetic_classes_need_motion_not_a_frame():
+    videos = SyntheticVideos(240, task="direction", size=32, length=8)
+    labels = np.array([videos.label(i) for i in range(len(videos))])
+    assert np.bincount(labels).tolist() == [60, 60, 60, 60]
+    # motion decides the class: tracking the shape over two frames recovers every label
+    steps = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+    for index in range(40):
+        direction, speed = videos.motion(index)
+        assert videos.class_names[labels[index]] == direction
+        dy, dx = _track(videos.render(index), 2)
+        assert (np.sign(dy), np.sign(dx)) == steps[direction] and abs(dy + dx) in (speed * 2 - 1, speed * 2)
+    # one frame does not: a nearest-class-mean classifier on single frames stays near chance (25%)
+    frames = np.stack([videos.render(i)[3].reshape(-1) for i in range(len(videos))]).astype(np.float32)
+    train, test = slice(0, 160), slice(160, 240)
+    means = np.stack([frames[train][labels[train] == c].mean(0) for c in range(4)])
+    guess = ((frames[test][:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert (guess == labels[test]).mean() < 0.45
+    assert np.array_equal(videos.render(5), SyntheticVideos(240, task="direction", size=32, length=8).render(5))
+
+
+# ---------------------------------------------------------------------------- real files
+
+
+def _level(i: int) -> int:
+    return 16 + (12 * i) % 228
+
+
+def _write_video(path: Path, codec: str, frames: int = 16, size: int = 32, fps: int = 8) -> None:
+    """Frame i is a flat grey of level ``_level(i)`` (so a decoded frame tells its index)."""
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
+        stream.time_base = Fraction(1, fps)
+        if codec in ("libvpx", "libvpx-vp9"):
+            stream.options = {"deadline": "realtime", "cpu-used": "8"}
+        for i in range(frames):
+            image = np.full((size, size, 3), _level(i), np.uint8)
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+CODECS = [(codec, suffix) for codec, suffix in
+          (("mpeg4", ".mp4"), ("mpeg4", ".avi"), ("libvpx", ".webm"), ("libvpx-vp9", ".webm"), ("mjpeg", ".mkv"))
+          if codec in av.codecs_available]
+
+
+def test_this_pyav_can_write_several_codecs():
+    assert len({suffix for _, suffix in CODECS}) >= 3, CODECS
+
+
+@pytest.mark.parametrize("codec,suffix", CODECS)
+def test_encoded_videos_decode_to_the_sampled_frames(tmp_path, codec, suffix):
+    path = tmp_path / f"clip_{codec}{suffix}"
+    _write_video(path, codec)
+    totals = []
+    frames = decode_frames(path, lambda total: totals.append(total) or [0, 3, 7, 12, 12, 15])
+    assert abs(totals[0] - 16) <= 1  # metadata count (stream frames, or duration x rate)
+    assert frames.shape == (6, 32, 32, 3)
+    levels = frames.reshape(6, -1).mean(1)
+    assert np.allclose(levels, [_level(i) for i in (0, 3, 7, 12, 12, 15)], atol=4), levels
+    # seeking far in (first frame past SEEK_AFTER_FRAMES) lands on the same frames
+    long_path = tmp_path / f"long_{codec}{suffix}"
+    _write_video(long_path, codec, frames=80)
+    far = decode_frames(long_path, lambda total: [70, 72])
+    expected = [_level(i) for i in (70, 72)]
+    assert np.allclose(far.reshape(2, -1).mean(1), expected, atol=4)
+
+
+def test_truncated_and_broken_files_are_bad_samples_or_padded(tmp_path):
+    good = tmp_path / "whole.mkv"
+    codec = "mjpeg" if "mjpeg" in av.codecs_available else CODECS[0][0]
+    _write_video(good, codec, frames=16)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 5])
+    with pytest.raises(BadSample) as error:
+        decode_frames(cut, lambda total: [0, 15], short_videos="skip")
+    assert error.value.reason in ("too_short", "unreadable")
+    if error.value.reason == "too_short":  # frames up to the cut decode; the rest repeat the last one
+        padded = decode_frames(cut, lambda total: [0, 15], short_videos="pad").reshape(2, -1).mean(1)
+        assert abs(padded[0] - _level(0)) <= 4 and padded[1] < _level(15) - 20
+    mp4 = tmp_path / "cut.mp4"
+    _write_video(tmp_path / "whole.mp4", "mpeg4")
+    mp4.write_bytes((tmp_path / "whole.mp4").read_bytes()[:300])
+    garbage = tmp_path / "garbage.avi"
+    garbage.write_bytes(b"not a video at all" * 10)
+    for broken in (mp4, garbage):
+        with pytest.raises(BadSample) as error:
+            decode_frames(broken, lambda total: [0])
+        assert error.value.reason == "unreadable"
+
+
+def _video_folder(root: Path) -> None:
+    codec = CODECS[0]
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            _write_video(root / split / label / f"x{codec[1]}", codec[0], frames=12)
+    (root / "val" / "b" / "broken.avi").write_bytes(b"\x00" * 500)
+
+
+def test_a_folder_of_videos_is_read_with_bad_files_counted(tmp_path):
+    _video_folder(tmp_path)
+    data = open_video_data(str(tmp_path))
+    assert data.class_names == ["a", "b"] and data.selection_is_test and len(data.sources["train"]) == 2
+    dataset = RecordDataset(data.source("val"), EvalClips(4, 2, 32, temporal_views=2, spatial_views=1))
+    batches = list(eval_loader(dataset, 8))
+    assert [reason for reason, _ in batches[0]["_skipped"]] == ["unreadable"]
+    assert batches[0]["video"].shape == (2, 2, 3, 4, 32, 32) and batches[0]["label"].tolist() == [0, 1]
+
+
+# ------------------------------------------------------------------------------ manifests
+
+
+def test_kinetics_csvs_name_their_files_and_count_missing_ones(tmp_path):
+    codec, suffix = CODECS[0]
+    rows = {"train": [("abseiling", "aaa", 10, 20), ("zumba", "bbb", 0, 10), ("abseiling", "ccc", 5, 15)],
+            "validate": [("zumba", "ddd", 1, 11), ("abseiling", "eee", 2, 12)]}
+    for split, items in rows.items():
+        lines = ["label,youtube_id,time_start,time_end,split"]
+        lines += [f"{label},{yid},{start},{end},{split}" for label, yid, start, end in items]
+        (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        for label, yid, start, end in items:
+            if yid == "ccc":
+                continue  # a video YouTube took down
+            folder = tmp_path / "videos" / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_video(folder / f"{kinetics_file_stem(yid, start, end)}{suffix}", codec, frames=4)
+    assert kinetics_file_stem("aaa", "10.0", 20) == "aaa_000010_000020"
+    with pytest.raises(ConfigError, match="'data'.*1 of 3 videos of split 'train' are missing"):
+        open_video_data(str(tmp_path), max_missing_fraction=0.1)
+    data = open_video_data(str(tmp_path), max_missing_fraction=0.5)
+    assert data.class_names == ["abseiling", "zumba"] and data.missing == {"train": 1, "val": 0, "test": 0}
+    train = data.sources["train"]
+    assert [(p.name, train.labels[i]) for i, p in enumerate(train.paths)] == [
+        (f"aaa_000010_000020{suffix}", 0), (f"bbb_000000_000010{suffix}", 1)]
+    assert data.split_names == {"train": "train", "val": "validate", "test": "validate"}
+
+
+def test_ssv2_json_and_simple_manifests_give_path_label_pairs(tmp_path):
+    codec, suffix = CODECS[0]
+    ssv2 = tmp_path / "ssv2"
+    (ssv2 / "videos").mkdir(parents=True)
+    labels = {"Pushing something from left to right": "0", "Putting something on a surface": "1"}
+    (ssv2 / "something-something-v2-labels.json").write_text(json.dumps(labels))
+    train = [{"id": "11", "label": "pushing a cup from left to right",
+              "template": "Pushing [something] from left to right", "placeholders": ["a cup"]},
+             {"id": "12", "label": "putting a pen on a surface", "template": "Putting [something] on a surface",
+              "placeholders": ["a pen"]}]
+    val = [{"id": "13", "label": "x", "template": "Putting [something] on a surface", "placeholders": ["x"]}]
+    (ssv2 / "something-something-v2-train.json").write_text(json.dumps(train))
+    (ssv2 / "something-something-v2-validation.json").write_text(json.dumps(val))
+    for vid in ("11", "12", "13"):
+        _write_video(ssv2 / "videos" / f"{vid}{suffix}", codec, frames=4)
+    data = open_video_data(str(ssv2))
+    assert data.class_names == list(labels) and data.selection_is_test
+    assert [(p.stem, label) for p, label in zip(data.sources["train"].paths, data.sources["train"].labels)] == [
+        ("11", 0), ("12", 1)]
+    assert [(p.stem, label) for p, label in zip(data.sources["test"].paths, data.sources["test"].labels)] == [("13", 1)]
+    # path,label CSV and JSONL manifests, paths relative to the manifest
+    simple = tmp_path / "simple"
+    simple.mkdir()
+    (simple / "train.csv").write_text(f"path,label\n../ssv2/videos/11{suffix},cat\n../ssv2/videos/12{suffix},dog\n")
+    (simple / "val.jsonl").write_text(json.dumps({"path": f"../ssv2/videos/13{suffix}", "label": "dog"}) + "\n")
+    data = open_video_data(str(simple))
+    assert data.class_names == ["cat", "dog"] and data.sources["val"].labels == [1]
+    (simple / "val.jsonl").write_text(json.dumps({"path": f"../ssv2/videos/13{suffix}", "label": "bird"}) + "\n")
+    with pytest.raises(ConfigError, match="'data'.*label 'bird'"):
+        open_video_data(str(simple))
+
+
+# ------------------------------------------------------------------- sampling and mixing
+
+
+class _Gradient:
+    """A 12-frame 24 x 48 video whose pixel value is its column (to see which crop was taken)."""
+
+    class_names = ["x"]
+
+    def read(self, index, pick, short_videos="pad"):
+        wanted = list(pick(12))
+        frame = np.broadcast_to(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (24, 48, 3))
+        return np.stack([frame + np.uint8(i) for i in wanted])
+
+
+def test_multi_view_evaluation_takes_spread_clips_and_left_center_right_crops():
+    transform = EvalClips(4, 2, 24, temporal_views=2, spatial_views=3)
+    assert transform.pick(12) == [0, 2, 4, 6, 5, 7, 9, 11]
+    views = transform(VideoRef(_Gradient(), 0, "g", 0))["video"]
+    assert views.shape == (6, 3, 4, 24, 24)
+    left_columns = views[:, 0, 0, 0, 0]  # normalised value of the crop's first column
+    assert left_columns[0] < left_columns[1] < left_columns[2] and torch.allclose(left_columns[0], left_columns[3],
+                                                                                     atol=0.2)
+    assert EvalClips(1, 1, 24).pick(12) == [5]  # the single-frame baseline sees the middle frame
+    clip = TrainClip(4, 2, 16)
+    torch.manual_seed(0)
+    import random
+
+    random.seed(3)
+    starts = {clip.pick(12)[0] for _ in range(50)}
+    assert starts <= set(range(0, 6)) and len(starts) > 3
+    assert clip.pick(3) == [0, 2, 4, 6]  # shorter than a clip: indices past the end are padded by the reader
+
+
+def test_cutmix_cuts_one_box_through_every_frame_and_mixes_targets():
+    clips = torch.stack([torch.full((3, 4, 16, 16), float(i)) for i in range(4)])
+    labels = torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    mixed, targets = mix_clips(clips, labels, 4, mixup=0.0, cutmix=1.0, label_smoothing=0.0)
+    assert torch.allclose(targets.sum(1), torch.ones(4))
+    pasted = mixed[0] == 3.0  # sample 0 received sample 3 (the flipped batch) in the box
+    assert pasted.any() and torch.equal(pasted, pasted[:, :1].expand_as(pasted))  # the same box in every frame
+    assert torch.isclose(targets[0, 3], pasted.float().mean())
+    mixed, targets = mix_clips(clips, labels, 4, mixup=0.8, cutmix=0.0, label_smoothing=0.1)
+    lam = float(targets[0, 0] - 0.1 / 4) / 0.9
+    assert torch.allclose(mixed[0], torch.full_like(mixed[0], 3 * (1 - lam)), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def test_video_command_reports_top1_and_the_single_frame_baseline(tmp_path):
+    out = tmp_path / "video"
+    args = [f"{key}={value}" for key, value in {**TINY, "out_dir": str(out), "mixup": 0.8, "cutmix": 1.0}.items()]
+    assert main(["video", *args]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["stage"] == "video" and results["num_frames"] == 4 and results["views"]["temporal"] == 2
+    assert 0 <= results["top1"] <= 100 and 0 <= results["single_frame_top1"] <= 100
+    assert results["val_top1"] == results["best_val_top1"]
+    baseline = yaml.safe_load((out / "single_frame" / "config.yaml").read_text())
+    assert baseline["num_frames"] == 1 and baseline["tubelet_size"] == 1 and baseline["temporal_views"] == 1
+    assert baseline["steps"] == TINY["steps"] and baseline["encoder"] == "" and baseline["seed"] == 0
+    base = json.loads((out / "single_frame" / "results.json").read_text())
+    assert base["top1"] == results["single_frame_top1"] and "single_frame_top1" not in base
+    weights = load_file(str(out / "last.safetensors"))
+    assert weights["patch_embed.proj.weight"].shape == (128, 3, 2, 4, 4)
+    assert weights["temporal.pos_embed"].shape == (1, 2, 1, 128)
+
+
+def test_interrupted_video_run_resumes_to_the_same_weights(tmp_path):
+    settings = {**TINY, "steps": 4, "ckpt_every": 2, "mixup": 0.8, "cutmix": 1.0, "single_frame_baseline": False}
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashingStage(VideoStage):
+        def after_step(self, model, step):
+            if step == 3:
+                raise Crash("simulated failure after step 3 (last checkpoint: step 2)")
+
+    whole = tmp_path / "whole"
+    train(VideoStage(build_config(VideoConfig, None, {**settings, "out_dir": str(whole)})))
+    broken = tmp_path / "broken"
+    cfg = build_config(VideoConfig, None, {**settings, "out_dir": str(broken)})
+    with pytest.raises(Crash):
+        train(CrashingStage(cfg))
+    train(VideoStage(cfg))
+    expected, resumed = load_file(str(whole / "last.safetensors")), load_file(str(broken / "last.safetensors"))
+    assert expected.keys() == resumed.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+# -------------------------------------------------------------------------------- configs
+
+
+def test_bad_video_settings_fail_naming_the_key():
+    for override, key in (("tubelet_size=3", "tubelet_size"), ("short_videos=loop", "short_videos"),
+                          ("temporal_views=0", "temporal_views"), ("task=coarse", "task"),
+                          ("frame_stride=9", "frame_stride"), ("global_pool=max", "global_pool")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            build_config(VideoConfig, None, [override])
+    with pytest.raises(ConfigError, match="'data'"):
+        VideoStage(build_config(VideoConfig, None, ["data=/no/such/videos"]))
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/video_*.yaml")))
+def test_paper_scale_video_configs_validate(path):
+    cfg = build_config(VideoConfig, path, {"encoder": ""})
+    assert cfg.model == "vit_l16" and cfg.image_size == 224 and cfg.num_frames == 16 and cfg.tubelet_size == 2
+    assert cfg.layer_decay == 0.75 and cfg.rel_pos and cfg.global_pool == "avg"
+    assert cfg.frame_stride == (4 if "k400" in path.name else 2) and cfg.hflip == (0.5 if "k400" in path.name else 0)
+    assert "assumption" in path.read_text()
+
+
+def test_both_paper_configs_exist():
+    names = {p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("video_*.yaml")}
+    assert {"video_k400_vit_l16.yaml", "video_ssv2_vit_l16.yaml"} <= names
+
+
+def test_ref_source_hands_out_lazy_references():
+    videos = SyntheticVideos(8, size=16, length=8)
+    ref = RefSource(videos).get(3)
+    assert ref.label == videos.label(3) and ref.key == "synthetic-video/train/3"
+    assert ref.frames(lambda total: [0, 7, 9]).shape == (3, 16, 16, 3)  # 9 is past the end: padded
