@@ -77,8 +77,16 @@ class PipelineConfig:
     # key=value applied on top of every recipe file ("steps=20"), or of one stage's ("lit.text_model=
     # text_micro"): a rehearsal of the paper recipes with a small model and budget, nothing else changed
     recipe_overrides: tuple[str, ...] = ()
-    evaluations: tuple[str, ...] = ("probe", "knn", "lowshot", "zeroshot", "finetune")
+    evaluations: tuple[str, ...] = ("probe", "knn", "lowshot", "zeroshot", "finetune")  # + video, detect
     tasks: tuple[str, ...] = ("coarse", "fine")
+    # the video and detection tasks (in evaluations): their own data ("synthetic": the stage's
+    # embedded set), recipe files, and demo budgets (0 = the stage's default steps)
+    video_data: str = "synthetic"
+    detect_data: str = "synthetic"
+    video_config: str = ""
+    detect_config: str = ""
+    video_steps: int = 0
+    detect_steps: int = 0
     # zero-shot class names and templates: a file, or a shipped set (classes: imagenet1k; templates:
     # prepretrain | openai80); empty = the data's own names (WordNet-id folders become words) / prepretrain
     zeroshot_classes: str = ""
@@ -95,13 +103,16 @@ class PipelineConfig:
         for key in ("mae_steps", "wsp_steps", "lit_steps", "finetune_steps", "batch_size", "num_images", "gpus"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        known = {"probe", "knn", "lowshot", "zeroshot", "finetune"}
+        known = {"probe", "knn", "lowshot", "zeroshot", "finetune", *TASK_STAGES}
         unknown = set(self.evaluations) - known
         if unknown:
             raise ConfigError("evaluations", f"unknown {sorted(unknown)}; known: {sorted(known)}")
         if not 0 < self.assumed_mfu <= 1:
             raise ConfigError("assumed_mfu", "must be in (0, 1]")
-        for key in ("mae_config", "wsp_config", "lit_config", "finetune_config"):
+        for key in ("video_steps", "detect_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(key, f"must be >= 0 (0 = the stage's default), got {getattr(self, key)}")
+        for key in ("mae_config", "wsp_config", "lit_config", "finetune_config", "video_config", "detect_config"):
             if getattr(self, key) and not Path(getattr(self, key)).exists():
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")
         recipe_overrides(self, "mae")  # malformed entries name the key now
@@ -184,6 +195,8 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                                    data=eval_data)
                 job.deps = [source] if source else []
                 jobs.append(job)
+            for kind in (k for k in TASK_STAGES if k in cfg.evaluations):
+                jobs.append(task_stage_job(cfg, kind, seed, f"{s}/eval/{label}/{kind}", encoder, source))
     by_name = {job.name: job for job in jobs}
     for job in jobs:
         payload = json.dumps({"kind": job.kind, "values": job.values, "file": _file_text(job.config_file),
@@ -192,7 +205,30 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
     return jobs
 
 
-RECIPE_STAGES = ("mae", "wsp", "lit", "finetune")
+# Transfer tasks that train a stage of their own on their own data (video clips, detection):
+# pipeline kind -> (data key, recipe key, demo steps key). Each runs once per encoder.
+TASK_STAGES = {"video": ("video_data", "video_config", "video_steps"),
+               "detect": ("detect_data", "detect_config", "detect_steps")}
+
+
+def task_stage_job(cfg: PipelineConfig, kind: str, seed: int, name: str, encoder: str, source: str) -> Job:
+    """A ``video`` / ``detect`` job: the stage's own defaults (or its recipe) with the pipeline's
+    encoder, seed, device and model; only the demo budget is set here, when asked."""
+    data_key, recipe_key, steps_key = TASK_STAGES[kind]
+    recipe = getattr(cfg, recipe_key)
+    values: dict[str, Any] = {"data": getattr(cfg, data_key), "encoder": encoder, "seed": seed,
+                              "out_dir": str(Path(cfg.out_dir) / name), "device": cfg.device,
+                              "precision": cfg.precision, "model": cfg.model}
+    if recipe:
+        values.update(recipe_overrides(cfg, kind))
+    else:
+        values["progress"] = False
+        if getattr(cfg, steps_key):
+            values["steps"] = getattr(cfg, steps_key)
+    return Job(name, kind, values, deps=[source] if source else [], config_file=recipe)
+
+
+RECIPE_STAGES = ("mae", "wsp", "lit", "finetune", *TASK_STAGES)
 RECIPE_KEYS = tuple(f"{stage}_config" for stage in RECIPE_STAGES)
 
 
@@ -215,6 +251,9 @@ def recipe_overrides(cfg: PipelineConfig, kind: str) -> dict[str, str]:
 
 def stage_data(cfg: PipelineConfig, kind: str) -> tuple[str, str]:
     """(pipeline key, data) a job of ``kind`` reads: its own key when set, else ``data``."""
+    if kind in TASK_STAGES:
+        key = TASK_STAGES[kind][0]
+        return key, getattr(cfg, key)
     key = {"mae": "mae_data", "wsp": "wsp_data", "lit": "lit_data"}.get(kind, "eval_data")
     return (key, getattr(cfg, key)) if getattr(cfg, key) else ("data", cfg.data)
 
@@ -275,11 +314,11 @@ class DataCheck:
     error: str = ""
 
     def describe(self) -> str:
-        task = f" task={self.task}" if self.task else ""
+        task = f" ({self.task})" if self.task in TASK_STAGES else f" task={self.task}" if self.task else ""
         where = f"{self.key}={self.path}{task}"
         if self.error:
             return f"{where}: NOT USABLE: {self.error}"
-        sizes = ", ".join(f"{role} {count:,}" for role, count in self.sizes.items())
+        sizes = ", ".join(f"{role} {count:,}" for role, count in self.sizes.items()) or "generated by the stage"
         classes = f", {self.num_classes} classes" if self.num_classes else ""
         return f"{where}: {sizes}{classes}"
 
@@ -291,6 +330,8 @@ def planned_sources(cfg: PipelineConfig, jobs: list[Job]) -> list[DataCheck]:
         data = job.values.get("data", "")
         if job.kind in ("mae", "wsp", "lit"):
             entry = (stage_data(cfg, job.kind)[0], data, "")
+        elif job.kind in TASK_STAGES:
+            entry = (stage_data(cfg, job.kind)[0], data, job.kind)
         elif job.kind == "zeroshot":
             entry = (stage_data(cfg, "eval")[0], data, job.values.get("task") or ZeroShotConfig.task)
         else:  # frozen evaluations and finetuning
@@ -320,6 +361,16 @@ def pre_flight(cfg: PipelineConfig, jobs: list[Job] | None = None, strict: bool 
 
 
 def _open_check(cfg: PipelineConfig, check: DataCheck) -> None:
+    if check.task in TASK_STAGES:  # the stage opens its own data (annotations, splits) when built
+        if check.path == "synthetic":
+            return  # generated by the stage itself
+        recipe_key = TASK_STAGES[check.task][1]
+        stage_cls = command(check.task).stage
+        probe = Job("pre-flight", check.task, {"data": check.path, "encoder": "", "device": "cpu"},
+                    config_file=getattr(cfg, recipe_key))
+        stage = stage_cls(build_job_config(probe))
+        check.sizes = dict(getattr(stage, "data_sizes", dict)())
+        return
     if check.task:
         data = open_eval_data(check.path, check.task, cfg.image_size, cfg.num_images)
         check.sizes = {role: len(data.sources[role]) for role in ("train", "val", "test")}
@@ -469,8 +520,11 @@ def dry_run(cfg: PipelineConfig) -> str:
                      f"{flops / 1e15:>12.1f} {float(memory):>12.1f} {fits:>5} {hours:>10.2f}")
     hours = total_flops / (cfg.gpus * peak * cfg.assumed_mfu) / 3600
     lines.append("lit rows count the image tower as trained: an upper bound, since LiT keeps it frozen")
-    lines.append("steps: from each recipe's epochs; data not at hand counts as IG-3B (3.0B images) for pretraining "
-                 "and ImageNet-1k (1.28M) for finetuning")
+    if any(job.kind in TASK_STAGES for job in jobs):
+        lines.append("video and detect rows are priced as the image model on one image per sample: a lower bound "
+                     "(a clip has num_frames / tubelet_size times the tokens; the detector adds its heads)")
+    lines.append("steps: from each recipe's epochs; data not at hand counts as IG-3B (3.0B images) for pretraining, "
+                 "ImageNet-1k (1.28M) for finetuning, Kinetics-400 (240K videos) and COCO (118K images)")
     lines.append(f"total training: {total_flops / 1e18:.2f} EFLOP, about {hours:.1f} hours on {cfg.gpus} GPUs "
                  f"at {cfg.assumed_mfu:.0%} MFU of 989 TFLOP/s")
     return "\n".join(lines)
@@ -486,10 +540,14 @@ def _steps_of(stage_cfg: Any) -> int:
     return max(1, math.ceil(stage_cfg.epochs * samples / stage_cfg.batch_size))
 
 
+DATASET_SIZES = {"finetune": 1_281_167, "video": 240_436, "detect": 118_287}  # IN-1k, K400, COCO train2017
+
+
 def _dataset_size_guess(stage_cfg: Any) -> int:
     """Without the data at hand a dry run assumes the paper's sets: IG-3B for pretraining (MAE, WSP,
-    LiT) and ImageNet-1k's 1.28M training images for finetuning."""
-    return 1_281_167 if getattr(stage_cfg, "stage_name", "") == "finetune" else 3_000_000_000
+    LiT), ImageNet-1k's 1.28M training images for finetuning, Kinetics-400's training videos for
+    video and COCO train2017 for detection."""
+    return DATASET_SIZES.get(getattr(stage_cfg, "stage_name", ""), 3_000_000_000)
 
 
 def config_summary(cfg: PipelineConfig) -> dict[str, Any]:

@@ -14,6 +14,11 @@ from .config import dump_config
 from .report import Block, format_mean_std, mean_std, plot_bars, plot_curves, table_block, write_report
 
 LABELS = {"mae_wsp": "MAE→WSP", "wsp": "WSP", "mae": "MAE", "random": "random init"}
+# The task stages' rows: pipeline kind -> (row name, results.json key), values in percent.
+TASK_ROWS = {
+    "video": [("video top-1", "top1"), ("video, single-frame baseline top-1", "single_frame_top1")],
+    "detect": [("detection box AP", "box_ap"), ("detection mask AP", "mask_ap")],
+}
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -43,6 +48,10 @@ def collect_table(cfg, results: dict[str, Any]) -> dict[str, dict[str, list[floa
             add(f"zero-shot ({cfg.tasks[0]})", label, zeroshot.get("top1"))
             finetune = results.get(f"{s}/eval/{label}/finetune") or {}
             add(f"finetune ({cfg.tasks[0]})", label, finetune.get("best_top1", finetune.get("top1")))
+            for kind, rows in TASK_ROWS.items():
+                task_results = results.get(f"{s}/eval/{label}/{kind}") or {}
+                for row, key in rows:
+                    add(row, label, task_results.get(key))
         for label, run in (("mae_wsp", "wsp_mae"), ("wsp", "wsp")):
             wsp = results.get(f"{s}/{run}") or {}
             value = wsp.get("val_precision_at_1")
