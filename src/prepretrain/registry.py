@@ -14,6 +14,7 @@ from typing import Any
 
 from .evaluate.runner import EVALUATIONS, run_evaluation
 from .evaluate.zeroshot import ZeroShotConfig, run_zeroshot
+from .stages.detect import DetectConfig, DetectStage
 from .stages.finetune import FinetuneConfig, FinetuneStage
 from .stages.lit import LiTConfig, LiTStage
 from .stages.mae import MAEConfig, MAEStage
@@ -91,6 +92,8 @@ COMMANDS: dict[str, Command] = {
         _stage("finetune", "full finetuning on a labeled task", FinetuneConfig, FinetuneStage),
         _stage("video", "video finetuning on clips (K400, SSv2): a video ViT inflated from the image encoder",
                VideoConfig, VideoStage),
+        _stage("detect", "object detection and instance segmentation: ViTDet backbone in Mask R-CNN (COCO, LVIS)",
+               DetectConfig, DetectStage),
         _evaluation("probe", "linear probe on frozen features (logistic regression, or the MAE BatchNorm+linear "
                              "head)"),
         _evaluation("lowshot", "low-shot transfer: K images per class, seeded splits (linear classifier or VPT "

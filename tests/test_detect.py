@@ -1,0 +1,456 @@
+"""Detection transfer: ViTDet backbone equivalences and shapes, data, COCO/LVIS evaluation, the stage."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from prepretrain import files
+from prepretrain.cli import main
+from prepretrain.config import ConfigError, build_config
+from prepretrain.data.detection import (
+    CocoDetectionSource,
+    DetectionSample,
+    LargeScaleJitter,
+    annotation_mask,
+    decode_target,
+    draw_synthetic_image,
+    is_lvis,
+    mask_to_rle,
+    synthetic_coco,
+)
+from prepretrain.evaluate.detection import coco_ap, detection_metrics, lvis_ap
+from prepretrain.models.detector import CrowdAwareRPN, _ignore_in_crowds, inside_fraction
+from prepretrain.models.mae import create_mae
+from prepretrain.models.resolve import encoder_metadata
+from prepretrain.models.vit import create_vit
+from prepretrain.models.vitdet import (
+    ViTDetBackbone,
+    ViTDetBlock,
+    default_global_blocks,
+    parse_global_blocks,
+    window_partition,
+    window_unpartition,
+)
+from prepretrain.stages.detect import DetectConfig, DetectStage
+from prepretrain.stages.mae import MAEConfig, MAEStage
+from prepretrain.train.engine import train
+from prepretrain.train.optim import build_optimizer, set_lr
+from prepretrain.train.run import Run
+
+# The smallest settings that still run every part: 32 px images, 3 pyramid levels, few proposals.
+TINY = dict(image_size=32, num_images=16, synthetic_val_images=8, batch_size=4, steps=2, warmup_steps=0,
+            pyramid_channels=16, head_dim=32, box_batch_per_image=16, rpn_batch_per_image=32, window_size=4,
+            rpn_pre_nms_topk="50,50", rpn_post_nms_topk="20,20", eval_batch_size=8, progress=False,
+            tensorboard=False, log_every=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mae_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mae_run")
+    cfg = build_config(MAEConfig, None, dict(out_dir=str(out), num_images=32, steps=1, batch_size=16,
+                                             eval_images=8, progress=False, tensorboard=False))
+    train(MAEStage(cfg))
+    return out
+
+
+def _stage(tmp_path: Path, **overrides) -> DetectStage:
+    values = {**TINY, "out_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), **overrides}
+    return DetectStage(build_config(DetectConfig, None, values))
+
+
+# ------------------------------------------------------------------------------ backbone
+
+
+def test_window_attention_equals_global_attention_when_the_window_covers_the_map():
+    torch.manual_seed(0)
+    encoder = create_vit("vit_micro4", img_size=32)  # 8x8 token map
+    windowed = ViTDetBackbone(encoder, window_size=8, global_blocks=[], out_channels=16)
+    global_ = ViTDetBackbone(encoder, window_size=8, global_blocks=list(range(6)), out_channels=16)
+    global_.load_state_dict(windowed.state_dict())
+    assert all(b.window_size == 8 for b in windowed.blocks) and all(b.window_size == 0 for b in global_.blocks)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = windowed.features(images), global_.features(images)
+        smaller = ViTDetBackbone(encoder, window_size=4, global_blocks=[], out_channels=16).features(images)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (smaller - b).abs().max() > 1e-3  # 4x4 windows do change the result
+
+
+def test_global_block_computes_what_the_timm_block_computes():
+    torch.manual_seed(0)
+    encoder = create_vit("vit_micro4", img_size=32)
+    block = encoder.blocks[0].eval()
+    tokens = torch.randn(2, 64, 128)
+    with torch.no_grad():
+        expected = block(tokens)
+        ours = ViTDetBlock(block, window_size=0).eval()(tokens.view(2, 8, 8, 128)).reshape(2, 64, 128)
+        with_rel = ViTDetBlock(block, window_size=0, rel_pos_size=8).eval()(tokens.view(2, 8, 8, 128))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_rel.reshape(2, 64, 128), expected, rtol=1e-5, atol=1e-5)  # zero-init biases
+
+
+def test_window_partition_pads_and_round_trips():
+    x = torch.randn(2, 10, 7, 3)
+    windows, padded = window_partition(x, 4)
+    assert padded == (12, 8) and windows.shape == (2 * 3 * 2, 16, 3)
+    assert torch.equal(window_unpartition(windows, 4, padded, (10, 7)), x)
+    assert torch.equal(windows[0].view(4, 4, 3), x[0, :4, :4])  # the first window is the top-left 4x4 block
+
+
+def test_global_blocks_follow_vitdet():
+    assert default_global_blocks(12) == [2, 5, 8, 11]
+    assert default_global_blocks(24) == [5, 11, 17, 23]
+    assert default_global_blocks(32) == [7, 15, 23, 31]
+    assert parse_global_blocks("1, 3", 6) == [1, 3] and parse_global_blocks("none", 6) == []
+    with pytest.raises(ValueError, match="outside"):
+        parse_global_blocks("7", 6)
+
+
+def test_feature_pyramid_at_1024_px_matches_vitdet_for_vit_b16():
+    encoder = create_vit("vit_b16", img_size=1024, device="meta")  # shapes only: no memory, no compute
+    backbone = ViTDetBackbone(encoder, 14, default_global_blocks(12), rel_pos=True).to("meta")
+    assert backbone.pos_embed.shape == (1, 64, 64, 768)
+    assert [b.window_size for b in backbone.blocks] == [14, 14, 0, 14, 14, 0, 14, 14, 0, 14, 14, 0]
+    assert backbone.blocks[0].rel_pos_h.shape == (27, 64) and backbone.blocks[2].rel_pos_h.shape == (127, 64)
+    levels = backbone(torch.empty(1, 3, 1024, 1024, device="meta"))
+    shapes = {name: tuple(level.shape) for name, level in levels.items()}
+    assert shapes == {"0": (1, 256, 256, 256), "1": (1, 256, 128, 128), "2": (1, 256, 64, 64),
+                      "3": (1, 256, 32, 32), "pool": (1, 256, 16, 16)}
+    assert backbone.strides == [4.0, 8.0, 16.0, 32.0, 64.0]
+
+
+def test_position_embedding_is_interpolated_without_the_class_token():
+    torch.manual_seed(0)
+    encoder = create_vit("vit_micro4", img_size=32)
+    backbone = ViTDetBackbone(encoder, window_size=4, out_channels=16)
+    grid = encoder.pos_embed.detach()[:, 1:].reshape(1, 8, 8, 128)
+    assert torch.equal(backbone.pos_embed.detach(), grid)
+    expected = F.interpolate(grid.permute(0, 3, 1, 2), size=(12, 16), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(backbone.position_embedding(12, 16), expected.permute(0, 2, 3, 1))
+    assert backbone(torch.randn(1, 3, 48, 64))["2"].shape == (1, 16, 12, 16)  # any size, padded windows
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    backbone = ViTDetBackbone(create_vit("vit_micro4", img_size=32), window_size=4, out_channels=16).train()
+    images = torch.randn(2, 3, 32, 32)
+    grads = []
+    for enable in (False, True):
+        backbone.set_grad_checkpointing(enable)
+        backbone.zero_grad()
+        backbone.features(images).square().mean().backward()
+        grads.append(backbone.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def test_synthetic_set_is_real_coco_json_and_deterministic(tmp_path):
+    annotations, images = synthetic_coco(tmp_path, "val", 6, 48)
+    dataset = json.loads(annotations.read_text())
+    assert [c["name"] for c in dataset["categories"]] == ["rectangle", "ellipse", "triangle"]
+    assert len(dataset["images"]) == 6 and len(dataset["annotations"]) >= 6 and not is_lvis(dataset)
+    for annotation in dataset["annotations"]:
+        mask = annotation_mask(annotation["segmentation"], 48, 48)
+        ys, xs = np.nonzero(mask)
+        assert annotation["area"] == mask.sum() > 0
+        assert annotation["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+    pixels, instances = draw_synthetic_image(0, "val", 3, 48)
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(images / "000003.png")), pixels)
+    masks = np.stack([i["mask"] for i in instances])
+    assert masks.sum(0).max() == 1  # visible parts never overlap: occluded pixels belong to the top shape
+    before = annotations.stat().st_mtime_ns
+    assert synthetic_coco(tmp_path, "val", 6, 48)[0].stat().st_mtime_ns == before  # reused, not redrawn
+
+
+def test_polygon_and_rle_segmentations_decode():
+    square = annotation_mask([[2, 2, 6, 2, 6, 6, 2, 6]], 10, 10)
+    assert square.sum() == 16 and square[2:6, 2:6].all()
+    rle = mask_to_rle(square)
+    assert np.array_equal(annotation_mask(rle, 10, 10), square)
+    from pycocotools import mask as mask_utils
+
+    uncompressed = {"size": [10, 10], "counts": [22, 4, 6, 4, 6, 4, 6, 4, 44]}  # column-major run lengths
+    assert annotation_mask(uncompressed, 10, 10).sum() == 16
+    assert mask_utils.area(mask_utils.frPyObjects(uncompressed, 10, 10)) == 16
+
+
+def _sample_with_crowd() -> DetectionSample:
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    annotations = [
+        {"id": 1, "category_id": 7, "bbox": [0, 0, 10, 10], "iscrowd": 0,
+         "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10]]},
+        {"id": 2, "category_id": 9, "bbox": [20, 0, 20, 20], "iscrowd": 1,
+         "segmentation": mask_to_rle(np.pad(np.ones((20, 20), np.uint8), ((0, 0), (20, 0))))},
+    ]
+    return DetectionSample("x", 1, image, annotations)
+
+
+def test_large_scale_jitter_keeps_boxes_masks_and_crowds_consistent():
+    lsj = LargeScaleJitter(64, {7: 1, 9: 2}, lsj_min=1.6, lsj_max=1.6, flip=1.0)  # 40x20 -> 102x51: cropped
+    random.seed(3)
+    sample = lsj(_sample_with_crowd())
+    target, (height, width) = decode_target(sample["target"])
+    assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.uint8
+    assert (height, width) == (51, 64)  # fits a 1.6 x 64 square, then cropped to at most 64 x 64
+    assert target["labels"].tolist() in ([1], [])  # the crowd is never a positive
+    for box, mask in zip(target["boxes"], target["masks"]):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+    assert len(target["crowd_boxes"]) == 1
+    small = LargeScaleJitter(64, {7: 1, 9: 2}, lsj_min=0.5, lsj_max=0.5, flip=0.0)(_sample_with_crowd())
+    target, size = decode_target(small["target"])
+    assert size == (16, 32) and target["boxes"].tolist() == [[0.0, 0.0, 8.0, 8.0]]
+    assert target["crowd_boxes"].tolist() == [[16.0, 0.0, 32.0, 16.0]]
+    padding = small["image"][:, 16:, :].float()
+    assert torch.equal(padding[:, 0, 0], torch.tensor([124.0, 116.0, 104.0]))  # the mean pixel: 0 once normalised
+
+
+def test_crowd_regions_are_ignored_not_negatives_in_training():
+    crowd = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    boxes = torch.tensor([[1.0, 1.0, 5.0, 5.0], [8.0, 8.0, 16.0, 16.0], [20.0, 20.0, 30.0, 30.0], [2.0, 2, 6, 6]])
+    assert inside_fraction(crowd, boxes).tolist() == pytest.approx([1.0, 4 / 64, 0.0, 1.0])
+    labels = torch.tensor([0, 0, 0, 1])
+    assert _ignore_in_crowds(labels, boxes, crowd).tolist() == [-1, 0, 0, 1]  # a positive stays positive
+    assert _ignore_in_crowds(labels, boxes, None).tolist() == [0, 0, 0, 1]
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def _coco_ground_truth() -> dict:
+    square = [[10, 10, 30, 10, 30, 30, 10, 30]]
+    return {
+        "images": [{"id": 1, "height": 64, "width": 64, "file_name": "a.png"},
+                   {"id": 2, "height": 64, "width": 64, "file_name": "b.png"}],
+        "categories": [{"id": 3, "name": "a"}, {"id": 5, "name": "b"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 0,
+             "segmentation": square},
+            {"id": 2, "image_id": 2, "category_id": 5, "bbox": [0, 0, 40, 24], "area": 960, "iscrowd": 0,
+             "segmentation": [[0, 0, 40, 0, 40, 24, 0, 24]]},
+            {"id": 3, "image_id": 2, "category_id": 3, "bbox": [40, 40, 20, 20], "area": 400, "iscrowd": 1,
+             "segmentation": mask_to_rle(np.pad(np.ones((20, 20), np.uint8), ((40, 4), (40, 4))))},
+        ],
+    }
+
+
+def _perfect(ground_truth: dict) -> list[dict]:
+    found = []
+    for annotation in ground_truth["annotations"]:
+        if annotation.get("iscrowd"):
+            continue
+        image = next(im for im in ground_truth["images"] if im["id"] == annotation["image_id"])
+        mask = annotation_mask(annotation["segmentation"], image["height"], image["width"])
+        found.append({"image_id": annotation["image_id"], "category_id": annotation["category_id"],
+                      "bbox": annotation["bbox"], "score": 0.9, "segmentation": mask_to_rle(mask)})
+    return found
+
+
+def test_perfect_predictions_give_ap_100_and_crowd_regions_are_ignored():
+    ground_truth = _coco_ground_truth()
+    detections = _perfect(ground_truth)
+    metrics = detection_metrics(ground_truth, detections)
+    for key in ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75"):
+        assert metrics[key] == pytest.approx(100.0), key
+    inside_crowd = {"image_id": 2, "category_id": 3, "bbox": [42, 42, 15, 15], "score": 0.95}
+    assert coco_ap(ground_truth, [*detections, inside_crowd])["ap"] == pytest.approx(100.0)
+    not_crowd = json.loads(json.dumps(ground_truth))
+    not_crowd["annotations"] = not_crowd["annotations"][:2]  # the same detection is now a false positive
+    assert coco_ap(not_crowd, [*detections, inside_crowd])["ap"] < 90.0
+    shifted = [{**d, "bbox": [d["bbox"][0] + 6, *d["bbox"][1:]]} for d in detections]
+    assert coco_ap(ground_truth, shifted)["ap50"] < 100.0 or coco_ap(ground_truth, shifted)["ap75"] < 100.0
+    assert coco_ap(ground_truth, [])["ap"] == 0.0
+
+
+def _lvis_ground_truth() -> dict:
+    """Image 1: category 3, negatives [8]; image 2: categories 5 and 8 (5 not exhaustively annotated);
+    image 3: category 3, nothing verified absent."""
+    def box(image_id, category, x, y, size, id_):
+        return {"id": id_, "image_id": image_id, "category_id": category, "bbox": [x, y, size, size],
+                "area": size * size, "segmentation": [[x, y, x + size, y, x + size, y + size, x, y + size]]}
+
+    return {
+        "images": [{"id": 1, "height": 64, "width": 64, "neg_category_ids": [8], "not_exhaustive_category_ids": []},
+                   {"id": 2, "height": 64, "width": 64, "neg_category_ids": [], "not_exhaustive_category_ids": [5]},
+                   {"id": 3, "height": 64, "width": 64, "neg_category_ids": [], "not_exhaustive_category_ids": []}],
+        "categories": [{"id": 3, "name": "a", "frequency": "f"}, {"id": 5, "name": "b", "frequency": "r"},
+                       {"id": 8, "name": "c", "frequency": "c"}],
+        "annotations": [box(1, 3, 10, 10, 20, 1), box(2, 5, 0, 0, 24, 2), box(2, 8, 30, 30, 20, 3),
+                        box(3, 3, 5, 5, 30, 4)],
+    }
+
+
+def test_lvis_federated_evaluation(tmp_path):
+    ground_truth = _lvis_ground_truth()
+    assert is_lvis(ground_truth)
+    path = files.write_json(tmp_path / "lvis_val.json", ground_truth)
+    detections = _perfect(ground_truth)
+    metrics = detection_metrics(path, detections, lvis=True, max_detections=300)
+    for key in ("box_ap", "box_ap50", "box_ap75", "box_apr", "box_apc", "box_apf", "mask_ap"):
+        assert metrics[key] == pytest.approx(100.0), key
+    extra = {"category_id": 8, "bbox": [40, 2, 12, 12], "score": 0.99}
+    # Image 3 neither contains category 8 nor lists it as absent: a detection of it there is not judged ...
+    assert lvis_ap(path, [*detections, {**extra, "image_id": 3}])["ap"] == pytest.approx(100.0)
+    # ... image 1 lists it as verified absent: there the same detection is a false positive.
+    assert lvis_ap(path, [*detections, {**extra, "image_id": 1}])["apc"] < 100.0
+    # An unmatched detection of a category not exhaustively annotated in its image is not a false positive.
+    unmatched = {"image_id": 2, "category_id": 5, "bbox": [40, 2, 12, 12], "score": 0.99}
+    assert lvis_ap(path, [*detections, unmatched])["apr"] == pytest.approx(100.0)
+    exhaustive = json.loads(json.dumps(ground_truth))
+    exhaustive["images"][1]["not_exhaustive_category_ids"] = []
+    strict = files.write_json(tmp_path / "lvis_exhaustive.json", exhaustive)
+    assert lvis_ap(strict, [*detections, unmatched])["apr"] < 100.0
+
+
+# --------------------------------------------------------------------------------- stage
+
+
+def test_layer_decay_scales_backbone_blocks_and_leaves_heads_at_full_lr(tmp_path):
+    stage = _stage(tmp_path, layer_decay=0.5)
+    torch.manual_seed(0)
+    model = stage.build_model(Run.of_stage(stage))
+    groups = stage.param_groups(model)
+    optimizer = build_optimizer(groups, 1.0, (0.9, 0.999), torch.device("cpu"))
+    set_lr(optimizer, 1.0)
+    lr_of = {name: built["lr"] for group, built in zip(groups, optimizer.param_groups) for name in group["names"]}
+    assert lr_of["backbone.pos_embed"] == lr_of["backbone.patch_embed.proj.weight"] == pytest.approx(0.5**7)
+    for block in range(6):
+        assert lr_of[f"backbone.blocks.{block}.attn.qkv.weight"] == pytest.approx(0.5 ** (6 - block))
+    pyramid = [name for name in lr_of if name.startswith("backbone.pyramid.")]
+    heads = [name for name in lr_of if name.startswith(("rpn.", "roi_heads."))]
+    assert pyramid and heads and all(lr_of[name] == 1.0 for name in pyramid + heads)
+    assert isinstance(model.rpn, CrowdAwareRPN)
+
+
+def _encoder_weights_in_backbone(stage: DetectStage, source: dict[str, torch.Tensor]) -> None:
+    torch.manual_seed(123)
+    model = stage.build_model(Run.of_stage(stage))
+    backbone = model.backbone
+    for key in ("blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.bias", "patch_embed.proj.weight"):
+        assert torch.equal(backbone.state_dict()[key], source[key]), key
+    grid = source["pos_embed"][:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(16, 16), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(backbone.pos_embed.detach(), expected)  # 32 px weights run at 64 px
+
+
+def test_backbone_loads_mae_run_wsp_layout_and_official_checkpoints(tmp_path, mae_run):
+    settings = dict(image_size=64, window_size=8)
+    mae_encoder = load_file(str(mae_run / "encoder.safetensors"))
+    _encoder_weights_in_backbone(_stage(tmp_path, encoder=str(mae_run), **settings), mae_encoder)
+    # A WSP run directory holds the same layout: a timm encoder safetensors with metadata (+ the hashtag head).
+    wsp_run = tmp_path / "wsp_run"
+    torch.manual_seed(1)
+    wsp_encoder = {k: v.contiguous() for k, v in create_vit("vit_micro4").state_dict().items()}
+    files.save_safetensors(wsp_run / "encoder.safetensors", wsp_encoder, encoder_metadata("vit_micro4", 32))
+    _encoder_weights_in_backbone(_stage(tmp_path, encoder=str(wsp_run), **settings), wsp_encoder)
+    # The official MAE "full" checkpoint layout: {"model": encoder + decoder}, torch.save'd.
+    torch.manual_seed(2)
+    full = create_mae("vit_micro4", decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2).state_dict()
+    official = tmp_path / "mae_pretrain_full.pth"
+    torch.save({"model": full}, official)
+    _encoder_weights_in_backbone(_stage(tmp_path, encoder=str(official), model="vit_micro4", **settings), full)
+
+
+def test_tiny_detect_command_writes_pycocotools_ap(tmp_path):
+    out = tmp_path / "det"
+    args = [f"{k}={v}" for k, v in TINY.items()]
+    assert main(["detect", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", *args]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["stage"] == "detect" and results["steps"] == 2 and results["num_classes"] == 3
+    for key in ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75"):
+        assert np.isfinite(results[key]) and 0 <= results[key] <= 100, key
+    # The numbers are pycocotools' on the written detections.
+    detections = json.loads((out / "detections.json").read_text())
+    again = detection_metrics(results["val_annotations"], detections)
+    assert again["box_ap"] == pytest.approx(results["box_ap"]) and again["mask_ap"] == pytest.approx(results["mask_ap"])
+    weights = load_file(str(out / "detector.safetensors"))
+    assert "backbone.blocks.0.attn.qkv.weight" in weights
+    assert "roi_heads.mask_predictor.mask_fcn_logits.weight" in weights
+
+
+def test_coco_folder_layout_and_bad_settings(tmp_path):
+    annotations, images = synthetic_coco(tmp_path / "made", "train", 4, 32)
+    folder = tmp_path / "coco"
+    (folder / "annotations").mkdir(parents=True)
+    (folder / "annotations" / "instances_train.json").write_text(annotations.read_text())
+    (folder / "annotations" / "instances_val.json").write_text(annotations.read_text())
+    images.rename(folder / "train")
+    (folder / "val").symlink_to(folder / "train")
+    stage = _stage(tmp_path, data=str(folder))
+    assert len(stage.train_source) == 4 and stage.val_files[1] == folder / "val" and not stage.lvis
+    source = CocoDetectionSource(*stage.train_files, train=True)
+    assert source.get(0).image.size == (32, 32)
+    # LVIS images have no file_name: found by their coco_url, also in the sibling folder the URL names.
+    info = {"id": 1, "coco_url": "http://images.cocodataset.org/train2017/000001.png"}
+    (folder / "train2017").mkdir()
+    (folder / "train2017" / "000001.png").write_bytes(b"x")
+    val_source = CocoDetectionSource(folder / "annotations" / "instances_val.json", folder / "val2017")
+    assert val_source.image_path(info) == folder / "train2017" / "000001.png"
+    for bad, key in (("global_blocks=1,x", "global_blocks"), ("lsj_min=0", "lsj_min"), ("box_head=cascade", "box_head"),
+                     ("pyramid_scales=1,2", "pyramid_scales"), ("lvis=maybe", "lvis"), ("image_size=30", "image_size")):
+        with pytest.raises(ConfigError, match=f"'{key}'"):
+            build_config(DetectConfig, None, [bad])
+    with pytest.raises(ConfigError, match="'data'"):
+        _stage(tmp_path, data=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="'global_blocks'"):
+        _stage(tmp_path, global_blocks="6")  # vit_micro4 has blocks 0..5
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/detect_*.yaml")))
+def test_paper_recipes_parse(path, mae_run):
+    cfg = build_config(DetectConfig, path, {"encoder": str(mae_run)})
+    assert cfg.model == "vit_l16" and cfg.image_size == 1024 and cfg.window_size == 14
+    assert (cfg.lsj_min, cfg.lsj_max) == (0.1, 2.0) and cfg.layer_decay == 0.8 and cfg.drop_path == 0.4
+    assert cfg.lr == 1e-4 and cfg.weight_decay == 0.1 and cfg.batch_size == 64 and cfg.box_head == "4conv1fc"
+    assert tuple(cfg.pyramid_scales) == (4.0, 2.0, 1.0, 0.5) and cfg.pyramid_channels == 256 and cfg.rel_pos
+    assert parse_global_blocks(cfg.global_blocks, 24) == [5, 11, 17, 23]
+    assert cfg.lvis == ("true" if "lvis" in path.name else "false")
+
+
+@pytest.mark.slow
+def test_interrupted_detect_resumes_to_the_same_weights(tmp_path):
+    settings = {**TINY, "steps": 4, "ckpt_every": 2, "cache_dir": str(tmp_path / "cache")}
+
+    class Crash(RuntimeError):
+        pass
+
+    class CrashingStage(DetectStage):
+        def after_step(self, model, step):
+            if step == 3:
+                raise Crash("simulated failure after step 3 (last checkpoint: step 2)")
+
+    whole = tmp_path / "whole"
+    train(DetectStage(build_config(DetectConfig, None, {**settings, "out_dir": str(whole)})))
+    broken = tmp_path / "broken"
+    cfg = build_config(DetectConfig, None, {**settings, "out_dir": str(broken)})
+    with pytest.raises(Crash):
+        train(CrashingStage(cfg))
+    train(DetectStage(cfg))
+    expected, resumed = load_file(str(whole / "detector.safetensors")), load_file(str(broken / "detector.safetensors"))
+    assert expected.keys() == resumed.keys()
+    for key, value in expected.items():
+        assert torch.equal(value, resumed[key]), key
+    first = json.loads((whole / "results.json").read_text())
+    assert json.loads((broken / "results.json").read_text())["box_ap"] == first["box_ap"]
