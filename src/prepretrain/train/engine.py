@@ -98,19 +98,18 @@ class Stage(ABC):
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss, metrics to log) of one micro-batch."""
         if not self.whole_batch_loss:
-            raise NotImplementedError(f"{type(self).__name__} must define loss()")
+            raise TypeError(f"{type(self).__name__} must define loss()")
         return self.loss_of_embeddings([self.embed(model, batch)], live=0)
 
     def embed(self, model: nn.Module, batch: dict[str, Any]) -> Any:
         """Whole-batch stages: what one micro-batch contributes to the loss (e.g. its embeddings)."""
-        raise NotImplementedError(f"{type(self).__name__} declares whole_batch_loss but defines no embed()")
+        raise TypeError(f"{type(self).__name__} declares whole_batch_loss but defines no embed()")
 
     def loss_of_embeddings(self, embedded: list[Any], live: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Whole-batch stages: (loss of the whole step, metrics) from every micro-batch's
         ``embed`` output, of which only ``embedded[live]`` carries a graph. Summed over ``live``,
         the gradients must equal those of the loss of the whole batch (each part counted once)."""
-        raise NotImplementedError(f"{type(self).__name__} declares whole_batch_loss but defines no "
-                                  "loss_of_embeddings()")
+        raise TypeError(f"{type(self).__name__} declares whole_batch_loss but defines no loss_of_embeddings()")
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         return param_groups(model, self.cfg.weight_decay)
