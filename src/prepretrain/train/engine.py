@@ -528,12 +528,12 @@ class Trainer:
         """Checkpoint at this step boundary (unless just done) and raise :class:`Preempted`."""
         if step % self.cfg.ckpt_every and step != self.total_steps:
             self.save(step)
-        self.run.print(f"stopped by {name or 'a signal'} after step {step}; checkpoint saved. "
-                       "Run the same command again to resume.")
+        cause = name or "a signal to another rank"
+        self.run.print(f"stopped by {cause} after step {step}; checkpoint saved. Run the same command again to resume.")
         self.progress.close()
         if self.run.logger is not None:
             self.run.logger.close()
-        raise Preempted(f"stopped by {name or 'a signal'} after step {step}/{self.total_steps}; rerun to resume")
+        raise Preempted(f"stopped by {cause} after step {step}/{self.total_steps}; rerun to resume")
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation, the stage's exports, loss curve and ``results.json``."""
