@@ -213,16 +213,16 @@ TASK_STAGES = {"video": ("video_data", "video_config", "video_steps"),
 
 def task_stage_job(cfg: PipelineConfig, kind: str, seed: int, name: str, encoder: str, source: str) -> Job:
     """A ``video`` / ``detect`` job: the stage's own defaults (or its recipe) with the pipeline's
-    encoder, seed, device and model; only the demo budget is set here, when asked."""
+    encoder, seed and device (and model, without a recipe); only the demo budget is set here, when asked."""
     data_key, recipe_key, steps_key = TASK_STAGES[kind]
     recipe = getattr(cfg, recipe_key)
     values: dict[str, Any] = {"data": getattr(cfg, data_key), "encoder": encoder, "seed": seed,
                               "out_dir": str(Path(cfg.out_dir) / name), "device": cfg.device,
-                              "precision": cfg.precision, "model": cfg.model}
-    if recipe:
+                              "precision": cfg.precision}
+    if recipe:  # the recipe's model (the random-init baseline's architecture), as for finetuning
         values.update(recipe_overrides(cfg, kind))
     else:
-        values["progress"] = False
+        values.update({"model": cfg.model, "progress": False})
         if getattr(cfg, steps_key):
             values["steps"] = getattr(cfg, steps_key)
     return Job(name, kind, values, deps=[source] if source else [], config_file=recipe)
