@@ -130,6 +130,25 @@ class TrainConfig:
         return self.lr if self.lr > 0 else self.blr * self.batch_size / 256
 
 
+# Intervals a config value may have to lie in (``check_range``), written as the error says them.
+INTERVALS = {
+    "[0, 1]": lambda v: 0 <= v <= 1,
+    "(0, 1]": lambda v: 0 < v <= 1,
+    "[0, 1)": lambda v: 0 <= v < 1,
+    ">= 0": lambda v: v >= 0,
+}
+
+
+def check_range(cfg: Any, interval: str, *keys: str) -> None:
+    """ConfigError naming the first of ``keys`` whose value is outside ``interval`` (an ``INTERVALS`` key)."""
+    inside = INTERVALS[interval]
+    for key in keys:
+        value = getattr(cfg, key)
+        if not inside(value):
+            where = interval if interval.startswith(">") else f"in {interval}"
+            raise ConfigError(key, f"must be {where}, got {value}")
+
+
 def _choice(cfg: Any, key: str, options: tuple[str, ...]) -> None:
     if getattr(cfg, key) not in options:
         raise ConfigError(key, f"must be one of {', '.join(options)}; got '{getattr(cfg, key)}'")

@@ -32,7 +32,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TrainConfig, check_range
 from ..data.loader import RecordDataset, eval_loader
 from ..data.records import BadSample, Record
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform, parse_crop_fraction
@@ -84,20 +84,12 @@ class FinetuneConfig(TrainConfig):
                               "decode=auto or pil")
         if self.global_pool not in ("token", "avg"):
             raise ConfigError("global_pool", f"must be token or avg; got '{self.global_pool}'")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError("layer_decay", f"must be in (0, 1], got {self.layer_decay}")
-        for key in ("drop_path", "mixup_prob", "mixup_switch_prob", "random_erasing"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(key, f"must be in [0, 1], got {getattr(self, key)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        for key in ("mixup", "cutmix"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError("ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        check_range(self, "(0, 1]", "layer_decay")
+        check_range(self, "[0, 1]", "drop_path", "mixup_prob", "mixup_switch_prob", "random_erasing")
+        check_range(self, "[0, 1)", "label_smoothing")
+        check_range(self, ">= 0", "mixup", "cutmix")
+        check_range(self, "(0, 1]", "min_crop_scale")
+        check_range(self, "[0, 1)", "ema_decay")
         if self.eval_batch_size <= 0:
             raise ConfigError("eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
         if str(self.eval_crop).strip().lower() not in ("auto", "squash"):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainConfig, replace_config
+from ..config import ConfigError, TrainConfig, check_range, replace_config
 from ..data.loader import RecordDataset, eval_loader
 from ..data.video import (
     SHORT_VIDEO_POLICIES,
@@ -115,20 +115,12 @@ class VideoConfig(TrainConfig):
         if self.num_frames % self.tubelet_size:
             raise ConfigError("tubelet_size", f"{self.tubelet_size} does not divide num_frames {self.num_frames} "
                                               "(num_frames=1 needs tubelet_size=1)")
-        if self.motion_init < 0:
-            raise ConfigError("motion_init", f"must be >= 0, got {self.motion_init}")
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError("layer_decay", f"must be in (0, 1], got {self.layer_decay}")
-        for key in ("drop_path", "mixup_prob", "mixup_switch_prob", "hflip", "max_missing_fraction"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise ConfigError(key, f"must be in [0, 1], got {getattr(self, key)}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError("label_smoothing", f"must be in [0, 1), got {self.label_smoothing}")
-        for key in ("mixup", "cutmix"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
+        check_range(self, ">= 0", "motion_init")
+        check_range(self, "(0, 1]", "layer_decay")
+        check_range(self, "[0, 1]", "drop_path", "mixup_prob", "mixup_switch_prob", "hflip", "max_missing_fraction")
+        check_range(self, "[0, 1)", "label_smoothing")
+        check_range(self, ">= 0", "mixup", "cutmix")
+        check_range(self, "(0, 1]", "min_crop_scale")
         if self.short_videos not in SHORT_VIDEO_POLICIES:
             raise ConfigError("short_videos", f"must be one of {', '.join(SHORT_VIDEO_POLICIES)}; "
                                               f"got '{self.short_videos}'")
