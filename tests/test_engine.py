@@ -166,3 +166,82 @@ def test_lr_schedule_warmup_then_half_cosine():
 def test_blr_scales_with_global_batch():
     assert build_config(MAEConfig, None, ["blr=1.5e-4", "batch_size=4096"]).peak_lr == pytest.approx(2.4e-3)
     assert build_config(MAEConfig, None, ["lr=0.01", "batch_size=4096"]).peak_lr == 0.01
+
+
+class HostReads:
+    """Counts reads of tensor values by the host (what waits for an accelerator) while active."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+    def __init__(self, monkeypatch):
+        self.active, self.where = False, []
+        for name in self.METHODS:
+            real = getattr(torch.Tensor, name)
+
+            def counting(tensor, *args, _real=real, _name=name):
+                if self.active:
+                    self.where.append(_name)
+                return _real(tensor, *args)
+
+            monkeypatch.setattr(torch.Tensor, name, counting)
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """Between settles the step reads no tensor value on the host (the loader's own host-side
+    work excepted), so an accelerator's queue never drains; the flags are read every few steps."""
+    from prepretrain.train.engine import Trainer
+
+    reads = HostReads(monkeypatch)
+    real_step, real_next, real_settle = Trainer.step, Trainer._next_batch, Trainer.settle
+    settles = []
+
+    def step(self, *args, **kwargs):
+        reads.active = True
+        try:
+            return real_step(self, *args, **kwargs)
+        finally:
+            reads.active = False
+
+    def next_batch(self, *args):
+        reads.active = False
+        try:
+            return real_next(self, *args)
+        finally:
+            reads.active = True
+
+    def settle(self):
+        settles.append(len(self.pending_flags))
+        return real_settle(self)
+
+    monkeypatch.setattr(Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "_next_batch", next_batch)
+    monkeypatch.setattr(Trainer, "settle", settle)
+    results = train(MAEStage(tiny_cfg(tmp_path / "run", "log_every=5", "ckpt_every=6", "clip_grad=1.0")))
+    assert results["steps"] == 12
+    assert reads.where == []
+    # settled after the first step, then at steps 5, 6, 10, 12: the flags of 12 steps read in 5 syncs
+    assert settles == [1, 4, 1, 4, 2]
+
+
+def test_deferred_skips_are_counted_in_step_order_and_stop_the_run(tmp_path):
+    """With the flags read only every few steps, a skipped step still leaves the weights and the
+    optimizer's step count alone, and the run still stops at the first streak too long."""
+    cfg = tiny_cfg(tmp_path / "one", "steps=6", "log_every=6", "ckpt_every=6")
+
+    class OneBad(MAEStage):
+        calls = 0
+
+        def loss(self, model, batch):
+            loss, metrics = super().loss(model, batch)
+            type(self).calls += 1
+            return (loss * float("nan") if type(self).calls == 3 else loss), metrics
+
+    results = train(OneBad(cfg))
+    assert results["nonfinite_steps"] == 1 and torch.isfinite(torch.tensor(results["final_loss"]))
+    state = torch.load(tmp_path / "one" / "checkpoints" / "step_00000006.pt", weights_only=True)
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {5.0}  # 6 steps, 1 skipped
+
+    cfg = tiny_cfg(tmp_path / "nan", "max_nonfinite=2", "log_every=10", "ckpt_every=10")
+    with pytest.raises(NonFiniteLoss, match="3 consecutive non-finite losses at step 4"):
+        train(NaNStage(cfg, bad_from=2))
+    assert not list((tmp_path / "nan" / "checkpoints").glob("*.pt"))

@@ -21,7 +21,18 @@ from typing import Any
 
 import yaml
 
-from .bench import BenchConfig, LiTBenchConfig, print_lit_benchmark, print_result, run_benchmark, run_lit_benchmark
+from .bench import (
+    END_TO_END_STAGES,
+    STEP_TARGETS,
+    BenchConfig,
+    LiTBenchConfig,
+    print_end_to_end,
+    print_lit_benchmark,
+    print_step_results,
+    run_benchmark,
+    run_end_to_end,
+    run_lit_benchmark,
+)
 from .config import ConfigError, build_config, dump_config
 from .data.bench import BenchDataConfig, run_data_benchmark
 from .data.loader import open_data
@@ -218,23 +229,61 @@ def _rehearsal(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=["mae", "vit", "data", "lit"],
-                        help="mae/vit: model step; data: decoding pipeline; lit: cached vs uncached LiT step")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("what", choices=[*STEP_TARGETS, "lit", "data"],
+                        help="a stage's training step beside the reference-style baseline (mae, wsp, finetune, "
+                             "vit, video, detect); lit: cached features vs the locked tower every step; "
+                             "data: the input pipeline per core")
+    # REMAINDER: the flags below may come before or after the key=value pairs (split in _bench_run)
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, metavar="key=value",
+                        help="benchmark keys (README: Benchmarks); with --end-to-end, the stage's own keys")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="run the real stage (its data, loader and engine) twice: as configured and with the "
+                             "baseline's decode=pil compile=false precision=fp16|fp32; figures from metrics.jsonl")
+    parser.add_argument("--no-baseline", action="store_true", help="time the prepretrain path only")
+    parser.add_argument("--out", default="", help="--end-to-end: where the two runs go (default: a temp folder)")
     parser.epilog = (
-        "Examples:\n  prepretrain bench mae model=vit_b16 batch_size=64 device=cuda precision=bf16\n"
-        "  prepretrain bench mae model=vit_micro4 image_size=32 batch_size=64 device=cpu\n"
+        "Examples:\n  prepretrain bench mae model=vit_b16 batch_size=256 device=cuda\n"
+        "  prepretrain bench mae model=vit_s16 batch_size=8 device=cpu threads=2\n"
+        "  prepretrain bench wsp model=vit_l16 num_classes=28000 device=cuda\n"
+        "  prepretrain bench detect model=vit_b16 image_size=1024 window_size=14 pyramid_channels=256\n"
+        "  prepretrain bench mae --end-to-end data=/data/shards/{000000..000099}.tar steps=60 log_every=10\n"
         "  prepretrain bench data\n  prepretrain bench lit\n"
     )
 
 
+def _bench_flags(args: argparse.Namespace) -> None:
+    """Move the bench flags that followed the key=value pairs out of ``args.overrides``."""
+    rest, words = [], iter(args.overrides)
+    for word in words:
+        if word == "--end-to-end":
+            args.end_to_end = True
+        elif word == "--no-baseline":
+            args.no_baseline = True
+        elif word == "--out":
+            args.out = next(words, "")
+        elif word.startswith("--out="):
+            args.out = word.split("=", 1)[1]
+        elif word.startswith("-"):
+            raise ConfigError(word, "unknown option of prepretrain bench (options: --end-to-end, --no-baseline, --out)")
+        else:
+            rest.append(word)
+    args.overrides = rest
+
+
 def _bench_run(args: argparse.Namespace) -> int:
-    if args.what == "lit":
+    _bench_flags(args)
+    if args.end_to_end:
+        if args.what not in END_TO_END_STAGES:
+            raise ConfigError("target", f"--end-to-end runs one of {', '.join(END_TO_END_STAGES)}")
+        print_end_to_end(run_end_to_end(args.what, args.overrides, args.out, baseline=not args.no_baseline))
+    elif args.what == "lit":
         print_lit_benchmark(run_lit_benchmark(build_config(LiTBenchConfig, None, args.overrides)))
     elif args.what == "data":
         run_data_benchmark(build_config(BenchDataConfig, None, args.overrides))
     else:
-        print_result(run_benchmark(build_config(BenchConfig, None, [*args.overrides, f"target={args.what}"])))
+        extra = ["baseline=false"] if args.no_baseline else []
+        print_step_results(run_benchmark(build_config(BenchConfig, None, [*args.overrides, *extra,
+                                                                     f"target={args.what}"])))
     return 0
 
 

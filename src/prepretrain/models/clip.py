@@ -198,10 +198,11 @@ def clip_loss_over_slots(image_slots: list[torch.Tensor], text_slots: list[torch
     return (F.cross_entropy(image_logits, targets_all) + F.cross_entropy(text_logits, targets_all)) / 2
 
 
-def retrieval_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> float:
-    """Fraction of images whose own caption is the nearest of the batch (a training signal)."""
+def retrieval_accuracy(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Fraction of images whose own caption is the nearest of the batch (a training signal), as a
+    0-d tensor on the embeddings' device (no host sync)."""
     scores = image_emb.float() @ text_emb.float().t()
-    return float((scores.argmax(dim=1) == torch.arange(len(scores), device=scores.device)).float().mean())
+    return (scores.argmax(dim=1) == torch.arange(len(scores), device=scores.device)).float().mean()
 
 
 # ------------------------------------------------------------------------------ files

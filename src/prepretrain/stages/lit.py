@@ -282,7 +282,7 @@ class LiTStage(Stage):
         images, texts = [e[0] for e in embedded], [e[1] for e in embedded]
         scale = embedded[live][2]
         loss = clip_loss_over_slots(images, texts, scale, live)
-        return loss, {"temperature": float(scale.detach()),
+        return loss, {"temperature": scale.detach(),
                       "batch_retrieval": retrieval_accuracy(torch.cat(images).detach(), torch.cat(texts).detach())}
 
     def flops_per_sample(self) -> float:

@@ -7,7 +7,13 @@ checkpoints, the best checkpoint, and exact resume. It creates the :class:`~.run
 every hook receives, so stages never compute their run directory, rank or resume state.
 
 :func:`train` reads top to bottom: ``Trainer.setup`` builds everything, each iteration is
-``step`` then ``log``, evaluations and checkpoints at their intervals, then ``finish``.
+``step``, ``settle`` when due, then ``log``, evaluations and checkpoints at their intervals, then
+``finish``.
+
+The step never waits for the device: the loss, the metrics and the per-step flags (non-finite
+loss or gradients, stop requests) stay device tensors, a flagged step is skipped on the device by
+the fused AdamW, and ``settle`` reads the flags of all steps since the last read in one sync
+(before every log record, evaluation and checkpoint, and at least every ``SETTLE_EVERY`` steps).
 """
 
 from __future__ import annotations
@@ -96,7 +102,8 @@ class Stage(ABC):
         """The training samples and how to draw them."""
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """(loss, metrics to log) of one micro-batch."""
+        """(loss, metrics to log) of one micro-batch. Metrics may be floats or 0-d tensors; tensors
+        (detached) keep the step free of host syncs: the loop reads them when it logs."""
         if not self.whole_batch_loss:
             raise TypeError(f"{type(self).__name__} must define loss()")
         return self.loss_of_embeddings([self.embed(model, batch)], live=0)
@@ -179,9 +186,10 @@ def train(stage: Stage) -> dict[str, Any]:
         with StopSignals() as stop:
             for step in range(trainer.start_step, trainer.total_steps):
                 outcome = trainer.step(step, stop)
+                stop_now = trainer.settle() if trainer.settle_due(step + 1, outcome) else False
                 trainer.log(step + 1, outcome)
                 trainer.evaluate_and_save(step + 1)
-                if outcome.stop and step + 1 < trainer.total_steps:  # at the last step: just finish
+                if stop_now and step + 1 < trainer.total_steps:  # at the last step: just finish
                     trainer.stop_for_signal(step + 1, stop.name)
         return trainer.finish()
     except Preempted:
@@ -192,13 +200,18 @@ def train(stage: Stage) -> dict[str, Any]:
         raise
 
 
+# The host reads the step flags (skipped steps, stop requests) at least this often; between
+# reads the device runs ahead of the host (see Trainer.settle).
+SETTLE_EVERY = 10
+
+
 @dataclass
 class StepOutcome:
-    loss: float
+    loss: torch.Tensor  # 0-d on the device: the step's mean loss over micro-batches and ranks
     lr: float
-    metrics: dict[str, float]
+    metrics: dict[str, torch.Tensor | float]
     grad_norm: torch.Tensor | None
-    stop: bool = False  # some rank received SIGTERM/SIGUSR1: checkpoint and exit after this step
+    stop: bool = False  # this (only) process received SIGTERM/SIGUSR1: settle, checkpoint and exit
 
 
 class Preempted(RuntimeError):
@@ -256,7 +269,9 @@ class Trainer:
     skips: SkipCounter = field(default_factory=SkipCounter)
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
-    last_loss: float = float("nan")
+    pending_flags: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, flags) not yet read
+    stop_agreed: bool = False  # some rank asked to stop (read from the flags)
+    last_loss: torch.Tensor | float = float("nan")
     window_samples: int = 0
     window_start: float = field(default_factory=time.perf_counter)
     progress: Any = None
@@ -359,13 +374,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ a step
     def step(self, step: int, stop: StopSignals | None = None) -> StepOutcome:
-        """One optimizer step: ``accum`` micro-batches forward/backward, then clip and update."""
+        """One optimizer step: ``accum`` micro-batches forward/backward, then clip and update.
+
+        Nothing here waits for the device: the loss, the metrics and the flags (non-finite loss or
+        gradients, stop requests) stay tensors until :meth:`settle` reads them, and a step with a
+        non-finite value is skipped on the device (see :meth:`_update`)."""
         cfg, device, precision = self.cfg, self.run.device, self.precision
         lr = lr_at(step, self.total_steps, self.warmup_steps, cfg.peak_lr, cfg.min_lr)
         set_lr(self.optimizer, lr)
         step_loss = torch.zeros((), device=device)
-        step_metrics: dict[str, float] = {}
-        finite = True
+        nonfinite_loss = torch.zeros((), device=device)
+        step_metrics: dict[str, torch.Tensor | float] = {}
         # A whole-batch loss over accumulated micro-batches: embed all of them first, no graph.
         whole = self.stage.whole_batch_loss and self.accum > 1
         batches = [self._next_batch(step, j) for j in range(self.accum)] if whole else []
@@ -383,21 +402,24 @@ class Trainer:
                     loss, metrics = self.stage.loss_of_embeddings(live, micro_step)
                 else:
                     loss, metrics = self.stage.loss(self.trained, batch)
-            finite = finite and bool(torch.isfinite(loss.detach()))
+            nonfinite_loss += (~torch.isfinite(loss.detach().float())).float()
             # Micro-batch losses are averaged; a whole-batch loss is the same value each time and
             # its per-slot gradients add up to the whole batch's.
             scaled = loss if whole else loss / self.accum
             if precision.scaler is not None:
                 scaled = precision.scaler.scale(scaled)
             scaled.backward()
-            step_loss += loss.detach() / self.accum
+            step_loss += loss.detach().float() / self.accum
             for key, value in metrics.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + float(value) / self.accum
+                value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+                step_metrics[key] = step_metrics.get(key, 0.0) + value / self.accum
             self.window_samples += batch.get("_seen", self.micro)
-        grad_norm, stop_now = self._update(step, finite, stop is not None and stop.requested)
+        # Under several ranks a stop request counts once the all-reduced flags are read (settle).
+        stop_requested = stop is not None and stop.requested
+        grad_norm = self._update(step, nonfinite_loss, stop_requested)
         self.optimizer.zero_grad(set_to_none=True)
-        self.last_loss = all_reduce_sum(step_loss.clone()).item() / self.info.world_size
-        return StepOutcome(self.last_loss, lr, step_metrics, grad_norm, stop_now)
+        self.last_loss = all_reduce_sum(step_loss) / self.info.world_size
+        return StepOutcome(self.last_loss, lr, step_metrics, grad_norm, stop_requested and self.info.world_size == 1)
 
     def _next_batch(self, step: int, micro_step: int) -> dict[str, Any]:
         batch = next(self.loader)
@@ -408,25 +430,32 @@ class Trainer:
         return {k: (v.to(self.run.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                 for k, v in batch.items()}
 
-    def _update(self, step: int, finite: bool, stop_requested: bool) -> tuple[torch.Tensor | None, bool]:
-        """Apply the step when every rank's loss and gradients are finite; otherwise skip it (and
-        stop after too many). One all-reduce carries both flags and the ranks' stop requests."""
+    @property
+    def reads_flags_each_step(self) -> bool:
+        """Whether the host must know each step's verdict before applying it: fp16's loss scaler
+        (it syncs anyway), a stage hook that runs after applied steps only (an EMA), or an
+        optimizer that cannot skip a step on the device."""
+        return (self.precision.scaler is not None or type(self.stage).after_step is not Stage.after_step
+                or not all(group.get("fused") for group in self.optimizer.param_groups))
+
+    def _update(self, step: int, nonfinite_loss: torch.Tensor, stop_requested: bool) -> torch.Tensor | None:
+        """Apply the step unless some rank's loss or gradients are non-finite; one all-reduce
+        carries those flags and the ranks' stop requests.
+
+        The fused AdamW skips a flagged step on the device (its ``found_inf`` input, as under a
+        loss scaler: weights, moments and step counts stay as they were), so the host need not
+        wait; :meth:`settle` later counts the skipped steps in order and stops after too many."""
         sync_replicated_grads(self.model)
         device = self.run.device
-        flags = torch.stack([_nonfinite_count(self.model).to(device) + (0.0 if finite else 1.0),
-                             torch.tensor(1.0 if stop_requested else 0.0, device=device)])
-        nonfinite, stop = all_reduce_sum(flags).tolist()
-        if nonfinite != 0:
-            self.nonfinite_streak += 1
-            self.nonfinite_total += 1
-            what = "loss" if not finite else "gradients"
-            self.run.print(f"step {step}: non-finite {what}, step skipped ({self.nonfinite_streak} in a row)")
-            if self.nonfinite_streak > self.cfg.max_nonfinite:
-                raise NonFiniteLoss(
-                    f"{self.nonfinite_streak} consecutive non-finite losses at step {step}; stopping without "
-                    "saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0."
-                )
-            return None, stop > 0
+        flags = all_reduce_sum(torch.stack([
+            nonfinite_loss, nonfinite_count(self.model).to(device),
+            torch.tensor(1.0 if stop_requested else 0.0, device=device),
+        ]))
+        self.pending_flags.append((step, flags))
+        if self.reads_flags_each_step:
+            self.settle()
+            if self.nonfinite_streak:  # this step was skipped
+                return None
         scaler, grad_norm = self.precision.scaler, None
         if scaler is not None:
             scaler.unscale_(self.optimizer)
@@ -435,11 +464,47 @@ class Trainer:
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
-        else:
+        elif self.reads_flags_each_step:
             self.optimizer.step()
-        self.stage.after_step(self.model, step + 1)
-        self.nonfinite_streak = 0
-        return grad_norm, stop > 0
+        else:
+            self.optimizer.found_inf = (flags[0] + flags[1] > 0).float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        if self.reads_flags_each_step:
+            self.stage.after_step(self.model, step + 1)
+        return grad_norm
+
+    def settle_due(self, done: int, outcome: StepOutcome) -> bool:
+        """Whether the host reads the step flags after step ``done``: before anything that needs
+        them (a log record, an evaluation, a checkpoint, the end, a stop), and at least every
+        ``SETTLE_EVERY`` steps so that a stop request under several ranks waits no longer."""
+        cfg = self.cfg
+        return (outcome.stop or done % min(cfg.log_every, SETTLE_EVERY) == 0 or done == self.total_steps
+                or done == self.start_step + 1 or (cfg.eval_every and done % cfg.eval_every == 0)
+                or done % cfg.ckpt_every == 0)
+
+    def settle(self) -> bool:
+        """Read the pending step flags (one host sync): count skipped steps in step order, stop
+        the run after more than ``max_nonfinite`` in a row; True when some rank asked to stop."""
+        if self.pending_flags:
+            values = torch.stack([flags for _, flags in self.pending_flags]).tolist()
+            steps = [step for step, _ in self.pending_flags]
+            self.pending_flags.clear()
+            for step, (bad_loss, bad_grads, stop) in zip(steps, values):
+                self.stop_agreed = self.stop_agreed or stop > 0
+                if not (bad_loss or bad_grads):
+                    self.nonfinite_streak = 0
+                    continue
+                self.nonfinite_streak += 1
+                self.nonfinite_total += 1
+                what = "loss" if bad_loss else "gradients"
+                self.run.print(f"step {step}: non-finite {what}, step skipped ({self.nonfinite_streak} in a row)")
+                if self.nonfinite_streak > self.cfg.max_nonfinite:
+                    raise NonFiniteLoss(
+                        f"{self.nonfinite_streak} consecutive non-finite losses at step {step}; stopping without "
+                        "saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0."
+                    )
+        return self.stop_agreed
 
     def _count_skips(self, batch: dict[str, Any]) -> None:
         bad = batch.pop("_skipped", [])
@@ -464,9 +529,11 @@ class Trainer:
             return
         elapsed = max(time.perf_counter() - self.window_start, 1e-9)
         samples_per_s = self.window_samples * self.info.world_size / elapsed
-        record = {"loss": outcome.loss, "lr": outcome.lr, "samples_per_s": samples_per_s,
-                  "epoch": done * cfg.batch_size / self.epoch_size, **outcome.metrics}
-        if outcome.grad_norm is not None:
+        # The flags were settled just before (settle_due), so these reads find the device done.
+        record = {"loss": float(outcome.loss), "lr": outcome.lr, "samples_per_s": samples_per_s,
+                  "epoch": done * cfg.batch_size / self.epoch_size,
+                  **{key: float(value) for key, value in outcome.metrics.items()}}
+        if outcome.grad_norm is not None and not self.nonfinite_streak:  # a skipped step has no norm
             record["grad_norm"] = float(outcome.grad_norm)
         if self.flops:
             record["tflops"] = self.flops * samples_per_s / 1e12 / max(self.info.world_size, 1)
@@ -475,7 +542,7 @@ class Trainer:
         if self.skips.total_skipped:
             record["skipped"] = self.skips.total_skipped
         self.run.log(done, record)
-        self.progress.set_postfix(loss=f"{outcome.loss:.4f}", lr=f"{outcome.lr:.2e}", sps=f"{samples_per_s:.0f}")
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{outcome.lr:.2e}", sps=f"{samples_per_s:.0f}")
         self.window_samples, self.window_start = 0, time.perf_counter()
 
     def evaluate_and_save(self, done: int) -> None:
@@ -516,7 +583,7 @@ class Trainer:
         barrier()
 
     def check_weights_finite(self, step: int) -> None:
-        bad = all_reduce_sum(_nonfinite_count(self.model, weights=True).to(self.run.device)).item()
+        bad = all_reduce_sum(nonfinite_count(self.model, weights=True).to(self.run.device)).item()
         if bad:
             latest = self.run.checkpointer.latest()
             raise NonFiniteLoss(
@@ -549,7 +616,7 @@ class Trainer:
                 results = stage.finish(export_model, _on_device(run, export_device)) or {}
             plot_metrics(run.path("metrics.jsonl"), run.path("loss_curve.png"), ("loss", "lr"), title=stage.name)
             results = {
-                "stage": stage.name, "steps": self.total_steps, "final_loss": self.last_loss,
+                "stage": stage.name, "steps": self.total_steps, "final_loss": float(self.last_loss),
                 "samples_seen": self.total_steps * self.cfg.batch_size, "skipped": self.skips.as_dict(),
                 "nonfinite_steps": self.nonfinite_total, **eval_metrics, **results,
             }
@@ -568,7 +635,7 @@ def _on_device(run: Run, device: torch.device) -> Run:
     return Run(run.dir, device, run.rank, run.world_size, run.resuming, run.name, run.logger, best=run.best)
 
 
-def _nonfinite_count(model: nn.Module, weights: bool = False) -> torch.Tensor:
+def nonfinite_count(model: nn.Module, weights: bool = False) -> torch.Tensor:
     """How many gradients (or, with ``weights``, parameters and buffers) hold a NaN or an inf, as
     a 0-d tensor on their device: one fused norm per tensor list, no host sync (under FSDP: this
     rank's shards; the caller all-reduces)."""
