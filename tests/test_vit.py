@@ -82,3 +82,22 @@ def test_load_encoder_interpolates_and_leaves_head_at_init():
     assert left == ["head.weight", "head.bias"]
     torch.testing.assert_close(target.state_dict()["blocks.0.attn.qkv.weight"], source["blocks.0.attn.qkv.weight"])
     assert target.pos_embed.shape == (1, 1 + 12 * 12, 128)
+
+
+def test_attention_is_timms_with_fp32_attention_for_half_precision_on_cpu():
+    """Our blocks' attention (fp32 SDPA for bf16 on the CPU, where it is faster) computes what
+    timm's own forward computes: exactly in fp32, to bf16 rounding under autocast; same keys."""
+    import copy
+
+    from prepretrain.models.vit import Attention, with_timm_attention
+
+    torch.manual_seed(0)
+    ours = create_vit("vit_micro4", num_classes=5).eval()
+    assert all(isinstance(block.attn, Attention) for block in ours.blocks)
+    reference = with_timm_attention(copy.deepcopy(ours))
+    assert not any(isinstance(block.attn, Attention) for block in reference.blocks)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ours(images), reference(images))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(ours(images).float(), reference(images).float(), atol=2e-2, rtol=2e-2)

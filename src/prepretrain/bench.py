@@ -8,9 +8,9 @@ alone (``bench data`` times the input pipeline; ``--end-to-end`` runs the real s
   and on CPUs with bf16 instructions), fused AdamW, the on-device non-finite check that skips a
   bad step without a host sync (``found_inf``), ``torch.compile`` on CUDA.
 - ``baseline``: the setup of the reference implementations (MAE's ``engine_pretrain.py``, DeiT,
-  SWAG): the same timm blocks and gather-based masking, fp16 autocast with a loss scaler on CUDA
-  (fp32 on CPU), ``torch.optim.AdamW`` with its default implementation, no compile, and
-  ``loss.item()`` plus ``math.isfinite`` every step (a host sync).
+  SWAG): the same timm blocks with timm's own attention forward, gather-based masking, fp16
+  autocast with a loss scaler on CUDA (fp32 on CPU), ``torch.optim.AdamW`` with its default
+  implementation, no compile, and ``loss.item()`` plus ``math.isfinite`` every step (a host sync).
 
 ``lit`` times the text tower's step from cached image features (``prepretrain lit``'s default)
 against the baseline that runs the locked image tower every step.
@@ -46,7 +46,7 @@ from .models.mae import create_mae, mae_forward_flops
 from .models.text import TEXT_SHAPES, text_forward_flops
 from .models.tokenizers import build_tokenizer
 from .models.video import VideoViT, video_forward_flops
-from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape
+from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape, with_timm_attention
 from .models.vitdet import ViTDetBackbone, parse_global_blocks, vitdet_flops
 from .stages.detect import DetectConfig
 from .stages.lit import check_tower_names
@@ -303,7 +303,7 @@ def run_benchmark(cfg: BenchConfig) -> list[dict[str, Any]]:
     paths["prepretrain"] = prepretrain_step(ours, case, device, precision, compile_model, cfg.clip_grad)
     if cfg.baseline:
         torch.manual_seed(0)
-        reference = case.build().to(device).train()
+        reference = with_timm_attention(case.build()).to(device).train()
         if cfg.grad_checkpointing and hasattr(reference, "set_grad_checkpointing"):
             reference.set_grad_checkpointing(True)
         paths["baseline"] = baseline_step(reference, case, device, cfg.clip_grad)

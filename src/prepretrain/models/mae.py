@@ -18,7 +18,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .vit import ViTShape, forward_flops, resolve_name, vit_shape
+from .vit import Attention, ViTShape, forward_flops, resolve_name, vit_shape
 
 DECODER_KEYS = ("decoder_", "mask_token")
 
@@ -96,7 +96,7 @@ class MaskedAutoencoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, dim), requires_grad=False)
         self.blocks = nn.ModuleList(
-            Block(dim, shape.num_heads, shape.mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            Block(dim, shape.num_heads, shape.mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
             for _ in range(shape.depth)
         )
         self.norm = norm_layer(dim)
@@ -107,7 +107,8 @@ class MaskedAutoencoder(nn.Module):
             torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False
         )
         self.decoder_blocks = nn.ModuleList(
-            Block(decoder_embed_dim, decoder_num_heads, 4.0, qkv_bias=True, norm_layer=norm_layer)
+            Block(decoder_embed_dim, decoder_num_heads, 4.0, qkv_bias=True, norm_layer=norm_layer,
+                  attn_layer=Attention)
             for _ in range(decoder_depth)
         )
         self.decoder_norm = norm_layer(decoder_embed_dim)
