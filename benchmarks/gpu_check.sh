@@ -26,7 +26,7 @@ timeout 120 $PY -m prepretrain.cli bench lit model=vit_l16 text_model=xlmr_base 
 timeout 100 $PY -m prepretrain.cli bench data num_images=384 batch_size=128 repeats=2 >> "$OUT/bench.log" 2>&1
 # End to end: 2048 real JPEGs (224-500 px) as shards, MAE ViT-B/16 through the engine, both paths.
 timeout 90 $PY -m prepretrain.cli data rehearsal --out "$OUT/rehearsal" --num-images 2048 > /dev/null 2>&1
-timeout 240 $PY -m prepretrain.cli bench mae --end-to-end --out "$OUT/e2e" "data=$OUT/rehearsal/train" \
+timeout 240 $PY -m prepretrain.cli bench mae --end-to-end --out "$OUT/e2e" "data=$OUT/rehearsal/data/pretrain" \
   model=vit_b16 image_size=224 batch_size=256 steps=40 log_every=5 warmup_steps=0 num_workers=12 decode=gpu \
   eval_images=256 device=cuda tensorboard=false 2>&1 | tee -a "$OUT/bench.log" | tail -4
 rm -rf "$OUT"/e2e/*/checkpoints "$OUT"/e2e/*/*.safetensors "$OUT/rehearsal"

@@ -119,3 +119,12 @@ def test_logged_throughput_skips_the_first_window(tmp_path):
     assert figures["samples_per_s"] == 20.0 and figures["mfu"] == 0.2 and figures["windows"] == 2
     assert figures["final_loss"] == 1.0
     assert baseline_overrides("mae", cuda=True) == ["decode=pil", "compile=false", "precision=fp16"]
+
+
+def test_end_to_end_failure_is_the_stages_own_message(tmp_path, capsys):
+    code = main(["bench", "mae", "--end-to-end", "--out", str(tmp_path), f"data={tmp_path / 'nowhere'}",
+                 "device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 4 and "Traceback" not in err
+    assert "the prepretrain run of 'mae' failed (exit 4" in err and "nowhere" in err
+    assert (tmp_path / "prepretrain" / "output.log").exists()

@@ -488,6 +488,14 @@ def print_lit_benchmark(result: dict[str, Any]) -> None:
 END_TO_END_STAGES = ("mae", "wsp", "finetune", "video", "detect", "lit")
 
 
+class StageRunFailed(RuntimeError):
+    """An ``--end-to-end`` run exited non-zero; ``code`` is its exit status."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 def baseline_overrides(stage: str, cuda: bool) -> list[str]:
     decode = [] if stage in ("video", "lit") else ["decode=pil"]
     return [*decode, "compile=false", f"precision={'fp16' if cuda else 'fp32'}"]
@@ -512,10 +520,13 @@ def run_end_to_end(stage: str, overrides: list[str], out_dir: str = "", baseline
         command = [python, "-m", "prepretrain.cli", stage, *overrides, *extra, f"out_dir={run_dir}", "resume=false",
                    "progress=false"]
         print("$", " ".join(command[2:]), flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         done = subprocess.run(command, capture_output=True, text=True)
+        (run_dir / "output.log").write_text(done.stdout + done.stderr)
         if done.returncode != 0:
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise RuntimeError(f"{stage} run '{name}' failed (exit {done.returncode}):\n{tail}")
+            lines = (done.stdout + done.stderr).strip().splitlines()
+            raise StageRunFailed(done.returncode, f"the {name} run of '{stage}' failed (exit {done.returncode}, "
+                                                  f"output in {run_dir / 'output.log'}): {lines[-1] if lines else ''}")
         results.append({"target": stage, "path": name, "end_to_end": True, "out_dir": str(run_dir),
                         "overrides": " ".join([*overrides, *extra]), **logged_throughput(run_dir / "metrics.jsonl")})
     if len(results) == 2 and results[1]["samples_per_s"]:

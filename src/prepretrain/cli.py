@@ -26,6 +26,7 @@ from .bench import (
     STEP_TARGETS,
     BenchConfig,
     LiTBenchConfig,
+    StageRunFailed,
     print_end_to_end,
     print_lit_benchmark,
     print_step_results,
@@ -275,7 +276,11 @@ def _bench_run(args: argparse.Namespace) -> int:
     if args.end_to_end:
         if args.what not in END_TO_END_STAGES:
             raise ConfigError("target", f"--end-to-end runs one of {', '.join(END_TO_END_STAGES)}")
-        print_end_to_end(run_end_to_end(args.what, args.overrides, args.out, baseline=not args.no_baseline))
+        try:
+            print_end_to_end(run_end_to_end(args.what, args.overrides, args.out, baseline=not args.no_baseline))
+        except StageRunFailed as error:
+            print(f"prepretrain bench: {error}", file=sys.stderr)
+            return error.code
     elif args.what == "lit":
         print_lit_benchmark(run_lit_benchmark(build_config(LiTBenchConfig, None, args.overrides)))
     elif args.what == "data":
