@@ -48,6 +48,7 @@ from .models.tokenizers import build_tokenizer
 from .models.video import VideoViT, video_forward_flops
 from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape, with_timm_attention
 from .models.vitdet import ViTDetBackbone, parse_global_blocks, vitdet_flops
+from .plan import PlanConfig, plan_run
 from .stages.detect import DetectConfig
 from .stages.lit import check_tower_names
 from .stages.video import VideoConfig
@@ -313,6 +314,7 @@ def run_benchmark(cfg: BenchConfig) -> list[dict[str, Any]]:
     common = {"target": cfg.target, "model": cfg.model, "image_size": size, "batch_size": batch_size,
               "device": device_name(device), "torch": torch.__version__, **case.describe,
               "train_gflops_per_sample": round(flops / 1e9, 3)}
+    planned = planned_memory_gib(cfg, batch_size, size, precision) if device.type == "cuda" else None
     results = []
     for name, (seconds, memory) in timings.items():
         samples_per_s = batch_size * steps / seconds
@@ -324,11 +326,29 @@ def run_benchmark(cfg: BenchConfig) -> list[dict[str, Any]]:
                   "samples_per_s": round(samples_per_s, 3), "step_ms": round(1000 * seconds / steps, 2),
                   "tflops": round(tflops, 4), "mfu": round(tflops / peak, 4) if peak and flops else None,
                   "max_memory_gib": memory}
+        if name == "prepretrain" and planned is not None and memory:
+            result["plan_memory_gib"] = round(planned, 2)  # prepretrain plan's estimate of the same step
+            result["plan_error"] = round(planned / memory - 1, 3)
         results.append(result)
     if len(results) == 2:
         results[0]["vs_baseline"] = round(results[0]["samples_per_s"] / results[1]["samples_per_s"], 3)
         results[1]["vs_baseline"] = 1.0
     return results
+
+
+def planned_memory_gib(cfg: BenchConfig, batch_size: int, size: int, precision: Precision) -> float | None:
+    """``prepretrain plan``'s estimate of the peak memory of this step (no CUDA context reserve),
+    for the targets it models; compare with the measured ``max_memory_gib``."""
+    stage = {"mae": "mae", "wsp": "wsp", "finetune": "finetune", "vit": "finetune"}.get(cfg.target)
+    if stage is None:
+        return None
+    plan = plan_run(PlanConfig(
+        model=cfg.model, stage=stage, gpus=1, strategy="none", batch_size=batch_size, image_size=size,
+        precision=precision_name(precision), grad_checkpointing=cfg.grad_checkpointing, reserved_gib=0.0,
+        mask_ratio=cfg.mask_ratio, decoder_embed_dim=cfg.decoder_embed_dim, decoder_depth=cfg.decoder_depth,
+        decoder_num_heads=cfg.decoder_num_heads,
+        num_classes=cfg.num_classes or (28000 if cfg.target == "wsp" else 1000)))
+    return plan["total_gib"]
 
 
 def time_paths(paths: dict[str, Callable[[], None]], steps: int, warmup: int, rounds: int,
