@@ -186,9 +186,9 @@ class HostReads:
             monkeypatch.setattr(torch.Tensor, name, counting)
 
 
-def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
-    """Between settles the step reads no tensor value on the host (the loader's own host-side
-    work excepted), so an accelerator's queue never drains; the flags are read every few steps."""
+def count_host_reads_in_steps(monkeypatch, stage) -> tuple[dict, list[str], list[int]]:
+    """Train ``stage``; returns its results, the host reads made inside steps (outside the
+    loader) and how many steps' flags each settle read."""
     from prepretrain.train.engine import Trainer
 
     reads = HostReads(monkeypatch)
@@ -216,11 +216,31 @@ def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "step", step)
     monkeypatch.setattr(Trainer, "_next_batch", next_batch)
     monkeypatch.setattr(Trainer, "settle", settle)
-    results = train(MAEStage(tiny_cfg(tmp_path / "run", "log_every=5", "ckpt_every=6", "clip_grad=1.0")))
-    assert results["steps"] == 12
-    assert reads.where == []
+    return train(stage), reads.where, settles
+
+
+def test_a_training_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """Between settles the step reads no tensor value on the host (the loader's own host-side
+    work excepted), so an accelerator's queue never drains; the flags are read every few steps."""
+    stage = MAEStage(tiny_cfg(tmp_path / "run", "log_every=5", "ckpt_every=6", "clip_grad=1.0"))
+    results, reads, settles = count_host_reads_in_steps(monkeypatch, stage)
+    assert results["steps"] == 12 and reads == []
     # settled after the first step, then at steps 5, 6, 10, 12: the flags of 12 steps read in 5 syncs
     assert settles == [1, 4, 1, 4, 2]
+
+
+def test_the_whole_batch_lit_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """LiT's contrastive step over two accumulated micro-batches (embed all, then recompute each
+    with its graph), metrics included, reads nothing on the host either."""
+    from prepretrain.stages.lit import LiTConfig, LiTStage
+
+    values = dict(out_dir=tmp_path / "lit", num_images=200, vision_depth=1, text_depth=1, batch_size=50,
+                  micro_batch_size=25, steps=8, warmup_steps=1, progress=False, tensorboard=False, log_every=4,
+                  ckpt_every=100, eval_images=50)
+    cfg = build_config(LiTConfig, None, {k: str(v) for k, v in values.items()})
+    results, reads, settles = count_host_reads_in_steps(monkeypatch, LiTStage(cfg))
+    assert results["steps"] == 8 and reads == []
+    assert settles == [1, 3, 4]
 
 
 def test_deferred_skips_are_counted_in_step_order_and_stop_the_run(tmp_path):

@@ -175,7 +175,9 @@ class TextTransformer(nn.Module):
         pad = tokens.eq(self.padding_idx)
         x = self.token_embedding(tokens) + self.positional_embedding.embedding(position_ids(tokens, self.padding_idx))
         x = self.dropout(self.embedding_layer_norm(x))
-        attend = (~pad)[:, None, None, :] if bool(pad.any()) else None
+        # Always the mask (all True without padding: the same result): testing for padding first
+        # would read a device value on the host and stall the training step.
+        attend = (~pad)[:, None, None, :]
         for block in self.layers.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, attend, use_reentrant=False)
