@@ -169,7 +169,11 @@ def test_blr_scales_with_global_batch():
 
 
 class HostReads:
-    """Counts reads of tensor values by the host (what waits for an accelerator) while active."""
+    """Counts reads of tensor values by the host (what waits for an accelerator) while active.
+
+    Python-level reads only (``item``, ``tolist``, ``bool``, ``float``, ``int``): kernels that size
+    their output on the host (boolean-mask indexing, ``nonzero``) sync inside C++ and are only
+    visible on CUDA (``torch.cuda.set_sync_debug_mode``)."""
 
     METHODS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
@@ -265,3 +269,15 @@ def test_deferred_skips_are_counted_in_step_order_and_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteLoss, match="3 consecutive non-finite losses at step 4"):
         train(NaNStage(cfg, bad_from=2))
     assert not list((tmp_path / "nan" / "checkpoints").glob("*.pt"))
+
+
+def test_the_wsp_step_never_waits_for_the_device(tmp_path, monkeypatch):
+    """The multi-label hashtag loss (images without tags masked by where(), not by indexing)."""
+    from prepretrain.stages.wsp import WSPConfig, WSPStage
+
+    values = dict(out_dir=tmp_path / "wsp", depth=2, num_images=200, batch_size=16, steps=4, progress=False,
+                  tensorboard=False, eval_images=50, log_every=4, ckpt_every=100)
+    cfg = build_config(WSPConfig, None, {k: str(v) for k, v in values.items()})
+    results, reads, settles = count_host_reads_in_steps(monkeypatch, WSPStage(cfg))
+    assert results["steps"] == 4 and reads == []
+    assert settles == [1, 3]

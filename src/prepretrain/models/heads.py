@@ -56,7 +56,8 @@ def softmax_multilabel_loss(logits: torch.Tensor, tag_indices: torch.Tensor) -> 
     per_image_tags = mask.sum(1)
     has_tags = per_image_tags > 0
     per_image = -picked.sum(1) / per_image_tags.clamp(min=1)
-    return per_image[has_tags].sum() / has_tags.sum().clamp(min=1)
+    # where(), not per_image[has_tags]: boolean indexing sizes its output on the host (a sync per step)
+    return torch.where(has_tags, per_image, 0.0).sum() / has_tags.sum().clamp(min=1)
 
 
 def sigmoid_multilabel_loss(logits: torch.Tensor, tag_indices: torch.Tensor) -> torch.Tensor:
