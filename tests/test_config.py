@@ -32,6 +32,9 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("betas=0.9", "betas"),
         ("compile=maybe", "compile"),
         ("image_size=30", "image_size"),  # not a multiple of the patch
+        ("lr_schedule=linear", "lr_schedule"),
+        ("lr_decay_at=0.9,0.5", "lr_decay_at"),
+        ("lr_decay_rate=0", "lr_decay_rate"),
     ],
 )
 def test_mistakes_name_the_key(override, key):

@@ -24,6 +24,7 @@ from prepretrain.data.detection import (
     draw_synthetic_image,
     is_lvis,
     mask_to_rle,
+    repeat_factors,
     synthetic_coco,
 )
 from prepretrain.evaluate.detection import coco_ap, detection_metrics, lvis_ap
@@ -146,6 +147,26 @@ def test_position_embedding_is_interpolated_without_the_class_token():
     assert backbone(torch.randn(1, 3, 48, 64))["2"].shape == (1, 16, 12, 16)  # any size, padded windows
 
 
+def test_feature_norm_makes_the_pyramid_blind_to_per_channel_offsets_and_scales():
+    """An MAE map is large and dominated by a per-channel offset shared by all tokens; with
+    feature_norm=batch the pyramid sees the same input whatever those offsets and scales are."""
+    torch.manual_seed(0)
+    encoder = create_vit("vit_micro4", img_size=32)
+    assert isinstance(ViTDetBackbone(encoder, window_size=4, out_channels=16).feature_norm, torch.nn.Identity)
+    backbone = ViTDetBackbone(encoder, window_size=4, out_channels=16, feature_norm="batch").train()
+    assert isinstance(backbone.feature_norm, torch.nn.BatchNorm2d) and not backbone.feature_norm.affine
+    assert not [name for name, _ in backbone.feature_norm.named_parameters()]  # nothing to decay or train
+    with torch.no_grad():
+        features = backbone.features(torch.randn(4, 3, 32, 32))
+        scale, offset = torch.rand(1, 128, 1, 1) * 10 + 0.5, torch.randn(1, 128, 1, 1) * 20
+        plain = backbone.pyramid(backbone.feature_norm(features))
+        shifted = backbone.pyramid(backbone.feature_norm(features * scale + offset))
+    for name in plain:
+        torch.testing.assert_close(shifted[name], plain[name], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="feature_norm"):
+        ViTDetBackbone(encoder, feature_norm="layer")
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     backbone = ViTDetBackbone(create_vit("vit_micro4", img_size=32), window_size=4, out_channels=16).train()
@@ -192,6 +213,41 @@ def test_polygon_and_rle_segmentations_decode():
     uncompressed = {"size": [10, 10], "counts": [22, 4, 6, 4, 6, 4, 6, 4, 44]}  # column-major run lengths
     assert annotation_mask(uncompressed, 10, 10).sum() == 16
     assert mask_utils.area(mask_utils.frPyObjects(uncompressed, 10, 10)) == 16
+
+
+def test_repeat_factor_sampling_draws_images_of_rare_categories_more_often(tmp_path):
+    # 100 images: category 1 in all of them, category 2 in 10, category 3 in 1 (and as a crowd in 50).
+    images = [{"id": i, "file_name": f"{i}.png", "height": 8, "width": 8} for i in range(1, 101)]
+    annotations = [{"id": i, "image_id": i, "category_id": 1, "bbox": [0, 0, 4, 4], "iscrowd": 0}
+                   for i in range(1, 101)]
+    annotations += [{"id": 200 + i, "image_id": i, "category_id": 2, "bbox": [0, 0, 4, 4], "iscrowd": 0}
+                    for i in range(1, 11)]
+    annotations += [{"id": 300, "image_id": 100, "category_id": 3, "bbox": [0, 0, 4, 4], "iscrowd": 0}]
+    annotations += [{"id": 400 + i, "image_id": i, "category_id": 3, "bbox": [0, 0, 4, 4], "iscrowd": 1}
+                    for i in range(20, 70)]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3)]}))
+    source = CocoDetectionSource(path, tmp_path, train=True)
+    factors = repeat_factors(source, 0.1)  # f = 1, 0.1, 0.01: r_c = 1, 1, sqrt(10)
+    assert factors.shape == (100,) and factors[10:99].eq(1).all() and factors[:10].eq(1).all()
+    assert factors[99] == pytest.approx(10**0.5)  # the image with the rare category takes its factor
+    factors = repeat_factors(source, 0.4)  # r_c = 1, 2, sqrt(40): an image takes its rarest category's
+    assert factors[0] == pytest.approx(2.0) and factors[50] == 1.0 and factors[99] == pytest.approx(40**0.5)
+    assert repeat_factors(source, 0.0).eq(1).all()
+    # In the stage: per-sample weights with an epoch of sum(r) draws, so an image is drawn r times per epoch.
+    synthetic = _stage(tmp_path)
+    assert synthetic.train_data(Run.of_stage(synthetic)).weights is None  # off by default
+    stage = _stage(tmp_path, repeat_factor_threshold=0.4, train_annotations=str(path), train_images=str(tmp_path),
+                   val_annotations=str(path), val_images=str(tmp_path))
+    data = stage.train_data(Run.of_stage(stage))
+    assert torch.equal(data.weights, factors) and data.epoch_size == round(float(factors.sum())) == 115
+    from prepretrain.data.loader import SampleStream
+
+    stream = SampleStream(data.num_samples, 8, weights=data.weights, epoch_size=data.epoch_size)
+    draws = torch.cat([stream.order(epoch) for epoch in range(200)])
+    counts = torch.bincount(draws, minlength=100).double() / 200
+    assert counts[:10].mean() == pytest.approx(2.0, rel=0.1) and counts[10:99].mean() == pytest.approx(1.0, rel=0.05)
 
 
 def _sample_with_crowd() -> DetectionSample:
@@ -373,6 +429,29 @@ def test_backbone_loads_mae_run_wsp_layout_and_official_checkpoints(tmp_path, ma
     _encoder_weights_in_backbone(_stage(tmp_path, encoder=str(official), model="vit_micro4", **settings), full)
 
 
+def test_backbone_from_an_mae_run_computes_the_mae_encoders_patch_tokens(tmp_path, mae_run):
+    """At the MAE's resolution with global attention, the backbone's last-block map is the MAE
+    encoder's own forward (no masking, no class token, before the final norm): patch embedding,
+    position embedding, block order and loading all match, number for number."""
+    stage = _stage(tmp_path, encoder=str(mae_run), image_size=32, window_size=0)
+    torch.manual_seed(0)
+    backbone = stage.build_model(Run.of_stage(stage)).backbone.eval()
+    mae = create_mae("vit_micro4", decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4)
+    mae.load_state_dict(load_file(str(mae_run / "mae_full.safetensors")), strict=True)
+    mae.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = backbone.features(images).permute(0, 2, 3, 1).reshape(2, 64, -1)
+        expected = mae._run(mae.blocks, mae.patch_embed(images) + mae.pos_embed[:, 1:])
+        # The MAE's forward with nothing masked (noise in token order keeps the order), class token included:
+        with_cls, mask, _ = mae.forward_encoder(images, 0.0, noise=torch.arange(64.0).expand(2, 64))
+    assert mask.sum() == 0 and all(block.window_size == 0 for block in backbone.blocks)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # ViTDet drops the class token: the tokens differ from the MAE's (normed) ones only by its attention share.
+    normed = F.layer_norm(ours, (ours.shape[-1],), mae.norm.weight, mae.norm.bias, eps=1e-6)
+    assert (normed - with_cls[:, 1:]).norm() < 0.2 * with_cls[:, 1:].norm()
+
+
 def test_tiny_detect_command_writes_pycocotools_ap(tmp_path):
     out = tmp_path / "det"
     args = [f"{k}={v}" for k, v in TINY.items()]
@@ -409,7 +488,9 @@ def test_coco_folder_layout_and_bad_settings(tmp_path):
     val_source = CocoDetectionSource(folder / "annotations" / "instances_val.json", folder / "val2017")
     assert val_source.image_path(info) == folder / "train2017" / "000001.png"
     for bad, key in (("global_blocks=1,x", "global_blocks"), ("lsj_min=0", "lsj_min"), ("box_head=cascade", "box_head"),
-                     ("pyramid_scales=1,2", "pyramid_scales"), ("lvis=maybe", "lvis"), ("image_size=30", "image_size")):
+                     ("pyramid_scales=1,2", "pyramid_scales"), ("lvis=maybe", "lvis"), ("image_size=30", "image_size"),
+                     ("feature_norm=layer", "feature_norm"),
+                     ("repeat_factor_threshold=-0.1", "repeat_factor_threshold")):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             build_config(DetectConfig, None, [bad])
     with pytest.raises(ConfigError, match="'data'"):
@@ -427,6 +508,9 @@ def test_paper_recipes_parse(path, mae_run):
     assert tuple(cfg.pyramid_scales) == (4.0, 2.0, 1.0, 0.5) and cfg.pyramid_channels == 256 and cfg.rel_pos
     assert parse_global_blocks(cfg.global_blocks, 24) == [5, 11, 17, 23]
     assert cfg.lvis == ("true" if "lvis" in path.name else "false")
+    assert cfg.feature_norm == "none"  # ViTDet's pyramid; the CPU demo's BatchNorm is not in the recipes
+    assert cfg.lr_schedule == "step" and tuple(cfg.lr_decay_at) == (0.889, 0.963) and cfg.lr_decay_rate == 0.1
+    assert cfg.repeat_factor_threshold == (0.001 if "lvis" in path.name else 0.0)
 
 
 @pytest.mark.slow

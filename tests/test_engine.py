@@ -161,6 +161,10 @@ def test_lr_schedule_warmup_then_half_cosine():
     assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
     assert lr_at(55, 100, 10, 1.0, 0.1) == pytest.approx(0.55)
     assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    # ViTDet's step schedule: x0.1 at 88.9% and at 96.3% of the run, after the warmup
+    step = {"schedule": "step", "decay_at": (0.889, 0.963), "decay_rate": 0.1}
+    assert [lr_at(s, 1000, 10, 1.0, **step) for s in (5, 10, 888, 889, 962, 963, 999)] == pytest.approx(
+        [0.5, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
 
 
 def test_blr_scales_with_global_batch():

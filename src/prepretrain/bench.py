@@ -261,7 +261,8 @@ def step_case(cfg: BenchConfig, device: torch.device) -> StepCase:
 
     def build() -> nn.Module:
         backbone = ViTDetBackbone(create_vit(cfg.model, img_size=size), cfg.window_size, global_blocks,
-                                  out_channels=cfg.pyramid_channels, scale_factors=tuple(defaults.pyramid_scales))
+                                  out_channels=cfg.pyramid_channels, scale_factors=tuple(defaults.pyramid_scales),
+                                  feature_norm=defaults.feature_norm)
         return build_detector(backbone, 80, size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
                               box_head=defaults.box_head, head_dim=defaults.head_dim,
                               box_batch_per_image=defaults.box_batch_per_image)

@@ -67,6 +67,11 @@ class TrainConfig:
     blr: float = 1.5e-4  # base lr for a batch of 256; lr = blr * batch_size / 256
     lr: float = 0.0  # absolute lr; overrides blr when > 0
     min_lr: float = 0.0
+    # after warmup: cosine (half cycle down to min_lr) | step (x lr_decay_rate at each fraction of
+    # the run in lr_decay_at: ViTDet's 0.889 and 0.963, i.e. epochs 88.9/100 and 96.3/100)
+    lr_schedule: str = "cosine"
+    lr_decay_at: tuple[float, ...] = (0.889, 0.963)
+    lr_decay_rate: float = 0.1
     warmup_epochs: float = 0.0
     warmup_steps: int = -1  # -1 = derived from warmup_epochs
     weight_decay: float = 0.05
@@ -100,6 +105,12 @@ class TrainConfig:
         for key in non_negative:
             if getattr(self, key) < 0:
                 raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.lr_schedule not in ("cosine", "step"):
+            raise ConfigError("lr_schedule", f"must be cosine or step; got '{self.lr_schedule}'")
+        if any(not 0 < f < 1 for f in self.lr_decay_at) or list(self.lr_decay_at) != sorted(self.lr_decay_at):
+            raise ConfigError("lr_decay_at", f"increasing fractions of the run in (0, 1); got {list(self.lr_decay_at)}")
+        if not 0 < self.lr_decay_rate <= 1:
+            raise ConfigError("lr_decay_rate", f"must be in (0, 1], got {self.lr_decay_rate}")
         if self.dist_timeout_s <= 0:
             raise ConfigError("dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         if self.epochs <= 0 and self.steps <= 0:

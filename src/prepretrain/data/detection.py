@@ -234,6 +234,28 @@ class CocoDetectionSource:
         return DetectionSample(str(path), int(info["id"]), image, self.by_image.get(int(info["id"]), []))
 
 
+def repeat_factors(source: CocoDetectionSource, threshold: float) -> torch.Tensor:
+    """LVIS repeat-factor sampling (Gupta et al., 2019): one repeat factor per training image.
+
+    A category seen in a fraction ``f_c`` of the training images gets ``r_c = max(1, sqrt(t / f_c))``
+    and an image the largest ``r_c`` of the categories it contains (1 when it contains none), so
+    images of rare categories are drawn more often. As per-sample draw weights with an epoch of
+    ``sum(r)`` samples, each image is drawn ``r`` times per epoch in expectation, which is what
+    detectron2's ``RepeatFactorTrainingSampler`` gives with stochastic rounding. ``t`` is 0.001
+    for LVIS; ``threshold <= 0`` gives all ones (no resampling). Crowd regions do not count."""
+    categories = [{int(a["category_id"]) for a in source.by_image.get(int(im["id"]), [])
+                   if not a.get("iscrowd", 0) and int(a["category_id"]) in source.label_of} for im in source.images]
+    if threshold <= 0 or not categories:
+        return torch.ones(len(categories), dtype=torch.float64)
+    images_with: dict[int, int] = defaultdict(int)
+    for present in categories:
+        for category in present:
+            images_with[category] += 1
+    category_factor = {c: max(1.0, (threshold * len(categories) / count) ** 0.5) for c, count in images_with.items()}
+    return torch.tensor([max((category_factor[c] for c in present), default=1.0) for present in categories],
+                        dtype=torch.float64)
+
+
 # ------------------------------------------------------------------------------- transforms
 
 

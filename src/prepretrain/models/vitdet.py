@@ -18,6 +18,16 @@ stages). What changes relative to the classification encoder:
   LayerNorm, plus a stride-2 max-pool of the coarsest level (the "pool" level the RPN uses,
   as torchvision's FPN and detectron2's LastLevelMaxPool give).
 
+One addition to ViTDet, ``feature_norm="batch"`` (the ``detect`` command's default): a
+BatchNorm without affine parameters between the last block and the pyramid, as MAE's linear
+probe puts one before its classifier. Why: an MAE encoder's last-block map is large (std ~5
+for the CPU demo's, ~0.6 for a random init) and dominated by a per-channel offset shared by all
+tokens (about half its energy, against an eighth for a random init). A freshly initialised
+pyramid (1x1 conv, then LayerNorm over the channels of each token) sees mostly that offset, and
+in a short schedule the frozen MAE map gave almost no box AP (0.04, against 0.91 for a frozen
+random map) until each channel was standardised (1.5); docs/detection.md has the measurements.
+``"none"`` is ViTDet's original (the map goes to the pyramid as it is).
+
 "1/16" is the patch stride: for a patch-4 CPU model the levels are 1, 1/2, 1/4, 1/8, 1/16.
 The blocks keep the timm parameter names (``blocks.{i}.attn.qkv.weight``, ``patch_embed.*``,
 ``pos_embed``) so ``train.optim.layer_decay_scale`` gives ViTDet's layer-wise lr decay with no
@@ -34,6 +44,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+FEATURE_NORMS = ("none", "batch")  # what sits between the last block and the pyramid (ViTDet: none)
 
 
 def default_global_blocks(depth: int, count: int = 4) -> list[int]:
@@ -225,8 +237,10 @@ class ViTDetBackbone(nn.Module):
 
     def __init__(self, encoder: VisionTransformer, window_size: int = 14, global_blocks: list[int] | None = None,
                  rel_pos: bool = False, out_channels: int = 256,
-                 scale_factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)):
+                 scale_factors: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5), feature_norm: str = "none"):
         super().__init__()
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {', '.join(FEATURE_NORMS)}; got '{feature_norm}'")
         depth = len(encoder.blocks)
         global_blocks = default_global_blocks(depth) if global_blocks is None else list(global_blocks)
         self.patch_size = int(encoder.patch_embed.patch_size[0])
@@ -246,6 +260,10 @@ class ViTDetBackbone(nn.Module):
             self.blocks.append(ViTDetBlock(block, 0 if is_global else window_size, rel_size))
         self.embed_dim = int(encoder.embed_dim)
         self.out_channels = out_channels
+        # "batch": standardise each channel of the last block's map before the (freshly initialised)
+        # pyramid, as MAE's linear probe puts a BatchNorm without affine before its head. See the module doc.
+        self.feature_norm = nn.BatchNorm2d(self.embed_dim, eps=1e-6, affine=False) if feature_norm == "batch" \
+            else nn.Identity()
         self.pyramid = SimpleFeaturePyramid(self.embed_dim, out_channels, scale_factors)
         self.strides = [self.patch_size / s for s in scale_factors] + [self.patch_size / scale_factors[-1] * 2]
 
@@ -277,7 +295,7 @@ class ViTDetBackbone(nn.Module):
         self.grad_checkpointing = enable
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        return self.pyramid(self.features(images))
+        return self.pyramid(self.feature_norm(self.features(images)))
 
 
 def anchor_sizes(strides: list[float], ratio: float = 8.0) -> tuple[tuple[int, ...], ...]:

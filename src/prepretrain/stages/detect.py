@@ -41,6 +41,7 @@ from ..data.detection import (
     decode_target,
     image_tensor,
     mask_to_rle,
+    repeat_factors,
     synthetic_coco,
 )
 from ..data.loader import RecordDataset
@@ -49,7 +50,7 @@ from ..evaluate.detection import detection_metrics
 from ..models.detector import build_detector
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
 from ..models.vit import check_model_and_size, resolve_name, vit_shape
-from ..models.vitdet import ViTDetBackbone, parse_global_blocks, vitdet_flops
+from ..models.vitdet import FEATURE_NORMS, ViTDetBackbone, parse_global_blocks, vitdet_flops
 from ..train.engine import Stage, TrainData
 from ..train.optim import layer_decay_scale, param_groups
 from ..train.run import BEST_WEIGHTS, Run
@@ -84,6 +85,7 @@ class DetectConfig(TrainConfig):
     drop_path: float = 0.1  # ViTDet: 0.1 (B), 0.4 (L), 0.5 (H)
     pyramid_channels: int = 64  # simple feature pyramid / head width (ViTDet: 256)
     pyramid_scales: tuple[float, ...] = (2.0, 1.0, 0.5)  # of the patch-stride map (ViTDet: 4, 2, 1, 0.5)
+    feature_norm: str = "batch"  # batch: per-channel BatchNorm (no affine) before the pyramid | none (ViTDet)
     # detector
     masks: bool = True  # Mask R-CNN (true) or Faster R-CNN (false)
     box_head: str = "2fc"  # 4conv1fc (ViTDet: 4 convs with LayerNorm + 1 fc) | 2fc (torchvision's MLP)
@@ -92,6 +94,8 @@ class DetectConfig(TrainConfig):
     rpn_batch_per_image: int = 256
     rpn_pre_nms_topk: tuple[int, int] = (300, 300)  # proposals per level before NMS, (train, test); ViTDet (2000, 1000)
     rpn_post_nms_topk: tuple[int, int] = (150, 150)  # proposals per image after NMS, (train, test); ViTDet (1000, 1000)
+    # LVIS repeat-factor sampling: images of rare categories are drawn more often (0 = off; LVIS: 0.001)
+    repeat_factor_threshold: float = 0.0
     # augmentation: large-scale jitter
     lsj_min: float = 0.1
     lsj_max: float = 2.0
@@ -129,8 +133,13 @@ class DetectConfig(TrainConfig):
             raise ConfigError("drop_path", f"must be in [0, 1), got {self.drop_path}")
         if not 0 < self.lsj_min <= self.lsj_max:
             raise ConfigError("lsj_min", f"need 0 < lsj_min <= lsj_max; got {self.lsj_min} and {self.lsj_max}")
+        if not 0 <= self.repeat_factor_threshold < 1:
+            raise ConfigError("repeat_factor_threshold", f"must be in [0, 1) (0 = off, LVIS: 0.001); "
+                                                         f"got {self.repeat_factor_threshold}")
         if not 0 <= self.flip <= 1:
             raise ConfigError("flip", f"must be in [0, 1], got {self.flip}")
+        if self.feature_norm not in FEATURE_NORMS:
+            raise ConfigError("feature_norm", f"must be one of {', '.join(FEATURE_NORMS)}; got '{self.feature_norm}'")
         if not self.pyramid_scales or any(scale not in (4.0, 2.0, 1.0, 0.5) for scale in self.pyramid_scales) or \
                 list(self.pyramid_scales) != sorted(set(self.pyramid_scales), reverse=True):
             raise ConfigError("pyramid_scales", f"a decreasing list from 4, 2, 1, 0.5 (ViTDet: all four); "
@@ -237,7 +246,7 @@ class DetectStage(Stage):
         cfg = self.cfg
         encoder = build_encoder(self.spec, drop_path_rate=cfg.drop_path)
         backbone = ViTDetBackbone(encoder, cfg.window_size, self.global_blocks, cfg.rel_pos, cfg.pyramid_channels,
-                                  tuple(cfg.pyramid_scales))
+                                  tuple(cfg.pyramid_scales), cfg.feature_norm)
         return build_detector(
             backbone, self.num_classes, cfg.image_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
             masks=cfg.masks, box_head=cfg.box_head, head_dim=cfg.head_dim,
@@ -251,7 +260,14 @@ class DetectStage(Stage):
         cfg = self.cfg
         augment = LargeScaleJitter(cfg.image_size, self.train_source.label_of, cfg.lsj_min, cfg.lsj_max, cfg.flip,
                                    cfg.masks)
-        return TrainData(RecordDataset(self.train_source, augment), len(self.train_source))
+        dataset = RecordDataset(self.train_source, augment)
+        if cfg.repeat_factor_threshold <= 0:
+            return TrainData(dataset, len(self.train_source))
+        # Repeat factors as draw weights: an epoch of sum(r) draws takes each image r times in expectation.
+        factors = repeat_factors(self.train_source, cfg.repeat_factor_threshold)
+        run.print(f"repeat-factor sampling (t={cfg.repeat_factor_threshold}): {int((factors > 1).sum())} of "
+                  f"{len(factors)} images repeated, epoch of {round(float(factors.sum()))} draws")
+        return TrainData(dataset, len(self.train_source), weights=factors, epoch_size=round(float(factors.sum())))
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """torchvision's loss dict summed; each part is logged. Targets arrive as JSON strings
@@ -264,7 +280,7 @@ class DetectStage(Stage):
             targets.append(target)
         losses = model(images, targets)
         total = sum(losses.values())
-        return total, {name: float(value.detach()) for name, value in losses.items()}
+        return total, {name: value.detach() for name, value in losses.items()}
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         depth = self.spec.depth
@@ -351,7 +367,8 @@ class DetectStage(Stage):
                 "category_ids": ",".join(map(str, self.train_source.category_ids)), "window_size": str(cfg.window_size),
                 "global_blocks": ",".join(map(str, self.global_blocks)), "rel_pos": str(cfg.rel_pos),
                 "pyramid_channels": str(cfg.pyramid_channels),
-                "pyramid_scales": ",".join(map(str, cfg.pyramid_scales)), "masks": str(cfg.masks),
+                "pyramid_scales": ",".join(map(str, cfg.pyramid_scales)), "feature_norm": cfg.feature_norm,
+                "masks": str(cfg.masks),
                 "box_head": cfg.box_head, "head_dim": str(cfg.head_dim), "format": "torchvision-maskrcnn-vitdet"}
 
     def best_weights(self, model: nn.Module, run: Run) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -380,7 +380,8 @@ class Trainer:
         gradients, stop requests) stay tensors until :meth:`settle` reads them, and a step with a
         non-finite value is skipped on the device (see :meth:`_update`)."""
         cfg, device, precision = self.cfg, self.run.device, self.precision
-        lr = lr_at(step, self.total_steps, self.warmup_steps, cfg.peak_lr, cfg.min_lr)
+        lr = lr_at(step, self.total_steps, self.warmup_steps, cfg.peak_lr, cfg.min_lr, schedule=cfg.lr_schedule,
+                   decay_at=tuple(cfg.lr_decay_at), decay_rate=cfg.lr_decay_rate)
         set_lr(self.optimizer, lr)
         step_loss = torch.zeros((), device=device)
         nonfinite_loss = torch.zeros((), device=device)

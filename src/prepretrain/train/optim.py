@@ -70,10 +70,15 @@ def build_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], d
     return torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), fused=device.type in ("cuda", "cpu"))
 
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """Per-iteration linear warmup from 0, then half-cycle cosine down to ``min_lr``."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0, *,
+          schedule: str = "cosine", decay_at: tuple[float, ...] = (), decay_rate: float = 0.1) -> float:
+    """Per-iteration linear warmup from 0, then half-cycle cosine down to ``min_lr`` or, with
+    ``schedule="step"``, ``peak_lr`` times ``decay_rate`` once for each fraction of ``total_steps``
+    in ``decay_at`` already reached (detectron2's MultiStepParamScheduler, as ViTDet uses it)."""
     if warmup_steps > 0 and step < warmup_steps:
         return peak_lr * step / warmup_steps
+    if schedule == "step":
+        return peak_lr * decay_rate ** sum(step >= round(fraction * total_steps) for fraction in decay_at)
     decay_steps = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
