@@ -256,10 +256,10 @@ def clip_grad_norm_(parameters: list[torch.Tensor], max_norm: float) -> torch.Te
         sharded_norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
         plain_norm = torch.nn.utils.get_total_norm([p.grad for p in plain])
         total = torch.linalg.vector_norm(torch.stack([sharded_norm.to(plain_norm.device), plain_norm]))
-        coefficient = min(1.0, max_norm / (float(total) + 1e-6))
-        if coefficient < 1.0:
-            for param in params:
-                param.grad.mul_(coefficient)
+        # On the device, no host sync: the coefficient is 1 when the norm is within max_norm.
+        coefficient = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+        torch._foreach_mul_(grads, coefficient.to(grads[0].device))
         return total
     total = torch.nn.utils.clip_grad_norm_(params, max_norm)
     full_tensor = getattr(total, "full_tensor", None)

@@ -450,7 +450,7 @@ class Trainer:
         device = self.run.device
         flags = all_reduce_sum(torch.stack([
             nonfinite_loss, nonfinite_count(self.model).to(device),
-            torch.tensor(1.0 if stop_requested else 0.0, device=device),
+            torch.full((), 1.0 if stop_requested else 0.0, device=device),  # a fill, not a host-to-device copy
         ]))
         self.pending_flags.append((step, flags))
         if self.reads_flags_each_step:
