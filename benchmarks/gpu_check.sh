@@ -24,6 +24,9 @@ bench detect model=vit_b16 batch_size=8 image_size=1024 window_size=14 pyramid_c
 timeout 120 $PY -m prepretrain.cli bench lit model=vit_l16 text_model=xlmr_base image_size=224 batch_size=256 \
   device=cuda precision=bf16 >> "$OUT/bench.log" 2>&1
 timeout 100 $PY -m prepretrain.cli bench data num_images=384 batch_size=128 repeats=2 >> "$OUT/bench.log" 2>&1
+# Host syncs left inside training steps (CUDA's sync debug mode; tests check Python-level reads on the CPU)
+timeout 150 $PY benchmarks/sync_check.py --out "$OUT/sync_check" 2>&1 | grep -v Warning | tail -24 | tee -a "$OUT/bench.log"
+rm -rf "$OUT/sync_check"
 # End to end: 2048 real JPEGs (224-500 px) as shards, MAE ViT-B/16 through the engine, both paths.
 timeout 90 $PY -m prepretrain.cli data rehearsal --out "$OUT/rehearsal" --num-images 2048 > /dev/null 2>&1
 timeout 240 $PY -m prepretrain.cli bench mae --end-to-end --out "$OUT/e2e" "data=$OUT/rehearsal/data/pretrain" \
