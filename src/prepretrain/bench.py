@@ -74,7 +74,7 @@ class BenchConfig:
     steps: int = 0  # timed steps per round; 0 = 10 on CUDA, 3 on CPU
     warmup: int = -1  # untimed steps first; -1 = 3 on CUDA, 1 on CPU
     rounds: int = 1  # the paths alternate this many times; the median round is printed
-    compile: str = "auto"  # torch.compile on the prepretrain path: auto = on CUDA | true | false
+    compile: str = "auto"  # torch.compile on the prepretrain path: auto = on CUDA (not detect) | true | false
     grad_checkpointing: bool = False
     clip_grad: float = 0.0  # the engine's clip_grad (MAE's recipe has none; WSP/finetune may)
     peak_tflops: float = 0.0  # 0 = detect from the device name
@@ -296,7 +296,9 @@ def run_benchmark(cfg: BenchConfig) -> list[dict[str, Any]]:
     batch_size, steps, warmup, size = _defaults(cfg, device)
     case = step_case(cfg, device)
     precision = fast_precision(cfg.precision, device)
-    compile_model = device.type == "cuda" if str(cfg.compile).lower() == "auto" else str(cfg.compile).lower() == "true"
+    # auto: compile on CUDA, except the detector (torchvision's detection heads have data-dependent shapes)
+    compile_model = (device.type == "cuda" and cfg.target != "detect") if str(cfg.compile).lower() == "auto" \
+        else str(cfg.compile).lower() == "true"
     paths: dict[str, Callable[[], None]] = {}
     torch.manual_seed(0)
     ours = case.build().to(device).train()
