@@ -55,6 +55,7 @@ def test_bad_keys_are_one_line_errors(capsys):
     assert main(["bench", "video", "num_frames=3", "tubelet_size=2"]) == 2
     assert main(["bench", "detect", "global_blocks=99"]) == 2
     assert main(["bench", "data", "--end-to-end"]) == 2
+    assert main(["bench", "lit", "--no-baseline"]) == 2
     err = capsys.readouterr().err
     assert "rounds" in err and "tubelet_size" in err and "global_blocks" in err and "Traceback" not in err
 

@@ -273,6 +273,8 @@ def _bench_flags(args: argparse.Namespace) -> None:
 
 def _bench_run(args: argparse.Namespace) -> int:
     _bench_flags(args)
+    if args.no_baseline and args.what in ("lit", "data"):
+        raise ConfigError("--no-baseline", f"bench {args.what} always prints all of its paths")
     if args.end_to_end:
         if args.what not in END_TO_END_STAGES:
             raise ConfigError("target", f"--end-to-end runs one of {', '.join(END_TO_END_STAGES)}")
