@@ -508,7 +508,7 @@ def test_paper_recipes_parse(path, mae_run):
     assert tuple(cfg.pyramid_scales) == (4.0, 2.0, 1.0, 0.5) and cfg.pyramid_channels == 256 and cfg.rel_pos
     assert parse_global_blocks(cfg.global_blocks, 24) == [5, 11, 17, 23]
     assert cfg.lvis == ("true" if "lvis" in path.name else "false")
-    assert cfg.feature_norm == "none"  # ViTDet's pyramid; the CPU demo's BatchNorm is not in the recipes
+    assert cfg.feature_norm == "none"  # ViTDet's pyramid; the optional BatchNorm is not in the recipes
     assert cfg.lr_schedule == "step" and tuple(cfg.lr_decay_at) == (0.889, 0.963) and cfg.lr_decay_rate == 0.1
     assert cfg.repeat_factor_threshold == (0.001 if "lvis" in path.name else 0.0)
 

@@ -18,7 +18,7 @@ stages). What changes relative to the classification encoder:
   LayerNorm, plus a stride-2 max-pool of the coarsest level (the "pool" level the RPN uses,
   as torchvision's FPN and detectron2's LastLevelMaxPool give).
 
-One addition to ViTDet, ``feature_norm="batch"`` (the ``detect`` command's default): a
+One optional addition to ViTDet, ``feature_norm="batch"`` (off by default): a
 BatchNorm without affine parameters between the last block and the pyramid, as MAE's linear
 probe puts one before its classifier. Why: an MAE encoder's last-block map is large (std ~5
 for the CPU demo's, ~0.6 for a random init) and dominated by a per-channel offset shared by all

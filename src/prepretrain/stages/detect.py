@@ -85,7 +85,7 @@ class DetectConfig(TrainConfig):
     drop_path: float = 0.1  # ViTDet: 0.1 (B), 0.4 (L), 0.5 (H)
     pyramid_channels: int = 64  # simple feature pyramid / head width (ViTDet: 256)
     pyramid_scales: tuple[float, ...] = (2.0, 1.0, 0.5)  # of the patch-stride map (ViTDet: 4, 2, 1, 0.5)
-    feature_norm: str = "batch"  # batch: per-channel BatchNorm (no affine) before the pyramid | none (ViTDet)
+    feature_norm: str = "none"  # none (ViTDet) | batch: per-channel BatchNorm (no affine) before the pyramid
     # detector
     masks: bool = True  # Mask R-CNN (true) or Faster R-CNN (false)
     box_head: str = "2fc"  # 4conv1fc (ViTDet: 4 convs with LayerNorm + 1 fc) | 2fc (torchvision's MLP)
