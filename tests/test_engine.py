@@ -99,17 +99,18 @@ def test_keep_last_rotates(tmp_path):
 
 
 class NaNStage(MAEStage):
-    """Loss becomes non-finite from step ``bad_from`` on (counted in forward calls)."""
+    """Loss becomes non-finite after ``bad_from`` forward calls (and finite again after
+    ``bad_until`` calls, when given)."""
 
-    def __init__(self, cfg, bad_from):
+    def __init__(self, cfg, bad_from, bad_until=None):
         super().__init__(cfg)
         self.calls = 0
-        self.bad_from = bad_from
+        self.bad_from, self.bad_until = bad_from, bad_until
 
     def loss(self, model, batch):
         loss, metrics = super().loss(model, batch)
         self.calls += 1
-        if self.calls > self.bad_from:
+        if self.calls > self.bad_from and (self.bad_until is None or self.calls <= self.bad_until):
             loss = loss * float("nan")
         return loss, metrics
 
@@ -127,15 +128,7 @@ def test_nonfinite_losses_stop_the_run_without_saving_nan(tmp_path):
 def test_skipped_nonfinite_step_leaves_weights_unchanged(tmp_path):
     cfg = tiny_cfg(tmp_path / "one", "steps=3", "ckpt_every=1", "keep_last=5")
 
-    class OneBad(MAEStage):
-        calls = 0
-
-        def loss(self, model, batch):
-            loss, metrics = super().loss(model, batch)
-            type(self).calls += 1
-            return (loss * float("nan") if type(self).calls == 3 else loss), metrics
-
-    results = train(OneBad(cfg))
+    results = train(NaNStage(cfg, bad_from=2, bad_until=3))  # the third step's loss is NaN
     assert results["nonfinite_steps"] == 1
     files = sorted((tmp_path / "one" / "checkpoints").glob("*.pt"))
     two, three = (torch.load(f, weights_only=True)["model"] for f in files[1:3])
@@ -256,15 +249,7 @@ def test_deferred_skips_are_counted_in_step_order_and_stop_the_run(tmp_path):
     optimizer's step count alone, and the run still stops at the first streak too long."""
     cfg = tiny_cfg(tmp_path / "one", "steps=6", "log_every=6", "ckpt_every=6")
 
-    class OneBad(MAEStage):
-        calls = 0
-
-        def loss(self, model, batch):
-            loss, metrics = super().loss(model, batch)
-            type(self).calls += 1
-            return (loss * float("nan") if type(self).calls == 3 else loss), metrics
-
-    results = train(OneBad(cfg))
+    results = train(NaNStage(cfg, bad_from=2, bad_until=3))  # the third step's loss is NaN
     assert results["nonfinite_steps"] == 1 and torch.isfinite(torch.tensor(results["final_loss"]))
     state = torch.load(tmp_path / "one" / "checkpoints" / "step_00000006.pt", weights_only=True)
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {5.0}  # 6 steps, 1 skipped
