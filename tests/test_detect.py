@@ -11,6 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
 
 from prepretrain import files
 from prepretrain.cli import main
@@ -28,7 +32,15 @@ from prepretrain.data.detection import (
     synthetic_coco,
 )
 from prepretrain.evaluate.detection import coco_ap, detection_metrics, lvis_ap
-from prepretrain.models.detector import CrowdAwareRPN, _ignore_in_crowds, inside_fraction
+from prepretrain.models.detector import (
+    AgnosticBoxPredictor,
+    CascadeRoIHeads,
+    CrowdAwareRoIHeads,
+    CrowdAwareRPN,
+    _ignore_in_crowds,
+    _scale_gradient,
+    inside_fraction,
+)
 from prepretrain.models.mae import create_mae
 from prepretrain.models.resolve import encoder_metadata
 from prepretrain.models.vit import create_vit
@@ -292,6 +304,124 @@ def test_crowd_regions_are_ignored_not_negatives_in_training():
     assert _ignore_in_crowds(labels, boxes, None).tolist() == [0, 0, 0, 1]
 
 
+# ------------------------------------------------------------------------------- cascade
+
+
+def _roi_heads(score_thresh: float = 0.05, nms_thresh: float = 0.5) -> CrowdAwareRoIHeads:
+    """Mask R-CNN RoI heads over 16-channel maps, with a class-agnostic box predictor (3 classes + background)."""
+    return CrowdAwareRoIHeads(
+        MultiScaleRoIAlign(["0", "1"], 7, 0), TwoMLPHead(16 * 49, 32), AgnosticBoxPredictor(32, 4),
+        0.5, 0.5, 16, 0.25, (10.0, 10.0, 5.0, 5.0), score_thresh, nms_thresh, 1000,
+        mask_roi_pool=MultiScaleRoIAlign(["0", "1"], 14, 0), mask_head=MaskRCNNHeads(16, [16], 1),
+        mask_predictor=MaskRCNNPredictor(16, 16, 4))
+
+
+def _roi_inputs():
+    generator = torch.Generator().manual_seed(0)
+    features = {"0": torch.randn(2, 16, 16, 16, generator=generator),
+                "1": torch.randn(2, 16, 8, 8, generator=generator)}
+    corners = torch.rand(2, 30, 2, generator=generator) * 40
+    sizes = torch.rand(2, 30, 2, generator=generator) * 20 + 4
+    proposals = list(torch.cat([corners, corners + sizes], -1))
+    targets = []
+    for boxes in ([[4.0, 4.0, 30.0, 24.0], [30.0, 30.0, 60.0, 50.0]], [[10.0, 20.0, 40.0, 60.0]]):
+        boxes = torch.tensor(boxes)
+        masks = torch.zeros(len(boxes), 64, 64, dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+        targets.append({"boxes": boxes, "labels": torch.arange(1, len(boxes) + 1), "masks": masks})
+    return features, proposals, [(64, 64), (64, 64)], targets
+
+
+def test_one_stage_cascade_is_mask_rcnn_with_class_agnostic_boxes():
+    """The cascade's own training and inference paths, cut to one stage, compute what torchvision's
+    RoI heads compute with the same modules: same losses (same sampling), same detections and masks."""
+    torch.manual_seed(0)
+    base = _roi_heads()
+    cascade = CascadeRoIHeads(base, [base.box_head], [base.box_predictor], ious=(0.5,), box_weights=((10, 10, 5, 5),))
+    features, proposals, shapes, targets = _roi_inputs()
+    losses = []
+    for heads in (base, cascade):
+        torch.manual_seed(1)  # the same proposals sampled
+        losses.append(heads.train()(features, [p.clone() for p in proposals], shapes, targets)[1])
+    assert set(losses[1]) == {"loss_classifier_stage0", "loss_box_reg_stage0", "loss_mask"}
+    for name in ("loss_classifier", "loss_box_reg", "loss_mask"):
+        torch.testing.assert_close(losses[1][name if name == "loss_mask" else f"{name}_stage0"], losses[0][name])
+    assert losses[0]["loss_box_reg"] > 0 and losses[0]["loss_mask"] > 0
+    with torch.no_grad():
+        expected, _ = base.eval()(features, proposals, shapes)
+        found, _ = cascade.eval()(features, proposals, shapes)
+    assert sum(len(r["boxes"]) for r in expected) > 10
+    for a, b in zip(expected, found):
+        assert torch.equal(a["labels"], b["labels"])
+        for key in ("boxes", "scores", "masks"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
+
+
+def test_cascade_stages_label_at_rising_iou_with_their_own_box_coder():
+    torch.manual_seed(0)
+    base = _roi_heads()
+    heads = CascadeRoIHeads(base, [TwoMLPHead(16 * 49, 32) for _ in range(3)],
+                            [AgnosticBoxPredictor(32, 4) for _ in range(3)])
+    gt = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([2]),
+          "crowd_boxes": torch.tensor([[40.0, 40.0, 60.0, 60.0]])}
+    proposals = [torch.tensor([[0.0, 0.0, 10.0, 5.5], [0.0, 0.0, 10.0, 6.5], [0.0, 0.0, 10.0, 7.5],
+                               [0.0, 0.0, 2.0, 10.0], [42.0, 42.0, 50.0, 50.0]])]  # IoU .55 .65 .75 .2, in the crowd
+    expected_labels = {0: [2, 2, 2, 0], 1: [0, 2, 2, 0], 2: [0, 0, 2, 0]}
+    for stage, weights in enumerate(((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))):
+        kept, matched, labels, regression = heads._label(stage, proposals, [gt])
+        assert labels[0].tolist() == expected_labels[stage]  # the crowd proposal is ignored (dropped), not background
+        assert torch.equal(kept[0], proposals[0][:4]) and matched[0].tolist() == [0, 0, 0, 0]
+        # dy of the 10x7.5 box towards the 10x10 one: weight x (5 - 3.75) / 7.5
+        assert regression[0][2, 1].item() == pytest.approx(weights[1] * 1.25 / 7.5)
+        torch.testing.assert_close(regression[0], BoxCoder(weights).encode_single(gt["boxes"].expand(4, 4), kept[0]))
+    assert heads.proposal_matcher is heads.stage_matchers[0] and heads._crowd == []  # nothing left switched
+
+
+def test_cascade_trains_every_stage_and_averages_their_scores():
+    torch.manual_seed(0)
+    base = _roi_heads(score_thresh=0.0, nms_thresh=1.0)  # keep every (box, class) pair
+    heads = CascadeRoIHeads(base, [TwoMLPHead(16 * 49, 32) for _ in range(3)],
+                            [AgnosticBoxPredictor(32, 4) for _ in range(3)])
+    features, proposals, shapes, targets = _roi_inputs()
+    losses = heads.train()(features, proposals, shapes, targets)[1]
+    assert len(losses) == 7 and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    for stage in range(3):
+        assert heads.stage_heads[stage].fc6.weight.grad.abs().sum() > 0
+        assert heads.stage_predictors[stage].bbox_pred.weight.grad.abs().sum() > 0
+    # With regressions switched off the boxes stay put, so each stage scores the same boxes:
+    # the detections' scores are the per-stage class probabilities averaged.
+    with torch.no_grad():
+        for predictor in heads.stage_predictors:
+            predictor.bbox_pred.weight.zero_()
+            predictor.bbox_pred.bias.zero_()
+        heads.eval()
+        result, _ = heads(features, proposals, shapes)
+        per_stage = torch.stack([heads._run_stage(k, features, proposals, shapes)[0].softmax(-1) for k in range(3)])
+    first = len(proposals[0])
+    expected = per_stage.mean(0)[:first, 1:].flatten().sort(descending=True).values
+    torch.testing.assert_close(result[0]["scores"], expected, rtol=1e-5, atol=1e-6)
+    stage0 = per_stage[0, :first, 1:].flatten().sort(descending=True).values
+    assert (stage0 - expected).abs().max() > 1e-3  # the stages do disagree: the average is not one stage's
+    x = torch.ones(3, requires_grad=True)
+    y = _scale_gradient(x, 1 / 3)
+    y.sum().backward()
+    assert torch.equal(y, x) and torch.allclose(x.grad, torch.full((3,), 1 / 3))
+    # each stage hands the backbone a third of its RoI features' gradient
+    grads = []
+    for scaled in (True, False):
+        maps = {name: level.clone().requires_grad_() for name, level in features.items()}
+        if scaled:
+            logits = heads._run_stage(1, maps, proposals, shapes)[0]
+        else:
+            logits = heads.stage_predictors[1](heads.stage_heads[1](heads.box_roi_pool(maps, proposals, shapes)))[0]
+        logits.square().sum().backward()
+        grads.append(maps["0"].grad)
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1] / 3)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
@@ -452,10 +582,11 @@ def test_backbone_from_an_mae_run_computes_the_mae_encoders_patch_tokens(tmp_pat
     assert (normed - with_cls[:, 1:]).norm() < 0.2 * with_cls[:, 1:].norm()
 
 
-def test_tiny_detect_command_writes_pycocotools_ap(tmp_path):
+@pytest.mark.parametrize("cascade", [False, True])
+def test_tiny_detect_command_writes_pycocotools_ap(tmp_path, cascade):
     out = tmp_path / "det"
     args = [f"{k}={v}" for k, v in TINY.items()]
-    assert main(["detect", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", *args]) == 0
+    assert main(["detect", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", f"cascade={cascade}", *args]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["stage"] == "detect" and results["steps"] == 2 and results["num_classes"] == 3
     for key in ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75"):
@@ -467,6 +598,10 @@ def test_tiny_detect_command_writes_pycocotools_ap(tmp_path):
     weights = load_file(str(out / "detector.safetensors"))
     assert "backbone.blocks.0.attn.qkv.weight" in weights
     assert "roi_heads.mask_predictor.mask_fcn_logits.weight" in weights
+    assert ("roi_heads.stage_predictors.2.bbox_pred.weight" in weights) == cascade
+    assert ("roi_heads.box_predictor.bbox_pred.weight" in weights) == (not cascade)
+    logged = {key for line in (out / "metrics.jsonl").read_text().splitlines() for key in json.loads(line)}
+    assert ("loss_box_reg_stage2" in logged) == cascade and ("loss_box_reg" in logged) == (not cascade)
 
 
 def test_coco_folder_layout_and_bad_settings(tmp_path):
@@ -505,6 +640,7 @@ def test_paper_recipes_parse(path, mae_run):
     assert cfg.model == "vit_l16" and cfg.image_size == 1024 and cfg.window_size == 14
     assert (cfg.lsj_min, cfg.lsj_max) == (0.1, 2.0) and cfg.layer_decay == 0.8 and cfg.drop_path == 0.4
     assert cfg.lr == 1e-4 and cfg.weight_decay == 0.1 and cfg.batch_size == 64 and cfg.box_head == "4conv1fc"
+    assert cfg.cascade and cfg.head_dim == 1024  # Cascade Mask R-CNN, the paper's detector
     assert tuple(cfg.pyramid_scales) == (4.0, 2.0, 1.0, 0.5) and cfg.pyramid_channels == 256 and cfg.rel_pos
     assert parse_global_blocks(cfg.global_blocks, 24) == [5, 11, 17, 23]
     assert cfg.lvis == ("true" if "lvis" in path.name else "false")

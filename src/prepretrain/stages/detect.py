@@ -88,6 +88,7 @@ class DetectConfig(TrainConfig):
     feature_norm: str = "none"  # none (ViTDet) | batch: per-channel BatchNorm (no affine) before the pyramid
     # detector
     masks: bool = True  # Mask R-CNN (true) or Faster R-CNN (false)
+    cascade: bool = False  # Cascade (Mask) R-CNN: three box stages at IoU 0.5/0.6/0.7 (MAWS and ViTDet's best: true)
     box_head: str = "2fc"  # 4conv1fc (ViTDet: 4 convs with LayerNorm + 1 fc) | 2fc (torchvision's MLP)
     head_dim: int = 256  # box head fc width (ViTDet: 1024)
     box_batch_per_image: int = 64  # sampled proposals per image for the box head (ViTDet: 512)
@@ -249,7 +250,7 @@ class DetectStage(Stage):
                                   tuple(cfg.pyramid_scales), cfg.feature_norm)
         return build_detector(
             backbone, self.num_classes, cfg.image_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
-            masks=cfg.masks, box_head=cfg.box_head, head_dim=cfg.head_dim,
+            masks=cfg.masks, box_head=cfg.box_head, head_dim=cfg.head_dim, cascade=cfg.cascade,
             box_batch_per_image=cfg.box_batch_per_image, rpn_batch_per_image=cfg.rpn_batch_per_image,
             rpn_pre_nms_train=cfg.rpn_pre_nms_topk[0], rpn_pre_nms_test=cfg.rpn_pre_nms_topk[1],
             rpn_post_nms_train=cfg.rpn_post_nms_topk[0], rpn_post_nms_test=cfg.rpn_post_nms_topk[1],
@@ -368,7 +369,7 @@ class DetectStage(Stage):
                 "global_blocks": ",".join(map(str, self.global_blocks)), "rel_pos": str(cfg.rel_pos),
                 "pyramid_channels": str(cfg.pyramid_channels),
                 "pyramid_scales": ",".join(map(str, cfg.pyramid_scales)), "feature_norm": cfg.feature_norm,
-                "masks": str(cfg.masks),
+                "masks": str(cfg.masks), "cascade": str(cfg.cascade),
                 "box_head": cfg.box_head, "head_dim": str(cfg.head_dim), "format": "torchvision-maskrcnn-vitdet"}
 
     def best_weights(self, model: nn.Module, run: Run) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
