@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from prepretrain.config import build_config
+from prepretrain.config import ConfigError, build_config
 from prepretrain.stages.mae import MAEConfig, MAEStage
 from prepretrain.train import checkpoint as ckpt
 from prepretrain.train.engine import NonFiniteLoss, train
@@ -73,6 +73,22 @@ def test_run_directory_contents_and_loss_falls(tmp_path):
     assert results["steps"] == 20 and "val_loss" in results
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
         "step_00000018.pt", "step_00000018.pt.sha256", "step_00000020.pt", "step_00000020.pt.sha256"]
+
+
+def test_mae_on_an_unlabeled_folder_with_no_validation_finishes(tmp_path):
+    """eval_images=0 turns the validation loss off (it used to end a finished run in a traceback)."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(8):
+        Image.new("RGB", (40, 40), (30 * i, 100, 200 - 20 * i)).save(folder / f"{i}.png")
+    results = train(MAEStage(tiny_cfg(tmp_path / "run", f"data={folder}", "eval_images=0", "steps=2",
+                                      "batch_size=4")))
+    assert results["steps"] == 2 and "val_loss" not in results
+    assert (tmp_path / "run" / "encoder.safetensors").exists()
+    with pytest.raises(ConfigError, match="'eval_images'"):
+        tiny_cfg(tmp_path / "bad", "eval_images=-1")
 
 
 def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ class MAEConfig(TrainConfig):
     decoder_num_heads: int = 4  # reference: 16
     min_crop_scale: float = 0.2
     init: str = ""  # start from an MAE "full" checkpoint: a file or an MAE run directory (its mae_full.safetensors)
-    eval_images: int = 256  # held-out images for the validation loss
+    eval_images: int = 256  # held-out images for the validation loss; 0 = no validation loss
     # CPU-demo schedule (the paper: blr 1.5e-4, batch 4096, warmup 40 of 800 epochs)
     blr: float = 1.5e-3
     epochs: float = 8.0
@@ -53,6 +53,8 @@ class MAEConfig(TrainConfig):
             raise ConfigError("decoder_num_heads", f"must divide decoder_embed_dim {self.decoder_embed_dim}")
         if self.decoder_embed_dim % 4:
             raise ConfigError("decoder_embed_dim", "must be a multiple of 4 (2-D sin-cos embedding)")
+        if self.eval_images < 0:
+            raise ConfigError("eval_images", f"must be >= 0 (0 = no validation loss), got {self.eval_images}")
 
 
 class MaskedSample:
@@ -112,6 +114,8 @@ class MAEStage(Stage):
     # ---------------------------------------------------------------- evaluation
     def _val_images(self, count: int) -> torch.Tensor | None:
         cfg = self.cfg
+        if count <= 0:
+            return None
         try:
             source = open_stage_data(cfg, "val")
         except (FileNotFoundError, KeyError, ValueError):
