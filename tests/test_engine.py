@@ -87,6 +87,9 @@ def test_mae_on_an_unlabeled_folder_with_no_validation_finishes(tmp_path):
                                       "batch_size=4")))
     assert results["steps"] == 2 and "val_loss" not in results
     assert (tmp_path / "run" / "encoder.safetensors").exists()
+    # The same command again resumes after the last step: nothing runs, the final loss is the logged one.
+    again = train(MAEStage(tiny_cfg(tmp_path / "run", f"data={folder}", "eval_images=0", "steps=2", "batch_size=4")))
+    assert again["final_loss"] == pytest.approx(results["final_loss"], rel=1e-6)
     with pytest.raises(ConfigError, match="'eval_images'"):
         tiny_cfg(tmp_path / "bad", "eval_images=-1")
 

@@ -52,7 +52,7 @@ from .distributed import (
 )
 from .frozen import FrozenInputs, compute_frozen_inputs
 from .limits import NonFiniteLoss, TooManyBadSamples, check_bad_fraction
-from .metrics import MetricsLogger, detect_peak_tflops, plot_metrics, progress_bar
+from .metrics import MetricsLogger, detect_peak_tflops, plot_metrics, progress_bar, read_metrics
 from .optim import build_optimizer, lr_at, param_groups, set_lr
 from .run import Run
 
@@ -616,8 +616,12 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):
                 results = stage.finish(export_model, _on_device(run, export_device)) or {}
             plot_metrics(run.path("metrics.jsonl"), run.path("loss_curve.png"), ("loss", "lr"), title=stage.name)
+            final_loss = float(self.last_loss)
+            if not isinstance(self.last_loss, torch.Tensor):  # resumed after the last step: none ran here
+                logged = [r["loss"] for r in read_metrics(run.path("metrics.jsonl")) if "loss" in r]
+                final_loss = float(logged[-1]) if logged else final_loss
             results = {
-                "stage": stage.name, "steps": self.total_steps, "final_loss": float(self.last_loss),
+                "stage": stage.name, "steps": self.total_steps, "final_loss": final_loss,
                 "samples_seen": self.total_steps * self.cfg.batch_size, "skipped": self.skips.as_dict(),
                 "nonfinite_steps": self.nonfinite_total, **eval_metrics, **results,
             }
