@@ -55,7 +55,7 @@ from .stages.video import VideoConfig
 from .train.distributed import clip_grad_norm_, pick_device
 from .train.engine import Precision, nonfinite_count, pick_precision
 from .train.metrics import detect_peak_tflops
-from .train.optim import build_optimizer, param_groups
+from .train.optim import build_optimizer, param_groups, step_unless_flagged
 
 STEP_TARGETS = ("mae", "wsp", "finetune", "vit", "video", "detect")
 
@@ -163,9 +163,7 @@ def prepretrain_step(model: nn.Module, case: StepCase, device: torch.device, pre
             scaler.step(optimizer)
             scaler.update()
         else:
-            optimizer.found_inf = (bad > 0).float()
-            optimizer.step()
-            del optimizer.found_inf
+            step_unless_flagged(optimizer, bad)
         optimizer.zero_grad(set_to_none=True)
 
     return step
@@ -174,8 +172,7 @@ def prepretrain_step(model: nn.Module, case: StepCase, device: torch.device, pre
 def baseline_step(model: nn.Module, case: StepCase, device: torch.device, clip_grad: float) -> Callable[[], None]:
     """The reference implementations' step: fp16 + loss scaler on CUDA (fp32 on CPU), default
     AdamW, no compile, the loss read on the host every step."""
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in param_groups(model, 0.05)],
-                                  lr=1e-4, betas=(0.9, 0.95))
+    optimizer = build_optimizer(param_groups(model, 0.05), 1e-4, (0.9, 0.95), device, fused=False)
     cuda = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if cuda else None
 

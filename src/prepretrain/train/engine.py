@@ -27,6 +27,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ from .distributed import (
 from .frozen import FrozenInputs, compute_frozen_inputs
 from .limits import NonFiniteLoss, TooManyBadSamples, check_bad_fraction
 from .metrics import MetricsLogger, detect_peak_tflops, plot_metrics, progress_bar, read_metrics
-from .optim import build_optimizer, lr_at, param_groups, set_lr
+from .optim import build_optimizer, lr_at, param_groups, set_lr, step_unless_flagged
 from .run import Run
 
 
@@ -431,11 +432,11 @@ class Trainer:
         return {k: (v.to(self.run.device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
                 for k, v in batch.items()}
 
-    @property
+    @cached_property
     def reads_flags_each_step(self) -> bool:
         """Whether the host must know each step's verdict before applying it: fp16's loss scaler
         (it syncs anyway), a stage hook that runs after applied steps only (an EMA), or an
-        optimizer that cannot skip a step on the device."""
+        optimizer that cannot skip a step on the device. Decided once, at the first step."""
         return (self.precision.scaler is not None or type(self.stage).after_step is not Stage.after_step
                 or not all(group.get("fused") for group in self.optimizer.param_groups))
 
@@ -468,9 +469,7 @@ class Trainer:
         elif self.reads_flags_each_step:
             self.optimizer.step()
         else:
-            self.optimizer.found_inf = (flags[0] + flags[1] > 0).float()
-            self.optimizer.step()
-            del self.optimizer.found_inf
+            step_unless_flagged(self.optimizer, flags[0] + flags[1])
         if self.reads_flags_each_step:
             self.stage.after_step(self.model, step + 1)
         return grad_norm
