@@ -24,6 +24,7 @@ from prepretrain.data.detection import (
     DetectionSample,
     LargeScaleJitter,
     annotation_mask,
+    category_image_counts,
     decode_target,
     draw_synthetic_image,
     is_lvis,
@@ -31,6 +32,7 @@ from prepretrain.data.detection import (
     repeat_factors,
     synthetic_coco,
 )
+from prepretrain.data.synthetic import SHAPES, _make_object, _paint_object, draw_object_scene
 from prepretrain.evaluate.detection import coco_ap, detection_metrics, lvis_ap
 from prepretrain.models.detector import (
     AgnosticBoxPredictor,
@@ -39,7 +41,9 @@ from prepretrain.models.detector import (
     CrowdAwareRPN,
     _ignore_in_crowds,
     _scale_gradient,
+    federated_classes,
     inside_fraction,
+    sigmoid_classification_loss,
 )
 from prepretrain.models.mae import create_mae
 from prepretrain.models.resolve import encoder_metadata
@@ -195,24 +199,44 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 # ---------------------------------------------------------------------------------- data
 
 
-def test_synthetic_set_is_real_coco_json_and_deterministic(tmp_path):
-    annotations, images = synthetic_coco(tmp_path, "val", 6, 48)
+@pytest.mark.parametrize("style", ["shapes", "objects"])
+def test_synthetic_set_is_real_coco_json_and_deterministic(tmp_path, style):
+    annotations, images = synthetic_coco(tmp_path, "val", 6, 48, style=style)
     dataset = json.loads(annotations.read_text())
-    assert [c["name"] for c in dataset["categories"]] == ["rectangle", "ellipse", "triangle"]
+    expected = ["rectangle", "ellipse", "triangle"] if style == "shapes" else SHAPES
+    assert [c["name"] for c in dataset["categories"]] == expected
     assert len(dataset["images"]) == 6 and len(dataset["annotations"]) >= 6 and not is_lvis(dataset)
     for annotation in dataset["annotations"]:
         mask = annotation_mask(annotation["segmentation"], 48, 48)
         ys, xs = np.nonzero(mask)
         assert annotation["area"] == mask.sum() > 0
         assert annotation["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
-    pixels, instances = draw_synthetic_image(0, "val", 3, 48)
+    pixels, instances = draw_synthetic_image(0, "val", 3, 48, style)
     from PIL import Image
 
     assert np.array_equal(np.asarray(Image.open(images / "000003.png")), pixels)
     masks = np.stack([i["mask"] for i in instances])
     assert masks.sum(0).max() == 1  # visible parts never overlap: occluded pixels belong to the top shape
     before = annotations.stat().st_mtime_ns
-    assert synthetic_coco(tmp_path, "val", 6, 48)[0].stat().st_mtime_ns == before  # reused, not redrawn
+    assert synthetic_coco(tmp_path, "val", 6, 48, style=style)[0].stat().st_mtime_ns == before  # reused
+    assert (style == "objects") == ("objects" in annotations.parent.parent.name)  # each style has its own folder
+
+
+def test_object_scenes_mask_what_was_painted():
+    """In the objects style an object's mask is where it is painted with at least half opacity."""
+    obj = _make_object(1, 0, 0, 8.0, 20.0, 20.0, np.full(7, 0.5))  # a solid red square
+    canvas = np.zeros((40, 40, 3), dtype=np.float32)
+    coverage = _paint_object(canvas, obj)
+    alpha = canvas[..., 0] / obj.rgb[0]
+    assert 50 < coverage.sum() < 400 and np.array_equal(coverage, alpha >= 0.5 - 1e-6)
+    rng = np.random.default_rng(3)
+    image, shapes = draw_object_scene(rng, 64, 4)
+    assert image.shape == (64, 64, 3) and image.dtype == np.uint8 and len(shapes) == 4
+    assert all(0 <= kind < len(SHAPES) and mask.shape == (64, 64) and mask.any() for kind, mask in shapes)
+    instances = draw_synthetic_image(0, "train", 5, 64, "objects")[1]
+    assert all(0 <= i["category"] < len(SHAPES) for i in instances) and instances
+    with pytest.raises(ValueError, match="style"):
+        draw_synthetic_image(0, "train", 5, 64, "photos")
 
 
 def test_polygon_and_rle_segmentations_decode():
@@ -422,6 +446,61 @@ def test_cascade_trains_every_stage_and_averages_their_scores():
     torch.testing.assert_close(grads[0], grads[1] / 3)
 
 
+def test_federated_classes_keep_the_batch_classes_and_draw_negatives_by_weight():
+    weights = torch.tensor([0.0, 1.0, 0.0, 4.0, 9.0, 1.0, 0.0])  # labels 2 and 6 are never drawn
+    labels = torch.tensor([0, 0, 5, 5, 1])
+    torch.manual_seed(0)
+    draws = [federated_classes(labels, weights, count=3) for _ in range(400)]
+    assert all(sorted(d[:2].tolist()) == [1, 5] and len(d) == 3 for d in draws)  # present first, then one drawn
+    drawn = torch.stack([d[2] for d in draws])
+    assert set(drawn.tolist()) <= {3, 4}  # weight 0 and the background are never drawn
+    assert 0.55 < (drawn == 4).float().mean() < 0.8  # 9 : 4 -> 0.69
+    # fewer classes with a weight than asked for: all of them
+    assert sorted(federated_classes(labels, weights, count=50).tolist()) == [1, 3, 4, 5]
+
+
+def test_sigmoid_classification_loss_counts_only_the_federated_classes():
+    logits = torch.randn(4, 5)
+    labels = torch.tensor([0, 2, 4, 2])
+    target = torch.zeros(4, 4)
+    target[1, 1] = target[2, 3] = target[3, 1] = 1.0  # label k is column k - 1: background is nobody's positive
+    full = F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="sum") / 4
+    torch.testing.assert_close(sigmoid_classification_loss(logits, labels), full)
+    subset = F.binary_cross_entropy_with_logits(logits[:, [2, 4]], target[:, [1, 3]], reduction="sum") / 4
+    torch.testing.assert_close(sigmoid_classification_loss(logits, labels, torch.tensor([2, 4])), subset)
+
+
+def test_federated_cascade_trains_and_scores_with_sigmoids(tmp_path):
+    torch.manual_seed(0)
+    base = _roi_heads(score_thresh=0.0, nms_thresh=1.0)
+    heads = CascadeRoIHeads(base, [TwoMLPHead(16 * 49, 32) for _ in range(3)],
+                            [AgnosticBoxPredictor(32, 4) for _ in range(3)],
+                            fed_loss_weights=torch.tensor([0.0, 1.0, 1.0, 1.0]), fed_loss_classes=2)
+    features, proposals, shapes, targets = _roi_inputs()
+    torch.manual_seed(1)
+    losses = heads.train()(features, proposals, shapes, targets)[1]
+    torch.manual_seed(1)
+    plain = CascadeRoIHeads(base, heads.stage_heads, heads.stage_predictors).train()(
+        features, proposals, shapes, targets)[1]
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_classifier_stage0"] != plain["loss_classifier_stage0"]  # sigmoid, not softmax
+    torch.testing.assert_close(losses["loss_box_reg_stage0"], plain["loss_box_reg_stage0"])  # same samples
+    with torch.no_grad():
+        for predictor in heads.stage_predictors:
+            predictor.bbox_pred.weight.zero_()
+            predictor.bbox_pred.bias.zero_()
+        result, _ = heads.eval()(features, proposals, shapes)
+        per_stage = torch.stack([heads._run_stage(k, features, proposals, shapes)[0].sigmoid() for k in range(3)])
+    expected = per_stage.mean(0)[: len(proposals[0]), 1:].flatten().sort(descending=True).values
+    torch.testing.assert_close(result[0]["scores"], expected, rtol=1e-5, atol=1e-6)
+    # the stage builds the weights from the training images: image counts ** 0.5, background 0
+    stage = _stage(tmp_path, cascade=True, fed_loss=True)
+    counts = category_image_counts(stage.train_source)
+    assert counts[0] == 0 and counts[1:].min() > 0 and counts.max() <= len(stage.train_source)
+    model = stage.build_model(Run.of_stage(stage))
+    torch.testing.assert_close(model.roi_heads.fed_loss_weights, counts.float() ** 0.5)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
@@ -582,11 +661,12 @@ def test_backbone_from_an_mae_run_computes_the_mae_encoders_patch_tokens(tmp_pat
     assert (normed - with_cls[:, 1:]).norm() < 0.2 * with_cls[:, 1:].norm()
 
 
-@pytest.mark.parametrize("cascade", [False, True])
-def test_tiny_detect_command_writes_pycocotools_ap(tmp_path, cascade):
+@pytest.mark.parametrize("heads", ["plain", "cascade", "cascade_fed_loss"])
+def test_tiny_detect_command_writes_pycocotools_ap(tmp_path, heads):
     out = tmp_path / "det"
-    args = [f"{k}={v}" for k, v in TINY.items()]
-    assert main(["detect", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", f"cascade={cascade}", *args]) == 0
+    cascade = heads != "plain"
+    args = [f"{k}={v}" for k, v in TINY.items()] + [f"cascade={cascade}", f"fed_loss={heads == 'cascade_fed_loss'}"]
+    assert main(["detect", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", *args]) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["stage"] == "detect" and results["steps"] == 2 and results["num_classes"] == 3
     for key in ("box_ap", "box_ap50", "box_ap75", "mask_ap", "mask_ap50", "mask_ap75"):
@@ -624,7 +704,8 @@ def test_coco_folder_layout_and_bad_settings(tmp_path):
     assert val_source.image_path(info) == folder / "train2017" / "000001.png"
     for bad, key in (("global_blocks=1,x", "global_blocks"), ("lsj_min=0", "lsj_min"), ("box_head=cascade", "box_head"),
                      ("pyramid_scales=1,2", "pyramid_scales"), ("lvis=maybe", "lvis"), ("image_size=30", "image_size"),
-                     ("feature_norm=layer", "feature_norm"),
+                     ("feature_norm=layer", "feature_norm"), ("synthetic_style=photos", "synthetic_style"),
+                     ("fed_loss=true", "fed_loss"),
                      ("repeat_factor_threshold=-0.1", "repeat_factor_threshold")):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             build_config(DetectConfig, None, [bad])
@@ -641,6 +722,7 @@ def test_paper_recipes_parse(path, mae_run):
     assert (cfg.lsj_min, cfg.lsj_max) == (0.1, 2.0) and cfg.layer_decay == 0.8 and cfg.drop_path == 0.4
     assert cfg.lr == 1e-4 and cfg.weight_decay == 0.1 and cfg.batch_size == 64 and cfg.box_head == "4conv1fc"
     assert cfg.cascade and cfg.head_dim == 1024  # Cascade Mask R-CNN, the paper's detector
+    assert cfg.fed_loss == ("lvis" in path.name)  # ViTDet trains LVIS with the federated loss
     assert tuple(cfg.pyramid_scales) == (4.0, 2.0, 1.0, 0.5) and cfg.pyramid_channels == 256 and cfg.rel_pos
     assert parse_global_blocks(cfg.global_blocks, 24) == [5, 11, 17, 23]
     assert cfg.lvis == ("true" if "lvis" in path.name else "false")

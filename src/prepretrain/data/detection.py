@@ -45,8 +45,12 @@ from PIL import Image, ImageDraw
 
 from .. import files
 from .records import BadSample
+from .synthetic import SHAPES, draw_object_scene
 
 SYNTHETIC_CATEGORIES = ["rectangle", "ellipse", "triangle"]
+# The synthetic set's two styles and their categories: flat shapes on a noisy ramp, or the
+# embedded pretraining dataset's textured objects on its backgrounds (data.synthetic).
+SYNTHETIC_STYLES = {"shapes": SYNTHETIC_CATEGORIES, "objects": SHAPES}
 SYNTHETIC_VERSION = 1  # bump when the drawing changes, so cached sets are redrawn
 MEAN_PIXEL = (124, 116, 104)  # ImageNet mean in 0-255: zero after normalisation, like ViTDet's padding
 
@@ -72,10 +76,16 @@ def _draw_shape(kind: int, size: int, rng: np.random.Generator) -> tuple[np.ndar
     return np.asarray(canvas, dtype=bool), np.array([x0, y0, x1, y1])
 
 
-def draw_synthetic_image(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+def draw_synthetic_image(seed: int, split: str, index: int, size: int,
+                         style: str = "shapes") -> tuple[np.ndarray, list[dict[str, Any]]]:
     """(H x W x 3 uint8 image, instances with ``category`` and visible ``mask``), a pure function of its arguments."""
     stream = zlib.crc32(f"detect:{split}".encode())
     rng = np.random.default_rng([seed, stream, index])
+    if style == "objects":
+        image, shapes = draw_object_scene(rng, size, int(rng.integers(2, 7)))
+        return image, _visible_instances(shapes)
+    if style != "shapes":
+        raise ValueError(f"synthetic style must be one of {', '.join(SYNTHETIC_STYLES)}; got '{style}'")
     base = rng.uniform(40, 215, 3)
     ramp = np.linspace(-1, 1, size)[None, :, None] * rng.uniform(-30, 30, 3)
     image = base + ramp + rng.normal(0, 12, (size, size, 3))
@@ -87,13 +97,20 @@ def draw_synthetic_image(seed: int, split: str, index: int, size: int) -> tuple[
         shade = colour + rng.normal(0, 8, (size, size, 3))
         image = np.where(mask[..., None], shade, image)
         shapes.append((kind, mask))
-    instances, covered = [], np.zeros((size, size), dtype=bool)
-    for kind, mask in reversed(shapes):  # later shapes are on top: what earlier ones keep is what is uncovered
+    return np.clip(image, 0, 255).astype(np.uint8), _visible_instances(shapes)
+
+
+def _visible_instances(shapes: list[tuple[int, np.ndarray]]) -> list[dict[str, Any]]:
+    """Instances from full masks in painting order: each keeps what later ones leave uncovered,
+    and one mostly hidden (under a quarter visible, or under 12 pixels) is dropped."""
+    instances, covered = [], None
+    for kind, mask in reversed(shapes):  # later shapes are on top
+        covered = np.zeros_like(mask) if covered is None else covered
         visible = mask & ~covered
         covered |= mask
         if visible.sum() >= max(12, 0.25 * mask.sum()):
             instances.append({"category": kind, "mask": visible})
-    return np.clip(image, 0, 255).astype(np.uint8), instances[::-1]
+    return instances[::-1]
 
 
 def _mask_box(mask: np.ndarray) -> list[float]:
@@ -101,11 +118,13 @@ def _mask_box(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
 
 
-def synthetic_coco(root: str | Path, split: str, num_images: int, image_size: int, seed: int = 0) -> tuple[Path, Path]:
+def synthetic_coco(root: str | Path, split: str, num_images: int, image_size: int, seed: int = 0,
+                   style: str = "shapes") -> tuple[Path, Path]:
     """(annotation file, image folder) of the synthetic set in ``root``; drawn and written when missing."""
     from pycocotools import mask as mask_utils
 
-    root = Path(root) / f"synthetic-v{SYNTHETIC_VERSION}-s{seed}-{image_size}px"
+    prefix = "synthetic" if style == "shapes" else f"synthetic-{style}"
+    root = Path(root) / f"{prefix}-v{SYNTHETIC_VERSION}-s{seed}-{image_size}px"
     annotations = root / "annotations" / f"instances_{split}.json"
     images_dir = root / f"{split}-{num_images}"
     if annotations.is_file():
@@ -118,7 +137,7 @@ def synthetic_coco(root: str | Path, split: str, num_images: int, image_size: in
             pass  # damaged or from another size: draw it again
     images, annots = [], []
     for index in range(num_images):
-        pixels, instances = draw_synthetic_image(seed, split, index, image_size)
+        pixels, instances = draw_synthetic_image(seed, split, index, image_size, style)
         name = f"{index:06d}.png"
         with files.atomic_path(images_dir / name) as tmp:
             Image.fromarray(pixels).save(tmp, format="PNG")
@@ -130,7 +149,8 @@ def synthetic_coco(root: str | Path, split: str, num_images: int, image_size: in
                 "bbox": _mask_box(instance["mask"]), "area": float(instance["mask"].sum()), "iscrowd": 0,
                 "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
             })
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SYNTHETIC_CATEGORIES)]
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
+                  for i, name in enumerate(SYNTHETIC_STYLES[style])]
     info = {"description": "prepretrain synthetic shapes", "version": SYNTHETIC_VERSION, "seed": seed,
             "folder": images_dir.name}
     files.write_json(annotations, {"info": info, "images": images, "annotations": annots, "categories": categories})
@@ -234,6 +254,29 @@ class CocoDetectionSource:
         return DetectionSample(str(path), int(info["id"]), image, self.by_image.get(int(info["id"]), []))
 
 
+def _image_categories(source: CocoDetectionSource) -> list[set[int]]:
+    """The (non-crowd, known) category ids each training image contains."""
+    return [{int(a["category_id"]) for a in source.by_image.get(int(im["id"]), [])
+             if not a.get("iscrowd", 0) and int(a["category_id"]) in source.label_of} for im in source.images]
+
+
+def _images_with(categories: list[set[int]]) -> dict[int, int]:
+    counts: dict[int, int] = defaultdict(int)
+    for present in categories:
+        for category in present:
+            counts[category] += 1
+    return counts
+
+
+def category_image_counts(source: CocoDetectionSource) -> torch.Tensor:
+    """How many training images contain each category, by label (index 0, the background, is 0):
+    LVIS's ``image_count``, counted from the annotations so it holds for any COCO-format file."""
+    counts = torch.zeros(source.num_classes + 1, dtype=torch.float64)
+    for category, count in _images_with(_image_categories(source)).items():
+        counts[source.label_of[category]] = count
+    return counts
+
+
 def repeat_factors(source: CocoDetectionSource, threshold: float) -> torch.Tensor:
     """LVIS repeat-factor sampling (Gupta et al., 2019): one repeat factor per training image.
 
@@ -243,14 +286,10 @@ def repeat_factors(source: CocoDetectionSource, threshold: float) -> torch.Tenso
     ``sum(r)`` samples, each image is drawn ``r`` times per epoch in expectation, which is what
     detectron2's ``RepeatFactorTrainingSampler`` gives with stochastic rounding. ``t`` is 0.001
     for LVIS; ``threshold <= 0`` gives all ones (no resampling). Crowd regions do not count."""
-    categories = [{int(a["category_id"]) for a in source.by_image.get(int(im["id"]), [])
-                   if not a.get("iscrowd", 0) and int(a["category_id"]) in source.label_of} for im in source.images]
+    categories = _image_categories(source)
     if threshold <= 0 or not categories:
         return torch.ones(len(categories), dtype=torch.float64)
-    images_with: dict[int, int] = defaultdict(int)
-    for present in categories:
-        for category in present:
-            images_with[category] += 1
+    images_with = _images_with(categories)
     category_factor = {c: max(1.0, (threshold * len(categories) / count) ** 0.5) for c, count in images_with.items()}
     return torch.tensor([max((category_factor[c] for c in present), default=1.0) for present in categories],
                         dtype=torch.float64)

@@ -436,14 +436,16 @@ def _fill_pattern(texture: int, u: np.ndarray, v: np.ndarray, obj: _Object) -> n
     return np.clip((u + 0.95) * (1.0 / 1.9), 0.0, 1.0)  # linear gradient across the object
 
 
-def _paint_object(canvas: np.ndarray, obj: _Object) -> None:
-    """Alpha-composite ``obj`` into ``canvas`` (H, W, 3 float32), touching only its bounding box."""
+def _paint_object(canvas: np.ndarray, obj: _Object) -> np.ndarray:
+    """Alpha-composite ``obj`` into ``canvas`` (H, W, 3 float32), touching only its bounding box;
+    returns the object's coverage (H, W bool: alpha of at least one half)."""
     size = canvas.shape[0]
+    coverage = np.zeros(canvas.shape[:2], dtype=bool)
     reach = obj.radius + 1.0
     x0, x1 = max(0, int(obj.cx - reach)), min(size, int(math.ceil(obj.cx + reach)))
     y0, y1 = max(0, int(obj.cy - reach)), min(size, int(math.ceil(obj.cy + reach)))
     if x0 >= x1 or y0 >= y1:
-        return
+        return coverage
     inv = 1.0 / obj.radius
     xs = (np.arange(x0, x1, dtype=np.float32) + (0.5 - obj.cx)) * inv
     ys = (np.arange(y0, y1, dtype=np.float32) + (0.5 - obj.cy)) * inv
@@ -458,6 +460,8 @@ def _paint_object(canvas: np.ndarray, obj: _Object) -> None:
         colour = obj.rgb + (obj.rgb2 - obj.rgb) * weight[..., None]
     region = canvas[y0:y1, x0:x1]
     region += (colour - region) * alpha
+    coverage[y0:y1, x0:x1] = alpha[..., 0] >= 0.5
+    return coverage
 
 
 class _Grids:
@@ -507,6 +511,38 @@ def _render(scene: _Scene, grids: _Grids, rng: np.random.Generator, size: int) -
         _paint_object(canvas, scene.distractor)  # below the main object: labels stay visible
     _paint_object(canvas, scene.main)
     return (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def draw_object_scene(rng: np.random.Generator, size: int,
+                      num_objects: int) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """Several objects of this dataset's kinds (its shapes, textures and colours, at the pixel size
+    its 32 px images show them) on one of its backgrounds: the detection set's scenes.
+
+    Returns the (size, size, 3) uint8 image and, in painting order (later ones on top), each
+    object's shape index and full coverage mask (bool); occlusion is left to the caller.
+    """
+    u = rng.random(9)
+    objects = []
+    for _ in range(num_objects):
+        v = rng.random(13)
+        radius = (_RADIUS_RANGE[0] + (_RADIUS_RANGE[1] - _RADIUS_RANGE[0]) * float(v[0])) * 32.0 * (0.8 + 0.4 * v[1])
+        radius = min(radius, 0.4 * size)
+        cx = radius * 0.5 + (size - radius) * float(v[2])  # may be cut by the border, as in photographs
+        cy = radius * 0.5 + (size - radius) * float(v[3])
+        shape = int(v[4] * NUM_COARSE)
+        typical = v[5] < TYPICAL_COLOUR_PROB
+        colour = COLOUR_NAMES.index(TYPICAL_COLOURS[shape]) if typical else int(v[6] * len(COLOURS))
+        objects.append(_make_object(shape, int(v[12] * len(TEXTURES)), colour, float(radius), float(cx), float(cy),
+                                    v[6:13]))
+    bg = (u[0:3] * 0.8 + 0.1).astype(np.float32)
+    grey = bg.mean()
+    bg = (grey + (bg - grey) * (0.25 + 0.6 * float(u[3]))).astype(np.float32)
+    scene = _Scene(main=objects[0], distractor=None, background=int(u[4] * len(BACKGROUNDS)), bg_rgb=bg,
+                   bg_rgb2=np.clip(bg + (u[5:8] - 0.5) * 0.5, 0.0, 1.0).astype(np.float32),
+                   bg_angle=float(u[8]) * math.pi, bg_period=max(3.0, size * 0.1), size_bucket=0, position=0)
+    canvas = _paint_background(scene, _Grids(size), rng, size)
+    masks = [(obj.shape, _paint_object(canvas, obj)) for obj in objects]
+    return (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), masks
 
 
 # ----------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ refining the boxes of the one before with its own class-agnostic regression, sco
 over the stages at inference, the mask head on the last stage's boxes. torchvision has no
 cascade; ``CascadeRoIHeads`` adds one on torchvision's own sampling, matching, losses and
 post-processing, with detectron2's stage settings (box-coder weights 10/20/30, the box head's
-input gradient scaled by 1/3, later stages labelled without sampling).
+input gradient scaled by 1/3, later stages labelled without sampling). For LVIS the cascade can
+train its classifiers with the federated loss (Zhou et al., 2021), as ViTDet's LVIS recipe does.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection._utils import BoxCoder, Matcher
@@ -112,6 +114,38 @@ class AgnosticBoxPredictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x).repeat(1, self.cls_score.out_features)
 
 
+FED_LOSS_CLASSES = 50  # detectron2's fed_loss_num_classes
+FED_LOSS_POWER = 0.5  # draw weight of a category: (images that contain it) ** 0.5, detectron2's freq_weight_power
+
+
+def federated_classes(labels: torch.Tensor, weights: torch.Tensor, count: int = FED_LOSS_CLASSES) -> torch.Tensor:
+    """The classes (torchvision labels, background 0 excluded) whose logits a federated loss trains
+    on this batch: every class among ``labels``, then classes drawn without replacement in
+    proportion to ``weights`` (one per label, background first) until there are ``count``."""
+    present = labels.unique()
+    present = present[present > 0]
+    probability = weights.detach().float().clone()
+    probability[0] = 0.0
+    probability[present] = 0.0
+    missing = min(count - len(present), int((probability > 0).sum()))
+    if missing <= 0:
+        return present
+    return torch.cat([present, torch.multinomial(probability, missing, replacement=False)])
+
+
+def sigmoid_classification_loss(logits: torch.Tensor, labels: torch.Tensor,
+                                classes: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-class binary cross-entropy on the foreground logits (a background proposal is a negative
+    for every class), summed over ``classes`` only when given (the federated loss), per proposal."""
+    target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)[:, 1:]
+    loss = F.binary_cross_entropy_with_logits(logits[:, 1:], target, reduction="none")
+    if classes is not None:
+        trained = torch.zeros(logits.shape[1], dtype=loss.dtype, device=loss.device)
+        trained[classes] = 1.0
+        loss = loss * trained[1:]
+    return loss.sum() / max(len(labels), 1)
+
+
 def _scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     """``x`` unchanged going forward, its gradient times ``scale`` going back."""
     return x * scale + x.detach() * (1.0 - scale)
@@ -127,12 +161,19 @@ class CascadeRoIHeads(CrowdAwareRoIHeads):
     is scaled by 1/stages so the backbone gets one head's worth. The mask head learns on the last
     stage's positives. Inference: every stage scores the boxes it is given, the class
     probabilities are averaged over the stages, and the last stage's boxes go through
-    torchvision's post-processing (score threshold, per-class NMS, top-k).
+    torchvision's post-processing steps (score threshold, small boxes, per-class NMS, top-k).
+
+    With ``fed_loss_weights`` (one per label, background first: detectron2 uses each category's
+    image count to the power 0.5) the classifiers are trained with the federated loss: sigmoid
+    cross-entropy over the classes present in the batch plus negatives drawn by those weights,
+    ``fed_loss_classes`` in all, so a category is never penalised on images whose annotators
+    did not look for it; class probabilities are then sigmoids.
     """
 
     def __init__(self, base: RoIHeads, box_heads: Sequence[nn.Module], box_predictors: Sequence[nn.Module],
                  ious: Sequence[float] = CASCADE_IOUS,
-                 box_weights: Sequence[tuple[float, float, float, float]] = CASCADE_BOX_WEIGHTS):
+                 box_weights: Sequence[tuple[float, float, float, float]] = CASCADE_BOX_WEIGHTS,
+                 fed_loss_weights: torch.Tensor | None = None, fed_loss_classes: int = FED_LOSS_CLASSES):
         if not len(box_heads) == len(box_predictors) == len(ious) == len(box_weights):
             raise ValueError("one box head, predictor, IoU and coder weight per cascade stage")
         sampler = base.fg_bg_sampler
@@ -143,6 +184,9 @@ class CascadeRoIHeads(CrowdAwareRoIHeads):
         self.stage_predictors = nn.ModuleList(box_predictors)
         self.stage_matchers = [Matcher(iou, iou, allow_low_quality_matches=False) for iou in ious]
         self.stage_coders = [BoxCoder(weights) for weights in box_weights]
+        self.federated = fed_loss_weights is not None
+        self.fed_loss_classes = fed_loss_classes
+        self.register_buffer("fed_loss_weights", fed_loss_weights, persistent=False)
 
     @property
     def num_stages(self) -> int:
@@ -188,6 +232,10 @@ class CascadeRoIHeads(CrowdAwareRoIHeads):
         for stage in range(self.num_stages):
             logits, regression = self._run_stage(stage, features, proposals, image_shapes)
             classification, box_regression = fastrcnn_loss(logits, regression, labels, list(regression_targets))
+            if self.federated:
+                flat = torch.cat(labels)
+                classes = federated_classes(flat, self.fed_loss_weights, self.fed_loss_classes)
+                classification = sigmoid_classification_loss(logits, flat, classes)
             losses[f"loss_classifier_stage{stage}"] = classification
             losses[f"loss_box_reg_stage{stage}"] = box_regression
             if stage + 1 < self.num_stages:
@@ -204,17 +252,31 @@ class CascadeRoIHeads(CrowdAwareRoIHeads):
                                                 [m[i] for m, i in zip(matched, positive)])
         return losses
 
+    def _postprocess(self, probabilities: torch.Tensor, boxes: list[torch.Tensor]):
+        """torchvision's ``postprocess_detections`` steps on class-agnostic boxes (already clipped)
+        and given class probabilities: every (box, class) pair, background excluded, above the score
+        threshold and not empty, per-class NMS, the ``detections_per_img`` best."""
+        found: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
+        num_classes = probabilities.shape[1]
+        for image_boxes, scores in zip(boxes, probabilities.split([len(b) for b in boxes])):
+            labels = torch.arange(1, num_classes, device=scores.device).expand(len(image_boxes), -1).reshape(-1)
+            scores = scores[:, 1:].reshape(-1)
+            image_boxes = image_boxes[:, None].expand(-1, num_classes - 1, -1).reshape(-1, 4)
+            keep = torch.where(scores > self.score_thresh)[0]
+            keep = keep[box_ops.remove_small_boxes(image_boxes[keep], min_size=1e-2)]
+            keep = keep[box_ops.batched_nms(image_boxes[keep], scores[keep], labels[keep], self.nms_thresh)]
+            keep = keep[: self.detections_per_img]
+            for collected, values in zip(found, (image_boxes, scores, labels)):
+                collected.append(values[keep])
+        return found
+
     def _detect(self, features, proposals, image_shapes) -> list[dict[str, torch.Tensor]]:
         probabilities = []
         for stage in range(self.num_stages):
             logits, regression = self._run_stage(stage, features, proposals, image_shapes)
-            probabilities.append(logits.softmax(-1))
+            probabilities.append(logits.sigmoid() if self.federated else logits.softmax(-1))
             proposals = self._refine(stage, regression, proposals, image_shapes)
-        # torchvision's post-processing on the final boxes (zero deltas decode to the boxes themselves)
-        # with the stage-averaged probabilities (softmax of their log gives them back).
-        mean = torch.stack(probabilities).mean(0)
-        boxes, scores, labels = self.postprocess_detections(
-            mean.clamp_min(1e-12).log(), regression.new_zeros(regression.shape), proposals, image_shapes)
+        boxes, scores, labels = self._postprocess(torch.stack(probabilities).mean(0), proposals)
         result = [{"boxes": b, "labels": c, "scores": s} for b, s, c in zip(boxes, scores, labels)]
         if self.has_mask():
             mask_logits = self.mask_predictor(self.mask_head(
@@ -250,6 +312,7 @@ def build_detector(
     box_head: str = "4conv1fc",
     head_dim: int = 1024,
     cascade: bool = False,
+    fed_loss_weights: torch.Tensor | None = None,
     box_batch_per_image: int = 512,
     rpn_batch_per_image: int = 256,
     rpn_pre_nms_train: int = 2000,
@@ -260,7 +323,10 @@ def build_detector(
     detections_per_image: int = 100,
 ) -> nn.Module:
     """Mask R-CNN (Faster R-CNN when ``masks`` is false) over ``backbone``; ``num_classes`` excludes background.
-    ``cascade`` makes it Cascade (Mask) R-CNN: three box stages of ``box_head``, see ``CascadeRoIHeads``."""
+    ``cascade`` makes it Cascade (Mask) R-CNN: three box stages of ``box_head``, see ``CascadeRoIHeads``;
+    ``fed_loss_weights`` (cascade only) trains its classifiers with the federated loss."""
+    if fed_loss_weights is not None and not cascade:
+        raise ValueError("the federated loss is implemented for the cascade heads: set cascade=True")
     channels = backbone.out_channels
     levels = [str(i) for i in range(len(backbone.pyramid.stages))]
     sizes = anchor_sizes(backbone.strides)
@@ -299,5 +365,6 @@ def build_detector(
     if cascade:
         stages = len(CASCADE_IOUS)
         model.roi_heads = CascadeRoIHeads(model.roi_heads, [make_box_head() for _ in range(stages)],
-                                          [AgnosticBoxPredictor(head_dim, num_classes + 1) for _ in range(stages)])
+                                          [AgnosticBoxPredictor(head_dim, num_classes + 1) for _ in range(stages)],
+                                          fed_loss_weights=fed_loss_weights)
     return model

@@ -34,9 +34,11 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError, TrainConfig
 from ..data.detection import (
+    SYNTHETIC_STYLES,
     CocoDetectionSource,
     DetectionSample,
     LargeScaleJitter,
+    category_image_counts,
     dataset_split_files,
     decode_target,
     image_tensor,
@@ -47,7 +49,7 @@ from ..data.detection import (
 from ..data.loader import RecordDataset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..evaluate.detection import detection_metrics
-from ..models.detector import build_detector
+from ..models.detector import FED_LOSS_POWER, build_detector
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
 from ..models.vit import check_model_and_size, resolve_name, vit_shape
 from ..models.vitdet import FEATURE_NORMS, ViTDetBackbone, parse_global_blocks, vitdet_flops
@@ -74,6 +76,7 @@ class DetectConfig(TrainConfig):
     lvis: str = "auto"  # auto (from the file's structure) | true | false: LVIS federated evaluation
     cache_dir: str = ""  # where data=synthetic is written; default <parent of out_dir>/detection_cache
     synthetic_val_images: int = 100  # size of the synthetic val split (num_images is the train split's)
+    synthetic_style: str = "shapes"  # shapes: 3 flat shapes | objects: the pretraining set's 10 textured kinds
     eval_images: int = 0  # evaluate on the first N val images only; 0 = all
     image_size: int = 64  # square input side (ViTDet: 1024)
     num_images: int = 1000
@@ -89,6 +92,7 @@ class DetectConfig(TrainConfig):
     # detector
     masks: bool = True  # Mask R-CNN (true) or Faster R-CNN (false)
     cascade: bool = False  # Cascade (Mask) R-CNN: three box stages at IoU 0.5/0.6/0.7 (MAWS and ViTDet's best: true)
+    fed_loss: bool = False  # federated loss for the classifiers (ViTDet's LVIS recipe; needs cascade=true)
     box_head: str = "2fc"  # 4conv1fc (ViTDet: 4 convs with LayerNorm + 1 fc) | 2fc (torchvision's MLP)
     head_dim: int = 256  # box head fc width (ViTDet: 1024)
     box_batch_per_image: int = 64  # sampled proposals per image for the box head (ViTDet: 512)
@@ -120,6 +124,9 @@ class DetectConfig(TrainConfig):
         if self.decode not in ("auto", "pil"):
             raise ConfigError("decode", "detection decodes and augments images (with their masks) with PIL: "
                                         "decode=auto or pil")
+        if self.synthetic_style not in SYNTHETIC_STYLES:
+            raise ConfigError("synthetic_style", f"must be one of {', '.join(SYNTHETIC_STYLES)}; "
+                                                 f"got '{self.synthetic_style}'")
         if str(self.lvis).lower() not in ("auto", "true", "false"):
             raise ConfigError("lvis", f"must be auto, true or false; got '{self.lvis}'")
         if self.window_size < 0:
@@ -148,6 +155,9 @@ class DetectConfig(TrainConfig):
         for key in ("rpn_pre_nms_topk", "rpn_post_nms_topk"):
             if min(getattr(self, key)) <= 0:
                 raise ConfigError(key, f"both values (train, test) must be > 0, got {list(getattr(self, key))}")
+        if self.fed_loss and not self.cascade:
+            raise ConfigError("fed_loss", "the federated loss is implemented for the cascade heads: "
+                                          "add cascade=true (as ViTDet's LVIS recipe has)")
         if self.box_head not in ("4conv1fc", "2fc"):
             raise ConfigError("box_head", f"must be 4conv1fc or 2fc; got '{self.box_head}'")
         for key in ("pyramid_channels", "head_dim", "box_batch_per_image", "rpn_batch_per_image", "eval_batch_size",
@@ -192,7 +202,7 @@ def split_files(cfg: DetectConfig, split: str) -> tuple[Path, Path]:
         return Path(annotations), Path(images)
     if cfg.data == "synthetic":
         count = cfg.num_images if split == "train" else cfg.synthetic_val_images
-        found = synthetic_coco(cfg.synthetic_root(), split, count, cfg.image_size, SYNTHETIC_SEED)
+        found = synthetic_coco(cfg.synthetic_root(), split, count, cfg.image_size, SYNTHETIC_SEED, cfg.synthetic_style)
     else:
         try:
             found = dataset_split_files(cfg.data, split)
@@ -246,11 +256,14 @@ class DetectStage(Stage):
     def build_model(self, run: Run) -> nn.Module:
         cfg = self.cfg
         encoder = build_encoder(self.spec, drop_path_rate=cfg.drop_path)
+        # The federated loss draws negative classes by (images that contain them) ** 0.5.
+        fed_weights = category_image_counts(self.train_source) ** FED_LOSS_POWER if cfg.fed_loss else None
         backbone = ViTDetBackbone(encoder, cfg.window_size, self.global_blocks, cfg.rel_pos, cfg.pyramid_channels,
                                   tuple(cfg.pyramid_scales), cfg.feature_norm)
         return build_detector(
             backbone, self.num_classes, cfg.image_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
             masks=cfg.masks, box_head=cfg.box_head, head_dim=cfg.head_dim, cascade=cfg.cascade,
+            fed_loss_weights=None if fed_weights is None else fed_weights.float(),
             box_batch_per_image=cfg.box_batch_per_image, rpn_batch_per_image=cfg.rpn_batch_per_image,
             rpn_pre_nms_train=cfg.rpn_pre_nms_topk[0], rpn_pre_nms_test=cfg.rpn_pre_nms_topk[1],
             rpn_post_nms_train=cfg.rpn_post_nms_topk[0], rpn_post_nms_test=cfg.rpn_post_nms_topk[1],
@@ -369,7 +382,7 @@ class DetectStage(Stage):
                 "global_blocks": ",".join(map(str, self.global_blocks)), "rel_pos": str(cfg.rel_pos),
                 "pyramid_channels": str(cfg.pyramid_channels),
                 "pyramid_scales": ",".join(map(str, cfg.pyramid_scales)), "feature_norm": cfg.feature_norm,
-                "masks": str(cfg.masks), "cascade": str(cfg.cascade),
+                "masks": str(cfg.masks), "cascade": str(cfg.cascade), "fed_loss": str(cfg.fed_loss),
                 "box_head": cfg.box_head, "head_dim": str(cfg.head_dim), "format": "torchvision-maskrcnn-vitdet"}
 
     def best_weights(self, model: nn.Module, run: Run) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
