@@ -289,3 +289,23 @@ def test_the_wsp_step_never_waits_for_the_device(tmp_path, monkeypatch):
     results, reads, settles = count_host_reads_in_steps(monkeypatch, WSPStage(cfg))
     assert results["steps"] == 4 and reads == []
     assert settles == [1, 3]
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+def test_the_finetune_step_waits_for_the_device_only_for_its_ema(tmp_path, monkeypatch, ema_decay):
+    """Without an EMA, finetune's step makes no host read; with one, the verdict of each step is
+    read before the EMA sees it (the EMA must follow applied steps only). Mixup is off here: it
+    seeds NumPy from torch's CPU generator with int(), a host read of a CPU tensor (no device
+    sync) that this counter cannot tell from one."""
+    from prepretrain.stages.finetune import FinetuneConfig, FinetuneStage
+
+    values = dict(out_dir=tmp_path / "ft", num_images=64, batch_size=16, steps=4, progress=False,
+                  tensorboard=False, eval_batch_size=200, log_every=4, ckpt_every=100, ema_decay=ema_decay,
+                  mixup=0, cutmix=0)
+    cfg = build_config(FinetuneConfig, None, {k: str(v) for k, v in values.items()})
+    results, reads, settles = count_host_reads_in_steps(monkeypatch, FinetuneStage(cfg))
+    assert results["steps"] == 4
+    if ema_decay:
+        assert [n for n in settles if n] == [1, 1, 1, 1]  # each step read alone (timm's EMA reads the host too)
+    else:
+        assert reads == [] and settles == [1, 3]

@@ -249,6 +249,9 @@ class FinetuneStage(Stage):
         if getattr(model, "ema", None) is not None:
             model.ema.update(model.net, step=step)
 
+    def uses_after_step(self, model: nn.Module) -> bool:
+        return getattr(model, "ema", None) is not None  # without an EMA the step needs no host read
+
     def flops_per_sample(self) -> float:
         shape = vit_shape(self.spec.model, depth=self.spec.depth, img_size=self.cfg.image_size)
         return 3 * forward_flops(shape)

@@ -140,6 +140,12 @@ class Stage(ABC):
     def after_step(self, model: nn.Module, step: int) -> None:  # noqa: B027 - an optional hook
         """Called after each optimizer step that was taken (``step`` = steps done), e.g. to update a weight EMA."""
 
+    def uses_after_step(self, model: nn.Module) -> bool:
+        """Whether :meth:`after_step` does anything for ``model``. When it does, the host reads each
+        step's verdict before going on (the hook must see applied steps only); by default, when a
+        stage overrides the hook."""
+        return type(self).after_step is not Stage.after_step
+
 
 @dataclass
 class Precision:
@@ -437,7 +443,7 @@ class Trainer:
         """Whether the host must know each step's verdict before applying it: fp16's loss scaler
         (it syncs anyway), a stage hook that runs after applied steps only (an EMA), or an
         optimizer that cannot skip a step on the device. Decided once, at the first step."""
-        return (self.precision.scaler is not None or type(self.stage).after_step is not Stage.after_step
+        return (self.precision.scaler is not None or self.stage.uses_after_step(self.model)
                 or not all(group.get("fused") for group in self.optimizer.param_groups))
 
     def _update(self, step: int, nonfinite_loss: torch.Tensor, stop_requested: bool) -> torch.Tensor | None:
