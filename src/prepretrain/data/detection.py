@@ -103,9 +103,10 @@ def draw_synthetic_image(seed: int, split: str, index: int, size: int,
 def _visible_instances(shapes: list[tuple[int, np.ndarray]]) -> list[dict[str, Any]]:
     """Instances from full masks in painting order: each keeps what later ones leave uncovered,
     and one mostly hidden (under a quarter visible, or under 12 pixels) is dropped."""
-    instances, covered = [], None
+    if not shapes:
+        return []
+    instances, covered = [], np.zeros_like(shapes[0][1])
     for kind, mask in reversed(shapes):  # later shapes are on top
-        covered = np.zeros_like(mask) if covered is None else covered
         visible = mask & ~covered
         covered |= mask
         if visible.sum() >= max(12, 0.25 * mask.sum()):
@@ -151,8 +152,8 @@ def synthetic_coco(root: str | Path, split: str, num_images: int, image_size: in
             })
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
                   for i, name in enumerate(SYNTHETIC_STYLES[style])]
-    info = {"description": "prepretrain synthetic shapes", "version": SYNTHETIC_VERSION, "seed": seed,
-            "folder": images_dir.name}
+    info = {"description": f"prepretrain synthetic {style}", "version": SYNTHETIC_VERSION, "seed": seed,
+            "style": style, "folder": images_dir.name}
     files.write_json(annotations, {"info": info, "images": images, "annotations": annots, "categories": categories})
     return annotations, images_dir
 

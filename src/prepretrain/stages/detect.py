@@ -257,13 +257,13 @@ class DetectStage(Stage):
         cfg = self.cfg
         encoder = build_encoder(self.spec, drop_path_rate=cfg.drop_path)
         # The federated loss draws negative classes by (images that contain them) ** 0.5.
-        fed_weights = category_image_counts(self.train_source) ** FED_LOSS_POWER if cfg.fed_loss else None
+        fed_weights = (category_image_counts(self.train_source) ** FED_LOSS_POWER).float() if cfg.fed_loss else None
         backbone = ViTDetBackbone(encoder, cfg.window_size, self.global_blocks, cfg.rel_pos, cfg.pyramid_channels,
                                   tuple(cfg.pyramid_scales), cfg.feature_norm)
         return build_detector(
             backbone, self.num_classes, cfg.image_size, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD,
             masks=cfg.masks, box_head=cfg.box_head, head_dim=cfg.head_dim, cascade=cfg.cascade,
-            fed_loss_weights=None if fed_weights is None else fed_weights.float(),
+            fed_loss_weights=fed_weights,
             box_batch_per_image=cfg.box_batch_per_image, rpn_batch_per_image=cfg.rpn_batch_per_image,
             rpn_pre_nms_train=cfg.rpn_pre_nms_topk[0], rpn_pre_nms_test=cfg.rpn_pre_nms_topk[1],
             rpn_post_nms_train=cfg.rpn_post_nms_topk[0], rpn_post_nms_test=cfg.rpn_post_nms_topk[1],
