@@ -250,7 +250,9 @@ class FinetuneStage(Stage):
             model.ema.update(model.net, step=step)
 
     def uses_after_step(self, model: nn.Module) -> bool:
-        return getattr(model, "ema", None) is not None  # without an EMA the step needs no host read
+        # The EMA is this hook's only work: without one the step needs no host read, unless a
+        # subclass adds work of its own to the hook.
+        return getattr(model, "ema", None) is not None or type(self).after_step is not FinetuneStage.after_step
 
     def flops_per_sample(self) -> float:
         shape = vit_shape(self.spec.model, depth=self.spec.depth, img_size=self.cfg.image_size)
