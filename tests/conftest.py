@@ -1,11 +1,37 @@
+"""Shared test set-up: threads per worker, the order tests start in, and the fault-injection counts.
+
+The suite runs in parallel (pytest-xdist, ``-n auto`` in pyproject.toml): one worker per core,
+each with one torch thread, since these tests are thousands of tiny ops where a second thread
+only adds synchronisation. Tests that launch several processes of their own (torchrun, spawn)
+share one ``xdist_group`` so that two such jobs never fight over the two cores, and the slow tests
+start first so that the longest one is not the last to begin. ``python -m pytest -p no:xdist``
+runs everything in one process (with two threads), as before.
+"""
+
 import os
 from collections import Counter
 
-import pytest
-import torch
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if "PYTEST_XDIST_WORKER" in os.environ:  # before torch starts its pool; the worker's children inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
-# Two cores: keep each test process to the threads the machine has.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(THREADS)
+
+MAX_AUTO_WORKERS = 8  # the suite's tests are small: past a few workers, start-up and imports dominate
+
+
+def pytest_xdist_auto_num_workers(config):
+    return max(1, min(MAX_AUTO_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Slow tests first (stable otherwise): with work handed out as workers free up, the long
+    end-to-end runs overlap the many short tests instead of trailing after them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,18 +49,36 @@ def _seed():
 FAULT_KEYS = ("faults_injected", "runs", "bit_exact", "same_losses", "checkpoints_lost", "hangs", "nonfinite_saved")
 
 
+def _counts(config) -> Counter:
+    counts = getattr(config, "_prepretrain_faults", None)
+    if counts is None:
+        counts = config._prepretrain_faults = Counter({key: 0 for key in FAULT_KEYS})
+    return counts
+
+
 @pytest.fixture(scope="session")
 def fault_counts(request) -> Counter:
     """Counts of the fault-injection tests (test_faults.py, test_distributed.py), printed at the end."""
-    counts = getattr(request.config, "_prepretrain_faults", None)
-    if counts is None:
-        counts = request.config._prepretrain_faults = Counter({key: 0 for key in FAULT_KEYS})
-    return counts
+    return _counts(request.config)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A worker hands its counts to the controller, which prints the sum."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["prepretrain_faults"] = dict(_counts(session.config))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    counts = getattr(node, "workeroutput", {}).get("prepretrain_faults")
+    if counts:
+        _counts(node.config).update(counts)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     counts = getattr(config, "_prepretrain_faults", None)
-    if counts:
+    if counts and any(counts.values()):
         terminalreporter.section("fault injection")
         terminalreporter.write_line(
             f"{counts['faults_injected']} faults injected; {counts['bit_exact']} resumed runs compared bit-exactly "

@@ -32,6 +32,8 @@ from prepretrain.train.checkpoint import Checkpointer, checkpoint_step, export_w
 from prepretrain.train.distributed import DistInfo, resolve_strategy, shard_units
 from prepretrain.train.engine import train
 
+pytestmark = pytest.mark.xdist_group("processes")  # two-rank launches: one at a time (tests/conftest.py)
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 FAIL_ENV = "PREPRETRAIN_TEST_FAIL_AT"  # "rank:loss_call": that rank raises on that call of loss()
 SIGTERM_ENV = "PREPRETRAIN_TEST_SIGTERM_AT"

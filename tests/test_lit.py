@@ -328,6 +328,7 @@ def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")
 def test_two_ranks_give_the_single_process_loss_and_gradients(tmp_path):
     import torch.multiprocessing as mp
 
