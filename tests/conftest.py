@@ -4,8 +4,8 @@ The suite runs in parallel (pytest-xdist, ``-n auto`` in pyproject.toml): one wo
 each with one torch thread, since these tests are thousands of tiny ops where a second thread
 only adds synchronisation. Tests that launch several processes of their own (torchrun, spawn)
 share one ``xdist_group`` so that two such jobs never fight over the two cores, and the slow tests
-start first so that the longest one is not the last to begin. ``python -m pytest -p no:xdist``
-runs everything in one process (with two threads), as before.
+start first so that the longest one is not the last to begin. ``python -m pytest -n 0`` runs
+everything in one process (with two threads), as before.
 """
 
 import os

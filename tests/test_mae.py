@@ -194,3 +194,46 @@ def test_stage_masks_depend_on_the_sample_not_on_the_rank_layout(tmp_path):
     assert torch.equal(single["noise"][4:], rank1["noise"])
     assert torch.equal(single["image"][4:], rank1["image"])
     assert not torch.equal(single["noise"][:4], rank1["noise"])
+
+
+def test_mae_init_gives_a_timm_encoder_the_mae_reference_initialisation():
+    """``mae-init`` (the pipeline's control arm) is the MAE's own initialisation, not timm's:
+    the same fixed sin-cos table, zero biases, unit norms, and weights from the same xavier
+    distribution as an MAE model's encoder, seeded and several times larger than timm's."""
+    from prepretrain.models.mae import mae_init_encoder
+    from prepretrain.models.resolve import load_encoder, mae_init_state, resolve_encoder
+
+    torch.manual_seed(0)
+    reference = create_mae("vit_micro4", decoder_embed_dim=64, decoder_depth=1).encoder_state_dict()
+    ours = mae_init_state("vit_micro4", seed=1)
+    timm_init = load_encoder("", seed=1).state_dict()
+    assert ours.keys() == reference.keys()
+    torch.testing.assert_close(ours["pos_embed"], reference["pos_embed"], rtol=0, atol=0)
+    for key, value in reference.items():
+        if key == "patch_embed.proj.bias":  # PyTorch's conv default in both: U(-1/sqrt(fan_in), ..)
+            assert ours[key].abs().max() <= reference["patch_embed.proj.weight"][0].numel() ** -0.5
+        elif key.endswith(".bias") or key.startswith("norm") or ".norm" in key:
+            assert torch.equal(ours[key], value), key  # zeros and ones, exactly
+        elif key == "cls_token":
+            assert ours[key].std() == pytest.approx(0.02, rel=0.3) and ours[key].abs().max() < 0.1
+        elif value.dim() >= 2 and key != "pos_embed":
+            fan_out, fan_in = value.shape[0], value[0].numel()
+            bound = (6 / (fan_in + fan_out)) ** 0.5
+            assert ours[key].abs().max() <= bound, key
+            assert ours[key].std() == pytest.approx(value.std().item(), rel=0.15), key
+            if key.startswith("blocks."):
+                assert ours[key].std() > 2 * timm_init[key].std(), key  # the scale difference the control isolates
+    qkv = "blocks.0.attn.qkv.weight"
+    assert torch.equal(mae_init_state("vit_micro4", seed=1)[qkv], ours[qkv])
+    assert not torch.equal(mae_init_state("vit_micro4", seed=2)[qkv], ours[qkv])
+    state = torch.get_rng_state()
+    mae_init_encoder("vit_micro4", seed=5)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is untouched
+
+    # every encoder= consumer gets it through the resolver, with its own cache identity
+    spec = resolve_encoder("mae-init", "vit_micro4", seed=1)
+    assert spec.path is None and spec.identity == "mae-init:vit_micro4:6:1" != resolve_encoder("", seed=1).identity
+    built = load_encoder("mae-init", seed=1, num_classes=3).state_dict()
+    assert all(torch.equal(built[key], value) for key, value in ours.items())
+    at_64 = load_encoder("mae-init", seed=1, image_size=64).state_dict()  # any resolution: its own sin-cos grid
+    torch.testing.assert_close(at_64["pos_embed"][0, 1:], torch.from_numpy(sincos_2d(128, 16, cls_token=False)).float())

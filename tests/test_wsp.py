@@ -467,3 +467,18 @@ def test_resume_reuses_the_saved_vocabulary_even_if_the_settings_change(tmp_path
     assert main(["wsp", *common, "steps=4", "vocab_min_count=1"]) == 0
     assert HashtagVocab.load(run / "vocab.json") == first
     assert json.loads((run / "results.json").read_text())["vocab_size"] == len(first)
+
+
+def test_init_mae_init_starts_wsp_from_the_untrained_mae_encoder(tmp_path):
+    """The pipeline's control arm: WSP from the MAE's initialisation with no MAE steps; the head
+    keeps WSP's own initialisation."""
+    from prepretrain.models.resolve import mae_init_state
+
+    stage = WSPStage(tiny_config(tmp_path, init="mae-init", seed=3))
+    model = stage.build_model(Run.of_stage(stage)).state_dict()
+    expected = mae_init_state("vit_micro4", 3, img_size=32, depth=2)
+    assert all(torch.equal(model[key], value) for key, value in expected.items())
+    scratch = WSPStage(tiny_config(tmp_path, init="", seed=3, out_dir=tmp_path / "scratch"))
+    fresh = scratch.build_model(Run.of_stage(scratch)).state_dict()
+    assert all(torch.equal(model[key], fresh[key]) for key in ("head.weight", "head.bias"))
+    assert not torch.equal(model["blocks.0.attn.qkv.weight"], fresh["blocks.0.attn.qkv.weight"])

@@ -1,11 +1,14 @@
 """``prepretrain pipeline``: MAE -> WSP -> transfer beside the baselines, over seeds, with a report.
 
-For each seed the pipeline runs: MAE; WSP initialised from MAE; WSP from scratch with the same
-WSP budget; LiT on both WSP towers; and for every encoder (MAE->WSP, WSP, MAE, random init) the
-transfer suite: linear probe, kNN, low-shot 1/5/10, zero-shot (where a text tower exists) and a
-short finetune. Each job is cached by a hash of its resolved config (and of the jobs it reads),
-so a rerun skips what is done and an interrupted pipeline resumes where it stopped (training
-stages also resume mid-run from their checkpoints).
+For each seed the pipeline runs: MAE; WSP initialised from MAE; the control arm, WSP initialised
+from an *untrained* MAE encoder (the MAE's initialisation scheme, no MAE steps); WSP from scratch
+(timm's initialisation) with the same WSP budget; LiT on every WSP tower; and for every encoder
+(MAE->WSP, MAE init->WSP, WSP, MAE, MAE init, random init) the transfer suite: linear probe, kNN,
+low-shot 1/5/10, zero-shot (where a text tower exists) and a short finetune. The control arm
+separates what MAE learns (MAE->WSP minus MAE init->WSP) from how it initialises (MAE init->WSP
+minus WSP); ``control_arms=false`` leaves it out. Each job is cached by a hash of its resolved
+config (and of the jobs it reads), so a rerun skips what is done and an interrupted pipeline
+resumes where it stopped (training stages also resume mid-run from their checkpoints).
 
 Data: ``data`` feeds pretraining unless a stage has its own (``mae_data``, ``wsp_data``,
 ``lit_data``); ``eval_data`` feeds the transfer suite (empty = ``data``). Before any job runs,
@@ -37,11 +40,10 @@ from .evaluate.zeroshot import (
     source_classes,
 )
 from .files import write_json, write_text
+from .models.resolve import MAE_INIT
 from .pipeline_report import write_pipeline_report
 from .plan import plan_config_from, plan_run
 from .registry import command
-
-ENCODERS = {"mae_wsp": "MAE→WSP", "wsp": "WSP", "mae": "MAE", "random": "random init"}
 
 
 @dataclass
@@ -92,6 +94,9 @@ class PipelineConfig:
     zeroshot_classes: str = ""
     zeroshot_templates: str = ""
     random_baseline: bool = True
+    # the control arm: WSP (and the frozen evaluations) from the MAE's initialisation without MAE
+    # training, so the report can tell what MAE learns from how it initialises
+    control_arms: bool = True
     # --dry-run estimates
     gpus: int = 8
     gpu_memory_gib: float = 80.0
@@ -160,12 +165,22 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                            init=str(out / f"{s}/mae"), **wsp_extra)
         job.deps = [f"{s}/mae"]
         jobs.append(job)
+        if cfg.control_arms:
+            jobs.append(train_values("wsp", cfg.wsp_steps, cfg.wsp_config, seed, f"{s}/wsp_maeinit", init=MAE_INIT,
+                                     **wsp_extra))
         jobs.append(train_values("wsp", cfg.wsp_steps, cfg.wsp_config, seed, f"{s}/wsp", init="", **wsp_extra))
+        # label -> the job whose run directory is the encoder ("" for an untrained one), and what
+        # encoder= says for the untrained ones
         encoders = {"mae_wsp": f"{s}/wsp_mae", "wsp": f"{s}/wsp", "mae": f"{s}/mae"}
+        untrained = {"random": ""}
+        if cfg.control_arms:
+            encoders = {"mae_wsp": f"{s}/wsp_mae", "maeinit_wsp": f"{s}/wsp_maeinit", "wsp": f"{s}/wsp",
+                        "mae": f"{s}/mae", "mae_init": ""}
+            untrained["mae_init"] = MAE_INIT
         if cfg.random_baseline:
             encoders["random"] = ""
         if "zeroshot" in cfg.evaluations:
-            for label in ("mae_wsp", "wsp"):
+            for label in (label for label in ("mae_wsp", "maeinit_wsp", "wsp") if label in encoders):
                 lit = train_values("lit", cfg.lit_steps, cfg.lit_config, seed, f"{s}/lit_{label}",
                                    encoder=str(out / encoders[label]), model=cfg.model,
                                    **{k: v for k, v in zeroshot_files.items() if v})
@@ -180,7 +195,7 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                 jobs.append(zs)
         frozen = tuple(e for e in ("probe", "knn", "lowshot") if e in cfg.evaluations)
         for label, source in encoders.items():
-            encoder = str(out / source) if source else ""
+            encoder = str(out / source) if source else untrained[label]
             for task in cfg.tasks:
                 if frozen:
                     jobs.append(Job(f"{s}/eval/{label}/{task}", "frozen",

@@ -1,6 +1,8 @@
 """The pipeline's report: every task x encoder (mean ± std over seeds), WSP convergence with and
 without MAE (paper Fig. 4), accuracy against training FLOPs (Fig. 5), reconstructions, the configs
-and commands to reproduce, and a plain statement of whether MAE->WSP beat WSP here."""
+and commands to reproduce, and a verdict read off paired contrasts: what MAE *learning* adds
+(MAE->WSP minus WSP from the untrained MAE initialisation) and what the MAE *initialisation
+scheme* adds (that control minus WSP from timm's initialisation), per task, over seeds."""
 
 from __future__ import annotations
 
@@ -13,12 +15,84 @@ from typing import Any
 from .config import dump_config
 from .report import Block, format_mean_std, mean_std, plot_bars, plot_curves, table_block, write_report
 
-LABELS = {"mae_wsp": "MAE→WSP", "wsp": "WSP", "mae": "MAE", "random": "random init"}
+LABELS = {"mae_wsp": "MAE→WSP", "maeinit_wsp": "MAE init→WSP", "wsp": "WSP", "mae": "MAE",
+          "mae_init": "MAE init (untrained)", "random": "random init"}
+# The verdict's paired contrasts: name -> (arm, minus arm, what it measures).
+CONTRASTS = {
+    "MAE learning": ("MAE→WSP", "MAE init→WSP", "what MAE training adds beyond its initialisation"),
+    "init scheme": ("MAE init→WSP", "WSP", "what the MAE's initialisation scheme alone adds over timm's"),
+    "MAE→WSP − WSP": ("MAE→WSP", "WSP", "the raw gap, both effects together"),
+}
+# Two-sided 95% critical values of Student's t by degrees of freedom (seeds - 1); larger: 1.96.
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        15: 2.131, 20: 2.086, 30: 2.042}
 # The task stages' rows: pipeline kind -> (row name, results.json key), values in percent.
 TASK_ROWS = {
     "video": [("video top-1", "top1"), ("video, single-frame baseline top-1", "single_frame_top1")],
     "detect": [("detection box AP", "box_ap"), ("detection mask AP", "mask_ap")],
 }
+
+
+WSP_RUNS = {"mae_wsp": "wsp_mae", "maeinit_wsp": "wsp_maeinit", "wsp": "wsp"}  # label -> WSP job of a seed
+
+
+def paired_contrast(row: dict[str, dict[int, float]], arm: str, minus: str) -> dict[str, Any] | None:
+    """``arm`` minus ``minus`` on the seeds that have both: mean, std, seeds, and whether a paired
+    t-test at 95% separates it from zero (it never does with one seed)."""
+    if arm not in row or minus not in row:
+        return None
+    seeds = sorted(set(row[arm]) & set(row[minus]))
+    if not seeds:
+        return None
+    diffs = [row[arm][seed] - row[minus][seed] for seed in seeds]
+    mean, std = mean_std(diffs)
+    n = len(diffs)
+    separated = False
+    if n > 1:
+        critical = T_95.get(n - 1) or next((v for k, v in sorted(T_95.items()) if k >= n - 1), 1.96)
+        separated = std == 0.0 and mean != 0.0 or std > 0 and abs(mean) > critical * std / n**0.5
+    return {"mean": mean, "std": std, "seeds": n, "separated": separated}
+
+
+def contrast_text(contrast: dict[str, Any] | None) -> str:
+    if contrast is None:
+        return "–"
+    spread = f" ± {contrast['std']:.1f}" if contrast["seeds"] > 1 else ""
+    mark = "" if contrast["separated"] else " (≈0)"
+    return f"{contrast['mean']:+.1f}{spread}{mark}"
+
+
+def verdict_blocks(cfg, by_seed: dict[str, dict[str, dict[int, float]]]) -> list[Block]:
+    """The verdict: the contrasts per task, and sentences that claim no more than they show."""
+    contrasts = {task: {name: paired_contrast(row, arm, minus) for name, (arm, minus, _) in CONTRASTS.items()}
+                 for task, row in by_seed.items()}
+    raw = [c["MAE→WSP − WSP"] for c in contrasts.values() if c["MAE→WSP − WSP"]]
+    if not raw:
+        return [Block("paragraph", "No task has both MAE→WSP and WSP results, so no comparison can be made.")]
+    seeds = len(cfg.seeds)
+    rule = ("A contrast counts as a gain or a loss only when a paired t-test over the seeds separates it from "
+            "zero at 95%; otherwise it is marked ≈0, not distinguishable from zero" +
+            (" (with one seed nothing can be separated: run more seeds)." if seeds < 2 else "."))
+    sentences = []
+    for name in ("MAE learning", "init scheme", "MAE→WSP − WSP"):
+        arm, minus, meaning = CONTRASTS[name]
+        found = [c[name] for c in contrasts.values() if c[name]]
+        if not found:
+            continue
+        up = sum(c["separated"] and c["mean"] > 0 for c in found)
+        down = sum(c["separated"] and c["mean"] < 0 for c in found)
+        average = sum(c["mean"] for c in found) / len(found)
+        sentences.append(f"**{name}** ({arm} − {minus}: {meaning}): a gain on {up} of {len(found)} tasks, a loss "
+                         f"on {down}, not distinguishable from zero on {len(found) - up - down}; "
+                         f"{average:+.2f} points on average over tasks.")
+    if not any(c["MAE learning"] for c in contrasts.values()):
+        sentences.append("Without the control arm (control_arms=false) the raw gap mixes what MAE learns with "
+                         "how the MAE initialises its weights: it is not evidence that MAE training helped.")
+    names = [name for name in CONTRASTS if any(c[name] for c in contrasts.values())]
+    rows = [[task] + [contrast_text(c[name]) for name in names] for task, c in contrasts.items()]
+    return [Block("paragraph", " ".join([f"Paired over {seeds} seed(s), in points of accuracy (mean ± std of "
+                                         "the per-seed differences).", rule])),
+            Block("list", items=sentences), table_block(["task", *names], rows)]
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -28,12 +102,19 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 
 def collect_table(cfg, results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
-    """task name -> encoder label -> one accuracy (percent) per seed."""
-    table: dict[str, dict[str, list[float]]] = {}
+    """task name -> encoder label -> one accuracy (percent) per seed that has it."""
+    return {task: {label: list(values.values()) for label, values in row.items()}
+            for task, row in collect_by_seed(cfg, results).items()}
+
+
+def collect_by_seed(cfg, results: dict[str, Any]) -> dict[str, dict[str, dict[int, float]]]:
+    """task name -> encoder label -> seed -> accuracy (percent)."""
+    table: dict[str, dict[str, dict[int, float]]] = {}
+    seed = 0
 
     def add(task: str, label: str, value: Any) -> None:
         if isinstance(value, (int, float)):
-            table.setdefault(task, {}).setdefault(LABELS[label], []).append(float(value))
+            table.setdefault(task, {}).setdefault(LABELS[label], {})[seed] = float(value)
 
     for seed in cfg.seeds:
         s = f"seed{seed}"
@@ -52,7 +133,7 @@ def collect_table(cfg, results: dict[str, Any]) -> dict[str, dict[str, list[floa
                 task_results = results.get(f"{s}/eval/{label}/{kind}") or {}
                 for row, key in rows:
                     add(row, label, task_results.get(key))
-        for label, run in (("mae_wsp", "wsp_mae"), ("wsp", "wsp")):
+        for label, run in WSP_RUNS.items():
             wsp = results.get(f"{s}/{run}") or {}
             value = wsp.get("val_precision_at_1")
             add("WSP tag precision@1", label, 100 * value if isinstance(value, (int, float)) else None)
@@ -65,31 +146,14 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
     name to its training FLOPs per sample (0 or absent: unknown, the FLOPs plot leaves it out)."""
     out = Path(cfg.out_dir)
     by_name = {job.name: job for job in jobs}
+    by_seed = collect_by_seed(cfg, results)
     table = collect_table(cfg, results)
     blocks: list[Block] = [Block("heading", "MAE pre-pretraining → WSP → transfer", level=1)]
     blocks.append(Block("paragraph", f"Data: `{cfg.data}`, model `{cfg.model}` at {cfg.image_size} px, "
                         f"seeds {list(cfg.seeds)}. Accuracies in percent, mean ± std over seeds."))
 
-    # the verdict first: the question the experiment asks
-    wins, diffs = 0, []
-    for task, row in table.items():
-        if "MAE→WSP" in row and "WSP" in row:
-            a, _ = mean_std(row["MAE→WSP"])
-            b, _ = mean_std(row["WSP"])
-            diffs.append((task, a - b))
-            wins += a > b
-    if diffs:
-        mean_diff = sum(d for _, d in diffs) / len(diffs)
-        best = max(diffs, key=lambda x: x[1])
-        worst = min(diffs, key=lambda x: x[1])
-        outcome = "beat" if mean_diff > 0 else "did not beat"
-        verdict = (f"**Here, MAE→WSP {outcome} WSP alone**: better on {wins} of {len(diffs)} tasks, by "
-                   f"{mean_diff:+.2f} points on average (largest gain {best[1]:+.2f} on {best[0]}; "
-                   f"worst {worst[1]:+.2f} on {worst[0]}). With {len(cfg.seeds)} seed(s), differences smaller "
-                   "than the stds in the table are not evidence either way.")
-    else:
-        verdict = "No task has both MAE→WSP and WSP results, so no comparison can be made."
-    blocks += [Block("heading", "Verdict"), Block("paragraph", verdict)]
+    # the verdict first: the question the experiment asks, read off the paired contrasts
+    blocks += [Block("heading", "Verdict"), *verdict_blocks(cfg, by_seed)]
 
     blocks.append(Block("heading", "Transfer results"))
     encoders = [e for e in LABELS.values() if any(e in row for row in table.values())]
@@ -101,8 +165,9 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
         blocks.append(Block("image", "Transfer accuracy by task and encoder", items=["transfer.png"]))
 
     # WSP convergence (Fig. 4) and accuracy vs FLOPs (Fig. 5)
-    curves: dict[str, list[list[tuple[float, float]]]] = {"MAE→WSP": [], "WSP": []}
-    flop_curves: dict[str, list[list[tuple[float, float]]]] = {"MAE→WSP": [], "WSP": []}
+    arms = {LABELS[label]: run for label, run in WSP_RUNS.items()}
+    curves: dict[str, list[list[tuple[float, float]]]] = {label: [] for label in arms}
+    flop_curves: dict[str, list[list[tuple[float, float]]]] = {label: [] for label in arms}
     for seed in cfg.seeds:
         s = f"seed{seed}"
         mae_flops = 0.0
@@ -110,17 +175,18 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
             per_sample = flops_per_sample.get(f"{s}/mae", 0.0)
             mae_samples = (results.get(f"{s}/mae") or {}).get("samples_seen", 0)
             mae_flops = per_sample * mae_samples
-        for label, run in (("MAE→WSP", "wsp_mae"), ("WSP", "wsp")):
+        for label, run in arms.items():
+            if f"{s}/{run}" not in by_name:
+                continue
             rows_ = _rows(out / s / run / "metrics.jsonl")
             points = [(r["step"], 100 * r["val_precision_at_1"]) for r in rows_ if "val_precision_at_1" in r]
             curves[label].append(points)
-            if f"{s}/{run}" in by_name:
-                per_sample = flops_per_sample.get(f"{s}/{run}", 0.0)
-                batch = (results.get(f"{s}/{run}") or {}).get("samples_seen", 0) / max(
-                    1, (results.get(f"{s}/{run}") or {}).get("steps", 1))
-                offset = mae_flops if label == "MAE→WSP" else 0.0
-                if per_sample:
-                    flop_curves[label].append([(offset + per_sample * batch * step, v) for step, v in points])
+            per_sample = flops_per_sample.get(f"{s}/{run}", 0.0)
+            batch = (results.get(f"{s}/{run}") or {}).get("samples_seen", 0) / max(
+                1, (results.get(f"{s}/{run}") or {}).get("steps", 1))
+            offset = mae_flops if label == "MAE→WSP" else 0.0
+            if per_sample:
+                flop_curves[label].append([(offset + per_sample * batch * step, v) for step, v in points])
     if any(points for runs in curves.values() for points in runs):
         plot_curves(curves, out / "wsp_convergence.png", "WSP step", "held-out tag precision@1 (%)",
                     "WSP convergence with and without MAE init")

@@ -148,7 +148,7 @@ def plot_bars(table: dict[str, dict[str, list[float]]], path: Path, title: str, 
     return path
 
 
-ENCODER_ORDER = ("MAE→WSP", "WSP", "MAE", "random init")
+ENCODER_ORDER = ("MAE→WSP", "MAE init→WSP", "WSP", "MAE", "MAE init (untrained)", "random init")
 
 
 def render_markdown(blocks: list[Block]) -> str:

@@ -41,7 +41,7 @@ class EvalConfig:
 
     stage_name = "eval"
     out_dir: str = ""  # default: runs/<command>
-    encoder: str = ""  # run directory or weights file; empty = random init (the baseline)
+    encoder: str = ""  # run dir or weights file; empty = random init (the baseline); mae-init: untrained MAE init
     model: str = "vit_micro4"  # architecture when the weights carry no metadata
     image_size: int = 0  # 0 = the encoder's own resolution (metadata, else the model's default)
     pool: str = "token"  # frozen feature: CLS token ("token") or mean of patch tokens ("avg")

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .vit import Attention, ViTShape, forward_flops, resolve_name, vit_shape
+from .vit import Attention, ViTShape, create_vit, forward_flops, resolve_name, vit_shape
 
 DECODER_KEYS = ("decoder_", "mask_token")
 
@@ -266,6 +266,34 @@ def create_mae(
         model = MaskedAutoencoder(shape, decoder_embed_dim, decoder_depth, decoder_num_heads, norm_pix_loss)
     model.prepretrain_name = resolve_name(name)  # type: ignore[attr-defined]
     return model
+
+
+def initialize_like_mae(encoder: VisionTransformer) -> VisionTransformer:
+    """Give a timm ViT encoder the MAE reference's initialisation (what an MAE run's
+    ``encoder.safetensors`` holds before its first step): fixed 2-D sin-cos position embedding,
+    xavier-uniform patch projection (its bias at PyTorch's default) and linears with zero biases,
+    unit LayerNorms, N(0, 0.02) class token. The control arm of the MAWS comparison: it separates what MAE *learns* from
+    how MAE *initialises* (at small widths these weights are several times larger than timm's)."""
+    grid = encoder.patch_embed.grid_size
+    if grid[0] != grid[1]:
+        raise ValueError(f"the MAE initialisation needs a square patch grid, got {tuple(grid)}")
+    with torch.no_grad():
+        table = torch.from_numpy(sincos_2d(encoder.embed_dim, grid[0], cls_token=encoder.cls_token is not None))
+        encoder.pos_embed.copy_(table.float()[None, -encoder.pos_embed.shape[1]:])
+        weight = encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # its bias keeps PyTorch's conv default, as in MAE
+        if encoder.cls_token is not None:
+            nn.init.normal_(encoder.cls_token, std=0.02)
+        encoder.apply(MaskedAutoencoder._init_module)
+    return encoder
+
+
+def mae_init_encoder(name: str, seed: int, **overrides: Any) -> VisionTransformer:
+    """A headless timm ViT ``name`` (shape ``overrides``) with the MAE initialisation, drawn from
+    ``seed`` without touching the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return initialize_like_mae(create_vit(name, **overrides))
 
 
 def mae_forward_flops(

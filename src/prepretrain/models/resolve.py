@@ -11,7 +11,9 @@ pipeline, and :func:`load_encoder` for notebooks. Users hand us three kinds of t
 * a weights file (timm, MAWS, MAE "full" or encoder-only, MAWS CLIP, ours): its safetensors
   metadata when it has some, else the caller's ``model=``; the depth is read off the block
   count, which cannot change what the weights mean;
-* nothing (``""``): a seeded random init, the baseline every gain is measured against.
+* nothing (``""``): a seeded random init (timm's scheme), the baseline every gain is measured
+  against; or ``mae-init``: a seeded random init with the MAE reference's scheme, the weights an
+  MAE run starts from, which separates what MAE learns from how it initialises.
 
 Metadata is read in one place (:func:`prepretrain.files.read_metadata`) and written by one
 function (:func:`encoder_metadata`).
@@ -32,11 +34,13 @@ from ..config import ConfigError
 from ..files import file_sha256, read_keys, read_metadata
 from .checkpoints import load_encoder_weights, read_state_dict
 from .layouts import CheckpointMismatch, encoder_from_any, image_size_of
+from .mae import mae_init_encoder
 from .vit import create_vit, resolve_name, vit_shape
 from .zoo import is_release_name, locate
 
 ENCODER_FILE, MAE_FULL_FILE, CLIP_FILE = "encoder.safetensors", "mae_full.safetensors", "clip.safetensors"
 HEAD_FILE, VOCAB_FILE = "head.safetensors", "vocab.json"
+MAE_INIT = "mae-init"  # encoder=/init= value: an untrained encoder with the MAE initialisation (seeded)
 # Block keys of a timm encoder, bare or under the wrappers ``read_state_dict``/``encoder_from_any`` strip.
 _BLOCK_KEY = re.compile(r"^(?:vision_encoder\.|module\.|_orig_mod\.|encoder\.|visual\.trunk\.)?blocks\.(\d+)\.")
 _RUN_KEYS = ("model", "image_size")  # what a run's config.yaml tells about its weights
@@ -92,7 +96,7 @@ def resolve_weights(spec: str | Path, part: str = "encoder") -> Weights:
 def check_weights(key: str, spec: str) -> None:
     """A ConfigError naming ``key`` when ``spec`` is neither an existing path nor a released
     checkpoint on this machine: checked before any compute."""
-    if not spec:
+    if not spec or spec == MAE_INIT:
         return
     if is_release_name(spec):
         try:
@@ -132,12 +136,16 @@ class EncoderSpec:
     depth: int  # number of blocks actually present in the weights
     image_size: int  # resolution the encoder runs at (position embeddings interpolated to it)
     path: Path | None  # weights file; None = random init
-    identity: str  # sha256 of the weights file, or "random:<model>:<depth>:<seed>"
+    identity: str  # sha256 of the weights file, or "<init>:<model>:<depth>:<seed>" (init: random, mae-init)
     seed: int = 0  # random-init seed (only used when path is None)
+    init: str = "random"  # without a file: "random" (timm's initialisation) or "mae-init" (the MAE's)
 
     @property
     def description(self) -> str:
-        return str(self.path) if self.path is not None else f"random init ({self.model}, seed {self.seed})"
+        if self.path is not None:
+            return str(self.path)
+        scheme = "MAE initialisation, untrained" if self.init == MAE_INIT else "random init"
+        return f"{scheme} ({self.model}, seed {self.seed})"
 
 
 def count_blocks(keys: list[str]) -> int:
@@ -147,16 +155,17 @@ def count_blocks(keys: list[str]) -> int:
 
 
 def resolve_encoder(encoder: str | Path, model: str = "vit_micro4", image_size: int = 0, seed: int = 0) -> EncoderSpec:
-    """Resolve ``encoder=`` (run dir, file, or empty for random init) into an :class:`EncoderSpec`.
+    """Resolve ``encoder=`` (run dir, file, ``mae-init``, or empty for random init) into an :class:`EncoderSpec`.
 
     ``model`` is used when the weights carry no architecture metadata. ``image_size`` > 0
     overrides the encoder's own resolution (position embeddings are interpolated), 0 keeps it.
     """
-    if not encoder:
+    if not encoder or encoder == MAE_INIT:
         name = resolve_name(model)
         shape = vit_shape(name)
         size = image_size or shape.img_size
-        return EncoderSpec(name, shape.depth, size, None, f"random:{name}:{shape.depth}:{seed}", seed)
+        init = MAE_INIT if encoder else "random"
+        return EncoderSpec(name, shape.depth, size, None, f"{init}:{name}:{shape.depth}:{seed}", seed, init)
     weights = resolve_weights(encoder)
     name = resolve_name(weights.model or model)
     state = encoder_tensors(weights.path)
@@ -202,11 +211,15 @@ def build_encoder(spec: EncoderSpec, *, num_classes: int = 0, global_pool: str =
     if spec.path is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            return create_vit(spec.model, num_classes=num_classes, global_pool=global_pool,
-                              drop_path_rate=drop_path_rate, img_size=spec.image_size, **overrides)
-    model = create_vit(spec.model, num_classes=num_classes, global_pool=global_pool,
-                       drop_path_rate=drop_path_rate, img_size=spec.image_size, **overrides)
-    state = encoder_from_any(read_state_dict(spec.path))
+            model = create_vit(spec.model, num_classes=num_classes, global_pool=global_pool,
+                               drop_path_rate=drop_path_rate, img_size=spec.image_size, **overrides)
+        if spec.init != MAE_INIT:
+            return model
+        state = mae_init_state(spec.model, spec.seed, img_size=spec.image_size, **overrides)
+    else:
+        model = create_vit(spec.model, num_classes=num_classes, global_pool=global_pool,
+                           drop_path_rate=drop_path_rate, img_size=spec.image_size, **overrides)
+        state = encoder_from_any(read_state_dict(spec.path))
     own = model.state_dict()
     if not any(k.startswith("norm.") for k in own):
         state = {k: v for k, v in state.items() if not k.startswith("norm.")}
@@ -214,10 +227,16 @@ def build_encoder(spec: EncoderSpec, *, num_classes: int = 0, global_pool: str =
     return model
 
 
+def mae_init_state(model: str, seed: int, **overrides: object) -> dict[str, torch.Tensor]:
+    """The encoder weights ``mae-init`` names: timm keys, the MAE initialisation drawn from ``seed``."""
+    return mae_init_encoder(resolve_name(model), seed, **overrides).state_dict()
+
+
 def load_encoder(source: str | Path = "", *, model: str = "vit_micro4", image_size: int = 0, num_classes: int = 0,
                  global_pool: str = "token", drop_path_rate: float = 0.0, seed: int = 0) -> VisionTransformer:
     """A timm ``VisionTransformer`` from any supported weights: a prepretrain run directory (MAE,
-    WSP, LiT), a timm/MAWS/MAE/MAWS-CLIP file, or ``""`` for a seeded random init.
+    WSP, LiT), a timm/MAWS/MAE/MAWS-CLIP file, ``""`` for a seeded random init, or ``"mae-init"``
+    for a seeded untrained encoder with the MAE's initialisation.
 
     ``model`` names the architecture when the file does not; ``image_size`` > 0 runs it at
     another resolution (position embeddings interpolated); ``num_classes`` adds a fresh head.

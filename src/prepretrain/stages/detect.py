@@ -66,7 +66,7 @@ class DetectConfig(TrainConfig):
     """Detection recipe. Defaults are the CPU demo; configs/detect_*.yaml hold ViTDet's recipes."""
 
     stage_name = "detect"
-    encoder: str = ""  # run directory or weights file; empty = random init (the baseline)
+    encoder: str = ""  # run dir or weights file; empty = random init (the baseline); mae-init: untrained MAE init
     model: str = "vit_micro4"  # architecture when the weights carry no metadata
     # data: "synthetic", or a COCO-layout folder; explicit files override the folder's
     train_annotations: str = ""

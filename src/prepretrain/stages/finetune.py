@@ -50,7 +50,7 @@ class FinetuneConfig(TrainConfig):
     """Finetuning recipe. Defaults are the CPU demo; configs/finetune_*.yaml hold the paper recipes."""
 
     stage_name = "finetune"
-    encoder: str = ""  # run directory or weights file; empty = random init (the baseline)
+    encoder: str = ""  # run dir or weights file; empty = random init (the baseline); mae-init: untrained MAE init
     model: str = "vit_micro4"  # architecture when the weights carry no metadata
     task: str = "auto"  # coarse | fine (synthetic), label (image folders)
     global_pool: str = "token"  # token (MAWS: CLS) | avg (MAE: mean of patch tokens + fc_norm)

@@ -62,7 +62,7 @@ class VideoConfig(TrainConfig):
     """Video finetuning. Defaults are the CPU demo (synthetic motion); configs/video_*.yaml hold paper-scale recipes."""
 
     stage_name = "video"
-    encoder: str = ""  # run directory or weights file; empty = random init
+    encoder: str = ""  # run directory or weights file; empty = random init; mae-init = the MAE's untrained init
     model: str = "vit_micro4"  # architecture when the weights carry no metadata
     task: str = "auto"  # direction | motion (synthetic), label (files)
     video_dir: str = ""  # where the video files of Kinetics/SSv2/manifest annotations live; default: data folder

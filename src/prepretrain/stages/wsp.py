@@ -25,7 +25,8 @@ most-frequent-tag baseline.
 
 ``init=`` accepts an MAE run directory (its ``encoder.safetensors``), a WSP run directory,
 an MAE "full" checkpoint (decoder dropped; the fixed sin-cos ``pos_embed`` becomes the
-learnable timm one), or a MAWS/MAE/timm encoder file. A classifier head in the file is never
+learnable timm one), or a MAWS/MAE/timm encoder file; ``init=mae-init`` starts from the MAE's initialisation without
+MAE training (the pipeline's control arm). A classifier head in the file is never
 reused, except the head of a WSP run directory whose ``vocab.json`` is the same tag list as
 this run's, which continues WSP where it stopped.
 """
@@ -78,7 +79,16 @@ from ..models.heads import (
     tag_prediction_metrics,
 )
 from ..models.layouts import encoder_from_any
-from ..models.resolve import ENCODER_FILE, HEAD_FILE, VOCAB_FILE, check_weights, encoder_metadata, resolve_weights
+from ..models.resolve import (
+    ENCODER_FILE,
+    HEAD_FILE,
+    MAE_INIT,
+    VOCAB_FILE,
+    check_weights,
+    encoder_metadata,
+    mae_init_state,
+    resolve_weights,
+)
 from ..models.vit import check_model_and_size, create_vit, forward_flops, vit_shape
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
@@ -93,7 +103,7 @@ class WSPConfig(TrainConfig):
     model: str = "vit_micro4"
     depth: int = 0  # blocks; 0 = the model's own depth (a smaller value makes tiny test models)
     drop_path: float = 0.0
-    init: str = ""  # MAE/WSP run dir, MAE full checkpoint, MAWS/timm encoder file; empty = from scratch
+    init: str = ""  # MAE/WSP run dir, MAE full checkpoint, MAWS/timm encoder file, mae-init; empty = from scratch
     # vocabulary
     vocab: str = ""  # fixed vocabulary file (.json/.txt); empty = built from the training data
     vocab_size: int = 28_000  # top-K most frequent tags (the paper: ~28K)
@@ -318,6 +328,8 @@ class WSPStage(Stage):
         """Copy the encoder of ``init`` into ``model`` (exactly, pos-embed interpolated only when
         the resolution differs); returns the keys left at their fresh initialisation."""
         cfg = self.cfg
+        if cfg.init == MAE_INIT:  # the control arm: MAE's initialisation, no MAE training
+            return load_encoder_weights(model, mae_init_state(cfg.model, cfg.seed, **self._shape_overrides()))
         init = resolve_weights(cfg.init)
         state = encoder_from_any(read_state_dict(init.path))
         encoder_state, _ = split_head(state)  # a head trained for other classes is never reused
