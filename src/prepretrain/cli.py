@@ -359,9 +359,12 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (stages, FLOPs, memory per GPU, time on gpus=N) and exit")
     parser.epilog = (
-        "Runs MAE; WSP from MAE; WSP from scratch (same budget); MAE alone; LiT on both WSP towers; and the\n"
-        "transfer suite for every encoder, over seeds; then writes report.md and report.html in out_dir.\n"
-        "Examples:\n  prepretrain pipeline\n  prepretrain pipeline seeds=0,1,2 out_dir=runs/pp3\n"
+        "Runs MAE; WSP from MAE; the control: WSP from the untrained MAE initialisation (control_arms=true);\n"
+        "WSP from scratch (same budget); LiT on every WSP tower; and the transfer suite for every encoder\n"
+        "(MAE and the untrained MAE init alone included), over seeds; then report.md and report.html in\n"
+        "out_dir, whose verdict reads the paired contrasts: MAE learning (MAE->WSP minus MAE init->WSP)\n"
+        "and init scheme (MAE init->WSP minus WSP).\n"
+        "Examples:\n  prepretrain pipeline\n  prepretrain pipeline seeds=0,1,2,3 out_dir=runs/pp4\n"
         "  prepretrain pipeline --dry-run --config configs/pipeline_vit_b16.yaml gpus=64\n"
     )
 
