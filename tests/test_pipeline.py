@@ -71,8 +71,9 @@ def test_jobs_cover_the_experiment_and_keys_follow_dependencies(tmp_path):
         for name in ("mae", "wsp_mae", "wsp_maeinit", "wsp", "lit_mae_wsp", "lit_maeinit_wsp", "lit_wsp",
                      "eval/mae_wsp/coarse", "eval/maeinit_wsp/coarse", "eval/wsp/fine", "eval/mae/coarse",
                      "eval/mae_init/fine", "eval/random/coarse", "eval/mae_wsp/zeroshot", "eval/maeinit_wsp/zeroshot",
-                     "eval/wsp/finetune", "eval/mae_init/finetune"):
+                     "eval/wsp/finetune", "eval/maeinit_wsp/finetune"):
             assert f"seed{seed}/{name}" in names
+        assert f"seed{seed}/eval/mae_init/finetune" not in names
     by_name = {job.name: job for job in jobs}
     assert by_name["seed0/wsp_mae"].values["init"].endswith("seed0/mae")
     assert by_name["seed0/wsp_maeinit"].values["init"] == "mae-init" and not by_name["seed0/wsp_maeinit"].deps
