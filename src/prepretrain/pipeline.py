@@ -169,22 +169,23 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
             jobs.append(train_values("wsp", cfg.wsp_steps, cfg.wsp_config, seed, f"{s}/wsp_maeinit", init=MAE_INIT,
                                      **wsp_extra))
         jobs.append(train_values("wsp", cfg.wsp_steps, cfg.wsp_config, seed, f"{s}/wsp", init="", **wsp_extra))
-        # label -> the job whose run directory is the encoder ("" for an untrained one), and what
-        # encoder= says for the untrained ones
-        encoders = {"mae_wsp": f"{s}/wsp_mae", "wsp": f"{s}/wsp", "mae": f"{s}/mae"}
-        untrained = {"random": ""}
+        # label -> (what encoder= says, the job it reads: "" for an untrained encoder)
+        encoders = {"mae_wsp": (str(out / f"{s}/wsp_mae"), f"{s}/wsp_mae")}
         if cfg.control_arms:
-            encoders = {"mae_wsp": f"{s}/wsp_mae", "maeinit_wsp": f"{s}/wsp_maeinit", "wsp": f"{s}/wsp",
-                        "mae": f"{s}/mae", "mae_init": ""}
-            untrained["mae_init"] = MAE_INIT
+            encoders["maeinit_wsp"] = (str(out / f"{s}/wsp_maeinit"), f"{s}/wsp_maeinit")
+        encoders["wsp"] = (str(out / f"{s}/wsp"), f"{s}/wsp")
+        encoders["mae"] = (str(out / f"{s}/mae"), f"{s}/mae")
+        if cfg.control_arms:
+            encoders["mae_init"] = (MAE_INIT, "")
         if cfg.random_baseline:
-            encoders["random"] = ""
+            encoders["random"] = ("", "")
         if "zeroshot" in cfg.evaluations:
             for label in (label for label in ("mae_wsp", "maeinit_wsp", "wsp") if label in encoders):
+                encoder, source = encoders[label]
                 lit = train_values("lit", cfg.lit_steps, cfg.lit_config, seed, f"{s}/lit_{label}",
-                                   encoder=str(out / encoders[label]), model=cfg.model,
+                                   encoder=encoder, model=cfg.model,
                                    **{k: v for k, v in zeroshot_files.items() if v})
-                lit.deps = [encoders[label]]
+                lit.deps = [source]
                 jobs.append(lit)
                 zs = Job(f"{s}/eval/{label}/zeroshot", "zeroshot",
                          {"model": str(out / f"{s}/lit_{label}"), "out_dir": str(out / f"{s}/eval/{label}/zeroshot"),
@@ -194,8 +195,7 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                          deps=[f"{s}/lit_{label}"])
                 jobs.append(zs)
         frozen = tuple(e for e in ("probe", "knn", "lowshot") if e in cfg.evaluations)
-        for label, source in encoders.items():
-            encoder = str(out / source) if source else untrained[label]
+        for label, (encoder, source) in encoders.items():
             for task in cfg.tasks:
                 if frozen:
                     jobs.append(Job(f"{s}/eval/{label}/{task}", "frozen",

@@ -23,7 +23,7 @@ CONTRASTS = {
     "init scheme": ("MAE init→WSP", "WSP", "what the MAE's initialisation scheme alone adds over timm's"),
     "MAE→WSP − WSP": ("MAE→WSP", "WSP", "the raw gap, both effects together"),
 }
-# Two-sided 95% critical values of Student's t by degrees of freedom (seeds - 1); larger: 1.96.
+# Two-sided 95% critical values of Student's t by degrees of freedom (seeds - 1).
 T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         15: 2.131, 20: 2.086, 30: 2.042}
 # The task stages' rows: pipeline kind -> (row name, results.json key), values in percent.
@@ -48,9 +48,9 @@ def paired_contrast(row: dict[str, dict[int, float]], arm: str, minus: str) -> d
     mean, std = mean_std(diffs)
     n = len(diffs)
     separated = False
-    if n > 1:
-        critical = T_95.get(n - 1) or next((v for k, v in sorted(T_95.items()) if k >= n - 1), 1.96)
-        separated = std == 0.0 and mean != 0.0 or std > 0 and abs(mean) > critical * std / n**0.5
+    if n > 1:  # the critical value of the nearest tabulated df at or below n - 1: never liberal
+        critical = T_95[max(df for df in T_95 if df <= n - 1)]
+        separated = (abs(mean) > critical * std / n**0.5) if std > 0 else mean != 0.0
     return {"mean": mean, "std": std, "seeds": n, "separated": separated}
 
 
