@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from prepretrain.config import ConfigError, build_config
 from prepretrain.pipeline import PipelineConfig, dry_run, plan_jobs, run_pipeline
@@ -324,3 +325,29 @@ def test_verdict_reads_paired_contrasts_and_claims_only_what_the_seeds_separate(
     # without the control arm the raw gap is reported with the warning that it mixes both effects
     raw = verdict_blocks(SimpleNamespace(seeds=(0, 1, 2, 3)), {"probe": {k: probe[k] for k in ("MAE→WSP", "WSP")}})
     assert "it is not evidence that MAE training helped" in " ".join(raw[1].items)
+
+
+def test_a_job_whose_inputs_changed_trains_afresh_instead_of_resuming_the_old_run(tmp_path, capsys):
+    """A changed MAE changes the key of the WSP that reads it. Its directory still holds the old
+    WSP's checkpoints; resuming from them (already at the last step) would report the old run
+    as the new one. The old directory is set aside, not deleted, and the WSP trains again."""
+    from safetensors.torch import load_file
+
+    values = {**TINY, "out_dir": str(tmp_path), "evaluations": "probe", "control_arms": "false"}
+    run_pipeline(build_config(PipelineConfig, None, values))
+    first = load_file(str(tmp_path / "seed0/wsp_mae/encoder.safetensors"))
+    old_key = json.loads((tmp_path / "seed0/wsp_mae/pipeline_job.json").read_text())["key"]
+    assert (tmp_path / "seed0/wsp_mae/pipeline_job.started").read_text() == old_key
+
+    capsys.readouterr()
+    run_pipeline(build_config(PipelineConfig, None, {**values, "mae_steps": 5}))
+    printed = capsys.readouterr().out
+    assert "resuming from" not in printed and "seed0/wsp_mae: its directory held a run of another" in printed
+    rerun = json.loads((tmp_path / "seed0/wsp_mae/pipeline_job.json").read_text())
+    assert rerun["key"] != old_key and rerun["results"]["steps"] == 4
+    second = load_file(str(tmp_path / "seed0/wsp_mae/encoder.safetensors"))
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], second["blocks.0.attn.qkv.weight"])
+    kept = tmp_path / ".replaced" / f"seed0__wsp_mae-{old_key}"
+    assert torch.equal(load_file(str(kept / "encoder.safetensors"))["blocks.0.attn.qkv.weight"],
+                       first["blocks.0.attn.qkv.weight"])
+    assert not (tmp_path / ".replaced" / f"seed0__wsp-{old_key}").exists()  # WSP from scratch: unchanged, cached

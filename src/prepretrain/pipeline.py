@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -470,15 +471,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
                 results[job.name] = saved["results"]
                 print(f"[pipeline {index}/{len(jobs)}] {job.name}: cached", flush=True)
                 continue
+        set_aside_if_stale(out, job)
         remaining = len(jobs) - index + 1
         eta = f", ETA ~{_clock(remaining * sum(ran) / len(ran))}" if ran else ""
         print(f"[pipeline {index}/{len(jobs)}] {job.name} ({job.kind}); elapsed {_clock(time.perf_counter() - start)}"
               f"{eta}", flush=True)
         job_start = time.perf_counter()
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_text(job_dir / STARTED_FILE, job.key)  # what a checkpoint here was trained for
         result = run_job(job)
         ran.append(time.perf_counter() - job_start)
         results[job.name] = _jsonable(result)
-        job_dir.mkdir(parents=True, exist_ok=True)
         write_json(marker, {"key": job.key, "kind": job.kind, "values": job.values, "seconds": ran[-1],
                             "results": results[job.name]})
     write_json(out / "results.json", results)
@@ -486,6 +489,36 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     md, html = write_pipeline_report(cfg, jobs, results, flops)
     print(f"[pipeline] done in {_clock(time.perf_counter() - start)}; report: {md} and {html}", flush=True)
     return results
+
+
+STARTED_FILE = "pipeline_job.started"  # the key of the job whose run began in this directory
+
+
+def set_aside_if_stale(out: Path, job: Job) -> Path | None:
+    """Move ``job``'s directory to ``out/.replaced/`` when it holds another configuration's run
+    (a finished one, or an interrupted one) and return where it went. Otherwise the stage would
+    resume from that run's checkpoints and report the old configuration's results as the new
+    one's (an MAE changed upstream, and its WSP "resumed" at its last step). An interrupted run
+    of the same job stays, so it resumes mid-run; nothing finished is deleted."""
+    job_dir = out / job.name
+    if not job_dir.exists():
+        return None
+    keys = []
+    for name in ("pipeline_job.json", STARTED_FILE):
+        path = job_dir / name
+        if path.exists():
+            text = path.read_text()
+            keys.append(json.loads(text).get("key") if name.endswith(".json") else text.strip())
+    if not keys or all(key == job.key for key in keys):
+        return None
+    target = out / ".replaced" / f"{job.name.replace('/', '__')}-{keys[0]}"
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    job_dir.rename(target)
+    print(f"[pipeline] {job.name}: its directory held a run of another configuration; moved to {target}",
+          flush=True)
+    return target
 
 
 def _clock(seconds: float) -> str:
