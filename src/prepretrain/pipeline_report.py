@@ -110,9 +110,8 @@ def collect_table(cfg, results: dict[str, Any]) -> dict[str, dict[str, list[floa
 def collect_by_seed(cfg, results: dict[str, Any]) -> dict[str, dict[str, dict[int, float]]]:
     """task name -> encoder label -> seed -> accuracy (percent)."""
     table: dict[str, dict[str, dict[int, float]]] = {}
-    seed = 0
 
-    def add(task: str, label: str, value: Any) -> None:
+    def add(task: str, label: str, value: Any) -> None:  # under the seed the loop below is at
         if isinstance(value, (int, float)):
             table.setdefault(task, {}).setdefault(LABELS[label], {})[seed] = float(value)
 
