@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -156,8 +157,17 @@ def test_image_folder_splits_are_used_and_checked(tmp_path, timm_file):
     for name in ("ring", "square"):  # a test/ split takes over the reporting role...
         (root / "test" / name).mkdir(parents=True)
         (root / "val" / name / "0.png").rename(root / "test" / name / "0.png")
-    with pytest.raises(ValueError, match="class"):  # ...but not while it lacks a class that train has
+    # ...and while it lacks a class that train has, its labels still follow train's classes (by name).
+    partial = open_eval_data(str(root))
+    test = partial.source("test")
+    for index in range(len(test)):
+        record = test.get(index)
+        assert partial.class_names[record.labels["label"]] == record.key.split("/")[0]
+    (root / "test" / "circle").mkdir()  # a class train has no folder for: refused, naming it
+    shutil.copy(root / "test" / "ring" / "0.png", root / "test" / "circle" / "0.png")
+    with pytest.raises(ConfigError, match="circle"):
         open_eval_data(str(root))
+    shutil.rmtree(root / "test" / "circle")
     (root / "test" / "star").mkdir()
     (root / "val" / "star" / "0.png").rename(root / "test" / "star" / "0.png")
     assert open_eval_data(str(root)).split_names == {"train": "train", "test": "test", "val": "val"}

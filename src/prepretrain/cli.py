@@ -36,6 +36,7 @@ from .bench import (
 )
 from .config import ConfigError, build_config, dump_config
 from .data.bench import BenchDataConfig, run_data_benchmark
+from .data.benchmarks import DataLayoutError
 from .data.loader import open_data
 from .data.shards import UnknownSampleCount
 from .data.tools import (
@@ -61,7 +62,7 @@ DEBUG_ENV = "PREPRETRAIN_DEBUG"  # =1: expected failures show their traceback to
 # Failures a user can cause (bad data, files, disk, a diverging run, preemption): one clear line
 # and an exit code each, never a traceback. Config mistakes exit with 2.
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (TooManyBadSamples, 3), (UnknownSampleCount, 3),
+    (TooManyBadSamples, 3), (UnknownSampleCount, 3), (DataLayoutError, 3),
     (CheckpointMismatch, 4), (UnsafeCheckpoint, 4), (CorruptCheckpoint, 4), (FileNotFoundError, 4),
     (NonFiniteLoss, 6),
     (Preempted, 75),  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume

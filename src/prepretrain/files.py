@@ -116,6 +116,31 @@ def file_sha256(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+def weights_sha256(path: str | Path, chunk_bytes: int = 8 << 20) -> str:
+    """Content hash of a weights file that depends on its tensors only.
+
+    A safetensors header holds the metadata as a map whose order the writer does not fix, so two
+    saves of the same tensors differ in their bytes; here the header's tensor table is hashed in a
+    canonical form (metadata left out) and then the data bytes. Other formats: the file's bytes."""
+    import hashlib
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return file_sha256(path, chunk_bytes)
+    digest = hashlib.sha256(b"safetensors-tensors-v1")
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        try:
+            header = json.loads(handle.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return file_sha256(path, chunk_bytes)  # not a readable header: the bytes are all we have
+        header.pop("__metadata__", None)
+        digest.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The string metadata in a safetensors header, read without loading tensors ({} for other formats)."""
     path = Path(path)

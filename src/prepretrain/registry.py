@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .evaluate.classify import ClassifyConfig, run_classify
 from .evaluate.runner import EVALUATIONS, run_evaluation
 from .evaluate.zeroshot import ZeroShotConfig, run_zeroshot
 from .stages.detect import DetectConfig, DetectStage
@@ -48,6 +49,20 @@ Examples:
   prepretrain zeroshot model=vit_b16_xlmr_b.pt tokenizer=xlmr.sentencepiece.bpe.model image_size=224 \\
       data=/data/imagenet split=val task=label classes=imagenet_classes.txt device=cuda
 Class files: one class per line, synonyms separated by commas (or JSON). Templates: one per line with {}.
+"""
+
+
+CLASSIFY_EXAMPLES = """\
+model= takes a finetune run, a classifier file (timm, MAWS, MAE, SWAG, torchvision; arch=NAME when it has
+no metadata) or a released finetune; data= any labelled set (the benchmarks' release layouts included:
+imagenet-val, imagenet-v2, objectnet, inaturalist, food101; see prepretrain data stats) or a folder to label.
+Writes <out_dir>/results.json and predictions.csv.
+Examples:
+  prepretrain classify model=runs/finetune data=synthetic split=test
+  prepretrain classify model=maws:vit_b16_ft_in1k data=/data/imagenet split=val real_labels=builtin
+  prepretrain classify model=maws:vit_b16_ft_in1k data=/data/imagenetv2-matched-frequency-format-val
+  prepretrain classify model=maws:vit_b16_ft_in1k data=/data/objectnet-1.0
+  prepretrain classify model=runs/finetune data=/photos/unsorted
 """
 
 
@@ -99,6 +114,9 @@ COMMANDS: dict[str, Command] = {
         _evaluation("lowshot", "low-shot transfer: K images per class, seeded splits (linear classifier or VPT "
                                "prompts)"),
         _evaluation("knn", "weighted kNN classifier on frozen features (cosine, k=20, T=0.07)"),
+        Command("classify", "score a classifier on a labelled set (ImageNet val/v2/ReaL, ObjectNet, iNat, Food-101, "
+                            "folders) or label a folder of images", ClassifyConfig, run_classify, "evaluate",
+                CLASSIFY_EXAMPLES),
         Command("zeroshot", "zero-shot classification with a LiT/CLIP model (class names x synonyms x templates)",
                 ZeroShotConfig, run_zeroshot, "evaluate", ZEROSHOT_EXAMPLES),
     )

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 
+from .benchmarks import LAYOUTS, ListedSource, detect_layout, layout_splits, open_layout
 from .decode import IMAGE_EXTENSIONS
 from .records import BadSample, MapSource, Record
 from .shards import SHARD_SUFFIXES, ShardProblem, ShardSource, expand_shard_spec
@@ -472,11 +473,14 @@ def _shard_files(directory: Path) -> list[Path]:
 def open_source(
     spec: str | os.PathLike, *, split: str | None = None, kind: str | None = None,
     hashtag_field: str = "hashtags", caption_field: str = "caption", **kwargs: Any,
-) -> FolderSource | ImageFolderSource | ManifestSource | ShardSource:
+) -> FolderSource | ImageFolderSource | ManifestSource | ShardSource | ListedSource:
     """Pick and build a source from a path (the CLI's ``data=PATH``).
 
     Resolution, in order:
 
+    - a directory in one of the benchmarks' release layouts (:mod:`prepretrain.data.benchmarks`:
+      ImageNet's flat validation folder, ImageNet-v2, ObjectNet, iNaturalist, Food-101) -> a
+      :class:`~prepretrain.data.benchmarks.ListedSource` that reads it as released;
     - a brace pattern (``shards-{000000..000009}.tar``), a ``.tar`` file, or a directory
       holding ``.tar`` files -> :class:`~prepretrain.data.shards.ShardSource` (iterable);
     - a ``.jsonl``/``.ndjson``/``.csv``/``.tsv`` file -> :class:`~prepretrain.data.sources.ManifestSource`;
@@ -487,9 +491,9 @@ def open_source(
       :class:`~prepretrain.data.sources.ImageFolderSource`;
     - any other directory -> :class:`~prepretrain.data.sources.FolderSource`.
 
-    ``kind`` (``"folder"``, ``"imagefolder"``, ``"manifest"``, ``"shards"``) overrides the
-    guess for layouts that are ambiguous, e.g. ``photos/2023/...`` is *not* a class per
-    year. ``hashtag_field`` / ``caption_field`` name the annotation fields of shards (``.json``
+    ``kind`` (``"folder"``, ``"imagefolder"``, ``"manifest"``, ``"shards"``, or a release
+    layout's name) overrides the guess for layouts that are ambiguous, e.g. ``photos/2023/...``
+    is *not* a class per year. ``hashtag_field`` / ``caption_field`` name the annotation fields of shards (``.json``
     members, e.g. ``tags`` of img2dataset user columns) and manifests; folders have none, so
     they ignore them. Other keyword arguments (``min_size_hint``, ``max_pixels``, ``pixels``;
     ``index`` for shards) go to the source.
@@ -504,8 +508,10 @@ def open_source(
         "shards": functools.partial(ShardSource, **fields),
     }
     if kind is not None:
+        if kind in LAYOUTS:
+            return open_layout(text, kind, split, **kwargs)
         if kind not in builders:
-            raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(builders)}")
+            raise ValueError(f"unknown source kind {kind!r}; choose from {sorted(builders) + list(LAYOUTS)}")
         return builders[kind](text, **kwargs)
     if "{" in text and "}" in text:
         expanded = expand_shard_spec(text)
@@ -522,6 +528,9 @@ def open_source(
         raise ValueError(
             f"{text}: cannot tell what this file is; expected a manifest {MANIFEST_SUFFIXES} or shards {SHARD_SUFFIXES}"
         )
+    layout = detect_layout(path, split)
+    if layout is not None and (layout_splits(path) is not None or split is None or not (path / split).is_dir()):
+        return open_layout(path, layout, split, **kwargs)
     if split is not None:
         for suffix in MANIFEST_SUFFIXES:
             manifest = path / f"{split}{suffix}"
@@ -543,6 +552,18 @@ def open_source(
     if _looks_like_image_folder(path):
         return ImageFolderSource(path, **kwargs)
     return FolderSource(path, **kwargs)
+
+
+def source_format(source: Any) -> str:
+    """What a source is, in the words ``data stats`` and ``classify`` print: a release layout's name
+    (``imagenet-v2``, ``objectnet``, ...) or ``imagefolder``, ``folder``, ``manifest``, ``shards``, ``synthetic``."""
+    source = getattr(source, "source", source)  # an AlignedSource is its source renumbered
+    kinds = ((ListedSource, None), (ImageFolderSource, "imagefolder"), (FolderSource, "folder"),
+             (ManifestSource, "manifest"), (ShardSource, "shards"), (SyntheticSource, "synthetic"))
+    for kind, name in kinds:
+        if isinstance(source, kind):
+            return name or source.layout
+    return type(source).__name__
 
 
 def open_data(spec: str, *, split: str = "train", image_size: int = 32, num_images: int = 4000, seed: int = 0,

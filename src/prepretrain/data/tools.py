@@ -37,6 +37,7 @@ from prepretrain.data.hashtags import (
     synonym_map,
     vocab_from_counts,
 )
+from prepretrain.data.loader import source_format
 from prepretrain.data.records import Annotation, BadSample, Record, SkipCounter
 from prepretrain.data.shards import INDEX_FORMAT, INDEX_NAME, ShardSource
 from prepretrain.data.synthetic import (
@@ -325,6 +326,7 @@ def describe_source(source: Any, *, max_images: int = 64, max_annotations: int =
         histogram[name] = histogram.get(name, 0) + 1
     return {
         "type": type(source).__name__,
+        "layout": source_format(source),
         "count": count,
         "annotations": {"scope": annotation_scope, "read": len(annotations)},
         "class_names": {task: len(names) for task, names in class_names.items()},

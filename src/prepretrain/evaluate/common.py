@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
+from ..data.benchmarks import DataLayoutError, align_classes, layout_splits
 from ..data.loader import open_data
 from ..data.records import MapSource
 from ..files import write_json
@@ -93,8 +94,12 @@ class EvalConfig:
 
 
 def split_exists(data: str, split: str) -> bool:
-    """Whether a dataset folder has ``split`` as a subfolder or a ``<split>.jsonl/.csv`` manifest."""
+    """Whether a dataset folder has ``split``: a subfolder, a ``<split>.jsonl/.csv`` manifest, or a split
+    its release layout lists in files (iNaturalist's ``val2018.json``, Food-101's ``meta/test.txt``)."""
     root = Path(data)
+    in_files = layout_splits(root)
+    if in_files is not None and split in in_files:
+        return True
     return (root / split).is_dir() or any((root / f"{split}{suffix}").is_file() for suffix in _SPLIT_FILE_SUFFIXES)
 
 
@@ -165,10 +170,12 @@ def open_eval_data(data: str, task: str = "auto", image_size: int = 32, num_imag
     for role in ("val", "test"):
         other = list((getattr(sources[role], "class_names", None) or {}).get(task, []))
         if other and other != class_names:
-            raise ValueError(
-                f"{data}: the {names[role]} split has {task!r} classes {other[:5]} but train has {class_names[:5]}; "
-                "class indices would not match (every split needs the same class folders, each with images)"
-            )
+            # Splits named by class ids (WordNet ids, folder names) share train's class index by id.
+            try:
+                sources[role] = align_classes(sources[role], task, class_names)
+            except DataLayoutError as error:
+                raise ConfigError("data", f"{data}: the {names[role]} split does not fit train's classes: {error}; "
+                                          "every class of a held-out split needs images in train") from None
     return EvalData(data, task, len(class_names), class_names, image_size, names, sources)
 
 

@@ -31,7 +31,7 @@ import yaml
 from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
-from ..files import file_sha256, read_keys, read_metadata
+from ..files import read_keys, read_metadata, weights_sha256
 from .checkpoints import load_encoder_weights, read_state_dict
 from .layouts import CheckpointMismatch, encoder_from_any, image_size_of
 from .mae import mae_init_encoder
@@ -136,7 +136,8 @@ class EncoderSpec:
     depth: int  # number of blocks actually present in the weights
     image_size: int  # resolution the encoder runs at (position embeddings interpolated to it)
     path: Path | None  # weights file; None = random init
-    identity: str  # sha256 of the weights file, or "<init>:<model>:<depth>:<seed>" (init: random, mae-init)
+    # sha256 of the weights' tensors (files.weights_sha256), or "<init>:<model>:<depth>:<seed>" (random, mae-init)
+    identity: str
     seed: int = 0  # random-init seed (only used when path is None)
     init: str = "random"  # without a file: "random" (timm's initialisation) or "mae-init" (the MAE's)
 
@@ -146,6 +147,13 @@ class EncoderSpec:
             return str(self.path)
         scheme = "MAE initialisation, untrained" if self.init == MAE_INIT else "random init"
         return f"{scheme} ({self.model}, seed {self.seed})"
+
+
+def weights_identity(path: Path) -> str:
+    """What names a weights file in caches and results: a hash of its tensors, not of its metadata
+    (so re-exporting the same weights, whose header may list the metadata in another order, keeps
+    the feature cache)."""
+    return weights_sha256(path)
 
 
 def count_blocks(keys: list[str]) -> int:
@@ -175,7 +183,7 @@ def resolve_encoder(encoder: str | Path, model: str = "vit_micro4", image_size: 
     if image_size and native and image_size != native:
         print(f"[prepretrain] {encoder}: the weights were made for {native} px; running at image_size={image_size} "
               "with the position embedding interpolated", file=sys.stderr, flush=True)
-    return EncoderSpec(name, depth, size, weights.path, file_sha256(weights.path), seed)
+    return EncoderSpec(name, depth, size, weights.path, weights_identity(weights.path), seed)
 
 
 def encoder_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ from ..data.records import BadSample, Record
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform, parse_crop_fraction
 from ..evaluate.common import EvalData, open_eval_data
 from ..evaluate.metrics import topk_accuracy
+from ..models.classifier import classifier_metadata
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
 from ..models.vit import check_model_and_size, forward_flops, resolve_name, vit_shape
 from ..train.engine import Stage, TrainData
@@ -292,10 +293,14 @@ class FinetuneStage(Stage):
         return metrics
 
     def metadata(self) -> dict[str, str]:
-        cfg = self.cfg
+        """What the exported classifier says about itself: architecture, and its outputs' class ids and
+        names with the evaluation transform (``prepretrain classify`` aligns and sees images by them)."""
+        cfg, data = self.cfg, self.data
+        synonyms = (getattr(data.source("train"), "synonyms", None) or {}).get(data.task) or []
+        names = [s[0] if s else c for s, c in zip(synonyms, data.class_names, strict=False)] or data.class_names
         return {"model": resolve_name(cfg.model), "image_size": str(cfg.image_size),
-                "num_classes": str(self.data.num_classes), "global_pool": cfg.global_pool, "task": self.data.task,
-                "format": "timm-vit-classifier"}
+                "num_classes": str(data.num_classes), "global_pool": cfg.global_pool, "task": data.task,
+                "format": "timm-vit-classifier", **classifier_metadata(data.class_names, names, cfg.eval_crop)}
 
     def best_weights(self, model: nn.Module, run: Run) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return classifier_weights(run.full_state_dict(model)), self.metadata()

@@ -47,6 +47,7 @@ from ..data.video import (
     open_video_data,
 )
 from ..evaluate.metrics import topk_accuracy
+from ..models.classifier import classifier_metadata
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
 from ..models.video import VideoViT, video_forward_flops, video_layer_name
 from ..models.vit import check_model_and_size, resolve_name, vit_shape
@@ -250,7 +251,8 @@ class VideoStage(Stage):
                 "image_size": str(cfg.image_size), "num_classes": str(self.data.num_classes),
                 "global_pool": cfg.global_pool, "task": self.data.task, "num_frames": str(cfg.num_frames),
                 "tubelet_size": str(cfg.tubelet_size), "frame_stride": str(cfg.frame_stride),
-                "rel_pos": str(cfg.rel_pos).lower(), "depth": str(self.spec.depth), "format": "prepretrain-video-vit"}
+                "rel_pos": str(cfg.rel_pos).lower(), "depth": str(self.spec.depth), "format": "prepretrain-video-vit",
+                **classifier_metadata(self.data.class_names)}
 
     def best_weights(self, model: nn.Module, run: Run) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return run.full_state_dict(model), self.metadata()
