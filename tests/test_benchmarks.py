@@ -283,3 +283,19 @@ def test_food101_reads_its_meta_lists(tmp_path):
     (root / "meta" / "test.txt").write_text("pizza/1\n")
     with pytest.raises(DataLayoutError, match="test.txt:1: class 'pizza'"):
         open_source(root, split="test")
+
+
+def test_zero_shot_reads_each_layouts_class_names(tmp_path):
+    from prepretrain.evaluate.zeroshot import source_classes
+
+    v2 = tmp_path / "imagenetv2-top-images-format-val"
+    write_image(v2 / "0" / "a.jpeg", fmt="JPEG")
+    assert source_classes(open_source(v2), "label")[0][0] == "tench"  # WordNet ids -> names (1000 classes)
+    assert source_classes(open_source(objectnet(tmp_path)), "label") == [["Alarm clock"], ["Chair"]]
+    food = tmp_path / "food-101"
+    (food / "meta").mkdir(parents=True)
+    (food / "meta" / "classes.txt").write_text("apple_pie\n")
+    (food / "meta" / "labels.txt").write_text("Apple pie\n")
+    (food / "meta" / "test.txt").write_text("apple_pie/1\n")
+    write_image(food / "images" / "apple_pie" / "1.jpg", fmt="JPEG")
+    assert source_classes(open_source(food, split="test"), "label") == [["Apple pie"]]

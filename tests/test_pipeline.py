@@ -248,7 +248,8 @@ def test_rehearsal_runs_a_paper_pipeline_config_end_to_end(tmp_path, monkeypatch
     assert main(["data", "rehearsal", "--out", str(out), "--num-images", "300", "--steps", "2"]) == 0
     assert sorted(p.name for p in (out / "data" / "pretrain").iterdir()) == ["train", "val"]
     assert (out / "data" / "eval" / "val" / "ring").is_dir()
-    cfg = build_config(PipelineConfig, out / "pipeline.yaml")
+    # + classify_sets: every finetuned model scored again, as is, on the eval folder's val split
+    cfg = build_config(PipelineConfig, out / "pipeline.yaml", {"classify_sets": f"heldout={out / 'data' / 'eval'}@val"})
     assert cfg.mae_config.endswith("configs/mae_vit_b16.yaml") and "lit.micro_batch_size=8" in cfg.recipe_overrides
     results = run_pipeline(cfg)
     runs = out / "runs" / "seed0"
@@ -264,8 +265,14 @@ def test_rehearsal_runs_a_paper_pipeline_config_end_to_end(tmp_path, monkeypatch
     assert stage["wsp_mae"]["init"] == str(runs / "mae")
     wsp = [json.loads(line) for line in (runs / "wsp_mae" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_precision_at_1" in row for row in wsp)  # held out: the val shards
-    assert "finetune (label)" in (out / "runs" / "report.md").read_text()
+    report = (out / "runs" / "report.md").read_text()
+    assert "finetune (label)" in report
     assert results["seed0/eval/mae_wsp/zeroshot"]["num_classes"] == 10
+    # the finetune selects on val: classify's top-1 on val is the finetune's own validation top-1
+    for label in ("mae_wsp", "wsp", "mae"):
+        finetune = results[f"seed0/eval/{label}/finetune"]
+        assert results[f"seed0/eval/{label}/classify_heldout"]["top1"] == pytest.approx(finetune["best_val_top1"])
+    assert "heldout top-1 (finetuned)" in report and "| encoder | " in report  # the paper-layout table
 
 
 @pytest.mark.slow
@@ -351,3 +358,22 @@ def test_a_job_whose_inputs_changed_trains_afresh_instead_of_resuming_the_old_ru
     assert torch.equal(load_file(str(kept / "encoder.safetensors"))["blocks.0.attn.qkv.weight"],
                        first["blocks.0.attn.qkv.weight"])
     assert not (tmp_path / ".replaced" / f"seed0__wsp-{old_key}").exists()  # WSP from scratch: unchanged, cached
+
+
+def test_classify_sets_are_jobs_after_each_finetune_and_malformed_entries_name_the_key(tmp_path):
+    """``classify_sets``: each finetuned model scored on named benchmarks without more training (run end
+    to end in the rehearsal test above)."""
+    values = {**TINY, "evaluations": "finetune", "control_arms": "false", "out_dir": str(tmp_path),
+              "classify_sets": "heldout=synthetic@test,in1k=/data/imagenet+real"}
+    cfg = build_config(PipelineConfig, None, values)
+    jobs = {job.name: job for job in plan_jobs(cfg)}
+    scored = jobs["seed0/eval/mae_wsp/classify_heldout"]
+    assert scored.kind == "classify" and scored.deps == ["seed0/eval/mae_wsp/finetune"]
+    assert scored.values["split"] == "test" and scored.values["model"].endswith("seed0/eval/mae_wsp/finetune")
+    real = jobs["seed0/eval/wsp/classify_in1k"].values
+    assert (real["data"], real["split"], real["real_labels"]) == ("/data/imagenet", "val", "builtin")
+    for bad in ("v2", "=x", "a=x@", "a/b=x", "a=x,a=y"):
+        with pytest.raises(ConfigError, match="classify_sets"):
+            build_config(PipelineConfig, None, {**values, "classify_sets": bad})
+    with pytest.raises(ConfigError, match="add finetune"):
+        build_config(PipelineConfig, None, {**values, "evaluations": "probe"})

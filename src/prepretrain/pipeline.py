@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, build_config, config_to_dict, dump_config, read_yaml
-from .data.loader import open_data
+from .data.loader import open_data, open_source
 from .evaluate.common import open_eval_data
 from .evaluate.runner import evaluate_encoder
 from .evaluate.zeroshot import (
@@ -81,6 +81,10 @@ class PipelineConfig:
     # text_micro"): a rehearsal of the paper recipes with a small model and budget, nothing else changed
     recipe_overrides: tuple[str, ...] = ()
     evaluations: tuple[str, ...] = ("probe", "knn", "lowshot", "zeroshot", "finetune")  # + video, detect
+    # benchmarks every finetuned model is scored on without more training (prepretrain classify, classes
+    # matched by id): NAME=PATH[@SPLIT][+real], e.g. v2=/data/imagenetv2-matched-frequency-format-val,
+    # real=/data/imagenet@val+real (ReaL with timm's labels), objectnet=/data/objectnet-1.0
+    classify_sets: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ("coarse", "fine")
     # the video and detection tasks (in evaluations): their own data ("synthetic": the stage's
     # embedded set), recipe files, and demo budgets (0 = the stage's default steps)
@@ -122,8 +126,37 @@ class PipelineConfig:
             if getattr(self, key) and not Path(getattr(self, key)).exists():
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")
         recipe_overrides(self, "mae")  # malformed entries name the key now
+        classify_sets(self)
         check_names_file("zeroshot_classes", self.zeroshot_classes, CLASS_SETS)
         check_names_file("zeroshot_templates", self.zeroshot_templates, TEMPLATE_SETS)
+
+
+@dataclass(frozen=True)
+class ClassifySet:
+    """One ``classify_sets`` entry: a named benchmark a finetuned model is scored on."""
+
+    name: str
+    path: str
+    split: str = "val"
+    real: bool = False  # also ImageNet-ReaL top-1 (timm's real.json)
+
+
+def classify_sets(cfg: PipelineConfig) -> list[ClassifySet]:
+    """The parsed ``classify_sets`` (``NAME=PATH[@SPLIT][+real]``); a malformed entry is a ConfigError."""
+    found: list[ClassifySet] = []
+    for entry in cfg.classify_sets:
+        name, sep, rest = str(entry).partition("=")
+        real = rest.endswith("+real")
+        rest = rest.removesuffix("+real")
+        path, at, split = rest.rpartition("@") if "@" in rest else (rest, "", "val")
+        if not sep or not name.strip() or not path.strip() or "/" in name or not split:
+            raise ConfigError("classify_sets", f"expected NAME=PATH[@SPLIT][+real], got '{entry}'")
+        if any(other.name == name.strip() for other in found):
+            raise ConfigError("classify_sets", f"the name '{name.strip()}' is used twice")
+        found.append(ClassifySet(name.strip(), path.strip(), split.strip(), real))
+    if found and "finetune" not in cfg.evaluations:
+        raise ConfigError("classify_sets", "scores the finetuned models: add finetune to evaluations")
+    return found
 
 
 @dataclass
@@ -212,6 +245,13 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                                    data=eval_data)
                 job.deps = [source] if source else []
                 jobs.append(job)
+                for bench in classify_sets(cfg):
+                    name = f"{s}/eval/{label}/classify_{bench.name}"
+                    jobs.append(Job(name, "classify", {
+                        "model": str(out / job.name), "data": bench.path, "split": bench.split,
+                        "real_labels": "builtin" if bench.real else "", "out_dir": str(out / name),
+                        "num_images": cfg.num_images, "device": cfg.device, "precision": cfg.precision,
+                        "num_workers": 0, "progress": False}, deps=[job.name]))
             for kind in (k for k in TASK_STAGES if k in cfg.evaluations):
                 jobs.append(task_stage_job(cfg, kind, seed, f"{s}/eval/{label}/{kind}", encoder, source))
     by_name = {job.name: job for job in jobs}
@@ -331,7 +371,8 @@ class DataCheck:
     error: str = ""
 
     def describe(self) -> str:
-        task = f" ({self.task})" if self.task in TASK_STAGES else f" task={self.task}" if self.task else ""
+        task = (f" ({self.task})" if self.task in TASK_STAGES else f" split={self.task.split('@', 1)[1]}"
+                if self.task.startswith("classify@") else f" task={self.task}" if self.task else "")
         where = f"{self.key}={self.path}{task}"
         if self.error:
             return f"{where}: NOT USABLE: {self.error}"
@@ -351,6 +392,8 @@ def planned_sources(cfg: PipelineConfig, jobs: list[Job]) -> list[DataCheck]:
             entry = (stage_data(cfg, job.kind)[0], data, job.kind)
         elif job.kind == "zeroshot":
             entry = (stage_data(cfg, "eval")[0], data, job.values.get("task") or ZeroShotConfig.task)
+        elif job.kind == "classify":
+            entry = ("classify_sets", data, f"classify@{job.values['split']}")
         else:  # frozen evaluations and finetuning
             entry = (stage_data(cfg, "eval")[0], data, job.values["task"])
         check = seen.setdefault(entry, DataCheck(*entry))
@@ -387,6 +430,17 @@ def _open_check(cfg: PipelineConfig, check: DataCheck) -> None:
                     config_file=getattr(cfg, recipe_key))
         stage = stage_cls(build_job_config(probe))
         check.sizes = dict(getattr(stage, "data_sizes", dict)())
+        return
+    if check.task.startswith("classify@"):  # a benchmark a finetuned model is scored on: labelled, not empty
+        split = check.task.split("@", 1)[1]
+        if check.path == "synthetic":
+            source = open_data("synthetic", split=split, image_size=cfg.image_size, num_images=cfg.num_images)
+        else:
+            source = open_source(check.path, split=split)
+        if not len(source) or not getattr(source, "class_names", None):
+            raise ValueError(f"the {split} split has {'no labels' if len(source) else 'no images'}")
+        check.sizes = {split: len(source)}
+        check.num_classes = max(len(names) for names in source.class_names.values())
         return
     if check.task:
         data = open_eval_data(check.path, check.task, cfg.image_size, cfg.num_images)

@@ -36,6 +36,15 @@ TASK_ROWS = {
 WSP_RUNS = {"mae_wsp": "wsp_mae", "maeinit_wsp": "wsp_maeinit", "wsp": "wsp"}  # label -> WSP job of a seed
 
 
+def classify_set_names(cfg) -> list[tuple[str, bool]]:
+    """(name, with ReaL) of each ``classify_sets`` entry (the pipeline validated them)."""
+    sets = []
+    for entry in getattr(cfg, "classify_sets", ()) or ():
+        name, _, rest = str(entry).partition("=")
+        sets.append((name.strip(), rest.endswith("+real")))
+    return sets
+
+
 def paired_contrast(row: dict[str, dict[int, float]], arm: str, minus: str) -> dict[str, Any] | None:
     """``arm`` minus ``minus`` on the seeds that have both: mean, std, seeds, and whether a paired
     t-test at 95% separates it from zero (it never does with one seed)."""
@@ -128,6 +137,11 @@ def collect_by_seed(cfg, results: dict[str, Any]) -> dict[str, dict[str, dict[in
             add(f"zero-shot ({cfg.tasks[0]})", label, zeroshot.get("top1"))
             finetune = results.get(f"{s}/eval/{label}/finetune") or {}
             add(f"finetune ({cfg.tasks[0]})", label, finetune.get("best_top1", finetune.get("top1")))
+            for name, real in classify_set_names(cfg):  # the finetuned model on each benchmark, no more training
+                scored = results.get(f"{s}/eval/{label}/classify_{name}") or {}
+                add(f"{name} top-1 (finetuned)", label, scored.get("top1"))
+                if real:
+                    add(f"{name} ReaL top-1 (finetuned)", label, scored.get("real_top1"))
             for kind, rows in TASK_ROWS.items():
                 task_results = results.get(f"{s}/eval/{label}/{kind}") or {}
                 for row, key in rows:
@@ -158,6 +172,10 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
     encoders = [e for e in LABELS.values() if any(e in row for row in table.values())]
     rows = [[task] + [format_mean_std(table[task].get(e, []), scale=1.0) for e in encoders] for task in table]
     blocks.append(table_block(["task"] + encoders, rows))
+    if table:  # the paper's layout: one row per encoder, one column per benchmark and protocol
+        blocks.append(Block("paragraph", "The same numbers in the paper's layout (one row per encoder):"))
+        blocks.append(table_block(["encoder", *table], [
+            [e] + [format_mean_std(table[task].get(e, []), scale=1.0) for task in table] for e in encoders]))
     if table:
         plot_bars({k: {e: [v / 100 for v in vals] for e, vals in row.items()} for k, row in table.items()},
                   out / "transfer.png", "transfer by encoder")

@@ -98,6 +98,24 @@ def imagenet_names() -> list[str]:
     return names
 
 
+def display_names(source: Any, task: str) -> list[str]:
+    """A readable name per class of ``task``: the set's own (first synonym), else ImageNet's name for a
+    WordNet id, else the class id itself. (Zero-shot reads WordNet ids through its own richer table.)"""
+    ids = [str(c) for c in source.class_names[task]]
+    synonyms = (getattr(source, "synonyms", None) or {}).get(task) or []
+    index, names = imagenet_index(), None
+    out = []
+    for i, class_id in enumerate(ids):
+        if i < len(synonyms) and synonyms[i]:
+            out.append(str(synonyms[i][0]))
+        elif class_id in index:
+            names = names or imagenet_names()
+            out.append(names[index[class_id]])
+        else:
+            out.append(class_id)
+    return out
+
+
 # ------------------------------------------------------------------------------ the source
 
 
@@ -106,11 +124,11 @@ class ListedSource(_FileSource):
 
     What every release-layout reader builds. ``class_names[LABEL]`` are the class *ids*
     (WordNet ids, folder names; what classifiers are aligned by); ``synonyms[LABEL]`` their
-    readable names (zero-shot prompts, reports); ``class_members[LABEL][i]`` the ids of another
-    label space that class ``i`` covers (ObjectNet: its ImageNet WordNet ids), absent when each
-    class is itself. ``border`` pixels are cropped off every side when an image is read.
-    ``left_out`` says which files on disk were not listed and why (``prepretrain classify``
-    reports it).
+    readable names (zero-shot prompts, reports) where the ids are not WordNet ids;
+    ``class_members[LABEL][i]`` the ids of another label space that class ``i`` covers (ObjectNet:
+    its ImageNet WordNet ids), absent when each class is itself. ``border`` pixels are cropped off
+    every side when an image is read. ``left_out`` says which files on disk were not listed and
+    why (``prepretrain classify`` reports it).
     """
 
     def __init__(self, root: str | os.PathLike, paths: Sequence[str], labels: Sequence[int], class_ids: Sequence[str],
@@ -294,7 +312,7 @@ def open_imagenet_val(path: Path, **kwargs: Any) -> ListedSource:
     listed = [name for name in files if name in labels]
     left_out = {"no label in " + Path(origin).name: len(files) - len(listed)} if len(listed) < len(files) else {}
     return ListedSource(path, listed, [index[labels[name]] for name in listed], imagenet_wnids(),
-                        layout="imagenet-val", synonyms=[[n] for n in imagenet_names()], left_out=left_out, **kwargs)
+                        layout="imagenet-val", left_out=left_out, **kwargs)
 
 
 # ------------------------------------------------------------------------------ ImageNet-v2
@@ -321,8 +339,7 @@ def open_imagenet_v2(path: Path, **kwargs: Any) -> ListedSource:
         for file in image_files(path / name):
             paths.append(file.relative_to(path).as_posix())
             labels.append(int(name))
-    return ListedSource(path, paths, labels, imagenet_wnids(), layout="imagenet-v2",
-                        synonyms=[[n] for n in imagenet_names()], **kwargs)
+    return ListedSource(path, paths, labels, imagenet_wnids(), layout="imagenet-v2", **kwargs)
 
 
 # ------------------------------------------------------------------------------ ObjectNet
@@ -419,7 +436,8 @@ def inat_file(path: Path, split: str | None) -> Path | None:
 
 
 def inat_splits(path: Path) -> list[str]:
-    return [split for split in ("train", "val", "test") if inat_file(path, split) is not None]
+    """The labelled splits (the competitions' test files carry no annotations; ``split=test`` still reads one)."""
+    return [split for split in ("train", "val") if inat_file(path, split) is not None]
 
 
 def _looks_like_inat(path: Path) -> bool:
@@ -521,7 +539,7 @@ def detect_layout(path: Path, split: str | None = None) -> str | None:
 def layout_splits(path: Path) -> list[str] | None:
     """Splits a layout that keeps them in files (iNaturalist, Food-101) offers; None for the others."""
     if food101_root(path) is not None:
-        return ["train", "val", "test"]
+        return ["train", "test"]  # no val split: what selects on val then says it selected on test
     if path.is_dir() and _looks_like_inat(path):
         return inat_splits(path)
     return None

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, dump_config
-from ..data.benchmarks import LAYOUTS, DataLayoutError, RealLabels, labels_present
+from ..data.benchmarks import LAYOUTS, DataLayoutError, RealLabels, display_names, labels_present
 from ..data.loader import RecordDataset, eval_loader, open_data, open_source, source_format
 from ..data.records import Record
 from ..data.transforms import crop_eval_transform, parse_crop_fraction
@@ -186,10 +186,7 @@ def match_classes(spec: ClassifierSpec, source: Any, task: str, restrict: str) -
     ids = [str(c) for c in source.class_names[task]]
     members = (getattr(source, "class_members", None) or {}).get(task) or [[c] for c in ids]
     output = {c: j for j, c in enumerate(spec.class_ids)}
-    # A class's name: the set's own (synonyms), else the model's for the same id, else the id.
-    synonyms = (getattr(source, "synonyms", None) or {}).get(task) or []
-    names = [synonyms[i][0] if i < len(synonyms) and synonyms[i] else
-             spec.class_names[output[c]] if c in output else c for i, c in enumerate(ids)]
+    names = display_names(source, task)
     columns = [[output[m] for m in cover if m in output] for cover in members]
     present = labels_present(source, task)
     missing = [ids[i] for i in sorted(present) if not columns[i]]

@@ -148,8 +148,9 @@ def open_eval_data(data: str, task: str = "auto", image_size: int = 32, num_imag
     """Open the train/val/test splits of ``data`` for evaluation.
 
     Synthetic: the three splits of the embedded dataset. A folder: ``train`` is required,
-    ``test`` is ``test/`` when present and otherwise ``val/`` (ImageNet-style releases report
-    on val), and ``val`` is ``val/`` (or ``test/``). A folder without split subfolders is
+    ``test`` is ``test/`` when present and labelled, otherwise ``val/`` (ImageNet-style releases
+    report on val; their test sets are unlabelled), and ``val`` is ``val/`` (or ``test/``). Each
+    split is opened once, so a role that reads the same split shares its source. A folder without split subfolders is
     refused: evaluating on images one also trained on is the bug we must never make silently.
     """
     if data == "synthetic":
@@ -163,8 +164,13 @@ def open_eval_data(data: str, task: str = "auto", image_size: int = 32, num_imag
         if not held_out:
             raise ConfigError("data", f"{data} has no val/ or test/ split to evaluate on")
         names = {"train": "train", "test": held_out[0], "val": "val" if "val" in held_out else held_out[0]}
-    sources = {role: open_data(data, split=split, image_size=image_size, num_images=num_images)
-               for role, split in names.items()}
+    opened: dict[str, Any] = {}
+    for split in dict.fromkeys(names.values()):
+        opened[split] = open_data(data, split=split, image_size=image_size, num_images=num_images)
+    if names["test"] != names["val"] and not getattr(opened[names["test"]], "class_names", None):
+        # An unlabelled test/ (ImageNet's and iNaturalist's competition test sets): report on val.
+        names["test"] = names["val"]
+    sources = {role: opened[split] for role, split in names.items()}
     task = _label_task(sources["train"], task, data)
     class_names = list(sources["train"].class_names[task])
     for role in ("val", "test"):

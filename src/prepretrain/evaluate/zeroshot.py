@@ -274,7 +274,7 @@ class ZeroShotConfig:
     model: str = ""  # LiT run directory, clip.safetensors, or an official MAWS CLIP file
     data: str = "synthetic"  # "synthetic" or a labelled folder / manifest / shards
     split: str = "val"
-    task: str = "coarse"  # label task (synthetic: coarse | fine; image folders: label)
+    task: str = "auto"  # label task: auto (synthetic: coarse; else the data's one task, e.g. label) | coarse | fine
     classes: str = ""  # class names (+ synonyms) file or imagenet1k; empty = the data's own names and synonyms
     templates: str = ""  # templates file, or prepretrain | openai80 (shipped sets); empty = prepretrain
     article_fix: str = "auto"  # "a {}" -> "an {}" before a vowel: auto (= shipped set only) | true | false
@@ -307,6 +307,19 @@ class ZeroShotConfig:
         check_article_fix("article_fix", self.article_fix)
 
 
+def zeroshot_task(source: Any, task: str, data: str) -> str:
+    """``task=auto``: ``coarse`` on the synthetic set, else the data's label task (``label`` for folders
+    and the benchmarks' layouts); an explicit task is used as given."""
+    if task != "auto":
+        return task
+    if data == "synthetic":
+        return "coarse"
+    tasks = sorted((getattr(source, "class_names", None) or {}).keys())
+    if "label" in tasks or len(tasks) == 1:
+        return "label" if "label" in tasks else tasks[0]
+    raise ConfigError("task", f"{data} has label tasks {tasks or 'none'}; choose one with task=NAME")
+
+
 def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     """Load the model, build the classifier, score the split, write ``results.json``."""
 
@@ -315,14 +328,15 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     model, tokenizer, info = load_clip(cfg.model, tokenizer=cfg.tokenizer, device=device)
     image_size = cfg.image_size or info["image_size"]
     source = open_data(cfg.data, split=cfg.split, image_size=image_size, num_images=cfg.num_images)
-    classes = read_class_names(cfg.classes, cfg.task) if cfg.classes else source_classes(source, cfg.task)
+    task = zeroshot_task(source, cfg.task, cfg.data)
+    classes = read_class_names(cfg.classes, task) if cfg.classes else source_classes(source, task)
     templates = read_templates(cfg.templates) if cfg.templates else default_templates()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     dtype = torch.bfloat16 if use_bf16 else None
     article_fix = article_fix_for(cfg.article_fix, cfg.templates)
     scorer = ZeroShotScorer(build_classifier(model, tokenizer, classes, templates, device,
-                                             article_fix=article_fix), cfg.task)
-    dataset = RecordDataset(source, labelled_images(eval_transform(image_size, crop_fraction=1.0), cfg.task))
+                                             article_fix=article_fix), task)
+    dataset = RecordDataset(source, labelled_images(eval_transform(image_size, crop_fraction=1.0), task))
     skipped = 0
     for batch in eval_loader(dataset, cfg.batch_size, cfg.num_workers):
         skipped += len(batch.get("_skipped", []))
@@ -339,7 +353,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         "model": info["path"],
         "data": cfg.data,
         "split": cfg.split,
-        "task": cfg.task,
+        "task": task,
         "num_classes": len(classes),
         "num_templates": len(templates),
         "article_fix": article_fix,

@@ -33,6 +33,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import ConfigError, TrainConfig, check_range
+from ..data.benchmarks import display_names
 from ..data.loader import RecordDataset, eval_loader
 from ..data.records import BadSample, Record
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform, parse_crop_fraction
@@ -296,8 +297,7 @@ class FinetuneStage(Stage):
         """What the exported classifier says about itself: architecture, and its outputs' class ids and
         names with the evaluation transform (``prepretrain classify`` aligns and sees images by them)."""
         cfg, data = self.cfg, self.data
-        synonyms = (getattr(data.source("train"), "synonyms", None) or {}).get(data.task) or []
-        names = [s[0] if s else c for s, c in zip(synonyms, data.class_names, strict=False)] or data.class_names
+        names = display_names(data.source("train"), data.task)
         return {"model": resolve_name(cfg.model), "image_size": str(cfg.image_size),
                 "num_classes": str(data.num_classes), "global_pool": cfg.global_pool, "task": data.task,
                 "format": "timm-vit-classifier", **classifier_metadata(data.class_names, names, cfg.eval_crop)}
