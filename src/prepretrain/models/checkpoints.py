@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import load_torch
+from ..files import load_torch, read_keys
 from .layouts import CheckpointMismatch, encoder_from_any
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module", "ema")
@@ -34,6 +34,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         state = load_torch(path)
     return unwrap_state_dict(state)
+
+
+def header_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """A weights file's tensors as shapes only (meta tensors) read off a safetensors header, without
+    loading (possibly 26 GB of) data; other formats are loaded (their shapes are inside the pickle)."""
+    keys = read_keys(path)
+    if keys is None:
+        return read_state_dict(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in keys}
 
 
 def unwrap_state_dict(state: dict) -> dict[str, torch.Tensor]:

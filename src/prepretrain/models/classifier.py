@@ -28,9 +28,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
 from ..files import read_metadata
-from .checkpoints import load_encoder_weights, read_state_dict
+from .checkpoints import header_tensors, load_encoder_weights, read_state_dict
 from .layouts import CheckpointMismatch, detect_layout, encoder_from_any, image_size_of
-from .resolve import count_blocks, resolve_weights, weights_identity
+from .resolve import count_blocks, resolve_weights
 from .vit import create_vit, resolve_name, vision_name_from_state, vit_shape
 from .zoo import is_release_name
 
@@ -43,7 +43,6 @@ class ClassifierSpec:
     """A resolved classifier: how to rebuild it, what its outputs are, how it sees images."""
 
     path: Path
-    identity: str  # content hash of the weights
     model: str
     depth: int
     image_size: int
@@ -120,7 +119,7 @@ def resolve_classifier(model: str, arch: str = "", image_size: int = 0, classes:
                        eval_crop: str = "") -> ClassifierSpec:
     """Everything :func:`build_classifier` and ``classify`` need to know about ``model=``."""
     path, metadata, release = _classifier_file(model)
-    raw = read_state_dict(path)
+    raw = header_tensors(path)
     layout = detect_layout(raw)
     try:
         state = encoder_from_any(raw)
@@ -159,8 +158,8 @@ def resolve_classifier(model: str, arch: str = "", image_size: int = 0, classes:
         crop, crop_from = eval_crop, "eval_crop="
     else:
         crop, crop_from = default_eval_crop(metadata, release, layout, has_fc_norm, size)
-    return ClassifierSpec(path, weights_identity(path), name, depth, size, num_classes, pool, tuple(ids),
-                          tuple(names), origin, crop, crop_from)
+    return ClassifierSpec(path, name, depth, size, num_classes, pool, tuple(ids), tuple(names), origin, crop,
+                          crop_from)
 
 
 def build_classifier(spec: ClassifierSpec) -> VisionTransformer:

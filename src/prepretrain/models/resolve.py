@@ -31,8 +31,8 @@ import yaml
 from timm.models.vision_transformer import VisionTransformer
 
 from ..config import ConfigError
-from ..files import read_keys, read_metadata, weights_sha256
-from .checkpoints import load_encoder_weights, read_state_dict
+from ..files import read_metadata, weights_sha256
+from .checkpoints import header_tensors, load_encoder_weights, read_state_dict
 from .layouts import CheckpointMismatch, encoder_from_any, image_size_of
 from .mae import mae_init_encoder
 from .vit import create_vit, resolve_name, vit_shape
@@ -188,15 +188,8 @@ def resolve_encoder(encoder: str | Path, model: str = "vit_micro4", image_size: 
 
 def encoder_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The timm-layout encoder tensors of a weights file (any supported layout); from a
-    safetensors file as meta tensors read off its header, without loading (possibly 26 GB of) data."""
-    keys = read_keys(path)
-    if keys is None:
-        return encoder_from_any(read_state_dict(path))
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        state = {key: torch.empty(handle.get_slice(key).get_shape(), device="meta") for key in keys}
-    return encoder_from_any(state)
+    safetensors file as meta tensors read off its header, without loading data."""
+    return encoder_from_any(header_tensors(path))
 
 
 def native_image_size(state: dict[str, torch.Tensor]) -> int:
