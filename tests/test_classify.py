@@ -238,3 +238,19 @@ def test_weights_identity_depends_on_tensors_not_metadata(tmp_path):
     assert weights_sha256(first) == weights_sha256(second)
     save_safetensors(second, {**state, "b": torch.ones(2, 3) * 2}, {"model": "vit_micro4"})
     assert weights_sha256(first) != weights_sha256(second)
+
+
+def test_a_torchvision_layout_classifier_scores_as_its_timm_original(tmp_path, imagenet_model):
+    """The same weights in torchvision's names (heads.head, encoder.layers...) give the same predictions."""
+    from prepretrain.files import read_safetensors
+    from prepretrain.models.layouts import timm_to_torchvision
+
+    state, _ = read_safetensors(imagenet_model)
+    torchvision_file = tmp_path / "vit_torchvision.pth"
+    torch.save(timm_to_torchvision(state), torchvision_file)
+    copies = val_copies(tmp_path)
+    ours = classify(model=imagenet_model, data=copies["v2"], out_dir=tmp_path / "timm")
+    theirs = classify(model=torchvision_file, data=copies["v2"], arch="vit_micro4", out_dir=tmp_path / "tv")
+    assert theirs["model_classes_from"].startswith("ImageNet-1k, assumed")
+    assert [r["top1"] for r in predictions(theirs["out_dir"])] == [r["top1"] for r in predictions(ours["out_dir"])]
+    assert theirs["top1"] == ours["top1"]

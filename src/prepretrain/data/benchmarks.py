@@ -587,6 +587,8 @@ class AlignedSource:
     splits (ImageNet train folders and a flat val labelled in the standard 1000-class space) share
     one class index. Every other attribute is the wrapped source's."""
 
+    _labels = None  # the wrapped source's stored labels are in its own numbering: read annotations instead
+
     def __init__(self, source: Any, task: str, class_ids: Sequence[str]):
         own = [str(c) for c in source.class_names[task]]
         target = {str(c): i for i, c in enumerate(class_ids)}

@@ -16,6 +16,8 @@ validation set out of ``train``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,9 +121,12 @@ class EvalData:
         return self.sources[role]
 
     def identity(self, role: str) -> str:
-        """What the cache key needs to know about a split: where it is and how big."""
+        """What the cache key needs to know about a split: where it is, how big, and its classes (the
+        cached features hold the labels, whose numbering follows train's classes)."""
         where = "synthetic:seed0" if self.spec == "synthetic" else str(Path(self.spec).resolve())
-        return f"{where}|{self.split_names[role]}|{len(self.sources[role])}|{self.image_size}px"
+        names = getattr(self.sources[role], "class_names", None) or {}
+        classes = hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{where}|{self.split_names[role]}|{len(self.sources[role])}|{self.image_size}px|{classes}"
 
     @property
     def selection_is_test(self) -> bool:

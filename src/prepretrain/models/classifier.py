@@ -119,6 +119,9 @@ def resolve_classifier(model: str, arch: str = "", image_size: int = 0, classes:
                        eval_crop: str = "") -> ClassifierSpec:
     """Everything :func:`build_classifier` and ``classify`` need to know about ``model=``."""
     path, metadata, release = _classifier_file(model)
+    if metadata.get("format") == "prepretrain-video-vit":
+        raise ConfigError("model", f"{path} is a video classifier: it scores clips (prepretrain video evaluates it "
+                                   "over temporal x spatial views), not images")
     raw = header_tensors(path)
     layout = detect_layout(raw)
     try:
