@@ -33,9 +33,34 @@ def numbers(results: dict) -> dict:
     return flat
 
 
+def mini_food101(root: Path, per_class: tuple[int, int] = (6, 3)) -> Path:
+    """A Food-101 copy in its release layout (meta/ lists, images/<class>/<id>.jpg), 3 classes."""
+    from PIL import Image
+
+    from prepretrain.data.synthetic import SyntheticSource
+
+    classes, shapes = ["apple_pie", "bibimbap", "churros"], SyntheticSource(300, 32, split="train")
+    of_class = {label: [i for i in range(len(shapes)) if shapes.get(i).labels["coarse"] == label] for label in range(3)}
+    (root / "meta").mkdir(parents=True)
+    (root / "meta" / "classes.txt").write_text("\n".join(classes) + "\n")
+    (root / "meta" / "labels.txt").write_text("Apple pie\nBibimbap\nChurros\n")
+    for split, count in zip(("train", "test"), per_class, strict=True):
+        lines = []
+        for label, name in enumerate(classes):  # one synthetic shape per class
+            for k in range(count):
+                image: Image.Image = shapes.get(of_class[label].pop()).image
+                (root / "images" / name).mkdir(parents=True, exist_ok=True)
+                image.save(root / "images" / name / f"{split}{k}.jpg")
+                lines.append(f"{name}/{split}{k}")
+        (root / "meta" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.mark.slow
 def test_tiny_pipeline_report_cache_and_determinism(tmp_path):
-    first = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "a")})
+    food = mini_food101(tmp_path / "food-101")
+    tiny = {**TINY, "eval_sets": f"food={food}"}  # + a transfer set in a release layout, its own rows
+    first = build_config(PipelineConfig, None, {**tiny, "out_dir": str(tmp_path / "a")})
     results = run_pipeline(first)
     out = tmp_path / "a"
     for name in ("report.md", "report.html", "results.json", "transfer.png", "wsp_convergence.png",
@@ -47,6 +72,10 @@ def test_tiny_pipeline_report_cache_and_determinism(tmp_path):
     assert "**MAE learning** (MAE→WSP − MAE init→WSP" in verdict and "**init scheme**" in verdict
     assert "with one seed nothing can be separated" in verdict and "a gain on 0 of" in verdict  # one seed: all ≈0
     assert "linear probe (coarse)" in report and "zero-shot (coarse)" in report
+    assert "| food: linear probe |" in report and "| food: zero-shot |" in report
+    food_probe = results["seed0/eval/mae_wsp/sets/food/label"]["probe"]
+    assert food_probe["num_classes"] == 3 and food_probe["test_split"] == "test"
+    assert results["seed0/eval/wsp/sets/food/zeroshot"]["num_classes"] == 3
     assert "prepretrain pipeline --config" in report
 
     # a rerun reuses every job
@@ -56,7 +85,7 @@ def test_tiny_pipeline_report_cache_and_determinism(tmp_path):
     assert numbers(again) == numbers(results)
 
     # the same seed in another directory gives the same numbers
-    second = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "b")})
+    second = build_config(PipelineConfig, None, {**tiny, "out_dir": str(tmp_path / "b")})
     other = run_pipeline(second)
     a, b = numbers(results), numbers(other)
     assert a.keys() == b.keys()
@@ -377,3 +406,12 @@ def test_classify_sets_are_jobs_after_each_finetune_and_malformed_entries_name_t
             build_config(PipelineConfig, None, {**values, "classify_sets": bad})
     with pytest.raises(ConfigError, match="add finetune"):
         build_config(PipelineConfig, None, {**values, "evaluations": "probe"})
+    # eval_sets: more transfer sets, each with the transfer suite on its own label task
+    named = build_config(PipelineConfig, None, {**values, "eval_sets": "inat=/data/inat2018"})
+    named_jobs = {job.name: job for job in plan_jobs(named)}
+    inat = named_jobs["seed0/eval/wsp/sets/inat/finetune"]
+    assert inat.values["data"] == "/data/inat2018" and inat.values["task"] == "auto" and inat.deps == ["seed0/wsp"]
+    assert named_jobs["seed0/eval/wsp/finetune"].values["data"] == "synthetic"
+    for bad in ("inat", "a b=x", "x=/a,x=/b"):
+        with pytest.raises(ConfigError, match="eval_sets"):
+            build_config(PipelineConfig, None, {**values, "eval_sets": bad})

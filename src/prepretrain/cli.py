@@ -364,7 +364,9 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         "WSP from scratch (same budget); LiT on every WSP tower; and the transfer suite for every encoder\n"
         "(MAE and the untrained MAE init alone included), over seeds; then report.md and report.html in\n"
         "out_dir, whose verdict reads the paired contrasts: MAE learning (MAE->WSP minus MAE init->WSP)\n"
-        "and init scheme (MAE init->WSP minus WSP).\n"
+        "and init scheme (MAE init->WSP minus WSP). eval_sets=NAME=PATH adds transfer sets (ImageNet, iNat,\n"
+        "Food-101 layouts read as released); classify_sets=NAME=PATH[@SPLIT][+real] scores every finetuned\n"
+        "model on benchmarks (ImageNet-v2, ReaL, ObjectNet) without more training.\n"
         "Examples:\n  prepretrain pipeline\n  prepretrain pipeline seeds=0,1,2,3 out_dir=runs/pp4\n"
         "  prepretrain pipeline --dry-run --config configs/pipeline_vit_b16.yaml gpus=64\n"
     )

@@ -59,6 +59,9 @@ class PipelineConfig:
     wsp_data: str = ""  # WSP's images with hashtags; empty = data
     lit_data: str = ""  # LiT's image-caption pairs; empty = data
     eval_data: str = ""  # transfer datasets (labelled splits); empty = data
+    # more transfer sets, NAME=PATH (e.g. inat=/data/inat2018,food=/data/food-101): each gets the frozen
+    # evaluations, zero-shot and finetuning of eval_data, on its own label task, as rows "NAME: ..."
+    eval_sets: tuple[str, ...] = ()
     num_images: int = 2000
     model: str = "vit_micro4"
     image_size: int = 32
@@ -127,6 +130,7 @@ class PipelineConfig:
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")
         recipe_overrides(self, "mae")  # malformed entries name the key now
         classify_sets(self)
+        eval_sets(self)
         check_names_file("zeroshot_classes", self.zeroshot_classes, CLASS_SETS)
         check_names_file("zeroshot_templates", self.zeroshot_templates, TEMPLATE_SETS)
 
@@ -159,6 +163,19 @@ def classify_sets(cfg: PipelineConfig) -> list[ClassifySet]:
     return found
 
 
+def eval_sets(cfg: PipelineConfig) -> dict[str, str]:
+    """The parsed ``eval_sets`` (``NAME=PATH``, names unique); a malformed entry is a ConfigError."""
+    found: dict[str, str] = {}
+    for entry in cfg.eval_sets:
+        name, sep, path = (part.strip() for part in str(entry).partition("="))
+        if not sep or not name or not path or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError("eval_sets", f"expected NAME=PATH with a name of letters, digits, - or _; got '{entry}'")
+        if name in found:
+            raise ConfigError("eval_sets", f"the name '{name}' is used twice")
+        found[name] = path
+    return found
+
+
 @dataclass
 class Job:
     """One cached unit of work: a training stage or an evaluation, in ``out_dir/<name>``."""
@@ -188,7 +205,8 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
         if not recipe:
             values.update(demo)
             values["steps"] = steps
-        values["data"] = stage_data(cfg, kind)[1]
+        if "data" not in extra:  # a named transfer set (eval_sets) says its own
+            values["data"] = stage_data(cfg, kind)[1]
         return Job(name, kind, values, config_file=recipe)
 
     for seed in cfg.seeds:
@@ -228,6 +246,12 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                           "templates": cfg.zeroshot_templates},
                          deps=[f"{s}/lit_{label}"])
                 jobs.append(zs)
+                for set_name, path in eval_sets(cfg).items():  # the set's own class names and label task
+                    name = f"{s}/eval/{label}/sets/{set_name}/zeroshot"
+                    jobs.append(Job(name, "zeroshot", {
+                        "model": str(out / f"{s}/lit_{label}"), "out_dir": str(out / name), "data": path,
+                        "split": "val", "device": cfg.device, "num_images": cfg.num_images,
+                        "templates": cfg.zeroshot_templates}, deps=[f"{s}/lit_{label}"]))
         frozen = tuple(e for e in ("probe", "knn", "lowshot") if e in cfg.evaluations)
         for label, (encoder, source) in encoders.items():
             for task in cfg.tasks:
@@ -238,6 +262,19 @@ def plan_jobs(cfg: PipelineConfig) -> list[Job]:
                                      "model": cfg.model, "image_size": cfg.image_size, **common,
                                      "data": eval_data, "num_images": cfg.num_images},
                                     deps=[source] if source else []))
+            for set_name, path in eval_sets(cfg).items():
+                where = f"{s}/eval/{label}/sets/{set_name}"
+                if frozen:
+                    jobs.append(Job(f"{where}/label", "frozen",
+                                    {"encoder": encoder, "task": "auto", "evaluations": list(frozen), "seed": seed,
+                                     "out_dir": str(out / where / "label"), "model": cfg.model,
+                                     "image_size": cfg.image_size, **common, "data": path,
+                                     "num_images": cfg.num_images}, deps=[source] if source else []))
+                if "finetune" in cfg.evaluations and label != "mae_init":
+                    job = train_values("finetune", cfg.finetune_steps, cfg.finetune_config, seed,
+                                       f"{where}/finetune", encoder=encoder, task="auto", data=path)
+                    job.deps = [source] if source else []
+                    jobs.append(job)
             if "finetune" in cfg.evaluations and label != "mae_init":  # its frozen rows tell what MAE learned;
                 # a finetune from it asks the random baseline's question again (measured: 12.3 vs 10.9)
                 job = train_values("finetune", cfg.finetune_steps, cfg.finetune_config, seed,
@@ -384,9 +421,12 @@ class DataCheck:
 def planned_sources(cfg: PipelineConfig, jobs: list[Job]) -> list[DataCheck]:
     """Every (pipeline key, data, task) the jobs read, once each, in plan order."""
     seen: dict[tuple[str, str, str], DataCheck] = {}
+    named = {path: f"eval_sets[{name}]" for name, path in eval_sets(cfg).items()}
     for job in jobs:
         data = job.values.get("data", "")
-        if job.kind in ("mae", "wsp", "lit"):
+        if "/sets/" in job.name:  # a named transfer set: its own key, its own label task and class names
+            entry = (named[data], data, "auto")
+        elif job.kind in ("mae", "wsp", "lit"):
             entry = (stage_data(cfg, job.kind)[0], data, "")
         elif job.kind in TASK_STAGES:
             entry = (stage_data(cfg, job.kind)[0], data, job.kind)
@@ -450,8 +490,9 @@ def _open_check(cfg: PipelineConfig, check: DataCheck) -> None:
             if count == 0:
                 raise ValueError(f"the {data.split_names[role]} split has no images")
         if check.zeroshot:
-            classes = (read_class_names(cfg.zeroshot_classes, check.task) if cfg.zeroshot_classes
-                       else source_classes(data.sources["test"], check.task))
+            own_names = check.key.startswith("eval_sets") or not cfg.zeroshot_classes
+            classes = (source_classes(data.sources["test"], data.task) if own_names
+                       else read_class_names(cfg.zeroshot_classes, check.task))
             if len(classes) != data.num_classes:
                 raise ValueError(f"zero-shot has {len(classes)} class names for the {data.num_classes} classes of "
                                  f"task {check.task!r} (zeroshot_classes={cfg.zeroshot_classes or 'the data'})")

@@ -36,6 +36,11 @@ TASK_ROWS = {
 WSP_RUNS = {"mae_wsp": "wsp_mae", "maeinit_wsp": "wsp_maeinit", "wsp": "wsp"}  # label -> WSP job of a seed
 
 
+def eval_set_names(cfg) -> list[str]:
+    """The names of the pipeline's ``eval_sets`` (validated by the pipeline)."""
+    return [str(entry).partition("=")[0].strip() for entry in getattr(cfg, "eval_sets", ()) or ()]
+
+
 def classify_set_names(cfg) -> list[tuple[str, bool]]:
     """(name, with ReaL) of each ``classify_sets`` entry (the pipeline validated them)."""
     sets = []
@@ -142,6 +147,16 @@ def collect_by_seed(cfg, results: dict[str, Any]) -> dict[str, dict[str, dict[in
                 add(f"{name} top-1 (finetuned)", label, scored.get("top1"))
                 if real:
                     add(f"{name} ReaL top-1 (finetuned)", label, scored.get("real_top1"))
+            for set_name in eval_set_names(cfg):  # more transfer sets: rows "NAME: protocol"
+                where = f"{s}/eval/{label}/sets/{set_name}"
+                frozen = results.get(f"{where}/label") or {}
+                add(f"{set_name}: linear probe", label, (frozen.get("probe") or {}).get("top1"))
+                add(f"{set_name}: kNN", label, (frozen.get("knn") or {}).get("top1"))
+                for shots in (1, 5, 10):
+                    add(f"{set_name}: {shots}-shot", label, (frozen.get("lowshot") or {}).get(f"{shots}shot_top1"))
+                add(f"{set_name}: zero-shot", label, (results.get(f"{where}/zeroshot") or {}).get("top1"))
+                finetune = results.get(f"{where}/finetune") or {}
+                add(f"{set_name}: finetune", label, finetune.get("best_top1", finetune.get("top1")))
             for kind, rows in TASK_ROWS.items():
                 task_results = results.get(f"{s}/eval/{label}/{kind}") or {}
                 for row, key in rows:
