@@ -73,3 +73,78 @@ def test_print_config_shows_resolved_values():
     )
     assert result.returncode == 0
     assert "stage: mae" in result.stdout and "seed: 7" in result.stdout
+
+
+def all_config_classes() -> list[type]:
+    """Every config dataclass in the package (a class named *Config with a validate method)."""
+    import dataclasses
+    import importlib
+    import inspect
+    import pkgutil
+
+    import prepretrain
+
+    found = {}
+    for module_info in pkgutil.walk_packages(prepretrain.__path__, "prepretrain."):
+        module = importlib.import_module(module_info.name)
+        for name, obj in inspect.getmembers(module, inspect.isclass):
+            if (name.endswith("Config") and dataclasses.is_dataclass(obj) and hasattr(obj, "validate")
+                    and obj.__module__.startswith("prepretrain")):
+                found[f"{obj.__module__}.{name}"] = obj
+    return list(found.values())
+
+
+def test_every_numeric_key_of_every_config_declares_its_interval(capsys):
+    import dataclasses
+    import typing
+
+    from prepretrain.config import INTERVALS, declared_bounds
+
+    classes = all_config_classes()
+    assert len(classes) >= 17
+    missing, covered, keys = [], 0, set()
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        bounds = declared_bounds(cls)
+        assert set(bounds.values()) <= set(INTERVALS), cls.__name__
+        assert set(bounds) <= {f.name for f in dataclasses.fields(cls)}, f"{cls.__name__} declares unknown keys"
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (int, float):
+                if f.name in bounds:
+                    covered += 1
+                    keys.add(f"{cls.__name__}.{f.name}")
+                    assert INTERVALS[bounds[f.name]](f.default), f"{cls.__name__}.{f.name}: default outside"
+                else:
+                    missing.append(f"{cls.__name__}.{f.name}")
+    with capsys.disabled():
+        print(f"\n[config] {covered} numeric keys of {len(classes)} config classes declare their interval; "
+              f"{len(missing)} do not")
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("command, override, key", [
+    ("mae", "warmup_steps=-5", "warmup_steps"), ("mae", "decoder_depth=-1", "decoder_depth"),
+    ("probe", "k=0", None), ("knn", "k=0", "k"), ("wsp", "vocab_min_count=0", "vocab_min_count"),
+    ("classify", "batch_size=0", "batch_size"),
+])
+def test_a_value_outside_its_declared_interval_names_the_key(command, override, key):
+    from prepretrain.registry import COMMANDS
+
+    overrides = [override] + (["model=x", "data=synthetic"] if command == "classify" else [])
+    if key is None:  # not a key of that command at all
+        with pytest.raises(ConfigError, match="unknown key"):
+            build_config(COMMANDS[command].config, None, overrides)
+        return
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        build_config(COMMANDS[command].config, None, overrides)
+
+
+def test_out_dir_naming_a_file_is_a_config_error(tmp_path, capsys):
+    from prepretrain.cli import main
+
+    file = tmp_path / "results.txt"
+    file.write_text("not a folder")
+    assert main(["mae", f"out_dir={file}", "steps=1"]) == 2
+    assert main(["mae", f"out_dir={file / 'run'}", "steps=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("is a file, not a folder" in line for line in err)

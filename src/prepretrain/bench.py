@@ -95,6 +95,15 @@ class BenchConfig:
     pyramid_channels: int = DetectConfig.pyramid_channels
     objects_per_image: int = 4
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "image_size": ">= 0", "batch_size": ">= 0", "steps": ">= 0", "warmup": ">= -1", "rounds": "> 0",
+        "clip_grad": ">= 0", "peak_tflops": ">= 0", "threads": ">= 0", "mask_ratio": "(0, 1)",
+        "decoder_embed_dim": "> 0", "decoder_depth": "> 0", "decoder_num_heads": "> 0", "num_classes": ">= 0",
+        "num_frames": "> 0", "tubelet_size": "> 0", "window_size": ">= 0", "pyramid_channels": "> 0",
+        "objects_per_image": "> 0",
+    }
+
     def validate(self) -> None:
         if self.target not in STEP_TARGETS:
             raise ConfigError("target", f"must be one of {', '.join(STEP_TARGETS)}")
@@ -429,6 +438,12 @@ class LiTBenchConfig:
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0  # CPU threads; 0 = torch default
+
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "vision_depth": ">= 0", "image_size": "> 0", "max_text_tokens": ">= 0", "batch_size": "> 0", "steps": "> 0",
+        "warmup": ">= 0", "threads": ">= 0",
+    }
 
     def validate(self) -> None:
         for key in ("batch_size", "steps"):

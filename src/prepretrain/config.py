@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -38,6 +38,18 @@ def decode_problem(decode: str, data: str) -> str | None:
         return ("decode=gpu decodes image files on the device; the synthetic dataset is drawn in memory "
                 "(use decode=tensor, or export it: prepretrain data synth --out DIR --format jpg)")
     return None
+
+
+def check_out_dir(out_dir: str, key: str = "out_dir") -> None:
+    """A ConfigError naming ``key`` when ``out_dir`` (or a folder above it) is an existing file."""
+    if not out_dir:
+        return
+    path = Path(out_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ConfigError(key, f"{candidate} is a file, not a folder: name a folder for the run's outputs")
+            return
 
 
 @dataclass
@@ -93,33 +105,26 @@ class TrainConfig:
     grad_checkpointing: bool = False
     dist_timeout_s: float = 600.0  # collective timeout: a dead or stuck rank fails the job after this long
 
+    # Every numeric key's interval (config.check_bounds, before validate); subclasses declare theirs.
+    bounds: ClassVar[dict[str, str]] = {
+        "seed": "any", "image_size": "> 0", "num_images": "> 0", "num_workers": ">= 0", "max_bad_fraction": "[0, 1]",
+        "batch_size": "> 0", "micro_batch_size": ">= 0", "epochs": ">= 0", "steps": ">= 0", "blr": ">= 0",
+        "lr": ">= 0", "min_lr": ">= 0", "lr_decay_rate": "(0, 1]", "warmup_epochs": ">= 0", "warmup_steps": ">= -1",
+        "weight_decay": ">= 0", "clip_grad": ">= 0", "max_nonfinite": ">= 0", "log_every": "> 0",
+        "eval_every": ">= 0", "ckpt_every": "> 0", "keep_last": "> 0", "dist_timeout_s": "> 0",
+    }
+
     def validate(self) -> None:
-        positive = ["image_size", "batch_size", "log_every", "ckpt_every", "keep_last", "num_images"]
-        for key in positive:
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        non_negative = [
-            "num_workers", "micro_batch_size", "steps", "lr", "min_lr", "warmup_epochs",
-            "weight_decay", "clip_grad", "eval_every", "max_nonfinite", "blr",
-        ]
-        for key in non_negative:
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.lr_schedule not in ("cosine", "step"):
             raise ConfigError("lr_schedule", f"must be cosine or step; got '{self.lr_schedule}'")
         if any(not 0 < f < 1 for f in self.lr_decay_at) or list(self.lr_decay_at) != sorted(self.lr_decay_at):
             raise ConfigError("lr_decay_at", f"increasing fractions of the run in (0, 1); got {list(self.lr_decay_at)}")
-        if not 0 < self.lr_decay_rate <= 1:
-            raise ConfigError("lr_decay_rate", f"must be in (0, 1], got {self.lr_decay_rate}")
-        if self.dist_timeout_s <= 0:
-            raise ConfigError("dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         if self.epochs <= 0 and self.steps <= 0:
             raise ConfigError("epochs", "set epochs > 0 or steps > 0")
         problem = decode_problem(self.decode, self.data)
         if problem:
             raise ConfigError("decode", problem)
-        if not 0 <= self.max_bad_fraction <= 1:
-            raise ConfigError("max_bad_fraction", f"must be in [0, 1], got {self.max_bad_fraction}")
+        check_out_dir(self.out_dir)
         for i, beta in enumerate(self.betas):
             if not 0 <= beta < 1:
                 raise ConfigError("betas", f"beta{i + 1} must be in [0, 1), got {beta}")
@@ -141,12 +146,18 @@ class TrainConfig:
         return self.lr if self.lr > 0 else self.blr * self.batch_size / 256
 
 
-# Intervals a config value may have to lie in (``check_range``), written as the error says them.
+# Intervals a config value may have to lie in (``check_range``, ``bounds``), written as the error says them.
 INTERVALS = {
     "[0, 1]": lambda v: 0 <= v <= 1,
     "(0, 1]": lambda v: 0 < v <= 1,
     "[0, 1)": lambda v: 0 <= v < 1,
+    "(0, 1)": lambda v: 0 < v < 1,
+    "[1, 100]": lambda v: 1 <= v <= 100,
     ">= 0": lambda v: v >= 0,
+    "> 0": lambda v: v > 0,
+    ">= 1": lambda v: v >= 1,
+    ">= -1": lambda v: v >= -1,
+    "any": lambda v: True,  # declared on purpose: every value means something (e.g. a seed)
 }
 
 
@@ -156,8 +167,26 @@ def check_range(cfg: Any, interval: str, *keys: str) -> None:
     for key in keys:
         value = getattr(cfg, key)
         if not inside(value):
-            where = interval if interval.startswith(">") else f"in {interval}"
+            where = interval if interval[0] in "<>" else f"in {interval}"
             raise ConfigError(key, f"must be {where}, got {value}")
+
+
+def declared_bounds(cls: type) -> dict[str, str]:
+    """Every numeric key's interval, from the ``bounds`` each config class declares for the keys it
+    defines (a subclass may redeclare a key it inherits); base classes first."""
+    merged: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(klass.__dict__.get("bounds", {}))
+    return merged
+
+
+def check_bounds(cfg: Any) -> None:
+    """The one range check every config passes through (``build_config``, ``replace_config``): each
+    declared key's value lies in its interval, before the class's own cross-key ``validate``."""
+    for key, interval in declared_bounds(type(cfg)).items():
+        if interval not in INTERVALS:
+            raise KeyError(f"{type(cfg).__name__}.bounds['{key}']: unknown interval {interval!r}")
+        check_range(cfg, interval, key)
 
 
 def _choice(cfg: Any, key: str, options: tuple[str, ...]) -> None:
@@ -312,6 +341,7 @@ def build_config(
             raise ConfigError(key, f"unknown key for {cls.__name__}{hint}")
         kwargs[key] = _coerce(key, value, types_[key])
     cfg = cls(**kwargs)
+    check_bounds(cfg)
     cfg.validate()  # type: ignore[attr-defined]
     return cfg
 
@@ -339,12 +369,16 @@ def dump_config(cfg: Any) -> str:
 
 def replace_config(cfg: C, **changes: Any) -> C:
     new = dataclasses.replace(cfg, **changes)
+    check_bounds(new)
     new.validate()  # type: ignore[attr-defined]
     return new
 
 
 __all__ = [
     "ConfigError",
+    "check_bounds",
+    "check_out_dir",
+    "declared_bounds",
     "TrainConfig",
     "build_config",
     "config_to_dict",

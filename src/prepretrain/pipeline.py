@@ -110,21 +110,21 @@ class PipelineConfig:
     gpu_memory_gib: float = 80.0
     assumed_mfu: float = 0.3
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "num_images": "> 0", "image_size": "> 0", "mae_steps": "> 0", "wsp_steps": "> 0", "lit_steps": "> 0",
+        "finetune_steps": "> 0", "batch_size": "> 0", "eval_every": ">= 0", "wsp_eval_images": ">= 0",
+        "video_steps": ">= 0", "detect_steps": ">= 0", "gpus": "> 0", "gpu_memory_gib": "> 0",
+        "assumed_mfu": "(0, 1]",
+    }
+
     def validate(self) -> None:
         if not self.seeds:
             raise ConfigError("seeds", "give at least one seed")
-        for key in ("mae_steps", "wsp_steps", "lit_steps", "finetune_steps", "batch_size", "num_images", "gpus"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
         known = {"probe", "knn", "lowshot", "zeroshot", "finetune", *TASK_STAGES}
         unknown = set(self.evaluations) - known
         if unknown:
             raise ConfigError("evaluations", f"unknown {sorted(unknown)}; known: {sorted(known)}")
-        if not 0 < self.assumed_mfu <= 1:
-            raise ConfigError("assumed_mfu", "must be in (0, 1]")
-        for key in ("video_steps", "detect_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0 (0 = the stage's default), got {getattr(self, key)}")
         for key in ("mae_config", "wsp_config", "lit_config", "finetune_config", "video_config", "detect_config"):
             if getattr(self, key) and not Path(getattr(self, key)).exists():
                 raise ConfigError(key, f"file not found: {getattr(self, key)}")

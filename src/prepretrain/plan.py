@@ -72,6 +72,13 @@ class PlanConfig:
     peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H100 SXM)
     assumed_mfu: float = 0.4  # for the step-time estimate
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "gpus": "> 0", "batch_size": "> 0", "micro_batch_size": ">= 0", "image_size": ">= 0", "gpu_memory_gib": "> 0",
+        "reserved_gib": ">= 0", "mask_ratio": "(0, 1)", "decoder_embed_dim": "> 0", "decoder_depth": "> 0",
+        "decoder_num_heads": "> 0", "num_classes": ">= 0", "peak_tflops": "> 0", "assumed_mfu": "(0, 1]",
+    }
+
     def validate(self) -> None:
 
         try:

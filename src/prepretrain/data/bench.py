@@ -78,6 +78,12 @@ class BenchDataConfig:
     seed: int = 0
     json_out: str = ""  # also write the results here
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "num_images": "> 0", "image_size": "> 0", "min_scale": "(0, 1]", "min_width": "> 0", "max_width": "> 0",
+        "quality": "[1, 100]", "batch_size": "> 0", "repeats": "> 0", "threads": ">= 0", "seed": "any",
+    }
+
     def validate(self) -> None:
         for key in ("num_images", "image_size", "min_width", "batch_size", "repeats", "threads"):
             if getattr(self, key) <= 0:

@@ -78,6 +78,11 @@ class ClassifyConfig:
     progress: bool = True
     out_dir: str = ""  # default: <run>/classify/<data>-<split> for a run directory, else runs/classify
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "image_size": ">= 0", "num_images": "> 0", "max_images": ">= 0", "batch_size": "> 0", "num_workers": ">= 0",
+    }
+
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("model", "name the classifier: model=runs/finetune, a weights file, or "
@@ -104,12 +109,6 @@ class ClassifyConfig:
                 parse_crop_fraction(self.eval_crop)
             except ValueError as error:
                 raise ConfigError("eval_crop", str(error)) from None
-        for key in ("batch_size", "num_images"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        for key in ("image_size", "max_images", "num_workers"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
 

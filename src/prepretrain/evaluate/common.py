@@ -60,13 +60,12 @@ class EvalConfig:
     cache_dir: str = ""  # default: <parent of out_dir>/feature_cache, shared by sibling evaluations
     progress: bool = True
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "image_size": ">= 0", "num_images": "> 0", "seed": "any", "batch_size": "> 0", "num_workers": ">= 0",
+    }
+
     def validate(self) -> None:
-        for key in ("batch_size", "num_images"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        for key in ("image_size", "num_workers"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.pool not in POOLS:
             raise ConfigError("pool", f"must be one of {', '.join(POOLS)}; got '{self.pool}'")
         if self.precision not in ("auto", "bf16", "fp32"):

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError
 from .common import EvalConfig, EvalData, FrozenEncoder
 from .metrics import topk_accuracy
 
@@ -29,14 +28,10 @@ class KNNConfig(EvalConfig):
     temperature: float = 0.07
     chunk_size: int = 1024  # test rows per similarity matrix (bounds memory on large sets)
 
-    def validate(self) -> None:
-        super().validate()
-        if self.k <= 0:
-            raise ConfigError("k", f"must be > 0, got {self.k}")
-        if self.temperature <= 0:
-            raise ConfigError("temperature", f"must be > 0, got {self.temperature}")
-        if self.chunk_size <= 0:
-            raise ConfigError("chunk_size", f"must be > 0, got {self.chunk_size}")
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "k": "> 0", "temperature": "> 0", "chunk_size": "> 0",
+    }
 
 
 @torch.no_grad()

@@ -49,6 +49,12 @@ class ProbeConfig(EvalConfig):
     head_warmup_epochs: float = 10.0
     head_weight_decay: float = 0.0
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "val_fraction": "(0, 1)", "max_iter": "> 0", "head_epochs": "> 0", "head_batch_size": "> 0",
+        "head_blr": "> 0", "head_warmup_epochs": ">= 0", "head_weight_decay": ">= 0",
+    }
+
     def validate(self) -> None:
         super().validate()
         if self.method not in ("logreg", "mae_head"):

@@ -56,6 +56,12 @@ class LowShotConfig(EvalConfig):
     vpt_weight_decay: float = 1e-4
     vpt_min_crop_scale: float = 0.5  # RandomResizedCrop + flip on the few training images
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "num_splits": "> 0", "l2": ">= 0", "max_iter": "> 0", "vpt_prompts": "> 0", "vpt_steps": "> 0",
+        "vpt_batch_size": "> 0", "vpt_lr": "> 0", "vpt_weight_decay": ">= 0", "vpt_min_crop_scale": "(0, 1]",
+    }
+
     def validate(self) -> None:
         super().validate()
         if self.method not in ("linear", "vpt"):

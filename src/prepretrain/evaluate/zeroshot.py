@@ -288,6 +288,11 @@ class ZeroShotConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     out_dir: str = ""  # default: RUN_DIR/zeroshot, or runs/zeroshot for a file
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "image_size": ">= 0", "num_images": "> 0", "max_images": ">= 0", "batch_size": "> 0", "num_workers": ">= 0",
+    }
+
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("model", "give a LiT run directory or a CLIP checkpoint file: model=runs/lit")
@@ -296,12 +301,6 @@ class ZeroShotConfig:
         check_names_file("templates", self.templates, TEMPLATE_SETS)
         if self.tokenizer and not Path(self.tokenizer).is_file():
             raise ConfigError("tokenizer", f"file not found: {self.tokenizer}")
-        for key in ("batch_size", "num_images"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        for key in ("image_size", "max_images", "num_workers"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
         check_article_fix("article_fix", self.article_fix)

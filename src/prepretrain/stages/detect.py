@@ -118,6 +118,14 @@ class DetectConfig(TrainConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     ckpt_every: int = 100
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "synthetic_val_images": "> 0", "eval_images": ">= 0", "window_size": ">= 0", "layer_decay": "(0, 1]",
+        "drop_path": "[0, 1]", "pyramid_channels": "> 0", "head_dim": "> 0", "box_batch_per_image": "> 0",
+        "rpn_batch_per_image": "> 0", "repeat_factor_threshold": ">= 0", "lsj_min": "> 0", "lsj_max": "> 0",
+        "flip": "[0, 1]", "eval_batch_size": "> 0", "score_threshold": "[0, 1]", "detections_per_image": "> 0",
+    }
+
     def validate(self) -> None:
         super().validate()
         check_model_and_size(self.model, self.image_size)

@@ -32,7 +32,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..config import ConfigError, TrainConfig, check_range
+from ..config import ConfigError, TrainConfig
 from ..data.benchmarks import display_names
 from ..data.loader import RecordDataset, eval_loader
 from ..data.records import BadSample, Record
@@ -79,6 +79,13 @@ class FinetuneConfig(TrainConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.05
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "layer_decay": "(0, 1]", "drop_path": "[0, 1]", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
+        "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "random_erasing": "[0, 1]",
+        "min_crop_scale": "(0, 1]", "ema_decay": "[0, 1)", "eval_batch_size": "> 0",
+    }
+
     def validate(self) -> None:
         super().validate()
         if self.decode not in ("auto", "pil"):
@@ -86,14 +93,6 @@ class FinetuneConfig(TrainConfig):
                               "decode=auto or pil")
         if self.global_pool not in ("token", "avg"):
             raise ConfigError("global_pool", f"must be token or avg; got '{self.global_pool}'")
-        check_range(self, "(0, 1]", "layer_decay")
-        check_range(self, "[0, 1]", "drop_path", "mixup_prob", "mixup_switch_prob", "random_erasing")
-        check_range(self, "[0, 1)", "label_smoothing")
-        check_range(self, ">= 0", "mixup", "cutmix")
-        check_range(self, "(0, 1]", "min_crop_scale")
-        check_range(self, "[0, 1)", "ema_decay")
-        if self.eval_batch_size <= 0:
-            raise ConfigError("eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
         if str(self.eval_crop).strip().lower() not in ("auto", "squash"):
             try:
                 parse_crop_fraction(str(self.eval_crop).strip())

@@ -125,6 +125,13 @@ class LiTConfig(TrainConfig):
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "vision_depth": ">= 0", "text_depth": ">= 0", "text_width": ">= 0", "text_heads": ">= 0",
+        "text_dropout": "[0, 1)", "max_text_tokens": ">= 0", "embed_dim": ">= 0", "min_crop_scale": "(0, 1]",
+        "eval_images": ">= 0",
+    }
+
     def validate(self) -> None:
         super().validate()
         check_tower_names(self.model, self.text_model)

@@ -42,12 +42,14 @@ class MAEConfig(TrainConfig):
     epochs: float = 8.0
     warmup_epochs: float = 1.0
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "mask_ratio": "(0, 1)", "decoder_embed_dim": "> 0", "decoder_depth": "> 0", "decoder_num_heads": "> 0",
+        "min_crop_scale": "(0, 1]", "eval_images": ">= 0",
+    }
+
     def validate(self) -> None:
         super().validate()
-        if not 0 < self.mask_ratio < 1:
-            raise ConfigError("mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
         check_model_and_size(self.model, self.image_size)
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ConfigError("decoder_num_heads", f"must divide decoder_embed_dim {self.decoder_embed_dim}")

@@ -103,6 +103,15 @@ class VideoConfig(TrainConfig):
     log_every: int = 25
     ckpt_every: int = 50
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "max_missing_fraction": "[0, 1]", "synthetic_length": "> 0", "num_frames": "> 0", "frame_stride": "> 0",
+        "tubelet_size": "> 0", "motion_init": ">= 0", "temporal_views": "> 0", "spatial_views": "> 0",
+        "layer_decay": "(0, 1]", "drop_path": "[0, 1]", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
+        "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "min_crop_scale": "(0, 1]", "hflip": "[0, 1]",
+        "eval_batch_size": "> 0",
+    }
+
     def validate(self) -> None:
         super().validate()
         if self.decode != "auto":

@@ -128,6 +128,13 @@ class WSPConfig(TrainConfig):
     warmup_epochs: float = 0.25
     weight_decay: float = 0.05
 
+    # Every numeric key this class defines, with its interval (config.check_bounds).
+    bounds = {
+        "depth": ">= 0", "drop_path": "[0, 1]", "vocab_size": "> 0", "vocab_min_count": ">= 1", "max_tags": "> 0",
+        "resample_power": ">= 0", "epoch_size": ">= 0", "head_init_std": ">= 0", "min_crop_scale": "(0, 1]",
+        "eval_images": ">= 0", "eval_batch_size": "> 0",
+    }
+
     def validate(self) -> None:
         super().validate()
         check_model_and_size(self.model, self.image_size)
