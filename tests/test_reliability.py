@@ -160,6 +160,26 @@ def test_cli_failures_are_one_line_with_their_exit_code(tmp_path, monkeypatch, c
     assert ckpt.Checkpointer(out).latest() == good and ckpt.Checkpointer(out).load(good)["step"] == 2
     monkeypatch.undo()
 
+    # What a full disk really looks like from torch's zip writer (a RuntimeError), and from safetensors
+    def zip_writer_fails(obj, handle, *args, **kwargs):
+        handle.write(b"PK")
+        raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    monkeypatch.setattr(torch, "save", zip_writer_fails)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
+    assert main(["mae", *TINY_ARGS, f"out_dir={out}", "steps=4"]) == 5
+    error = capsys.readouterr().err
+    assert "no space left on the device" in error and "Traceback" not in error and error.count("\n") == 1
+    assert ckpt.Checkpointer(out).latest() == good and not list(out.glob("checkpoints/.*tmp*"))
+    monkeypatch.undo()
+    from prepretrain.files import as_os_error
+
+    storage_full = as_os_error(Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                         'message: "No space left on device" })'), out / "encoder.safetensors")
+    assert storage_full.errno == errno.ENOSPC
+    assert as_os_error(RuntimeError("CUDA out of memory"), out / "x.pt") is None
+
     config = tmp_path / "twice.yaml"
     config.write_text("seed: 1\nsteps: 2\nseed: 3\n")
     assert main(["mae", "--config", str(config)]) == 2

@@ -54,6 +54,53 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, default=str))
 
 
+# How the writers below report a failed write that is not an OSError: torch's zip writer raises a
+# RuntimeError ("PytorchStreamWriter failed writing file ...: file write failed", "unexpected pos"),
+# safetensors its own error naming the OS error code ("IoError(Os { code: 28, ... })").
+_TORCH_WRITE_FAILED = ("file write failed", "unexpected pos", "PytorchStreamWriter failed")
+_OS_CODE = re.compile(r"Os \{ code: (\d+)|\[Errno (\d+)\]")  # safetensors' IoError; an OSError inside a wrapper (DCP)
+LOW_SPACE_BYTES = 64 << 20  # below this much free space, a failed write is taken for a full disk
+
+
+def as_os_error(error: Exception, path: str | Path) -> OSError | None:
+    """The OSError a failed write of ``path`` really was (so the CLI can say "no space left" and exit 5),
+    or None when ``error`` is not a write failure."""
+    import errno
+    import shutil
+
+    text = str(error)
+    code = _OS_CODE.search(text)
+    if code:
+        number = int(code.group(1) or code.group(2))
+        return OSError(number, os.strerror(number), str(path))
+    if not any(marker in text for marker in _TORCH_WRITE_FAILED):
+        return None
+    folder = Path(path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        full = shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return OSError(errno.EIO, f"write failed ({text.splitlines()[0][:200]})", str(path))
+
+
+@contextmanager
+def write_errors_as_os_errors(path: str | Path) -> Iterator[None]:
+    """Re-raise a writer's non-OSError write failure as the OSError it was (see :func:`as_os_error`)."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - only write failures are converted; the rest re-raised as is
+        converted = as_os_error(error, path)
+        if converted is None:
+            raise
+        raise converted from error
+
+
 def save_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                      dtype: torch.dtype | None = None) -> Path:
     """A safetensors file of CPU, contiguous tensors (optionally cast to ``dtype``), atomically."""
@@ -66,7 +113,8 @@ def save_safetensors(path: str | Path, state: dict[str, torch.Tensor], metadata:
             value = value.to(dtype)
         tensors[key] = value.cpu().contiguous()
     metadata = {k: str(v) for k, v in (metadata or {}).items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    with write_errors_as_os_errors(path):
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_torch(path: str | Path, obj: Any) -> Path:
@@ -80,7 +128,8 @@ def save_torch(path: str | Path, obj: Any) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
 
-    return atomic_write(path, write)
+    with write_errors_as_os_errors(path):
+        return atomic_write(path, write)
 
 
 class UnsafeCheckpoint(ValueError):

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..files import file_sha256, load_torch, save_safetensors, save_torch, write_text
+from ..files import file_sha256, load_torch, save_safetensors, save_torch, write_errors_as_os_errors, write_text
 from ..models.checkpoints import CheckpointMismatch
 from ..models.layouts import encoder_from_any
 
@@ -176,7 +176,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         model_state, optimizer_state = get_state_dict(model, optimizer)
-        dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}, checkpoint_id=str(tmp))
+        with write_errors_as_os_errors(tmp):
+            dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}, checkpoint_id=str(tmp))
         save_torch(tmp / f"rng_rank{rank:05d}.pt", rng_state())
         dist.barrier()
         # Each rank hashes the files it wrote; rank 0 records them all (and DCP's metadata).
