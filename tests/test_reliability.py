@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -204,3 +205,28 @@ def test_all_damaged_checkpoints_stop_with_a_clear_message(tmp_path):
     with pytest.raises(ckpt.CorruptCheckpoint, match="no readable checkpoint"):
         train(make(out))
     shutil.rmtree(out)
+
+
+def test_a_diverged_run_resumes_from_a_named_earlier_checkpoint(tmp_path, capsys):
+    """lr=1e6 diverges (exit 6, naming resume_from and the checkpoints); resume_from=step_N with a sane lr
+    rewinds there: the later checkpoints are set aside as rewound-*, kept, and the run finishes."""
+    out = tmp_path / "run"
+    args = [*TINY_ARGS, f"out_dir={out}", "keep_last=10"]
+    assert main(["mae", *args, "steps=4"]) == 0
+    capsys.readouterr()
+    assert main(["mae", *args, "steps=12", "lr=1e6"]) == 6
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "resume_from=step_N (checkpoints at steps 2, 4, " in error[0]
+    diverged = [ckpt.checkpoint_step(path) for path in ckpt.Checkpointer(out).all()]
+    assert diverged[:2] == [2, 4] and len(diverged) > 2
+    assert main(["mae", *args, "steps=12", "resume_from=step_3"]) == 2
+    assert "no checkpoint at step 3" in capsys.readouterr().err
+    assert main(["mae", *args, "steps=12", "resume_from=yesterday"]) == 2
+    assert "'resume_from'" in capsys.readouterr().err
+    assert main(["mae", *args, "steps=12", "lr=1e-4", "resume_from=step_4"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    rewound = sorted(path.name for path in (out / "checkpoints").glob("rewound-step_*"))
+    assert rewound == [f"rewound-step_{step:08d}.pt" for step in diverged if step > 4]
+    assert [ckpt.checkpoint_step(path) for path in ckpt.Checkpointer(out).all()][-1] == 12
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 12 and math.isfinite(results["final_loss"])

@@ -52,6 +52,15 @@ def check_out_dir(out_dir: str, key: str = "out_dir") -> None:
             return
 
 
+def resume_step(resume_from: str) -> int | None:
+    """The step ``resume_from`` names (``step_N`` or ``N``), None for ``latest``, -1 when malformed."""
+    text = str(resume_from).strip().lower()
+    if text == "latest":
+        return None
+    text = text.removeprefix("step_")
+    return int(text) if text.isdigit() else -1
+
+
 @dataclass
 class TrainConfig:
     """What every training stage shares: where, on what, how long, how to optimise."""
@@ -62,6 +71,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     resume: bool = True  # continue from the newest checkpoint in out_dir when there is one
+    # which checkpoint to resume from: latest, or step_N / N (e.g. before a divergence: the later
+    # checkpoints are set aside as rewound-step_*, kept, never loaded again)
+    resume_from: str = "latest"
     # data
     data: str = "synthetic"  # "synthetic" or a path: image folder, manifest (.jsonl/.csv), shards
     image_size: int = 32
@@ -125,6 +137,10 @@ class TrainConfig:
         if problem:
             raise ConfigError("decode", problem)
         check_out_dir(self.out_dir)
+        if resume_step(self.resume_from) == -1:
+            raise ConfigError("resume_from", f"latest or step_N (a checkpoint's step), not '{self.resume_from}'")
+        if not self.resume and self.resume_from != "latest":
+            raise ConfigError("resume_from", "resume=false starts over: it cannot also resume from a step")
         for i, beta in enumerate(self.betas):
             if not 0 <= beta < 1:
                 raise ConfigError("betas", f"beta{i + 1} must be in [0, 1), got {beta}")

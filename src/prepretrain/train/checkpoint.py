@@ -139,10 +139,11 @@ class Checkpointer:
             where = problems[0] if problems else "a file checked by another rank"
             raise CorruptCheckpoint(f"{path}: {where} (damaged on disk or in transfer)")
 
-    def set_aside(self, path: str | Path) -> Path:
-        """Rename a damaged checkpoint out of the way (kept for inspection, never loaded again)."""
+    def set_aside(self, path: str | Path, prefix: str = "corrupt") -> Path:
+        """Rename a checkpoint out of the way (damaged, or after the step a run rewinds to): kept for
+        inspection, never loaded again."""
         path = Path(path)
-        target = path.with_name(f"corrupt-{path.name}")
+        target = path.with_name(f"{prefix}-{path.name}")
         os.replace(path, target)
         checksum_file(path).unlink(missing_ok=True)
         return target

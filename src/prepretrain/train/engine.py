@@ -34,10 +34,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import TrainConfig, dump_config
+from ..config import ConfigError, TrainConfig, dump_config, resume_step
 from ..data.loader import SampleStream, train_loader
 from ..data.records import BadSample, SkipCounter
-from .checkpoint import Checkpointer, CorruptCheckpoint, load_training_state, save_training_state
+from .checkpoint import Checkpointer, CorruptCheckpoint, checkpoint_step, load_training_state, save_training_state
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -325,7 +325,7 @@ class Trainer:
         epoch_size = data.epoch_size or data.num_samples
         total_steps, warmup_steps = schedule_lengths(cfg, epoch_size)
         optimizer = build_optimizer(stage.param_groups(model), cfg.peak_lr, cfg.betas, device)
-        start_step = cls._resume(run, model, optimizer, precision, cfg.seed)
+        start_step = cls._resume(run, model, optimizer, precision, cfg.seed, resume_step(cfg.resume_from))
         if start_step:
             run.print(f"resuming from {run.checkpointer.latest()} at step {start_step}/{total_steps}")
         run.logger = MetricsLogger(run.dir, enabled=run.is_main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
@@ -345,12 +345,27 @@ class Trainer:
 
     @staticmethod
     def _resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                seed: int) -> int:
-        """Restore model, optimizer, scaler and RNG from the newest good checkpoint; returns its
-        step (0: none). A damaged checkpoint is named, set aside, and the next older one is used."""
+                seed: int, from_step: int | None = None) -> int:
+        """Restore model, optimizer, scaler and RNG from the newest good checkpoint (or the one at
+        ``from_step``: the later ones are set aside as ``rewound-*``); returns its step (0: none).
+        A damaged checkpoint is named, set aside, and the next older one is used."""
         if not run.resuming:
+            if from_step is not None:
+                raise ConfigError("resume_from", f"no checkpoint in {run.checkpointer.dir} to resume from")
             return 0
         checkpointer = run.checkpointer
+        if from_step is not None:
+            steps = [checkpoint_step(path) for path in checkpointer.all()]
+            if from_step not in steps:
+                raise ConfigError("resume_from", f"no checkpoint at step {from_step} in {checkpointer.dir}; there are "
+                                                 f"steps {', '.join(map(str, steps))}")
+            barrier()
+            if run.is_main:
+                for path in checkpointer.all():
+                    if checkpoint_step(path) > from_step:
+                        aside = checkpointer.set_aside(path, prefix="rewound")
+                        run.print(f"resume_from=step_{from_step}: {path.name} set aside as {aside.name}")
+            barrier()
         for candidate in reversed(checkpointer.all()):
             try:
                 # Checksums first: every rank reaches the same verdict, so all fall back together.
@@ -508,7 +523,8 @@ class Trainer:
                 if self.nonfinite_streak > self.cfg.max_nonfinite:
                     raise NonFiniteLoss(
                         f"{self.nonfinite_streak} consecutive non-finite losses at step {step}; stopping without "
-                        "saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0."
+                        "saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0"
+                        f"{self.rewind_hint()}."
                     )
         return self.stop_agreed
 
@@ -594,8 +610,17 @@ class Trainer:
             latest = self.run.checkpointer.latest()
             raise NonFiniteLoss(
                 f"non-finite weights after step {step}: not saved; the last good checkpoint is "
-                f"{latest or 'none'}. Try precision=bf16, a lower lr/blr, or clip_grad=1.0, then rerun to resume."
+                f"{latest or 'none'}. Try precision=bf16, a lower lr/blr, or clip_grad=1.0, then rerun to resume"
+                f"{self.rewind_hint()}."
             )
+
+    def rewind_hint(self) -> str:
+        """How to resume from before a divergence, naming the checkpoints there are."""
+        steps = [checkpoint_step(path) for path in self.run.checkpointer.all()]
+        if len(steps) < 2:
+            return ""
+        return (f"; the newest checkpoint may already be damaged by the diverging steps: resume from an earlier "
+                f"one with resume_from=step_N (checkpoints at steps {', '.join(map(str, steps))})")
 
     def stop_for_signal(self, step: int, name: str) -> None:
         """Checkpoint at this step boundary (unless just done) and raise :class:`Preempted`."""
