@@ -538,18 +538,27 @@ def test_paper_configs_resolve(tmp_path, name, text_model, embed_dim):
     assert not cfg.use_cache and cfg.text_dropout == 0.1 and cfg.precision == "bf16"
 
 
-def test_text_tower_can_start_from_a_clip_file(tmp_path):
+@pytest.mark.parametrize("layout", ["current", "torchtext<0.13 names, fp16"])
+def test_text_tower_can_start_from_a_clip_file(tmp_path, layout):
+    """text_init= reads a CLIP file as zeroshot's load_clip does: old torchtext names and fp16 included."""
     from safetensors.torch import save_file
+    from test_layouts import _old_torchtext_names
 
     from prepretrain.stages.lit import LiTStage
 
     source = _tiny_clip()
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    if layout != "current":
+        state = {k: v.half() if v.is_floating_point() else v
+                 for k, v in _old_torchtext_names(state, prefix="text_encoder.").items()}
+        assert any(".attention.input_projection." in k for k in state)
     path = tmp_path / "clip.safetensors"
-    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    save_file(state, str(path))
     stage = LiTStage(_lit_config(tmp_path, text_init=str(path), text_width=32, text_heads=2, embed_dim=24))
     model = stage.build_model(Run.of_stage(stage))
     for key, value in source.text_encoder.state_dict().items():
-        assert torch.equal(model.text_encoder.state_dict()[key], value), key
+        expected = value if layout == "current" else value.half().float()
+        assert torch.equal(model.text_encoder.state_dict()[key], expected), key
 
 
 @pytest.mark.parametrize("decode", ["pil", "tensor"])

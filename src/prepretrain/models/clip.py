@@ -236,6 +236,25 @@ def save_clip(model: CLIPModel, path: str | Path, tokenizer_info: dict[str, Any]
     return save_safetensors(path, model.state_dict(), clip_metadata(model, tokenizer_info, image_size, vision_model))
 
 
+def read_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """A CLIP/LiT (or bare RoBERTa) state dict as every consumer reads it: older torchtext block names
+    renamed to the current ones, fp16/bf16 cast to the fp32 model it loads into."""
+    state = read_state_dict(path)
+    prefix = "text_encoder." if any(k.startswith("text_encoder.") for k in state) else ""
+    return cast_floating(upgrade_torchtext_names(state, prefix=prefix), torch.float32)
+
+
+def text_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The text tower's weights in a file (``lit text_init=``): a MAWS CLIP / LiT file (``text_encoder.*``)
+    or a bare RoBERTa state dict, read like :func:`load_clip` reads them (:func:`read_clip_state`)."""
+    state = read_clip_state(path)
+    if any(k.startswith("text_encoder.") for k in state):
+        return {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
+    if any(k.startswith("transformer.token_embedding") for k in state):  # RobertaEncoder without the wrapper
+        return {f"encoder.{k}": v for k, v in state.items()}
+    return state
+
+
 def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device = "cpu",
               ) -> tuple[CLIPModel, Tokenizer, dict[str, Any]]:
     """Load a LiT run directory, our ``clip.safetensors``, or an official MAWS CLIP file.
@@ -247,8 +266,7 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
     """
     weights = resolve_weights(spec, "clip")
     path, metadata = weights.path, weights.metadata
-    # Older torchtext names are renamed; fp16/bf16 files are cast to the fp32 model they load into.
-    state = cast_floating(upgrade_torchtext_names(read_state_dict(path), prefix="text_encoder."), torch.float32)
+    state = read_clip_state(path)
     if not any(k.startswith("text_encoder.") for k in state):
         raise CheckpointMismatch(f"{path} has no text_encoder.* weights: not a CLIP/LiT checkpoint")
     vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}

@@ -62,7 +62,14 @@ from ..evaluate.zeroshot import (
     source_classes,
 )
 from ..models.checkpoints import load_encoder_weights, load_strict, read_state_dict
-from ..models.clip import CLIPModel, build_clip, clip_loss_over_slots, retrieval_accuracy, save_clip
+from ..models.clip import (
+    CLIPModel,
+    build_clip,
+    clip_loss_over_slots,
+    retrieval_accuracy,
+    save_clip,
+    text_tower_state,
+)
 from ..models.layouts import encoder_from_any
 from ..models.resolve import check_weights, encoder_metadata, resolve_weights
 from ..models.text import TEXT_SHAPES, text_forward_flops, text_shape
@@ -178,15 +185,6 @@ _YES = ("yes", "true", "on", "1")  # YAML turns a bare `no` into false: accept b
 _NO = ("no", "false", "off", "0")
 
 
-def text_tower_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The text tower of a MAWS CLIP / LiT state dict (``text_encoder.*``), or a bare RoBERTa one."""
-    if any(k.startswith("text_encoder.") for k in state):
-        return {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
-    if any(k.startswith("transformer.token_embedding") for k in state):  # RobertaEncoder without the wrapper
-        return {f"encoder.{k}": v for k, v in state.items()}
-    return state
-
-
 def caption_pairs(transform, tokenizer: Tokenizer):
     """Record -> {image, tokens}; a record without a caption is a counted skip."""
 
@@ -237,7 +235,7 @@ class LiTStage(Stage):
                            vision_depth=vision_depth, text_overrides=text_overrides, text_dropout=cfg.text_dropout,
                            lock_vision=True, lock_vision_projection=cfg.lock_vision_projection)
         if cfg.text_init:
-            load_strict(model.text_encoder, text_tower_state(read_state_dict(cfg.text_init)))
+            load_strict(model.text_encoder, text_tower_state(cfg.text_init))
             run.print(f"text tower initialised from {cfg.text_init}")
         if vision_state is not None:
             load_encoder_weights(model.vision_encoder, vision_state)
