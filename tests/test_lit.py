@@ -542,9 +542,9 @@ def test_paper_configs_resolve(tmp_path, name, text_model, embed_dim):
 def test_text_tower_can_start_from_a_clip_file(tmp_path, layout):
     """text_init= reads a CLIP file as zeroshot's load_clip does: old torchtext names and fp16 included."""
     from safetensors.torch import save_file
-    from test_layouts import _old_torchtext_names
 
     from prepretrain.stages.lit import LiTStage
+    from test_layouts import _old_torchtext_names
 
     source = _tiny_clip()
     state = {k: v.contiguous() for k, v in source.state_dict().items()}

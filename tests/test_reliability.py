@@ -230,3 +230,15 @@ def test_a_diverged_run_resumes_from_a_named_earlier_checkpoint(tmp_path, capsys
     assert [ckpt.checkpoint_step(path) for path in ckpt.Checkpointer(out).all()][-1] == 12
     results = json.loads((out / "results.json").read_text())
     assert results["steps"] == 12 and math.isfinite(results["final_loss"])
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_compute(tmp_path, capsys):
+    """batch_size=10^9 on a 64-image set: the planner's estimate exceeds the machine's memory, so the run
+    stops at once, naming the key and a micro-batch that fits (before, it ran on for minutes)."""
+    out = tmp_path / "run"
+    assert main(["mae", *TINY_ARGS, f"out_dir={out}", "batch_size=1000000000"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "'batch_size'" in error[0] and "set micro_batch_size=" in error[0]
+    assert not (out / "checkpoints").exists()
+    assert main(["mae", *TINY_ARGS, f"out_dir={out}", "batch_size=1000000000", "micro_batch_size=1000000"]) == 2
+    assert "'micro_batch_size'" in capsys.readouterr().err

@@ -300,4 +300,47 @@ def format_plan(plan: dict[str, Any]) -> str:
                      + ", ".join(hints or ["a smaller model"]))
     return "\n".join(lines)
 
-__all__ = ["PlanConfig", "block_activation_bytes", "format_plan", "plan_config_from", "plan_run"]
+def device_memory_bytes(device: Any) -> int:
+    """What a training process on ``device`` can hold at most: the GPU's memory, or the machine's RAM (0: unknown)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return 0
+    return 0
+
+
+def check_micro_batch_fits(cfg: Any, device: Any, world_size: int = 1) -> None:
+    """Refuse, before any compute, a stage config whose micro-batch cannot fit in the device's memory
+    by the planner's estimate (:func:`plan_run`), naming the batch key and the largest that fits.
+    Only the stages the planner models (MAE, WSP, finetuning) are checked; the estimate has to exceed
+    the whole memory, so a run that would fit is never refused."""
+    stage = getattr(cfg, "stage_name", "")
+    budget = device_memory_bytes(device)
+    if stage not in STAGES or not budget:
+        return
+    import dataclasses
+
+    base = plan_config_from(cfg)
+    strategy = base.strategy if world_size > 1 else "none"
+    plan = plan_run(dataclasses.replace(base, gpus=world_size, strategy=strategy, gpu_memory_gib=budget / GIB,
+                                        reserved_gib=0.0))
+    if plan["fits"]:
+        return
+    micro, largest = plan["micro_batch_size"], plan["largest_micro_batch_that_fits"]
+    per_rank = cfg.batch_size // world_size
+    suggestion = max((d for d in range(1, max(1, min(largest, per_rank)) + 1) if per_rank % d == 0), default=1)
+    key = "micro_batch_size" if getattr(cfg, "micro_batch_size", 0) else "batch_size"
+    raise ConfigError(key, f"a micro-batch of {micro} images needs about {plan['total_gib']:.1f} GiB (activations "
+                           f"{plan['memory_gib']['activations']:.1f} GiB), more than the {budget / GIB:.1f} GiB of "
+                           f"{device}; about {largest} fit: set micro_batch_size={suggestion} (the global batch "
+                           "stays batch_size through gradient accumulation) or a smaller batch_size")
+
+
+__all__ = ["PlanConfig", "block_activation_bytes", "check_micro_batch_fits", "format_plan", "plan_config_from",
+           "plan_run"]

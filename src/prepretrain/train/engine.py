@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from ..config import ConfigError, TrainConfig, dump_config, resume_step
 from ..data.loader import SampleStream, train_loader
 from ..data.records import BadSample, SkipCounter
+from ..plan import check_micro_batch_fits
 from .checkpoint import Checkpointer, CorruptCheckpoint, checkpoint_step, load_training_state, save_training_state
 from .distributed import (
     DistInfo,
@@ -304,6 +305,7 @@ class Trainer:
                 f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x {info.world_size} ranks"
             )
         accum = cfg.batch_size // (micro * info.world_size)
+        check_micro_batch_fits(cfg, device, info.world_size)  # a batch that cannot fit: refused before compute
         model = stage.build_model(run).to(device)
         if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
