@@ -134,6 +134,40 @@ class NaNStage(MAEStage):
         return loss, metrics
 
 
+class SpikeStage(MAEStage):
+    """The loss is multiplied by ``factor`` on the forward calls in ``spiking`` (1-based)."""
+
+    def __init__(self, cfg, spiking, factor=1000.0):
+        super().__init__(cfg)
+        self.calls, self.spiking, self.factor = 0, set(spiking), factor
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        self.calls += 1
+        return (loss * self.factor if self.calls in self.spiking else loss), metrics
+
+
+def test_a_loss_spike_is_skipped_like_a_nonfinite_step(tmp_path):
+    """A finite loss 1000x the recent median (step 6 of 8) is not applied: the optimizer's step
+    count shows one step fewer; with spike_factor=0 the same spike is applied; a spike that persists
+    stops the run like non-finite losses do."""
+    cfg = tiny_cfg(tmp_path / "guarded", "steps=8", "spike_window=4", "ckpt_every=8", "log_every=2")
+    results = train(SpikeStage(cfg, spiking={6}))
+    assert results["spike_steps"] == 1 and results["nonfinite_steps"] == 0
+    state = torch.load(tmp_path / "guarded" / "checkpoints" / "step_00000008.pt", weights_only=True)
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {7.0}
+    off = tiny_cfg(tmp_path / "off", "steps=8", "spike_window=4", "spike_factor=0", "ckpt_every=8")
+    results = train(SpikeStage(off, spiking={6}))
+    assert results["spike_steps"] == 0
+    state = torch.load(tmp_path / "off" / "checkpoints" / "step_00000008.pt", weights_only=True)
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {8.0}
+    early = tiny_cfg(tmp_path / "early", "steps=8", "spike_window=4", "ckpt_every=8")
+    assert train(SpikeStage(early, spiking={2}))["spike_steps"] == 0  # before half a window: no guard yet
+    stuck = tiny_cfg(tmp_path / "stuck", "steps=10", "spike_window=4", "max_nonfinite=2", "ckpt_every=100")
+    with pytest.raises(NonFiniteLoss, match=r"3 consecutive bad steps \(last: loss spike"):
+        train(SpikeStage(stuck, spiking=set(range(5, 11))))
+
+
 def test_nonfinite_losses_stop_the_run_without_saving_nan(tmp_path):
     cfg = tiny_cfg(tmp_path / "nan", "max_nonfinite=2", "ckpt_every=1")
     with pytest.raises(NonFiniteLoss, match="non-finite"):
@@ -274,7 +308,7 @@ def test_deferred_skips_are_counted_in_step_order_and_stop_the_run(tmp_path):
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {5.0}  # 6 steps, 1 skipped
 
     cfg = tiny_cfg(tmp_path / "nan", "max_nonfinite=2", "log_every=10", "ckpt_every=10")
-    with pytest.raises(NonFiniteLoss, match="3 consecutive non-finite losses at step 4"):
+    with pytest.raises(NonFiniteLoss, match=r"3 consecutive bad steps \(last: non-finite loss\) at step 4"):
         train(NaNStage(cfg, bad_from=2))
     assert not list((tmp_path / "nan" / "checkpoints").glob("*.pt"))
 

@@ -101,7 +101,11 @@ class TrainConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float = 0.0  # max gradient norm; 0 = off
-    max_nonfinite: int = 5  # consecutive non-finite losses tolerated (each step is skipped)
+    max_nonfinite: int = 5  # consecutive bad steps tolerated (non-finite or spiking losses: each is skipped)
+    # a step whose loss is above spike_factor x the median of the last spike_window applied steps is a loss
+    # spike: skipped like a non-finite one (0 = off); the guard starts once spike_window / 2 steps are in
+    spike_factor: float = 10.0
+    spike_window: int = 50
     # outputs
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end
@@ -123,6 +127,7 @@ class TrainConfig:
         "batch_size": "> 0", "micro_batch_size": ">= 0", "epochs": ">= 0", "steps": ">= 0", "blr": ">= 0",
         "lr": ">= 0", "min_lr": ">= 0", "lr_decay_rate": "(0, 1]", "warmup_epochs": ">= 0", "warmup_steps": ">= -1",
         "weight_decay": ">= 0", "clip_grad": ">= 0", "max_nonfinite": ">= 0", "log_every": "> 0",
+        "spike_factor": ">= 0", "spike_window": ">= 1",
         "eval_every": ">= 0", "ckpt_every": "> 0", "keep_last": "> 0", "dist_timeout_s": "> 0",
     }
 

@@ -300,11 +300,22 @@ def format_plan(plan: dict[str, Any]) -> str:
                      + ", ".join(hints or ["a smaller model"]))
     return "\n".join(lines)
 
-def device_memory_bytes(device: Any) -> int:
-    """What a training process on ``device`` can hold at most: the GPU's memory, or the machine's RAM (0: unknown)."""
+def planned_device(spec: Any) -> Any:
+    """The device a config's ``device=`` (auto, cpu, cuda, cuda:N) will train on, without selecting it."""
     import torch
 
-    device = torch.device(device)
+    if spec in ("auto", "cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        spec = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    return torch.device(spec)
+
+
+def device_memory_bytes(device: Any) -> int:
+    """What a training process on ``device`` can hold at most: the GPU's memory, or the machine's RAM
+    (0: unknown). Selects no device (no CUDA context made)."""
+    import torch
+
+    device = planned_device(device)
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(device).total_memory)
     if device.type == "cpu":
@@ -321,6 +332,7 @@ def check_micro_batch_fits(cfg: Any, device: Any, world_size: int = 1) -> None:
     Only the stages the planner models (MAE, WSP, finetuning) are checked; the estimate has to exceed
     the whole memory, so a run that would fit is never refused."""
     stage = getattr(cfg, "stage_name", "")
+    device = planned_device(device)
     budget = device_memory_bytes(device)
     if stage not in STAGES or not budget:
         return

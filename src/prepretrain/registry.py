@@ -8,6 +8,7 @@ parsing stays in :mod:`prepretrain.cli`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from .evaluate.classify import ClassifyConfig, run_classify
 from .evaluate.runner import EVALUATIONS, run_evaluation
 from .evaluate.zeroshot import ZeroShotConfig, run_zeroshot
+from .plan import check_micro_batch_fits
 from .stages.detect import DetectConfig, DetectStage
 from .stages.finetune import FinetuneConfig, FinetuneStage
 from .stages.lit import LiTConfig, LiTStage
@@ -80,9 +82,11 @@ class Command:
 
 
 def training(stage_cls: type[Stage]) -> Callable[[Any], dict[str, Any]]:
-    """``cfg -> results`` of a stage: the one training loop over what the stage declares."""
+    """``cfg -> results`` of a stage: the one training loop over what the stage declares, after the
+    planner's check that a micro-batch fits in the device's memory (refused before any compute)."""
 
     def run(cfg: Any) -> dict[str, Any]:
+        check_micro_batch_fits(cfg, cfg.device, int(os.environ.get("WORLD_SIZE", "1")))
         return train(stage_cls(cfg))
 
     return run

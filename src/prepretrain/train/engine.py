@@ -37,7 +37,6 @@ from torch.utils.data import Dataset
 from ..config import ConfigError, TrainConfig, dump_config, resume_step
 from ..data.loader import SampleStream, train_loader
 from ..data.records import BadSample, SkipCounter
-from ..plan import check_micro_batch_fits
 from .checkpoint import Checkpointer, CorruptCheckpoint, checkpoint_step, load_training_state, save_training_state
 from .distributed import (
     DistInfo,
@@ -277,7 +276,10 @@ class Trainer:
     skips: SkipCounter = field(default_factory=SkipCounter)
     nonfinite_streak: int = 0
     nonfinite_total: int = 0
+    spike_total: int = 0  # steps skipped as loss spikes (finite, but far above the recent median)
     pending_flags: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, flags) not yet read
+    loss_history: torch.Tensor | None = None  # the losses of the last spike_window applied steps (on the device)
+    steps_run: int = 0  # steps this process has run (the spike guard waits for half a window)
     stop_agreed: bool = False  # some rank asked to stop (read from the flags)
     last_loss: torch.Tensor | float = float("nan")
     window_samples: int = 0
@@ -305,7 +307,6 @@ class Trainer:
                 f"batch_size {cfg.batch_size} must be a multiple of micro_batch_size {micro} x {info.world_size} ranks"
             )
         accum = cfg.batch_size // (micro * info.world_size)
-        check_micro_batch_fits(cfg, device, info.world_size)  # a batch that cannot fit: refused before compute
         model = stage.build_model(run).to(device)
         if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
             model.set_grad_checkpointing(True)
@@ -441,7 +442,7 @@ class Trainer:
             self.window_samples += batch.get("_seen", self.micro)
         # Under several ranks a stop request counts once the all-reduced flags are read (settle).
         stop_requested = stop is not None and stop.requested
-        grad_norm = self._update(step, nonfinite_loss, stop_requested)
+        grad_norm = self._update(step, nonfinite_loss, stop_requested, step_loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.last_loss = all_reduce_sum(step_loss) / self.info.world_size
         return StepOutcome(self.last_loss, lr, step_metrics, grad_norm, stop_requested and self.info.world_size == 1)
@@ -463,19 +464,23 @@ class Trainer:
         return (self.precision.scaler is not None or self.stage.uses_after_step(self.model)
                 or not all(group.get("fused") for group in self.optimizer.param_groups))
 
-    def _update(self, step: int, nonfinite_loss: torch.Tensor, stop_requested: bool) -> torch.Tensor | None:
-        """Apply the step unless some rank's loss or gradients are non-finite; one all-reduce
-        carries those flags and the ranks' stop requests.
+    def _update(self, step: int, nonfinite_loss: torch.Tensor, stop_requested: bool,
+                step_loss: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Apply the step unless some rank's loss or gradients are non-finite or its loss spikes; one
+        all-reduce carries those flags and the ranks' stop requests.
 
         The fused AdamW skips a flagged step on the device (its ``found_inf`` input, as under a
         loss scaler: weights, moments and step counts stay as they were), so the host need not
         wait; :meth:`settle` later counts the skipped steps in order and stops after too many."""
         sync_replicated_grads(self.model)
         device = self.run.device
+        spike = self._loss_spike(step_loss) if step_loss is not None else torch.zeros((), device=device)
         flags = all_reduce_sum(torch.stack([
             nonfinite_loss, nonfinite_count(self.model).to(device),
             torch.full((), 1.0 if stop_requested else 0.0, device=device),  # a fill, not a host-to-device copy
+            spike,
         ]))
+        self._remember_loss(step_loss, flags)
         self.pending_flags.append((step, flags))
         if self.reads_flags_each_step:
             self.settle()
@@ -492,10 +497,30 @@ class Trainer:
         elif self.reads_flags_each_step:
             self.optimizer.step()
         else:
-            step_unless_flagged(self.optimizer, flags[0] + flags[1])
+            step_unless_flagged(self.optimizer, flags[0] + flags[1] + flags[3])
         if self.reads_flags_each_step:
             self.stage.after_step(self.model, step + 1)
         return grad_norm
+
+    def _loss_spike(self, step_loss: torch.Tensor) -> torch.Tensor:
+        """1 when this rank's loss is above ``spike_factor`` x the median of the recent applied steps'
+        losses (computed on the device: no host sync), else 0; 0 until half a window is in."""
+        cfg = self.cfg
+        if self.loss_history is None:
+            self.loss_history = torch.full((cfg.spike_window,), float("nan"), device=step_loss.device)
+        self.steps_run += 1
+        if cfg.spike_factor <= 0 or self.steps_run <= max(1, cfg.spike_window // 2):
+            return torch.zeros((), device=step_loss.device)
+        median = self.loss_history.nanmedian()
+        return ((step_loss > cfg.spike_factor * median) & torch.isfinite(median)).float()
+
+    def _remember_loss(self, step_loss: torch.Tensor | None, flags: torch.Tensor) -> None:
+        """The loss joins the window only when its step is applied (a skipped spike never raises the median)."""
+        if step_loss is None or self.loss_history is None:
+            return
+        slot = (self.steps_run - 1) % self.loss_history.numel()
+        applied = (flags[0] + flags[1] + flags[3]) == 0
+        self.loss_history[slot] = torch.where(applied, step_loss.detach().float(), self.loss_history[slot])
 
     def settle_due(self, done: int, outcome: StepOutcome) -> bool:
         """Whether the host reads the step flags after step ``done``: before anything that needs
@@ -513,19 +538,21 @@ class Trainer:
             values = torch.stack([flags for _, flags in self.pending_flags]).tolist()
             steps = [step for step, _ in self.pending_flags]
             self.pending_flags.clear()
-            for step, (bad_loss, bad_grads, stop) in zip(steps, values):
+            for step, (bad_loss, bad_grads, stop, spike) in zip(steps, values):
                 self.stop_agreed = self.stop_agreed or stop > 0
-                if not (bad_loss or bad_grads):
+                if not (bad_loss or bad_grads or spike):
                     self.nonfinite_streak = 0
                     continue
                 self.nonfinite_streak += 1
-                self.nonfinite_total += 1
-                what = "loss" if bad_loss else "gradients"
-                self.run.print(f"step {step}: non-finite {what}, step skipped ({self.nonfinite_streak} in a row)")
+                self.nonfinite_total += not spike or bool(bad_loss or bad_grads)
+                self.spike_total += bool(spike) and not (bad_loss or bad_grads)
+                what = ("non-finite loss" if bad_loss else "non-finite gradients" if bad_grads else
+                        f"loss spike (above {self.cfg.spike_factor:g}x the median of the last steps)")
+                self.run.print(f"step {step}: {what}, step skipped ({self.nonfinite_streak} in a row)")
                 if self.nonfinite_streak > self.cfg.max_nonfinite:
                     raise NonFiniteLoss(
-                        f"{self.nonfinite_streak} consecutive non-finite losses at step {step}; stopping without "
-                        "saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0"
+                        f"{self.nonfinite_streak} consecutive bad steps (last: {what}) at step {step}; stopping "
+                        "without saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0"
                         f"{self.rewind_hint()}."
                     )
         return self.stop_agreed
@@ -655,7 +682,7 @@ class Trainer:
             results = {
                 "stage": stage.name, "steps": self.total_steps, "final_loss": final_loss,
                 "samples_seen": self.total_steps * self.cfg.batch_size, "skipped": self.skips.as_dict(),
-                "nonfinite_steps": self.nonfinite_total, **eval_metrics, **results,
+                "nonfinite_steps": self.nonfinite_total, "spike_steps": self.spike_total, **eval_metrics, **results,
             }
             run.write_json("results.json", results)
             if self.skips.total_skipped:
