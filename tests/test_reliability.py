@@ -242,3 +242,19 @@ def test_a_batch_that_cannot_fit_is_refused_before_compute(tmp_path, capsys):
     assert not (out / "checkpoints").exists()
     assert main(["mae", *TINY_ARGS, f"out_dir={out}", "batch_size=1000000000", "micro_batch_size=1000000"]) == 2
     assert "'micro_batch_size'" in capsys.readouterr().err
+
+
+def test_every_os_failure_a_user_can_cause_maps_to_one_line_and_exit_5(tmp_path):
+    """The one place OS and I/O failures become messages (cli.expected_failure): each errno a user can
+    cause at a path, and torch's own write failure converted on the way (files.as_os_error)."""
+    from prepretrain.cli import DISK_ERRORS, expected_failure
+    from prepretrain.files import as_os_error
+
+    for number, words in DISK_ERRORS.items():
+        code, message = expected_failure(OSError(number, os.strerror(number), str(tmp_path / "ckpt.pt")))
+        assert code == 5 and message.startswith(words) and str(tmp_path / "ckpt.pt") in message
+        assert "\n" not in message
+    converted = as_os_error(RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"),
+                            tmp_path / "ckpt.pt")  # plenty of space here: an I/O error, not "no space"
+    assert converted.errno == errno.EIO and expected_failure(converted)[0] == 5
+    assert expected_failure(ValueError("a bug")) is None  # a bug keeps its traceback

@@ -68,7 +68,9 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (Preempted, 75),  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
 ]
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied"}
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.ENOTDIR: "a part of the path is a file, not a folder",
+               errno.EISDIR: "a folder stands where a file was expected", errno.EIO: "input/output error"}
 
 
 def expected_failure(error: BaseException) -> tuple[int, str] | None:
@@ -77,8 +79,11 @@ def expected_failure(error: BaseException) -> tuple[int, str] | None:
         if isinstance(error, kind):
             return code, str(error)
     if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-        where = f" writing {error.filename}" if error.filename else ""
-        return 5, f"{DISK_ERRORS[error.errno]}{where}: free space or point out_dir= elsewhere, then rerun to resume"
+        where = f" at {error.filename}" if error.filename else ""
+        detail = f" ({error.strerror})" if error.errno == errno.EIO and error.strerror else ""
+        fix = ("free space or point out_dir= elsewhere" if error.errno in (errno.ENOSPC, errno.EDQUOT) else
+               "fix the path or its permissions, or point out_dir= elsewhere")
+        return 5, f"{DISK_ERRORS[error.errno]}{where}{detail}: {fix}, then rerun to resume"
     return None
 
 
