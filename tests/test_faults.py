@@ -10,7 +10,10 @@ where the reference ended:
   preemption -> the rerun names it, sets it aside and resumes from the previous one, identically;
 - a finite loss with NaN gradients -> the step is skipped and counted, nothing non-finite is
   ever written (checkpoints, exports);
-- stale temporary files of an interrupted write -> removed on start.
+- stale temporary files of an interrupted write -> removed on start;
+- a loss spike (finite, 1000x the others) -> the step is skipped and counted as a spike;
+- a finished run rewound with ``resume_from=step_2`` -> the later checkpoints set aside, the rerun
+  ends where the reference ended.
 
 The counts (faults injected, runs compared bit-exactly, checkpoints lost or corrupt, hangs, non-finite
 tensors saved) are printed at the end of the pytest run (see ``conftest.pytest_terminal_summary``);
@@ -55,6 +58,7 @@ def faulty(stage_cls: type) -> type:
     class Faulty(stage_cls):
         sigterm_at = 0
         nan_grad_at = 0
+        spike_at = 0
         loss_calls = 0
 
         def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -63,6 +67,8 @@ def faulty(stage_cls: type) -> type:
             if self.loss_calls == self.nan_grad_at:  # finite value, NaN gradient (d sqrt(x)/dx at 0 is inf; x 0)
                 weight = next(p for p in model.parameters() if p.requires_grad)
                 loss = loss + torch.sqrt(weight.abs().sum() * 0.0) * 0.0
+            if self.loss_calls == self.spike_at:  # finite, 1000x the others: a loss spike
+                loss = loss * 1000.0
             return loss, metrics
 
         def after_step(self, model: torch.nn.Module, step: int) -> None:
@@ -74,9 +80,9 @@ def faulty(stage_cls: type) -> type:
     return Faulty
 
 
-def make(name: str, out: Path, seed: int, **faults: int) -> Any:
+def make(name: str, out: Path, seed: int, settings: dict[str, Any] | None = None, **faults: int) -> Any:
     config_cls, stage_cls, extra = STAGES[name]
-    values = {**COMMON, **extra, "seed": seed, "out_dir": str(out)}
+    values = {**COMMON, **extra, "seed": seed, "out_dir": str(out), **(settings or {})}
     stage = faulty(stage_cls)(build_config(config_cls, None, {k: str(v) for k, v in values.items()}))
     for key, value in faults.items():
         setattr(stage, key, value)
@@ -154,7 +160,22 @@ def test_faults_leave_every_stage_where_an_uninterrupted_run_ends(name, seed, tm
     results = train(make(name, nan, seed, nan_grad_at=3))
     fault_counts["faults_injected"] += 1
     assert results["nonfinite_steps"] == 1
-    for out in (reference, run, copy, nan):
+    # a loss spike (finite, 1000x): skipped like a non-finite step, nothing of it applied or saved
+    spike = tmp_path / "spike"
+    results = train(make(name, spike, seed, {"spike_window": 4}, spike_at=5))
+    fault_counts["faults_injected"] += 1
+    assert results["spike_steps"] == 1 and results["nonfinite_steps"] == 0
+
+    # a finished run rewound to step 2 (resume_from, as after a divergence) retrains to the reference's end
+    rewound = tmp_path / "rewound"
+    shutil.copytree(reference, rewound)
+    train(make(name, rewound, seed, {"resume_from": "step_2"}))
+    fault_counts["faults_injected"] += 1
+    assert sorted(p.name for p in (rewound / "checkpoints").glob("rewound-*")) == [
+        "rewound-step_00000004.pt", "rewound-step_00000006.pt"]
+    assert bit_exact(final_weights(rewound), expected)
+    fault_counts["bit_exact"] += 1
+    for out in (reference, run, copy, nan, spike, rewound):
         fault_counts["nonfinite_saved"] += non_finite_tensors(out)
         saved = {ckpt.checkpoint_step(path) for path in ckpt.Checkpointer(out).all()}
         fault_counts["checkpoints_lost"] += len({2, 4, 6} - saved)  # every ckpt_every step is still there
