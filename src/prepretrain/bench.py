@@ -107,11 +107,6 @@ class BenchConfig:
     def validate(self) -> None:
         if self.target not in STEP_TARGETS:
             raise ConfigError("target", f"must be one of {', '.join(STEP_TARGETS)}")
-        for key in ("batch_size", "steps", "image_size", "num_classes", "threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if self.rounds <= 0:
-            raise ConfigError("rounds", f"must be > 0, got {self.rounds}")
         if str(self.compile).lower() not in ("auto", "true", "false"):
             raise ConfigError("compile", f"must be auto, true or false; got '{self.compile}'")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
@@ -446,9 +441,6 @@ class LiTBenchConfig:
     }
 
     def validate(self) -> None:
-        for key in ("batch_size", "steps"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
         check_tower_names(self.model, self.text_model)
 
 

@@ -38,7 +38,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, check_bounds
 from .models.mae import create_mae, mae_forward_flops
 from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape
 from .train.distributed import AUTO_FSDP_MEMORY_SHARE, MODEL_STATE_BYTES_PER_PARAM
@@ -91,16 +91,6 @@ class PlanConfig:
             raise ConfigError("strategy", f"must be auto, none, ddp or fsdp; got '{self.strategy}'")
         if self.precision not in ("bf16", "fp16", "fp32"):
             raise ConfigError("precision", f"must be bf16, fp16 or fp32; got '{self.precision}'")
-        for key in ("gpus", "batch_size", "gpu_memory_gib", "peak_tflops"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        for key in ("micro_batch_size", "image_size", "num_classes", "reserved_gib"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if not 0 < self.assumed_mfu <= 1:
-            raise ConfigError("assumed_mfu", f"must be in (0, 1], got {self.assumed_mfu}")
-        if not 0 < self.mask_ratio < 1:
-            raise ConfigError("mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
         if self.strategy == "none" and self.gpus > 1:
             raise ConfigError("strategy", "none trains one process; use ddp or fsdp with gpus > 1")
         micro = self.micro_batch_size or self.batch_size // self.gpus
@@ -149,6 +139,7 @@ def plan_config_from(cfg: Any) -> PlanConfig:
         if hasattr(cfg, key):
             values[key] = getattr(cfg, key)
     plan = PlanConfig(**values)
+    check_bounds(plan)
     plan.validate()
     return plan
 

@@ -81,13 +81,10 @@ class BenchDataConfig:
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
         "num_images": "> 0", "image_size": "> 0", "min_scale": "(0, 1]", "min_width": "> 0", "max_width": "> 0",
-        "quality": "[1, 100]", "batch_size": "> 0", "repeats": "> 0", "threads": ">= 0", "seed": "any",
+        "quality": "[1, 100]", "batch_size": "> 0", "repeats": "> 0", "threads": "> 0", "seed": "any",
     }
 
     def validate(self) -> None:
-        for key in ("num_images", "image_size", "min_width", "batch_size", "repeats", "threads"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
         if self.max_width < self.min_width:
             raise ConfigError("max_width", f"must be >= min_width {self.min_width}, got {self.max_width}")
         if not 0 < self.min_scale <= 1:

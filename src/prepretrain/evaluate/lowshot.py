@@ -68,14 +68,6 @@ class LowShotConfig(EvalConfig):
             raise ConfigError("method", f"must be linear or vpt; got '{self.method}'")
         if not self.shots or any(k <= 0 for k in self.shots):
             raise ConfigError("shots", f"needs positive shot counts, got {self.shots}")
-        for key in ("num_splits", "max_iter", "vpt_prompts", "vpt_steps", "vpt_batch_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        for key in ("l2", "vpt_lr", "vpt_weight_decay"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if not 0 < self.vpt_min_crop_scale <= 1:
-            raise ConfigError("vpt_min_crop_scale", f"must be in (0, 1], got {self.vpt_min_crop_scale}")
 
 
 def lowshot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:

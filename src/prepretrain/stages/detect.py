@@ -123,7 +123,7 @@ class DetectConfig(TrainConfig):
         "synthetic_val_images": "> 0", "eval_images": ">= 0", "window_size": ">= 0", "layer_decay": "(0, 1]",
         "drop_path": "[0, 1]", "pyramid_channels": "> 0", "head_dim": "> 0", "box_batch_per_image": "> 0",
         "rpn_batch_per_image": "> 0", "repeat_factor_threshold": ">= 0", "lsj_min": "> 0", "lsj_max": "> 0",
-        "flip": "[0, 1]", "eval_batch_size": "> 0", "score_threshold": "[0, 1]", "detections_per_image": "> 0",
+        "flip": "[0, 1]", "eval_batch_size": "> 0", "score_threshold": "[0, 1)", "detections_per_image": "> 0",
     }
 
     def validate(self) -> None:
@@ -168,14 +168,6 @@ class DetectConfig(TrainConfig):
                                           "add cascade=true (as ViTDet's LVIS recipe has)")
         if self.box_head not in ("4conv1fc", "2fc"):
             raise ConfigError("box_head", f"must be 4conv1fc or 2fc; got '{self.box_head}'")
-        for key in ("pyramid_channels", "head_dim", "box_batch_per_image", "rpn_batch_per_image", "eval_batch_size",
-                    "detections_per_image", "synthetic_val_images"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        if self.eval_images < 0:
-            raise ConfigError("eval_images", f"must be >= 0, got {self.eval_images}")
-        if not 0 <= self.score_threshold < 1:
-            raise ConfigError("score_threshold", f"must be in [0, 1), got {self.score_threshold}")
         check_weights("encoder", self.encoder)
 
     def check_data_paths(self) -> None:

@@ -142,12 +142,6 @@ class LiTConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check_tower_names(self.model, self.text_model)
-        for key in ("vision_depth", "text_depth", "text_width", "text_heads", "max_text_tokens", "embed_dim",
-                    "eval_images"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        if not 0 <= self.text_dropout < 1:
-            raise ConfigError("text_dropout", f"must be in [0, 1), got {self.text_dropout}")
         if not 0 < self.min_crop_scale <= 1:
             raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
         if self.cache_features.lower() not in ("auto", *_YES, *_NO):

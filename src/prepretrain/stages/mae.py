@@ -55,8 +55,6 @@ class MAEConfig(TrainConfig):
             raise ConfigError("decoder_num_heads", f"must divide decoder_embed_dim {self.decoder_embed_dim}")
         if self.decoder_embed_dim % 4:
             raise ConfigError("decoder_embed_dim", "must be a multiple of 4 (2-D sin-cos embedding)")
-        if self.eval_images < 0:
-            raise ConfigError("eval_images", f"must be >= 0 (0 = no validation loss), got {self.eval_images}")
 
 
 class MaskedSample:

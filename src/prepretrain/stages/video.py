@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainConfig, check_range, replace_config
+from ..config import ConfigError, TrainConfig, replace_config
 from ..data.loader import RecordDataset, eval_loader
 from ..data.video import (
     SHORT_VIDEO_POLICIES,
@@ -118,19 +118,9 @@ class VideoConfig(TrainConfig):
             raise ConfigError("decode", "video clips are decoded with PyAV in the loader: decode=auto")
         if self.global_pool not in ("token", "avg"):
             raise ConfigError("global_pool", f"must be token or avg; got '{self.global_pool}'")
-        for key in ("num_frames", "frame_stride", "tubelet_size", "temporal_views", "spatial_views",
-                    "eval_batch_size", "synthetic_length"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
         if self.num_frames % self.tubelet_size:
             raise ConfigError("tubelet_size", f"{self.tubelet_size} does not divide num_frames {self.num_frames} "
                                               "(num_frames=1 needs tubelet_size=1)")
-        check_range(self, ">= 0", "motion_init")
-        check_range(self, "(0, 1]", "layer_decay")
-        check_range(self, "[0, 1]", "drop_path", "mixup_prob", "mixup_switch_prob", "hflip", "max_missing_fraction")
-        check_range(self, "[0, 1)", "label_smoothing")
-        check_range(self, ">= 0", "mixup", "cutmix")
-        check_range(self, "(0, 1]", "min_crop_scale")
         if self.short_videos not in SHORT_VIDEO_POLICIES:
             raise ConfigError("short_videos", f"must be one of {', '.join(SHORT_VIDEO_POLICIES)}; "
                                               f"got '{self.short_videos}'")

@@ -138,12 +138,6 @@ class WSPConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         check_model_and_size(self.model, self.image_size)
-        for key in ("depth", "epoch_size", "eval_images", "head_init_std", "drop_path", "resample_power"):
-            if getattr(self, key) < 0:
-                raise ConfigError(key, f"must be >= 0, got {getattr(self, key)}")
-        for key in ("vocab_size", "vocab_min_count", "max_tags", "eval_batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(key, f"must be >= 1, got {getattr(self, key)}")
         if self.drop_path >= 1:
             raise ConfigError("drop_path", f"must be < 1, got {self.drop_path}")
         if not 0 < self.min_crop_scale <= 1:
