@@ -58,8 +58,7 @@ def mini_food101(root: Path, per_class: tuple[int, int] = (6, 3)) -> Path:
 
 @pytest.mark.slow
 def test_tiny_pipeline_report_cache_and_determinism(tmp_path):
-    food = mini_food101(tmp_path / "food-101")
-    tiny = {**TINY, "eval_sets": f"food={food}"}  # + a transfer set in a release layout, its own rows
+    tiny = TINY
     first = build_config(PipelineConfig, None, {**tiny, "out_dir": str(tmp_path / "a")})
     results = run_pipeline(first)
     out = tmp_path / "a"
@@ -72,10 +71,6 @@ def test_tiny_pipeline_report_cache_and_determinism(tmp_path):
     assert "**MAE learning** (MAE→WSP − MAE init→WSP" in verdict and "**init scheme**" in verdict
     assert "with one seed nothing can be separated" in verdict and "a gain on 0 of" in verdict  # one seed: all ≈0
     assert "linear probe (coarse)" in report and "zero-shot (coarse)" in report
-    assert "| food: linear probe |" in report and "| food: zero-shot |" in report
-    food_probe = results["seed0/eval/mae_wsp/sets/food/label"]["probe"]
-    assert food_probe["num_classes"] == 3 and food_probe["test_split"] == "test"
-    assert results["seed0/eval/wsp/sets/food/zeroshot"]["num_classes"] == 3
     assert "prepretrain pipeline --config" in report
 
     # a rerun reuses every job
@@ -311,8 +306,10 @@ def test_task_stages_run_for_every_encoder_and_join_the_report(tmp_path):
     recipe = tmp_path / "video_tiny.yaml"
     recipe.write_text("stage: video\nnum_images: 32\nsteps: 2\nbatch_size: 8\neval_batch_size: 32\n"
                       "synthetic_length: 16\nprogress: false\n")
+    food = mini_food101(tmp_path / "food-101")  # + a transfer set in its release layout (eval_sets), own rows
     cfg = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "out"), "evaluations": "probe,video",
-                                              "video_config": str(recipe), "recipe_overrides": "video.steps=1"})
+                                              "video_config": str(recipe), "recipe_overrides": "video.steps=1",
+                                              "eval_sets": f"food={food}"})
     jobs = [job for job in plan_jobs(cfg) if job.kind == "video"]
     assert [job.name for job in jobs] == [f"seed0/eval/{label}/video" for label in
                                           ("mae_wsp", "maeinit_wsp", "wsp", "mae", "mae_init")]
@@ -325,6 +322,9 @@ def test_task_stages_run_for_every_encoder_and_join_the_report(tmp_path):
         assert video["steps"] == 1 and 0 <= video["top1"] <= 100 and 0 <= video["single_frame_top1"] <= 100
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| video top-1 |" in report and "| video, single-frame baseline top-1 |" in report
+    assert "| food: linear probe |" in report and "eval_sets[food]" in dry_run(cfg)
+    food_probe = results["seed0/eval/mae_wsp/sets/food/label"]["probe"]
+    assert food_probe["num_classes"] == 3 and food_probe["test_split"] == "test"
 
 
 def test_verdict_reads_paired_contrasts_and_claims_only_what_the_seeds_separate():
@@ -407,8 +407,13 @@ def test_classify_sets_are_jobs_after_each_finetune_and_malformed_entries_name_t
     with pytest.raises(ConfigError, match="add finetune"):
         build_config(PipelineConfig, None, {**values, "evaluations": "probe"})
     # eval_sets: more transfer sets, each with the transfer suite on its own label task
-    named = build_config(PipelineConfig, None, {**values, "eval_sets": "inat=/data/inat2018"})
+    named = build_config(PipelineConfig, None, {**values, "eval_sets": "inat=/data/inat2018",
+                                                "evaluations": "probe,zeroshot,finetune"})
     named_jobs = {job.name: job for job in plan_jobs(named)}
+    zeroshot = named_jobs["seed0/eval/mae_wsp/sets/inat/zeroshot"]
+    assert zeroshot.values["data"] == "/data/inat2018" and zeroshot.deps == ["seed0/lit_mae_wsp"]
+    assert zeroshot.values["split"] == "val" and "classes" not in zeroshot.values  # the set's own class names
+    assert named_jobs["seed0/eval/mae/sets/inat/label"].values["task"] == "auto"
     inat = named_jobs["seed0/eval/wsp/sets/inat/finetune"]
     assert inat.values["data"] == "/data/inat2018" and inat.values["task"] == "auto" and inat.deps == ["seed0/wsp"]
     assert named_jobs["seed0/eval/wsp/finetune"].values["data"] == "synthetic"
