@@ -11,9 +11,9 @@ where the reference ended:
 - a finite loss with NaN gradients -> the step is skipped and counted, nothing non-finite is
   ever written (checkpoints, exports);
 - stale temporary files of an interrupted write -> removed on start;
-- a loss spike (finite, 1000x the others) -> the step is skipped and counted as a spike;
+- a loss spike (finite, 1000x the others) -> the step is skipped and counted as a spike (seed 0);
 - a finished run rewound with ``resume_from=step_2`` -> the later checkpoints set aside, the rerun
-  ends where the reference ended.
+  ends where the reference ended (seed 0).
 
 The counts (faults injected, runs compared bit-exactly, checkpoints lost or corrupt, hangs, non-finite
 tensors saved) are printed at the end of the pytest run (see ``conftest.pytest_terminal_summary``);
@@ -160,22 +160,25 @@ def test_faults_leave_every_stage_where_an_uninterrupted_run_ends(name, seed, tm
     results = train(make(name, nan, seed, nan_grad_at=3))
     fault_counts["faults_injected"] += 1
     assert results["nonfinite_steps"] == 1
-    # a loss spike (finite, 1000x): skipped like a non-finite step, nothing of it applied or saved
-    spike = tmp_path / "spike"
-    results = train(make(name, spike, seed, {"spike_window": 4}, spike_at=5))
-    fault_counts["faults_injected"] += 1
-    assert results["spike_steps"] == 1 and results["nonfinite_steps"] == 0
-
-    # a finished run rewound to step 2 (resume_from, as after a divergence) retrains to the reference's end
-    rewound = tmp_path / "rewound"
-    shutil.copytree(reference, rewound)
-    train(make(name, rewound, seed, {"resume_from": "step_2"}))
-    fault_counts["faults_injected"] += 1
-    assert sorted(p.name for p in (rewound / "checkpoints").glob("rewound-*")) == [
-        "rewound-step_00000004.pt", "rewound-step_00000006.pt"]
-    assert bit_exact(final_weights(rewound), expected)
-    fault_counts["bit_exact"] += 1
-    for out in (reference, run, copy, nan, spike, rewound):
+    # a loss spike (finite, 1000x): skipped like a non-finite step, nothing of it applied or saved;
+    # a finished run rewound to step 2 (resume_from, as after a divergence) retrains to the reference's
+    # end. Once per stage (seed 0): the mechanisms do not depend on the seed, and the suite's time is budgeted.
+    outs = [reference, run, copy, nan]
+    if seed == 0:
+        spike = tmp_path / "spike"
+        results = train(make(name, spike, seed, {"spike_window": 4}, spike_at=5))
+        fault_counts["faults_injected"] += 1
+        assert results["spike_steps"] == 1 and results["nonfinite_steps"] == 0
+        rewound = tmp_path / "rewound"
+        shutil.copytree(reference, rewound)
+        train(make(name, rewound, seed, {"resume_from": "step_2"}))
+        fault_counts["faults_injected"] += 1
+        assert sorted(p.name for p in (rewound / "checkpoints").glob("rewound-*")) == [
+            "rewound-step_00000004.pt", "rewound-step_00000006.pt"]
+        assert bit_exact(final_weights(rewound), expected)
+        fault_counts["bit_exact"] += 1
+        outs += [spike, rewound]
+    for out in outs:
         fault_counts["nonfinite_saved"] += non_finite_tensors(out)
         saved = {ckpt.checkpoint_step(path) for path in ckpt.Checkpointer(out).all()}
         fault_counts["checkpoints_lost"] += len({2, 4, 6} - saved)  # every ckpt_every step is still there

@@ -47,6 +47,7 @@ from ..models.classifier import ClassifierSpec, build_classifier, resolve_classi
 from ..models.resolve import check_weights
 from ..models.vit import resolve_name
 from ..train.distributed import pick_device
+from .common import label_task
 
 SOURCE_KINDS = ("folder", "imagefolder", "manifest", "shards")
 TOP_K = 5
@@ -163,21 +164,6 @@ def open_images(cfg: ClassifyConfig, image_size: int) -> Any:
         raise ConfigError("data", str(error)) from None
 
 
-def pick_task(source: Any, task: str, data: str) -> str:
-    tasks = sorted((getattr(source, "class_names", None) or {}).keys())
-    if task != "auto":
-        if task not in tasks:
-            raise ConfigError("task", f"'{task}' is not a label task of {data}; it has {tasks or 'no labels'}")
-        return task
-    if not tasks:
-        return ""
-    if data == "synthetic":
-        return "coarse"
-    if "label" in tasks or len(tasks) == 1:
-        return "label" if "label" in tasks else tasks[0]
-    raise ConfigError("task", f"{data} has label tasks {tasks}; choose one with task=NAME")
-
-
 def match_classes(spec: ClassifierSpec, source: Any, task: str, restrict: str) -> ClassMatch:
     """Align the set's classes with the model's outputs by id; refuse a set class the model lacks."""
     if not task:
@@ -245,7 +231,7 @@ def run_classify(cfg: ClassifyConfig) -> dict[str, Any]:
     start = time.perf_counter()
     spec = resolve_classifier(cfg.model, cfg.arch, cfg.image_size, cfg.classes, cfg.eval_crop)
     source = open_images(cfg, spec.image_size)
-    task = pick_task(source, cfg.task, cfg.data)
+    task = label_task(source, cfg.task, cfg.data, required=False)
     match = match_classes(spec, source, task, cfg.restrict)
     real = RealLabels(cfg.real_labels) if cfg.real_labels else None
     if real is not None and match.restricted:

@@ -133,12 +133,17 @@ class EvalData:
         return self.split_names["val"] == self.split_names["test"]
 
 
-def _label_task(source: MapSource, task: str, spec: str) -> str:
+def label_task(source: MapSource, task: str, spec: str, *, required: bool = True) -> str:
+    """The label task ``task=`` names for ``source`` (``spec``: what ``data=`` said): as given, or for
+    ``auto``, ``coarse`` on the synthetic set, else ``label`` or the data's only task. ``""`` for data
+    without labels when not ``required`` (``classify`` then labels the images); a ConfigError otherwise."""
     tasks = sorted((getattr(source, "class_names", None) or {}).keys())
     if task != "auto":
         if task not in tasks:
             raise ConfigError("task", f"'{task}' is not a label task of {spec}; it has {tasks or 'no labels'}")
         return task
+    if not tasks and not required:
+        return ""
     if spec == "synthetic":
         return "coarse"
     if "label" in tasks:
@@ -175,7 +180,7 @@ def open_eval_data(data: str, task: str = "auto", image_size: int = 32, num_imag
         # An unlabelled test/ (ImageNet's and iNaturalist's competition test sets): report on val.
         names["test"] = names["val"]
     sources = {role: opened[split] for role, split in names.items()}
-    task = _label_task(sources["train"], task, data)
+    task = label_task(sources["train"], task, data)
     class_names = list(sources["train"].class_names[task])
     for role in ("val", "test"):
         other = list((getattr(sources[role], "class_names", None) or {}).get(task, []))

@@ -51,6 +51,7 @@ from ..models.clip import CLIPModel, load_clip
 from ..models.resolve import check_weights
 from ..models.tokenizers import Tokenizer
 from ..train.distributed import pick_device
+from .common import label_task
 from .metrics import topk_hits
 
 # Built-in sets, chosen by name wherever a templates or classes file is accepted.
@@ -306,19 +307,6 @@ class ZeroShotConfig:
         check_article_fix("article_fix", self.article_fix)
 
 
-def zeroshot_task(source: Any, task: str, data: str) -> str:
-    """``task=auto``: ``coarse`` on the synthetic set, else the data's label task (``label`` for folders
-    and the benchmarks' layouts); an explicit task is used as given."""
-    if task != "auto":
-        return task
-    if data == "synthetic":
-        return "coarse"
-    tasks = sorted((getattr(source, "class_names", None) or {}).keys())
-    if "label" in tasks or len(tasks) == 1:
-        return "label" if "label" in tasks else tasks[0]
-    raise ConfigError("task", f"{data} has label tasks {tasks or 'none'}; choose one with task=NAME")
-
-
 def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     """Load the model, build the classifier, score the split, write ``results.json``."""
 
@@ -327,7 +315,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
     model, tokenizer, info = load_clip(cfg.model, tokenizer=cfg.tokenizer, device=device)
     image_size = cfg.image_size or info["image_size"]
     source = open_data(cfg.data, split=cfg.split, image_size=image_size, num_images=cfg.num_images)
-    task = zeroshot_task(source, cfg.task, cfg.data)
+    task = label_task(source, cfg.task, cfg.data)
     classes = read_class_names(cfg.classes, task) if cfg.classes else source_classes(source, task)
     templates = read_templates(cfg.templates) if cfg.templates else default_templates()
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
