@@ -278,6 +278,42 @@ def test_ssv2_json_and_simple_manifests_give_path_label_pairs(tmp_path):
         open_video_data(str(simple))
 
 
+def test_the_reference_repos_list_formats_and_the_ssv2_labels_folder(tmp_path):
+    """Header-less ``path label`` lists (PySlowFast / VideoMAE train.csv, MMAction .txt, paths with
+    spaces), a header-less ``path,label`` CSV, and SSv2's labels/ folder of the 20BN download."""
+    codec, suffix = CODECS[0]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a", "b c", "d"):
+        _write_video(videos / f"{name}{suffix}", codec, frames=4)
+    slowfast = tmp_path / "slowfast"
+    slowfast.mkdir()
+    (slowfast / "train.csv").write_text(f"{videos}/a{suffix} 0\n{videos}/b c{suffix} 2\n")
+    (slowfast / "val.csv").write_text(f"{videos}/d{suffix} 1\n")
+    data = open_video_data(str(slowfast))
+    assert data.class_names == ["0", "1", "2"]
+    assert [(p.stem, y) for p, y in zip(data.sources["train"].paths, data.sources["train"].labels)] == [
+        ("a", 0), ("b c", 2)]
+    assert data.sources["val"].labels == [1]
+    mmaction = tmp_path / "mmaction"
+    mmaction.mkdir()
+    (mmaction / "train.txt").write_text(f"../videos/a{suffix}\tabseiling\n../videos/d{suffix} zumba\n")
+    (mmaction / "val.csv").write_text(f"../videos/b c{suffix},zumba\n")
+    data = open_video_data(str(mmaction))
+    assert data.class_names == ["abseiling", "zumba"] and data.sources["val"].labels == [1]
+    (mmaction / "val.csv").write_text(f"../videos/d{suffix}\n")  # no label
+    with pytest.raises(ConfigError, match=r"val.csv:1: expected 'path label'"):
+        open_video_data(str(mmaction))
+    ssv2 = tmp_path / "20bn-something-something-v2"
+    (ssv2 / "labels").mkdir(parents=True)
+    (ssv2 / "labels" / "labels.json").write_text(json.dumps({"Moving something up": "0", "Moving something down": "1"}))
+    (ssv2 / "labels" / "train.json").write_text(json.dumps([{"id": "a", "template": "Moving [something] down"}]))
+    (ssv2 / "labels" / "validation.json").write_text(json.dumps([{"id": "d", "template": "Moving [something] up"}]))
+    data = open_video_data(str(ssv2), video_dir=str(videos))
+    assert data.class_names == ["Moving something up", "Moving something down"]
+    assert data.sources["train"].labels == [1] and data.sources["val"].labels == [0] and data.selection_is_test
+
+
 # ------------------------------------------------------------------- sampling and mixing
 
 

@@ -25,9 +25,13 @@ Sources (:func:`open_video_data`):
   ``something-something-v2-labels.json`` (template name -> index); the file of an entry is
   ``<id>.webm`` under ``video_dir``. Its test split has no public labels, so the validation
   split is both selected on and reported (``selection_is_test``), as papers report SSv2.
-* simple manifests: ``{train,val,test}.csv`` with columns ``path,label`` or ``.jsonl`` lines
-  ``{"path": ..., "label": ...}``; a label is a class name or an integer index, a relative path
-  is relative to the manifest's folder (or to ``video_dir`` when given).
+  The ``labels/`` folder of the 20BN download (``labels.json``, ``train.json``,
+  ``validation.json``) is read the same way.
+* video lists as the reference repos write them: ``{train,val,test}.csv|txt`` with one
+  ``path label`` per line, space separated and header-less (PySlowFast, VideoMAE, MMAction), a
+  ``path,label`` CSV with or without its header, or ``.jsonl`` lines ``{"path": ..., "label": ...}``;
+  a label is a class name or an integer index, a relative path is relative to the list's folder
+  (or to ``video_dir`` when given).
 
 Split roles: ``train`` trains, ``val`` selects the best checkpoint, ``test`` is reported; a
 dataset without a test split reports on ``val`` and says so. Rows whose file is missing are
@@ -388,7 +392,14 @@ def read_ssv2_json(path: Path, labels: dict[str, int]) -> list[tuple[str, int]]:
 
 
 def read_simple_manifest(path: Path) -> list[tuple[str, str]]:
-    """(path, label) rows of a ``path,label`` CSV or a JSONL of ``{"path", "label"}``."""
+    """(path, label) rows of a video list in any of the formats the reference repos use:
+
+    * a CSV with a header naming ``path`` and ``label`` columns;
+    * a header-less list, one ``path label`` per line, space separated (PySlowFast's and
+      VideoMAE's ``train.csv``, MMAction's ``*_list_videos.txt``) or ``path,label``; the label is
+      the last field, so a path may hold spaces;
+    * a JSONL of ``{"path", "label"}``.
+    """
     if path.suffix == ".jsonl":
         rows = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -398,11 +409,24 @@ def read_simple_manifest(path: Path) -> list[tuple[str, str]]:
                     raise ConfigError("data", f"{path}:{number}: each line needs \"path\" and \"label\"")
                 rows.append((str(item["path"]), str(item["label"])))
         return rows
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames is None or not {"path", "label"} <= set(reader.fieldnames):
-            raise ConfigError("data", f"{path}: a video manifest CSV needs a header with path,label")
-        return [(row["path"], row["label"].strip()) for row in reader]
+    lines = [(number, line.strip()) for number, line in
+             enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1) if line.strip()]
+    if not lines:
+        raise ConfigError("data", f"{path}: the list is empty")
+    first = [cell.strip().lower() for cell in lines[0][1].replace(",", " ").split()]
+    if "path" in first and "label" in first:  # a header names the columns
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            delimiter = "," if "," in lines[0][1] else " "
+            reader = csv.DictReader(handle, delimiter=delimiter, skipinitialspace=True)
+            return [(row["path"].strip(), row["label"].strip()) for row in reader if row.get("path")]
+    rows = []
+    for number, line in lines:
+        separator = "," if "," in line and not line.rsplit(",", 1)[1].strip().count(" ") else None
+        parts = line.rsplit(separator, 1)
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
+            raise ConfigError("data", f"{path}:{number}: expected 'path label' (or path,label), got {line[:80]!r}")
+        rows.append((parts[0].strip(), parts[1].strip()))
+    return rows
 
 
 def _class_index(names: list[str]) -> Callable[[str, str], int]:
@@ -527,14 +551,25 @@ def _open_kinetics(root: Path, video_dir: Path, max_missing: float) -> VideoData
 SSV2_PREFIX = "something-something-v2-"
 
 
+def ssv2_files(root: Path) -> tuple[Path, dict[str, Path]] | None:
+    """(labels file, split -> annotation file) of an SSv2 copy: the release's
+    ``something-something-v2-*.json`` beside the videos, or the ``labels/`` folder
+    (``labels.json``, ``train.json``, ``validation.json``) of the 20BN download; None otherwise."""
+    for folder, prefix in ((root, SSV2_PREFIX), (root / "labels", "")):
+        labels = folder / f"{prefix}labels.json"
+        splits = {role: folder / f"{prefix}{name}.json" for role, name in (("train", "train"), ("val", "validation"))
+                  if (folder / f"{prefix}{name}.json").is_file()}
+        if labels.is_file() or (prefix and splits):
+            return labels, splits
+    return None
+
+
 def _open_ssv2(root: Path, video_dir: Path, max_missing: float) -> VideoData:
-    labels_file = root / f"{SSV2_PREFIX}labels.json"
+    labels_file, found = ssv2_files(root) or (root / f"{SSV2_PREFIX}labels.json", {})
     if not labels_file.is_file():
         raise ConfigError("data", f"{root}: SSv2 needs {labels_file.name} beside the annotation files")
     labels = {name: int(value) for name, value in json.loads(labels_file.read_text(encoding="utf-8")).items()}
     class_names = [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
-    found = {role: root / f"{SSV2_PREFIX}{name}.json" for role, name in (("train", "train"), ("val", "validation"))
-             if (root / f"{SSV2_PREFIX}{name}.json").is_file()}
     split_names = _roles(found, str(root))
     by_stem = _files_by_stem(video_dir)
     sources = {role: _resolve_rows(read_ssv2_json(found[split_names[role]], labels), by_stem.get, class_names)
@@ -544,11 +579,14 @@ def _open_ssv2(root: Path, video_dir: Path, max_missing: float) -> VideoData:
                      _check_missing(sources, names, max_missing, str(root)))
 
 
+LIST_SUFFIXES = (".csv", ".jsonl", ".txt")
+
+
 def _open_simple(root: Path, video_dir: Path | None, max_missing: float) -> VideoData:
     found: dict[str, Path] = {}
     for role, stems in (("train", ("train",)), ("val", ("val", "validation")), ("test", ("test",))):
         for stem in stems:
-            path = _first(root, (f"{stem}.csv", f"{stem}.jsonl"))
+            path = _first(root, [f"{stem}{suffix}" for suffix in LIST_SUFFIXES])
             if path is not None and role not in found:
                 found[role] = path
     split_names = _roles(found, str(root))
@@ -572,15 +610,17 @@ def _open_simple(root: Path, video_dir: Path | None, max_missing: float) -> Vide
 
 
 def video_data_kind(root: Path) -> str:
-    """Which layout a data folder holds: ``ssv2``, ``kinetics``, ``manifest`` or ``folder``."""
-    if (root / f"{SSV2_PREFIX}labels.json").is_file() or (root / f"{SSV2_PREFIX}train.json").is_file():
+    """Which layout a data folder holds: ``ssv2`` (the release's JSONs, or its ``labels/`` folder),
+    ``kinetics`` (annotation CSVs), ``manifest`` (``{train,val,test}.csv|txt|jsonl`` lists, with or
+    without a header) or ``folder`` (class folders per split). ``prepretrain data stats`` names it."""
+    if ssv2_files(root) is not None:
         return "ssv2"
     train_csv = root / "train.csv"
     if train_csv.is_file():
         with open(train_csv, newline="", encoding="utf-8") as handle:
             header = next(csv.reader(handle), [])
         return "kinetics" if "youtube_id" in header else "manifest"
-    if (root / "train.jsonl").is_file():
+    if (root / "train.jsonl").is_file() or (root / "train.txt").is_file():
         return "manifest"
     return "folder"
 
