@@ -26,6 +26,7 @@ from prepretrain.data.video import (
     kinetics_file_stem,
     mix_clips,
     open_video_data,
+    segment_indices,
 )
 from prepretrain.models.video import VideoViT, inflate_patch_weight
 from prepretrain.models.vit import create_vit
@@ -326,6 +327,29 @@ class _Gradient:
         wanted = list(pick(12))
         frame = np.broadcast_to(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (24, 48, 3))
         return np.stack([frame + np.uint8(i) for i in wanted])
+
+
+def test_segment_sampling_spans_the_whole_video_with_interleaved_test_views():
+    """sampling=segment (SSv2): one frame per equal segment of the whole video; random in training,
+    at (v + 0.5) / V of each segment for test view v, so the views interleave and V=1 is the middles."""
+    import random
+
+    assert segment_indices(32, 8, view=0, views=1) == [2, 6, 10, 14, 18, 22, 26, 30]
+    assert segment_indices(32, 8, view=0, views=2) == [1, 5, 9, 13, 17, 21, 25, 29]
+    assert segment_indices(32, 8, view=1, views=2) == [3, 7, 11, 15, 19, 23, 27, 31]
+    for seed in range(50):
+        random.seed(seed)
+        picked = segment_indices(32, 8)
+        assert all(4 * i <= frame < 4 * (i + 1) for i, frame in enumerate(picked))
+    random.seed(0)
+    short = segment_indices(5, 8)  # fewer frames than segments: repeats, in order, inside the video
+    assert short == sorted(short) and 0 <= short[0] and short[-1] <= 4
+    clips = EvalClips(8, 2, 24, temporal_views=2, sampling="segment")
+    assert clips.pick(32) == segment_indices(32, 8, view=0, views=2) + segment_indices(32, 8, view=1, views=2)
+    dense = TrainClip(8, 2, 24).pick(100)  # the default: frames frame_stride apart from a random start
+    assert [b - a for a, b in zip(dense, dense[1:])] == [2] * 7
+    with pytest.raises(ConfigError, match="'sampling'"):
+        build_config(VideoConfig, None, {"sampling": "sparse"})
 
 
 def test_multi_view_evaluation_takes_spread_clips_and_left_center_right_crops():

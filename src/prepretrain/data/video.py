@@ -38,12 +38,15 @@ dataset without a test split reports on ``val`` and says so. Rows whose file is 
 counted per split and dropped with a printed note; more than ``max_missing_fraction`` of a
 split missing refuses to start (a wrong ``video_dir`` must not become a tiny dataset).
 
-Clip sampling follows PySlowFast: ``num_frames`` frames ``frame_stride`` apart; training
-takes a random start, evaluation ``temporal_views`` starts spread evenly over the video,
-each with ``spatial_views`` crops (1: center; 3: both ends and the center of the long side)
-after resizing the short side to ``image_size``; the stage averages the views' logits.
+Clip sampling (``sampling=dense``, the Kinetics recipes) follows PySlowFast: ``num_frames``
+frames ``frame_stride`` apart; training takes a random start, evaluation ``temporal_views``
+starts spread evenly over the video, each with ``spatial_views`` crops (1: center; 3: both ends
+and the center of the long side) after resizing the short side to ``image_size``; the stage
+averages the views' logits.
 Videos shorter than a clip are padded with their last frame (``short_videos="pad"``, as
 PySlowFast clamps indices) or counted as ``too_short`` and skipped (``short_videos="skip"``).
+``sampling=segment`` (the SSv2 recipes) takes one frame from each of ``num_frames`` equal segments
+of the whole video instead (:func:`segment_indices`); ``frame_stride`` is then unused.
 """
 
 from __future__ import annotations
@@ -663,6 +666,22 @@ def clip_indices(start: int, num_frames: int, stride: int) -> list[int]:
     return [start + i * stride for i in range(num_frames)]
 
 
+SAMPLINGS = ("dense", "segment")
+
+
+def segment_indices(total: int, num_frames: int, *, view: int | None = None, views: int = 1) -> list[int]:
+    """Segment sampling (TSN; the SSv2 recipes of VideoMAE and MAE-ST): the whole video cut into
+    ``num_frames`` equal segments, one frame from each, so a clip always spans the start and the
+    end of the action. Training (``view=None``): a random frame per segment (Python's RNG, seeded
+    per sample by the loader). Evaluation: view ``v`` of ``views`` takes the frame at
+    ``(v + 0.5) / views`` of each segment, so the views interleave and one view is the middles."""
+    total = max(total, 1)
+    length = total / num_frames
+    if view is None:
+        return [min(total - 1, int(length * i + random.random() * length)) for i in range(num_frames)]
+    return [min(total - 1, int(length * (i + (view + 0.5) / views))) for i in range(num_frames)]
+
+
 def clip_starts(total: int, span: int, views: int) -> list[int]:
     """Starts of ``views`` clips of ``span`` frames spread evenly over ``total`` frames (the
     middle one when ``views == 1``); 0 when the video is shorter than a clip."""
@@ -712,11 +731,13 @@ class TrainClip:
     which the loader seeds per sample position (exact resume)."""
 
     def __init__(self, num_frames: int, stride: int, image_size: int, *, min_scale: float = 0.08,
-                 hflip: float = 0.0, short_videos: str = "pad"):
+                 hflip: float = 0.0, short_videos: str = "pad", sampling: str = "dense"):
         self.num_frames, self.stride, self.image_size = num_frames, stride, image_size
-        self.min_scale, self.hflip, self.short_videos = min_scale, hflip, short_videos
+        self.min_scale, self.hflip, self.short_videos, self.sampling = min_scale, hflip, short_videos, sampling
 
     def pick(self, total: int) -> list[int]:
+        if self.sampling == "segment":
+            return segment_indices(total, self.num_frames)
         span = (self.num_frames - 1) * self.stride + 1
         start = random.randint(0, max(total - span, 0))
         return clip_indices(start, self.num_frames, self.stride)
@@ -749,11 +770,15 @@ class EvalClips:
     ``middle_frame_only``: the single-frame baseline's view, one frame at the middle of the video."""
 
     def __init__(self, num_frames: int, stride: int, image_size: int, *, temporal_views: int = 1,
-                 spatial_views: int = 1, short_videos: str = "pad"):
+                 spatial_views: int = 1, short_videos: str = "pad", sampling: str = "dense"):
         self.num_frames, self.stride, self.image_size = num_frames, stride, image_size
         self.temporal_views, self.spatial_views, self.short_videos = temporal_views, spatial_views, short_videos
+        self.sampling = sampling
 
     def pick(self, total: int) -> list[int]:
+        if self.sampling == "segment":
+            return [i for view in range(self.temporal_views)
+                    for i in segment_indices(total, self.num_frames, view=view, views=self.temporal_views)]
         span = (self.num_frames - 1) * self.stride + 1
         starts = clip_starts(total, span, self.temporal_views)
         return [i for start in starts for i in clip_indices(start, self.num_frames, self.stride)]

@@ -39,6 +39,7 @@ from torch import nn
 from ..config import ConfigError, TrainConfig, replace_config
 from ..data.loader import RecordDataset, eval_loader
 from ..data.video import (
+    SAMPLINGS,
     SHORT_VIDEO_POLICIES,
     EvalClips,
     TrainClip,
@@ -70,7 +71,10 @@ class VideoConfig(TrainConfig):
     max_missing_fraction: float = 0.1  # refuse a split when more of its annotated videos than this have no file
     synthetic_length: int = 32  # frames of each synthetic video
     num_frames: int = 8  # frames per clip
-    frame_stride: int = 2  # sampling rate: frames between two sampled frames
+    frame_stride: int = 2  # sampling rate: frames between two sampled frames (sampling=dense)
+    # dense: num_frames frames frame_stride apart (Kinetics recipes) | segment: one frame from each of
+    # num_frames equal segments of the whole video (random in training, interleaved views at test; SSv2)
+    sampling: str = "dense"
     tubelet_size: int = 2  # frames per spatio-temporal patch
     rel_pos: bool = False  # decomposed relative position bias in every block (zero-initialised)
     motion_init: float = 0.3  # zero-sum temporal part of the inflated tubelet filters (x the 2D weights' std); 0 = off
@@ -121,6 +125,8 @@ class VideoConfig(TrainConfig):
         if self.num_frames % self.tubelet_size:
             raise ConfigError("tubelet_size", f"{self.tubelet_size} does not divide num_frames {self.num_frames} "
                                               "(num_frames=1 needs tubelet_size=1)")
+        if self.sampling not in SAMPLINGS:
+            raise ConfigError("sampling", f"must be one of {', '.join(SAMPLINGS)}; got '{self.sampling}'")
         if self.short_videos not in SHORT_VIDEO_POLICIES:
             raise ConfigError("short_videos", f"must be one of {', '.join(SHORT_VIDEO_POLICIES)}; "
                                               f"got '{self.short_videos}'")
@@ -166,7 +172,7 @@ class VideoStage(Stage):
     def train_data(self, run: Run) -> TrainData:
         cfg = self.cfg
         transform = TrainClip(cfg.num_frames, cfg.frame_stride, cfg.image_size, min_scale=cfg.min_crop_scale,
-                              hflip=cfg.hflip, short_videos=cfg.short_videos)
+                              hflip=cfg.hflip, short_videos=cfg.short_videos, sampling=cfg.sampling)
         source = self.data.source("train")
         return TrainData(RecordDataset(source, transform), len(source))
 
@@ -217,7 +223,7 @@ class VideoStage(Stage):
         """Top-1/top-5 (percent) of the views' averaged logits over the videos of ``role``."""
         cfg = self.cfg
         transform = EvalClips(cfg.num_frames, cfg.frame_stride, cfg.image_size, temporal_views=cfg.temporal_views,
-                              spatial_views=cfg.spatial_views, short_videos=cfg.short_videos)
+                              spatial_views=cfg.spatial_views, short_videos=cfg.short_videos, sampling=cfg.sampling)
         dataset = RecordDataset(self.data.source(role), transform)
         use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
         scores, labels, skipped = [], [], 0
