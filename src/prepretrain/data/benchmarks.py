@@ -87,12 +87,13 @@ def imagenet_index() -> dict[str, int]:
     return {wnid: index for index, wnid in enumerate(imagenet_wnids())}
 
 
-def imagenet_names() -> list[str]:
+@lru_cache(maxsize=1)
+def imagenet_names() -> tuple[str, ...]:
     """Display names of the 1000 classes (the cleaned names shipped for zero-shot), by index."""
     from importlib import resources
 
     text = resources.files("prepretrain").joinpath("assets", "imagenet1k_classes.txt").read_text(encoding="utf-8")
-    names = [line.split(",")[0].strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    names = tuple(line.split(",")[0].strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
     if len(names) != 1000:
         raise RuntimeError("assets/imagenet1k_classes.txt must list 1000 class names")
     return names
@@ -194,8 +195,17 @@ def _subdirs(path: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def _loose_images(path: Path) -> list[str]:
-    return sorted(entry.name for entry in os.scandir(path) if entry.is_file() and _is_image(entry.name))
+def _loose_images(path: Path, limit: int | None = None) -> list[str]:
+    """Image files directly in ``path``, sorted; with ``limit``, the first ``limit`` found (a layout
+    test on a folder of millions of images reads a few entries, not the whole listing)."""
+    found = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_file() and _is_image(entry.name):
+                found.append(entry.name)
+                if limit is not None and len(found) >= limit:
+                    break
+    return sorted(found)
 
 
 def _find_upwards(start: Path, names: Sequence[str], levels: int = ANCESTORS_SEARCHED) -> Path | None:
@@ -295,7 +305,7 @@ def imagenet_val_labels(folder: Path, files: Sequence[str]) -> tuple[dict[str, s
 def looks_like_imagenet_val(path: Path) -> bool:
     """Mostly ``ILSVRC2012_val_*`` files, with a label file in reach (without one the folder is read
     as unlabelled images, e.g. for MAE; ``layout=imagenet-val`` then says which file is missing)."""
-    images = _loose_images(path)
+    images = _loose_images(path, limit=256)
     if not images or sum(bool(IMAGENET_VAL_FILE.match(n)) for n in images) < 0.9 * len(images):
         return False
     return _find_upwards(path, [LOC_SOLUTION, *DEVKIT_PLACES]) is not None
@@ -325,7 +335,7 @@ def looks_like_imagenet_v2(path: Path) -> bool:
     """Class folders named by integers below 1000, and either all 1000 of them or a folder name that
     says ImageNet-v2 (a user's own numbered folders stay a plain image folder)."""
     names = _subdirs(path)
-    if not names or _loose_images(path) or not all(n.isdigit() and int(n) < 1000 for n in names):
+    if not names or not all(n.isdigit() and int(n) < 1000 for n in names) or _loose_images(path, limit=1):
         return False
     return len(names) == 1000 or bool(V2_NAME.search(path.resolve().name))
 

@@ -190,28 +190,12 @@ def match_classes(spec: ClassifierSpec, source: Any, task: str, restrict: str) -
 # ------------------------------------------------------------------------------ scoring
 
 
-class PredictionWriter:
-    """``predictions.csv``, one row per image, streamed to a temporary file and renamed at the end."""
-
-    def __init__(self, path: Path, with_real: bool):
-        self._atomic = atomic_path(path)
-        tmp = self._atomic.__enter__()
-        self._handle = open(tmp, "w", encoding="utf-8", newline="")
-        self._writer = csv.writer(self._handle)
-        header = ["path", "target", "target_name"]
-        for k in range(1, TOP_K + 1):
-            header += [f"top{k}", f"top{k}_name", f"top{k}_score"]
-        self._writer.writerow(header + (["real"] if with_real else []))
-
-    def row(self, values: list[Any]) -> None:
-        self._writer.writerow(values)
-
-    def close(self, ok: bool) -> None:
-        self._handle.close()
-        if ok:
-            self._atomic.__exit__(None, None, None)
-        else:
-            self._atomic.__exit__(RuntimeError, RuntimeError("classify failed"), None)
+def prediction_header(with_real: bool) -> list[str]:
+    """The columns of ``predictions.csv``."""
+    header = ["path", "target", "target_name"]
+    for k in range(1, TOP_K + 1):
+        header += [f"top{k}", f"top{k}_name", f"top{k}_score"]
+    return header + (["real"] if with_real else [])
 
 
 class _Keyed:
@@ -248,14 +232,15 @@ def run_classify(cfg: ClassifyConfig) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc=f"classify {Path(str(cfg.data)).name}", unit="batch", dynamic_ncols=True)
-    writer = PredictionWriter(run_dir / "predictions.csv", real is not None)
-    ok = False
     counts = {"images": 0, "labelled": 0, "top1": 0, "top5": 0, "real_images": 0, "real_top1": 0}
     skipped: dict[str, int] = {}
     model_to_set = match.model_to_set(spec.num_classes)
     gather = match.gather_index() if match.restricted else None
     out_names = list(spec.class_names)
-    try:
+    # predictions.csv streams to a temporary file, renamed when every image is scored (atomic_path)
+    with atomic_path(run_dir / "predictions.csv") as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(prediction_header(real is not None))
         for batch in batches:
             for reason, _ in batch.get("_skipped", []):
                 skipped[reason] = skipped.get(reason, 0) + 1
@@ -267,9 +252,6 @@ def run_classify(cfg: ClassifyConfig) -> dict[str, Any]:
             _score(batch, logits, match, model_to_set, gather, out_names, spec, real, counts, writer)
             if cfg.max_images and counts["images"] >= cfg.max_images:
                 break
-        ok = True
-    finally:
-        writer.close(ok)
     seconds = time.perf_counter() - start
     results = _results(cfg, spec, source, match, counts, skipped, seconds)
     write_json(run_dir / "results.json", results)
@@ -278,7 +260,7 @@ def run_classify(cfg: ClassifyConfig) -> dict[str, Any]:
 
 def _score(batch: dict[str, Any], logits: torch.Tensor, match: ClassMatch, model_to_set: torch.Tensor,
            gather: torch.Tensor | None, out_names: list[str], spec: ClassifierSpec, real: RealLabels | None,
-           counts: dict[str, int], writer: PredictionWriter) -> None:
+           counts: dict[str, int], writer: Any) -> None:
     labels = batch["label"]
     if gather is not None:  # restricted: one score per set class (the max over the outputs it covers)
         scores = logits[:, gather].amax(dim=2)
@@ -314,7 +296,7 @@ def _score(batch: dict[str, Any], logits: torch.Tensor, match: ClassMatch, model
                 counts["real_images"] += 1
                 counts["real_top1"] += int(spec.class_ids[int(top_i[row, 0])] in valid)
             values.append(" ".join(valid or []))
-        writer.row(values)
+        writer.writerow(values)
 
 
 def _results(cfg: ClassifyConfig, spec: ClassifierSpec, source: Any, match: ClassMatch, counts: dict[str, int],
