@@ -254,3 +254,21 @@ def test_a_torchvision_layout_classifier_scores_as_its_timm_original(tmp_path, i
     assert theirs["model_classes_from"].startswith("ImageNet-1k, assumed")
     assert [r["top1"] for r in predictions(theirs["out_dir"])] == [r["top1"] for r in predictions(ours["out_dir"])]
     assert theirs["top1"] == ours["top1"]
+
+
+def test_a_model_covering_part_of_the_class_space_predicts_only_its_own_classes(tmp_path):
+    """A 3-way model with ImageNet ids on a v2 copy (1000-class space, images of 3 classes): classes it
+    has no output for never win, restricted or not, and both protocols agree on every image."""
+    torch.manual_seed(1)
+    net = create_vit("vit_micro4", num_classes=3)
+    ids = [WNIDS[i] for i in CLASSES]
+    model = tmp_path / "three.safetensors"
+    save_safetensors(model, net.state_dict(), {"class_ids": json.dumps(ids)})
+    copies = val_copies(tmp_path)
+    free = classify(model=model, data=copies["v2"], out_dir=tmp_path / "free")
+    restricted = classify(model=model, data=copies["v2"], restrict="true", out_dir=tmp_path / "restricted")
+    assert restricted["restricted_to_set_classes"] is True and restricted["num_classes"] == 1000
+    rows_free, rows_restricted = predictions(free["out_dir"]), predictions(restricted["out_dir"])
+    assert {r["top1"] for r in rows_restricted} <= set(ids)
+    assert [r["top1"] for r in rows_restricted] == [r["top1"] for r in rows_free]
+    assert free["top1"] == restricted["top1"]

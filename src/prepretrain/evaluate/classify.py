@@ -31,7 +31,7 @@ from __future__ import annotations
 import csv
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +135,15 @@ class ClassMatch:
     set_names: list[str]
     columns: list[list[int]]  # per set class: the model outputs it covers
     restricted: bool
+    absent: list[int] = field(default_factory=list)  # set classes the model has no output for (no images either)
 
     def model_to_set(self, num_outputs: int) -> torch.Tensor:
         """Per model output, the set class it belongs to (-1: none)."""
         table = torch.full((num_outputs,), -1, dtype=torch.long)
+        absent = set(self.absent)
         for index, columns in enumerate(self.columns):
+            if index in absent:  # its column is a placeholder, not an output of this class
+                continue
             for column in columns:
                 if table[column] < 0:
                     table[column] = index
@@ -182,9 +186,11 @@ def match_classes(spec: ClassifierSpec, source: Any, task: str, restrict: str) -
                      f"{overlap}: {', '.join(missing[:5])} (model classes: {', '.join(spec.class_ids[:5])}, ...; "
                      f"from {spec.classes_from})")
     restricted = restrict == "true" or (restrict == "auto" and any(len(c) > 1 for c in members))
-    # Classes without images and without outputs play no part; give them a column so shapes stay rectangular.
+    # Classes without images and without outputs play no part: a placeholder column keeps the gather
+    # rectangular, and their scores are set to -inf so a restricted prediction never picks them.
+    absent = [i for i, c in enumerate(columns) if not c]
     columns = [c or [0] for c in columns]
-    return ClassMatch(task, ids, names, columns, restricted)
+    return ClassMatch(task, ids, names, columns, restricted, absent)
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -264,6 +270,7 @@ def _score(batch: dict[str, Any], logits: torch.Tensor, match: ClassMatch, model
     labels = batch["label"]
     if gather is not None:  # restricted: one score per set class (the max over the outputs it covers)
         scores = logits[:, gather].amax(dim=2)
+        scores[:, match.absent] = float("-inf")
         ids, names = match.set_ids, match.set_names
         to_set = None
     else:
