@@ -405,22 +405,21 @@ def test_cli_rejects_a_mistyped_key_before_any_compute(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_trains_beats_the_most_frequent_tag_baseline_and_exports_a_timm_encoder(tmp_path):
-    """The CPU demo, shortened (depth 2, 160 steps): held-out precision@1 clearly above the
-    constant most-frequent-tag predictor, and a run directory later stages can read. (Measured
-    2026-12-07: P@1 36.4 vs the baseline's 29.6 at 160 steps; 33.5 at 120, too close to the margin.)"""
+def test_cli_evaluates_against_the_most_frequent_tag_baseline_and_exports_a_timm_encoder(tmp_path):
+    """The CLI run directory later stages read, from a short run (depth 2, 20 steps). That the
+    default WSP *learns* (held-out precision@1 well above the most-frequent-tag baseline) is
+    asserted on the README's full default run in tests/test_demo_chain.py, which trains it anyway."""
     run = tmp_path / "wsp"
-    code = main(["wsp", f"out_dir={run}", "depth=2", "steps=160", "warmup_steps=10", "lr=1e-3",
+    code = main(["wsp", f"out_dir={run}", "depth=2", "steps=20", "warmup_steps=5", "lr=1e-3",
                  "progress=false", "tensorboard=false", "ckpt_every=1000"])
     assert code == 0
     results = json.loads((run / "results.json").read_text())
     assert results["val_images"] == 800 and results["val_images_without_known_tag"] == 0
-    assert results["val_precision_at_1"] > results["val_baseline_precision_at_1"] + 0.03
-    assert results["val_precision_at_5"] > results["val_baseline_precision_at_5"]
-    assert results["val_mAP"] > 1.5 * results["val_baseline_mAP"]
+    for metric in ("precision_at_1", "precision_at_5", "mAP"):
+        assert 0 < results[f"val_{metric}"] <= 1 and 0 < results[f"val_baseline_{metric}"] <= 1
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("val_precision_at_1" in record for record in logged)
-    assert [r["step"] for r in logged if "loss" in r][-1] == 160
+    assert [r["step"] for r in logged if "loss" in r][-1] == 20
 
     # encoder: plain timm keys and metadata; head + vocabulary complete it into a tagger
     vocab = HashtagVocab.load(run / "vocab.json")

@@ -38,16 +38,19 @@ from .config import ConfigError, build_config, dump_config
 from .data.bench import BenchDataConfig, run_data_benchmark
 from .data.benchmarks import DataLayoutError
 from .data.loader import open_data
+from .data.metadata import MetadataError
 from .data.shards import UnknownSampleCount
 from .data.tools import (
-    build_vocab_streaming,
+    build_label_vocab,
     check_source,
+    coverage_text,
     describe_source,
     tag_aliases,
     write_rehearsal_data,
     write_shards,
     write_synthetic,
 )
+from .data.weaklabels import WeakLabeler
 from .files import UnsafeCheckpoint, write_text
 from .models.checkpoints import CheckpointMismatch
 from .models.convert import TARGETS, convert
@@ -62,7 +65,7 @@ DEBUG_ENV = "PREPRETRAIN_DEBUG"  # =1: expected failures show their traceback to
 # Failures a user can cause (bad data, files, disk, a diverging run, preemption): one clear line
 # and an exit code each, never a traceback. Config mistakes exit with 2.
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (TooManyBadSamples, 3), (UnknownSampleCount, 3), (DataLayoutError, 3),
+    (TooManyBadSamples, 3), (UnknownSampleCount, 3), (DataLayoutError, 3), (MetadataError, 3),
     (CheckpointMismatch, 4), (UnsafeCheckpoint, 4), (CorruptCheckpoint, 4), (FileNotFoundError, 4),
     (NonFiniteLoss, 6),
     (Preempted, 75),  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
@@ -156,7 +159,8 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     stats.add_argument("source")
     stats.add_argument("--split", default="train")
     stats.add_argument("--sample", type=int, default=200, help="images decoded for size statistics")
-    vocab = sub.add_parser("vocab", help="count hashtags in one streaming pass (no image decoded) and write the "
+    vocab = sub.add_parser("vocab", help="count labels (hashtags, Flickr tags, caption words or WordNet synsets) in "
+                                         "one streaming pass (no image decoded), print their coverage and write the "
                                          "vocabulary WSP reads with vocab=FILE")
     vocab.add_argument("source")
     vocab.add_argument("--out", required=True, help="vocabulary file (.json keeps synonyms; .txt: tag<TAB>count)")
@@ -164,7 +168,18 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     vocab.add_argument("--size", type=int, default=28_000, help="keep the most frequent tags (the paper: ~28K)")
     vocab.add_argument("--min-count", type=int, default=2, help="images a tag must appear in")
     vocab.add_argument("--synonyms", default="auto", help="auto (the source's own table) | none | a synonym file")
+    vocab.add_argument("--labels-from", default="hashtags",
+                       help="hashtags | tags (Flickr user tags) | caption (its words) | synsets (WordNet nouns of the "
+                            "caption), or several joined by '+' (as WSP's labels_from)")
+    vocab.add_argument("--synset-table", default="", help="wnid<TAB>lemma, ... file for --labels-from synsets "
+                                                          "(default: timm's ImageNet-21k lemmas)")
     vocab.add_argument("--hashtag-field", default="hashtags", help="field of shard .json / manifest rows with the tags")
+    vocab.add_argument("--caption-field", default="caption", help="field of shard .json / manifest rows with the "
+                                                                  "caption (shards without it: the .txt member)")
+    vocab.add_argument("--metadata", default="", help="a metadata table joined to the images by key (YFCC100M TSV, "
+                                                      "caption TSV, parquet, JSONL/CSV), as WSP's metadata=")
+    vocab.add_argument("--metadata-key", default="", help="the image field matched to the table's key (default: "
+                                                          "the image's key, then its file name stem)")
     vocab.add_argument("--max-distinct", type=int, default=5_000_000,
                        help="distinct tags held in memory; past it the rarest half is pruned (counts then approximate)")
     shards = sub.add_parser("shards", help="convert a folder or manifest to WebDataset tar shards")
@@ -198,11 +213,16 @@ def _data_run(args: argparse.Namespace) -> int:
     if args.data_command == "rehearsal":
         return _rehearsal(args)
     if args.data_command == "vocab":
-        source = open_data(args.source, split=args.split, hashtag_field=args.hashtag_field)
-        vocab = build_vocab_streaming(source, min_count=args.min_count, max_size=args.size,
-                                      aliases=tag_aliases(source, args.synonyms), max_distinct=args.max_distinct)
+        source = open_data(args.source, split=args.split, hashtag_field=args.hashtag_field,
+                           caption_field=args.caption_field, metadata=args.metadata, metadata_key=args.metadata_key)
+        labels = WeakLabeler(args.labels_from, args.synset_table)
+        own_table = args.synonyms == "auto" and "hashtags" not in labels.kinds  # a hashtag table: not for captions
+        vocab, coverage = build_label_vocab(source, labels, min_count=args.min_count, max_size=args.size,
+                                            aliases={} if own_table else tag_aliases(source, args.synonyms),
+                                            max_distinct=args.max_distinct)
         path = vocab.save(args.out)
-        print(f"wrote {len(vocab)} tags to {path} ({json.dumps(vocab.info)})")
+        print(f"wrote {len(vocab)} {labels.labels_from} labels to {path}")
+        print(coverage_text(coverage))
         return 0
     source = open_data(args.source, split=args.split)
     if args.data_command == "check":

@@ -80,6 +80,8 @@ class TrainConfig:
     num_images: int = 4000  # size of the synthetic training split
     hashtag_field: str = "hashtags"  # field of shard .json members / manifest rows holding the hashtags
     caption_field: str = "caption"  # field holding the caption (shards fall back to their .txt member)
+    metadata: str = ""  # a table joined to the images by key: YFCC100M TSV, caption TSV, parquet, JSONL/CSV
+    metadata_key: str = ""  # the shard .json field matched to the table's key; empty = the image key / file stem
     num_workers: int = 0
     decode: str = "auto"  # auto (= tensor) | pil | tensor | gpu: where training images are decoded and augmented
     max_bad_fraction: float = 0.05  # stop the run when more samples than this are unreadable
@@ -142,6 +144,10 @@ class TrainConfig:
         if problem:
             raise ConfigError("decode", problem)
         check_out_dir(self.out_dir)
+        if self.metadata and not Path(self.metadata).is_file():
+            raise ConfigError("metadata", f"metadata table not found: {self.metadata}")
+        if self.metadata_key and not self.metadata:
+            raise ConfigError("metadata_key", "names the image field matched to a metadata table: set metadata= too")
         if resume_step(self.resume_from) == -1:
             raise ConfigError("resume_from", f"latest or step_N (a checkpoint's step), not '{self.resume_from}'")
         if not self.resume and self.resume_from != "latest":

@@ -41,7 +41,7 @@ import json
 import math
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -289,8 +289,15 @@ def vocab_from_counts(counter: Counter[str] | dict[str, int], images: int, *, mi
     return HashtagVocab([tag for tag, _ in kept], [n for _, n in kept], info, used_aliases)
 
 
-def source_hashtags(source: Any) -> Iterator[list[str]]:
-    """Raw tag lists of a map source in index order, without decoding pixels when it can.
+def annotation_tags(annotation: Any) -> list[str]:
+    """An annotation's raw hashtags: the default labeller (see
+    :class:`~prepretrain.data.weaklabels.WeakLabeler` for tags, captions and synsets)."""
+    return list(annotation.hashtags)
+
+
+def source_hashtags(source: Any, labels: Callable[[Any], list[str]] = annotation_tags) -> Iterator[list[str]]:
+    """Raw tag lists (``labels`` of each annotation) of a map source in index order, without
+    decoding pixels when it can.
 
     File sources and the synthetic set expose ``annotation(i)``; other map sources are read
     through ``get(i)``. A record that cannot be read counts as an image without tags. Shards
@@ -299,7 +306,7 @@ def source_hashtags(source: Any) -> Iterator[list[str]]:
     read = getattr(source, "annotation", None) or source.get
     for index in range(len(source)):
         try:
-            yield list(read(index).hashtags)
+            yield labels(read(index))
         except BadSample:
             yield []
 
@@ -446,11 +453,11 @@ class RepeatFactors:
 
     A plain object (vocabulary, per-tag factors, numbers), so DataLoader workers can pickle
     it; called on an :class:`~prepretrain.data.records.Annotation` (anything with ``key``
-    and ``hashtags``).
+    and what ``labels`` reads: by default ``hashtags``).
     """
 
     def __init__(self, vocab: HashtagVocab, tag_counts: np.ndarray, *, power: float = 0.5, reduce: str = "max",
-                 scale: float = 1.0, seed: int = 0):
+                 scale: float = 1.0, seed: int = 0, labels: Callable[[Any], list[str]] = annotation_tags):
         if reduce not in ("max", "mean"):
             raise ValueError(f"reduce must be 'max' or 'mean', got {reduce!r}")
         if len(tag_counts) != len(vocab):
@@ -463,6 +470,7 @@ class RepeatFactors:
         self.reduce = reduce
         self.scale = float(scale)
         self.seed = int(seed)
+        self.labels = labels
 
     def weight(self, known: Sequence[int]) -> float:
         """The draw weight of an image with these known tag indices (0 without any)."""
@@ -475,7 +483,7 @@ class RepeatFactors:
 
     def expected(self, annotation: Any) -> float:
         """``r``: the sample's expected appearances per epoch."""
-        known, _ = self.vocab.encode(annotation.hashtags)
+        known, _ = self.vocab.encode(self.labels(annotation))
         return self.weight(known) * self.scale
 
     def __call__(self, annotation: Any) -> int:
@@ -559,6 +567,7 @@ __all__ = [
     "HashtagVocab",
     "RepeatFactors",
     "StreamStatistics",
+    "annotation_tags",
     "VocabularyMismatch",
     "build_vocab",
     "check_vocab_limits",

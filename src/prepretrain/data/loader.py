@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 
 from .benchmarks import LAYOUTS, ListedSource, detect_layout, layout_splits, open_layout
 from .decode import IMAGE_EXTENSIONS
+from .metadata import join_metadata
 from .records import BadSample, MapSource, Record
 from .shards import SHARD_SUFFIXES, ShardProblem, ShardSource, expand_shard_spec
 from .sources import MANIFEST_SUFFIXES, FolderSource, ImageFolderSource, ManifestSource
@@ -568,7 +569,7 @@ def source_format(source: Any) -> str:
 
 def open_data(spec: str, *, split: str = "train", image_size: int = 32, num_images: int = 4000, seed: int = 0,
               min_size_hint: int | None = None, pixels: str = "pil", hashtag_field: str = "hashtags",
-              caption_field: str = "caption") -> MapSource | Any:
+              caption_field: str = "caption", metadata: str = "", metadata_key: str = "") -> MapSource | Any:
     """``synthetic`` -> the embedded dataset; anything else -> a folder, manifest or shards.
 
     ``min_size_hint`` (e.g. ``transforms.decode_hint(image_size, min_crop_scale)``) reaches
@@ -579,17 +580,23 @@ def open_data(spec: str, *, split: str = "train", image_size: int = 32, num_imag
     ``gpu.TensorRandomResizedCrop``; the synthetic set always returns PIL images, which
     those transforms also take. ``hashtag_field`` / ``caption_field``: the fields of shard
     ``.json`` members and manifest rows holding the hashtags and the caption (see
-    :func:`open_source`); the synthetic set has its own.
+    :func:`open_source`); the synthetic set has its own. ``metadata``: a table joined to the
+    images by key (``metadata_key``: the shard ``.json`` field that holds it), see
+    :mod:`prepretrain.data.metadata`.
     """
     if spec == "synthetic":
         sizes = synthetic_split_sizes(num_images)
-        return SyntheticSource(num_images=sizes[split], image_size=image_size, seed=seed, split=split)
-    return open_source(spec, split=split, min_size_hint=min_size_hint, pixels=pixels, hashtag_field=hashtag_field,
-                       caption_field=caption_field)
+        source = SyntheticSource(num_images=sizes[split], image_size=image_size, seed=seed, split=split)
+    else:
+        source = open_source(spec, split=split, min_size_hint=min_size_hint, pixels=pixels,
+                             hashtag_field=hashtag_field, caption_field=caption_field)
+    return join_metadata(source, metadata, metadata_key) if metadata else source
 
 
 def open_stage_data(cfg: Any, split: str = "train", **kwargs: Any) -> MapSource | Any:
-    """The ``split`` of a training config's data (``data``, ``image_size``, ``num_images`` and the
-    annotation fields ``hashtag_field`` / ``caption_field``); ``kwargs`` as :func:`open_data`'s."""
+    """The ``split`` of a training config's data (``data``, ``image_size``, ``num_images``, the
+    annotation fields ``hashtag_field`` / ``caption_field`` and the joined ``metadata`` table);
+    ``kwargs`` as :func:`open_data`'s."""
     return open_data(cfg.data, split=split, image_size=cfg.image_size, num_images=cfg.num_images,
-                     hashtag_field=cfg.hashtag_field, caption_field=cfg.caption_field, **kwargs)
+                     hashtag_field=cfg.hashtag_field, caption_field=cfg.caption_field, metadata=cfg.metadata,
+                     metadata_key=cfg.metadata_key, **kwargs)

@@ -310,6 +310,7 @@ class ShardSource:
         self.pixels = check_pixel_format(pixels)  # Record.image: "pil" image or "tensor" (uint8, 3 x H x W)
         self.hashtag_field = hashtag_field
         self.caption_field = caption_field
+        self.metadata: Any = None  # a prepretrain.data.metadata.MetadataTable joined to each sample (metadata=)
         self.seed = seed
         self.epoch = 0
         self.skips = SkipCounter()
@@ -716,7 +717,9 @@ class ShardSource:
             labels = {str(task): int(value) for task, value in (labels or {}).items() if value is not None}
         except (TypeError, ValueError, AttributeError):
             raise BadSample(key, "bad_json", f"labels must map task -> int, got {labels!r}") from None
-        return Annotation(key=key, hashtags=[str(tag) for tag in hashtags], caption=str(caption or ""), labels=labels)
+        annotation = Annotation(key=key, hashtags=[str(tag) for tag in hashtags], caption=str(caption or ""),
+                                labels=labels)
+        return annotation if self.metadata is None else self.metadata.join(annotation, meta)
 
     def _record(self, sample: dict[str, Any]) -> Record:
         annotation = self._annotation(sample)

@@ -21,7 +21,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from webdataset import TarWriter
 
 from prepretrain.data.hashtags import (
     HashtagVocab,
+    annotation_tags,
     check_vocab_limits,
     image_tags,
     load_synonyms,
@@ -48,6 +49,7 @@ from prepretrain.data.synthetic import (
     SyntheticSource,
     synthetic_split_sizes,
 )
+from prepretrain.data.weaklabels import LabelCounts, WeakLabeler
 from prepretrain.files import atomic_path, write_text
 
 # -- reading annotations without pixels -----------------------------------------------------
@@ -98,13 +100,14 @@ def _scratch_skips(source: Any) -> Iterator[SkipCounter]:
         source.skips = previous
 
 
-def iter_hashtags(source: Any) -> Iterator[list[str]]:
-    """Every sample's raw tags in :func:`iter_annotations` order (shards: shard order, no image
-    read), ``[]`` for a sample whose annotations cannot be read (as
+def iter_hashtags(source: Any, labels: Callable[[Any], list[str]] = annotation_tags) -> Iterator[list[str]]:
+    """Every sample's raw tags (``labels`` of its annotation: hashtags by default, see
+    :class:`~prepretrain.data.weaklabels.WeakLabeler`) in :func:`iter_annotations` order (shards:
+    shard order, no image read), ``[]`` for a sample whose annotations cannot be read (as
     :func:`~prepretrain.data.hashtags.source_hashtags`); the source's own ``skips`` are left alone."""
     with _scratch_skips(source):
         for outcome in iter_annotations(source):
-            yield [] if isinstance(outcome, BadSample) else list(outcome.hashtags)
+            yield [] if isinstance(outcome, BadSample) else labels(outcome)
 
 
 # -- counting hashtags in one pass ----------------------------------------------------------------
@@ -120,8 +123,8 @@ def _prune_rarest(counts: Counter) -> tuple[Counter, int, int]:
     return kept, len(counts) - len(kept), threshold
 
 
-def count_hashtags(source: Any, *, max_distinct: int = 5_000_000,
-                   aliases: dict[str, str] | None = None) -> tuple[Counter, dict[str, Any]]:
+def count_hashtags(source: Any, *, max_distinct: int = 5_000_000, aliases: dict[str, str] | None = None,
+                   labels: Callable[[Any], list[str]] = annotation_tags) -> tuple[Counter, dict[str, Any]]:
     """In how many images each tag appears, from one streaming pass that decodes no image.
 
     Tags are counted as :func:`~prepretrain.data.hashtags.build_vocab` counts them: normalised
@@ -137,6 +140,9 @@ def count_hashtags(source: Any, *, max_distinct: int = 5_000_000,
     by at most ``stats["count_error_bound"]`` (the sum of the largest count dropped at each
     pruning), a tag dropped late may be missing, and ``stats["exact"]`` is false. Without
     pruning the counts are exact.
+
+    ``labels``: what an annotation's tags are (its hashtags; captions, Flickr tags or synsets
+    through a :class:`~prepretrain.data.weaklabels.WeakLabeler`).
 
     Returns ``(counts, stats)``; ``stats``: ``images`` (samples read), ``images_without_tags``
     (including ``unreadable`` ones), ``tag_occurrences`` (image-tag pairs counted),
@@ -157,7 +163,7 @@ def count_hashtags(source: Any, *, max_distinct: int = 5_000_000,
                 unreadable += 1
                 without += 1
                 continue
-            tags = image_tags(outcome.hashtags, aliases)
+            tags = image_tags(labels(outcome), aliases)
             if not tags:
                 without += 1
                 continue
@@ -185,7 +191,8 @@ def count_hashtags(source: Any, *, max_distinct: int = 5_000_000,
 
 
 def build_vocab_streaming(source: Any, *, min_count: int = 1, max_size: int = 28_000,
-                          aliases: dict[str, str] | None = None, max_distinct: int = 5_000_000) -> HashtagVocab:
+                          aliases: dict[str, str] | None = None, max_distinct: int = 5_000_000,
+                          labels: Callable[[Any], list[str]] = annotation_tags) -> HashtagVocab:
     """The vocabulary ``build_vocab(source_hashtags(source), min_count=..., max_size=...,
     aliases=...)`` builds, from one streaming pass (:func:`count_hashtags`) that holds at most
     ``max_distinct`` distinct tags and decodes no image: for shards (which ``source_hashtags``
@@ -196,12 +203,71 @@ def build_vocab_streaming(source: Any, *, min_count: int = 1, max_size: int = 28
     ``pruned_tags`` and ``count_error_bound`` (see :func:`count_hashtags`).
     """
     check_vocab_limits(min_count, max_size)
-    counts, stats = count_hashtags(source, max_distinct=max_distinct, aliases=aliases)
+    counts, stats = count_hashtags(source, max_distinct=max_distinct, aliases=aliases, labels=labels)
     vocab = vocab_from_counts(counts, stats["images"], min_count=min_count, max_size=max_size, aliases=aliases)
     if not stats["exact"]:
         vocab.info.update(approximate=True, prunings=stats["prunings"], pruned_tags=stats["pruned_tags"],
                           count_error_bound=stats["count_error_bound"])
     return vocab
+
+
+def build_label_vocab(source: Any, labels: WeakLabeler, *, min_count: int = 1, max_size: int = 28_000,
+                      aliases: dict[str, str] | None = None,
+                      max_distinct: int = 5_000_000) -> tuple[HashtagVocab, dict[str, Any]]:
+    """``prepretrain data vocab``: the vocabulary of ``labels`` (a
+    :class:`~prepretrain.data.weaklabels.WeakLabeler`) over ``source`` from one streaming pass
+    (:func:`count_hashtags`: bounded memory, no image decoded), and its coverage.
+
+    Coverage (also saved in ``vocab.info["coverage"]``): images; the share with at least one label;
+    labels per image; the share of label occurrences the vocabulary keeps; what labelling left out
+    (empty captions, words in other scripts, machine tags); the vocabulary's 10 most and 10 least
+    frequent entries with their image counts. The share of images left with a *vocabulary* label
+    needs a second pass: a WSP run reports it (``train_images_without_known_tag``)."""
+    labels.counts = LabelCounts()
+    counts, stats = count_hashtags(source, max_distinct=max_distinct, aliases=aliases, labels=labels)
+    vocab = vocab_from_counts(counts, stats["images"], min_count=min_count, max_size=max_size, aliases=aliases)
+    if not stats["exact"]:
+        vocab.info.update(approximate=True, prunings=stats["prunings"], pruned_tags=stats["pruned_tags"],
+                          count_error_bound=stats["count_error_bound"])
+    images = stats["images"]
+    occurrences = stats["tag_occurrences"]
+    names = labels.display_name
+    coverage = {
+        "labels_from": labels.labels_from,
+        "images": images,
+        "images_with_labels": images - stats["images_without_tags"],
+        "share_with_labels": (images - stats["images_without_tags"]) / images if images else 0.0,
+        "labels_per_image": occurrences / images if images else 0.0,
+        "distinct_labels": len(counts),
+        "vocab_size": len(vocab),
+        "share_of_occurrences_in_vocab": sum(vocab.counts) / occurrences if occurrences else 0.0,
+        "unreadable": stats["unreadable"],
+        **{key: value for key, value in labels.counts.as_dict().items() if key != "images"},
+        "head": [[tag, count, names(tag)] for tag, count in zip(vocab.tags[:10], vocab.counts[:10])],
+        "tail": [[tag, count, names(tag)] for tag, count in zip(vocab.tags[-10:], vocab.counts[-10:])],
+        "exact": stats["exact"],
+    }
+    vocab.info.update(labels_from=labels.labels_from, coverage=coverage)
+    return vocab, coverage
+
+
+def coverage_text(coverage: dict[str, Any]) -> str:
+    """The coverage of :func:`build_label_vocab` as a few readable lines."""
+
+    def entries(rows: list[list[Any]]) -> str:
+        return ", ".join(f"{tag}{'' if name == tag else f' ({name})'} {count}" for tag, count, name in rows)
+
+    lines = [
+        f"images: {coverage['images']}, {100 * coverage['share_with_labels']:.1f}% with at least one label, "
+        f"{coverage['labels_per_image']:.2f} labels per image, {coverage['distinct_labels']} distinct labels",
+        f"vocabulary: {coverage['vocab_size']} labels, {100 * coverage['share_of_occurrences_in_vocab']:.1f}% of the "
+        "label occurrences" + ("" if coverage["exact"] else " (counts approximate: the rarest labels were pruned)"),
+        f"left out: {coverage['empty_captions']} empty captions, {coverage['non_latin_words']} words in non-Latin "
+        f"scripts, {coverage['machine_tags']} machine tags, {coverage['unreadable']} unreadable annotations",
+        f"head: {entries(coverage['head'])}",
+        f"tail: {entries(coverage['tail'])}",
+    ]
+    return "\n".join(lines)
 
 
 # -- describing a source ------------------------------------------------------------------
@@ -584,7 +650,9 @@ def write_synthetic(
 
 
 __all__ = [
+    "build_label_vocab",
     "build_vocab_streaming",
+    "coverage_text",
     "count_hashtags",
     "describe_source",
     "iter_annotations",

@@ -61,6 +61,7 @@ from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
 from ..data.tools import build_vocab_streaming, iter_hashtags, tag_aliases
 from ..data.transforms import decode_hint, eval_transform
+from ..data.weaklabels import WeakLabeler, parse_labels_from
 from ..models.checkpoints import (
     CheckpointMismatch,
     load_encoder_weights,
@@ -104,7 +105,9 @@ class WSPConfig(TrainConfig):
     depth: int = 0  # blocks; 0 = the model's own depth (a smaller value makes tiny test models)
     drop_path: float = 0.0
     init: str = ""  # MAE/WSP run dir, MAE full checkpoint, MAWS/timm encoder file, mae-init; empty = from scratch
-    # vocabulary
+    # labels and vocabulary
+    labels_from: str = "hashtags"  # hashtags | tags (Flickr) | caption (words) | synsets (WordNet), or a+b
+    synset_table: str = ""  # labels_from=synsets: wnid<TAB>lemma, ... file; empty = timm's ImageNet-21k lemmas
     vocab: str = ""  # fixed vocabulary file (.json/.txt); empty = built from the training data
     vocab_size: int = 28_000  # top-K most frequent tags (the paper: ~28K)
     vocab_min_count: int = 2  # images a tag must appear in to enter the vocabulary
@@ -149,20 +152,28 @@ class WSPConfig(TrainConfig):
             raise ConfigError("tag_synonyms", f"must be auto, none or a file; not found: {self.tag_synonyms}")
         if self.vocab and not Path(self.vocab).is_file():
             raise ConfigError("vocab", f"vocabulary file not found: {self.vocab}")
+        try:
+            parse_labels_from(self.labels_from)
+        except ValueError as error:
+            raise ConfigError("labels_from", str(error)) from None
+        if self.synset_table and not Path(self.synset_table).is_file():
+            raise ConfigError("synset_table", f"synset table not found: {self.synset_table}")
         check_weights("init", self.init)
 
 
 class HashtagTransform:
-    """Record -> ``{"image", "tags"}`` (padded vocabulary indices); a class, not a closure, so
-    DataLoader workers can pickle it under any start method."""
+    """Record -> ``{"image", "tags"}`` (padded vocabulary indices of the record's ``labels``);
+    a class, not a closure, so DataLoader workers can pickle it under any start method."""
 
-    def __init__(self, vocab: HashtagVocab, image_transform: Any, max_tags: int):
+    def __init__(self, vocab: HashtagVocab, image_transform: Any, max_tags: int,
+                 labels: WeakLabeler | None = None):
         self.vocab = vocab
         self.image_transform = image_transform
         self.max_tags = max_tags
+        self.labels = labels or WeakLabeler()
 
     def __call__(self, record: Record) -> dict[str, Any]:
-        known, _ = self.vocab.encode(record.hashtags)
+        known, _ = self.vocab.encode(self.labels(record))
         if not known:  # never drawn in training (weight 0); counted, not fed, in evaluation
             raise BadSample(record.key, "no_known_tag")
         return {"image": self.image_transform(record.image), "tags": pad_tags(known, self.max_tags)}
@@ -210,6 +221,7 @@ class WSPStage(Stage):
     def __init__(self, cfg: WSPConfig):
         super().__init__(cfg)
         self._data: HashtagData | None = None
+        self.labels = WeakLabeler(cfg.labels_from, cfg.synset_table)
         self.pixels = train_pixels(cfg.decode, cfg.data, cfg.image_size, cfg.min_crop_scale)
 
     # ------------------------------------------------------------------ data preparation
@@ -228,19 +240,25 @@ class WSPStage(Stage):
         saved = run.path(VOCAB_FILE)
         if run.resuming and saved.is_file():
             return HashtagVocab.load(saved), False
-        aliases = tag_aliases(source, cfg.tag_synonyms)
+        # a source's own synonym table is a hashtag table: captions and synsets do without it
+        own_table = cfg.tag_synonyms == "auto" and "hashtags" not in self.labels.kinds
+        aliases = {} if own_table else tag_aliases(source, cfg.tag_synonyms)
         if cfg.vocab:
             vocab = HashtagVocab.load(cfg.vocab)
+            built_from = vocab.info.get("labels_from")
+            if built_from and built_from != self.labels.labels_from:
+                raise ConfigError("labels_from", f"is {self.labels.labels_from}, but vocab={cfg.vocab} was built "
+                                                 f"from {built_from} labels")
             if not vocab.aliases and aliases:
                 kept = {alias: tag for alias, tag in aliases.items() if tag in vocab.index and alias not in vocab.index}
                 vocab = HashtagVocab(vocab.tags, vocab.counts, vocab.info, kept)
             return vocab, False
         if not hasattr(source, "get"):
             vocab = build_vocab_streaming(source, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
-                                          aliases=aliases)
+                                          aliases=aliases, labels=self.labels)
             return vocab, not vocab.info.get("approximate", False)
-        return build_vocab(source_hashtags(source), min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
-                           aliases=aliases), True
+        return build_vocab(source_hashtags(source, self.labels), min_count=cfg.vocab_min_count,
+                           max_size=cfg.vocab_size, aliases=aliases), True
 
     def prepare(self, run: Run) -> HashtagData:
         """Open the training split, fix the vocabulary and derive the resampling (done once;
@@ -259,7 +277,7 @@ class WSPStage(Stage):
             self._data = self._prepare_stream(source, run)
             return self._data
         vocab, _ = self._choose_vocab(source, run)
-        encoded = encode_images(vocab, source_hashtags(source))
+        encoded = encode_images(vocab, source_hashtags(source, self.labels))
         if encoded.images_without_known_tag == len(encoded):
             raise ValueError(
                 f"none of the {len(encoded)} training images has a tag in the {len(vocab)}-tag vocabulary"
@@ -268,7 +286,7 @@ class WSPStage(Stage):
         weights = sampling_weights(encoded, tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce)
         prior = target_prior(encoded, weights, len(vocab), cfg.loss)
         stats = {**encoded.stats(), "images_with_tags_truncated": int((encoded.num_tags > cfg.max_tags).sum())}
-        vocab.info = {**vocab.info, "data": cfg.data, **encoded.stats()}
+        vocab.info = {**vocab.info, "data": cfg.data, "labels_from": self.labels.labels_from, **encoded.stats()}
         if run.is_main:
             vocab.save(run.path(VOCAB_FILE))
         self._data = HashtagData(source, vocab, tag_counts, prior, stats, encoded=encoded, weights=weights)
@@ -292,13 +310,14 @@ class WSPStage(Stage):
         if exact:
             tag_counts = np.asarray(vocab.counts, dtype=np.int64)
         else:
-            tag_counts, images = count_known_tags(vocab, iter_hashtags(source))
+            tag_counts, images = count_known_tags(vocab, iter_hashtags(source, self.labels))
         if not tag_counts.any():
             raise ValueError(f"none of the {images if images is not None else len(source)} training images "
                              f"has a tag in the {len(vocab)}-tag vocabulary")
         factors = RepeatFactors(vocab, tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce,
-                                seed=cfg.seed)
-        statistics = stream_statistics(factors, iter_hashtags(source), loss=cfg.loss, max_tags=cfg.max_tags)
+                                seed=cfg.seed, labels=self.labels)
+        statistics = stream_statistics(factors, iter_hashtags(source, self.labels), loss=cfg.loss,
+                                       max_tags=cfg.max_tags)
         epoch_size = cfg.epoch_size or statistics.stats["images"]
         factors.scale = epoch_size / statistics.weight_sum
         source.repeats = factors
@@ -307,7 +326,7 @@ class WSPStage(Stage):
             raise ValueError(f"resampling {statistics.stats['images']} training images to an epoch of {epoch_size} "
                              "drew none; raise epoch_size")
         coverage = {k: v for k, v in statistics.stats.items() if k != "images_with_tags_truncated"}
-        vocab.info = {**vocab.info, "data": cfg.data, **coverage}
+        vocab.info = {**vocab.info, "data": cfg.data, "labels_from": self.labels.labels_from, **coverage}
         if run.is_main:
             vocab.save(run.path(VOCAB_FILE))
         return HashtagData(source, vocab, statistics.tag_counts, statistics.prior, statistics.stats,
@@ -354,7 +373,7 @@ class WSPStage(Stage):
     def train_data(self, run: Run) -> TrainData:
         cfg = self.cfg
         data = self.prepare(run)
-        transform = HashtagTransform(data.vocab, self.pixels.sample, cfg.max_tags)
+        transform = HashtagTransform(data.vocab, self.pixels.sample, cfg.max_tags, self.labels)
         dataset = RecordDataset(data.source, transform, batch_transform=self.pixels.batch)
         epoch_size = cfg.epoch_size or data.stats["images"]
         if data.weights is None:  # shards: the stream itself is resampled (ShardSource.repeats)
@@ -408,7 +427,7 @@ class WSPStage(Stage):
         if not streamed and cfg.eval_images and len(source) > cfg.eval_images:
             source = FirstRecords(source, cfg.eval_images)
         batch_size = min(cfg.eval_batch_size, cfg.eval_images) if streamed and cfg.eval_images else cfg.eval_batch_size
-        transform = HashtagTransform(data.vocab, eval_transform(cfg.image_size), cfg.max_tags)
+        transform = HashtagTransform(data.vocab, eval_transform(cfg.image_size), cfg.max_tags, self.labels)
         scores, targets = [], []
         skipped: dict[str, int] = {}
         seen = 0
