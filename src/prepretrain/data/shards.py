@@ -837,11 +837,26 @@ class ShardSource:
         members are read; image payloads are skipped (seeked over in local tars), never decoded.
         A shard that cannot be read to its end is counted in ``skips`` as when training."""
         for shard in range(len(self.urls)):
-            for sample in self._raw_samples(shard, members=_read_annotation_members):
-                try:
-                    yield self._annotation(sample)
-                except BadSample as error:
-                    yield error
+            yield from self.shard_annotation_outcomes(shard)
+
+    def shard_annotation_outcomes(self, shard: int) -> Iterator[Annotation | BadSample]:
+        """:meth:`iter_annotation_outcomes` of one shard: one outcome per raw sample, in the order
+        (and number) a reader's stream and :attr:`repeats` see them."""
+        for sample in self._raw_samples(shard, members=_read_annotation_members):
+            try:
+                yield self._annotation(sample)
+            except BadSample as error:
+                yield error
+
+    def set_expanded_counts(self, positions: Sequence[int]) -> None:
+        """Give every shard's expanded count (the sum of its samples' :attr:`repeats`), computed
+        elsewhere from the same annotations (WSP's label cache), so :meth:`expanded_count` reads
+        no shard. Set :attr:`repeats` first: setting it clears these."""
+        if self._repeats is None:
+            raise ValueError("set repeats before the expanded counts they give")
+        if len(positions) != len(self.urls):
+            raise ValueError(f"{len(positions)} expanded counts for {len(self.urls)} shards")
+        self._expanded.update({shard: int(count) for shard, count in enumerate(positions)})
 
     def iter_annotations(self) -> Iterator[Annotation]:
         """Every sample's annotations in shard order, without decoding any image (statistics);

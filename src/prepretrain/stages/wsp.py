@@ -56,6 +56,7 @@ from ..data.hashtags import (
     tag_image_counts,
     target_prior,
 )
+from ..data.labelcache import LabelCache, Prepared, prepare_from_cache, settings_name, shards_of_rank
 from ..data.loader import RecordDataset, eval_loader, open_stage_data
 from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
@@ -91,6 +92,7 @@ from ..models.resolve import (
     resolve_weights,
 )
 from ..models.vit import check_model_and_size, create_vit, forward_flops, vit_shape
+from ..train.distributed import barrier
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
 
@@ -113,6 +115,7 @@ class WSPConfig(TrainConfig):
     vocab_min_count: int = 2  # images a tag must appear in to enter the vocabulary
     tag_synonyms: str = "auto"  # auto (the source's own table, if any) | none | PATH (.json/.txt synonym groups)
     max_tags: int = 64  # known tags kept per image (the rarest when there are more)
+    label_cache: bool = True  # shards: label each sample once per dataset, shared by ranks and runs (labelcache)
     # targets, loss, resampling
     loss: str = "softmax"  # softmax (normalised multi-hot, the paper's) | sigmoid (per-tag BCE)
     resample_power: float = 0.5  # image weight from count ** -power; 0.5 = inverse square root, 0 = off
@@ -231,28 +234,42 @@ class WSPStage(Stage):
             overrides["depth"] = self.cfg.depth
         return overrides
 
-    def _choose_vocab(self, source: Any, run: Run) -> tuple[HashtagVocab, bool]:
+    def _aliases(self, source: Any) -> dict[str, str]:
+        """``tag_synonyms``: the source's own table (``auto``; a hashtag table, so captions and
+        synsets do without it), none, or a file."""
+        cfg = self.cfg
+        if cfg.tag_synonyms == "auto" and "hashtags" not in self.labels.kinds:
+            return {}
+        return tag_aliases(source, cfg.tag_synonyms)
+
+    def _given_vocab(self, run: Run, aliases: dict[str, str]) -> HashtagVocab | None:
         """Resume -> the run's own vocab.json; ``vocab=`` -> that file (with its own synonyms,
-        else ``tag_synonyms``); otherwise built from the training tags (shards: in one streaming
-        pass that decodes no image). Also says whether the vocabulary was just built, exactly,
-        from these images (its counts are then the images per tag)."""
+        else those of ``tag_synonyms`` that fit it); otherwise ``None`` (built from the data)."""
         cfg = self.cfg
         saved = run.path(VOCAB_FILE)
         if run.resuming and saved.is_file():
-            return HashtagVocab.load(saved), False
-        # a source's own synonym table is a hashtag table: captions and synsets do without it
-        own_table = cfg.tag_synonyms == "auto" and "hashtags" not in self.labels.kinds
-        aliases = {} if own_table else tag_aliases(source, cfg.tag_synonyms)
-        if cfg.vocab:
-            vocab = HashtagVocab.load(cfg.vocab)
-            built_from = vocab.info.get("labels_from")
-            if built_from and built_from != self.labels.labels_from:
-                raise ConfigError("labels_from", f"is {self.labels.labels_from}, but vocab={cfg.vocab} was built "
-                                                 f"from {built_from} labels")
-            if not vocab.aliases and aliases:
-                kept = {alias: tag for alias, tag in aliases.items() if tag in vocab.index and alias not in vocab.index}
-                vocab = HashtagVocab(vocab.tags, vocab.counts, vocab.info, kept)
-            return vocab, False
+            return HashtagVocab.load(saved)
+        if not cfg.vocab:
+            return None
+        vocab = HashtagVocab.load(cfg.vocab)
+        built_from = vocab.info.get("labels_from")
+        if built_from and built_from != self.labels.labels_from:
+            raise ConfigError("labels_from", f"is {self.labels.labels_from}, but vocab={cfg.vocab} was built "
+                                             f"from {built_from} labels")
+        if not vocab.aliases and aliases:
+            kept = {alias: tag for alias, tag in aliases.items() if tag in vocab.index and alias not in vocab.index}
+            vocab = HashtagVocab(vocab.tags, vocab.counts, vocab.info, kept)
+        return vocab
+
+    def _choose_vocab(self, source: Any, run: Run) -> tuple[HashtagVocab, bool]:
+        """The given vocabulary (:meth:`_given_vocab`), or one built from the training labels
+        (shards: in one streaming pass that decodes no image). Also says whether it was just
+        built, exactly, from these images (its counts are then the images per tag)."""
+        cfg = self.cfg
+        aliases = self._aliases(source)
+        given = self._given_vocab(run, aliases)
+        if given is not None:
+            return given, False
         if not hasattr(source, "get"):
             vocab = build_vocab_streaming(source, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
                                           aliases=aliases, labels=self.labels)
@@ -305,6 +322,8 @@ class WSPStage(Stage):
            giving the samples of one resampled epoch (``epoch_size`` in expectation).
         """
         cfg = self.cfg
+        if cfg.label_cache:
+            return self._prepare_cached(source, run)
         vocab, exact = self._choose_vocab(source, run)
         images = None
         if exact:
@@ -331,6 +350,44 @@ class WSPStage(Stage):
             vocab.save(run.path(VOCAB_FILE))
         return HashtagData(source, vocab, statistics.tag_counts, statistics.prior, statistics.stats,
                            repeats=factors, positions=positions)
+
+    def _prepare_cached(self, source: Any, run: Run) -> HashtagData:
+        """:meth:`_prepare_stream` from one annotation pass per dataset (:mod:`prepretrain.data.labelcache`):
+        every rank labels its share of the shards into the cache, rank 0 derives the vocabulary,
+        counts, weights, prior and copies per shard from it with NumPy and writes them, every rank
+        reads them. A rerun, resume or second run on the same data and settings reads no annotation."""
+        cfg = self.cfg
+        aliases = self._aliases(source)
+        given = self._given_vocab(run, aliases)
+        cache = LabelCache(source, self.labels, given.aliases if given is not None else aliases)
+        cache.build(shards_of_rank(len(source.urls), run.rank, run.world_size))
+        barrier()
+        path = cache.folder / settings_name(
+            vocab=given, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size, power=cfg.resample_power,
+            reduce=cfg.resample_reduce, loss=cfg.loss, epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags)
+        if run.is_main and not path.is_file():
+            cache.build()  # shards no rank could write (normally none)
+            prepare_from_cache(cache, vocab=given, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
+                               power=cfg.resample_power, reduce=cfg.resample_reduce, loss=cfg.loss,
+                               epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags).save(path)
+        barrier()
+        prepared = Prepared.load(path)
+        vocab = given if given is not None else prepared.vocab
+        epoch_size = cfg.epoch_size or prepared.stats["images"]
+        factors = RepeatFactors(vocab, prepared.tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce,
+                                scale=epoch_size / prepared.weight_sum, seed=cfg.seed, labels=self.labels)
+        source.repeats = factors
+        source.set_expanded_counts(prepared.positions)
+        positions = sum(prepared.positions)
+        if positions == 0:
+            raise ValueError(f"resampling {prepared.stats['images']} training images to an epoch of {epoch_size} "
+                             "drew none; raise epoch_size")
+        coverage = {k: v for k, v in prepared.stats.items() if k != "images_with_tags_truncated"}
+        vocab.info = {**vocab.info, "data": cfg.data, "labels_from": self.labels.labels_from, **coverage}
+        if run.is_main:
+            vocab.save(run.path(VOCAB_FILE))
+        return HashtagData(source, vocab, prepared.tag_counts, prepared.prior, prepared.stats, repeats=factors,
+                           positions=positions)
 
     # ------------------------------------------------------------------------------ model
     def build_model(self, run: Run) -> nn.Module:

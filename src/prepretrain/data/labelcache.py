@@ -1,0 +1,327 @@
+"""WSP's preparation over shards in one annotation pass per dataset, shared by every rank.
+
+Before its first step, WSP on shards needs the vocabulary (label counts over every image), the
+images per label, the sum of the draw weights with the resampled target prior, and each shard's
+number of sample copies per epoch (:class:`~prepretrain.data.hashtags.RepeatFactors`). Computed
+from the annotations directly that is three or four passes over every ``.json``/``.txt`` member
+(with captions: every caption tokenised, lemmatised and matched again each time), on every rank.
+
+Here the annotations are read once:
+
+1. :meth:`LabelCache.build` reads the annotations of some shards (rank ``r`` of ``w`` takes shards
+   ``r, r + w, ...``) and writes, per shard, the labels of every sample (normalised, synonyms
+   mapped, each once) as indices into that shard's own label table, the samples' keys, and the
+   images per label. About 10-20 bytes per sample, atomically, one ``.npz`` per shard.
+2. :func:`prepare_from_cache` (one process) derives everything else from those arrays with NumPy:
+   counts -> vocabulary -> images per vocabulary label -> draw weights, their sum and the prior ->
+   every shard's copies. It writes the result (``prepared-<settings>.json`` beside the shard files)
+   for every other rank to read.
+
+The cache folder is named by the shards (path, size, modification time), the labelling (
+``labels_from``, synset table, fields, metadata table, synonyms), so a changed shard or setting
+gets a new cache; it lives beside the data (``<shard folder>/.prepretrain-labels/``) when that is
+writable, so every run and rank on the same data shares it, else in ``$PREPRETRAIN_CACHE``.
+The results equal those of the annotation passes (the tests compare them), with one documented
+difference: the prior's sums are taken in another order (float64 rounding, ~1e-16 relative).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prepretrain.data.hashtags import HashtagVocab, image_tags, tag_weights, unit_hash, vocab_from_counts
+from prepretrain.data.records import BadSample
+from prepretrain.data.rowindex import cache_root
+from prepretrain.data.weaklabels import WeakLabeler
+
+CACHE_VERSION = "labelcache-v1"
+FOLDER_NAME = ".prepretrain-labels"
+
+
+def _local_file(url: str) -> Path | None:
+    path = Path(url[len("file:"):] if url.startswith("file:") else url)
+    return path if path.is_file() else None
+
+
+def _digest(text: str, size: int = 16) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=size).hexdigest()
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ShardLabels:
+    """One shard's samples in stream order: their labels as indices into ``labels`` and keys."""
+
+    labels: list[str]  # the shard's distinct labels (canonical, normalised)
+    counts: np.ndarray  # images per label of this shard
+    flat: np.ndarray  # int32 label indices, sample after sample
+    offsets: np.ndarray  # int64, samples + 1
+    keys: list[str]  # "" for an unreadable sample (never drawn)
+    unreadable: int
+    label_counts: dict[str, int]  # what labelling left out (weaklabels.LabelCounts)
+
+    @property
+    def samples(self) -> int:
+        return len(self.offsets) - 1
+
+
+class LabelCache:
+    """The per-shard label files of one shard source under one labelling (see the module docstring)."""
+
+    def __init__(self, source: Any, labels: WeakLabeler, aliases: dict[str, str] | None = None,
+                 folder: str | Path | None = None):
+        self.source = source
+        self.labels = labels
+        self.aliases = dict(aliases or {})
+        metadata = getattr(source, "metadata", None)
+        setting = json.dumps({
+            "version": CACHE_VERSION, "labels": labels.identity, "aliases": sorted(self.aliases.items()),
+            "fields": [source.hashtag_field, source.caption_field],
+            "metadata": [metadata.index_dir.name, metadata.key_field] if metadata is not None else None,
+        }, sort_keys=True)
+        self.shard_names = []
+        for url in source.urls:
+            local = _local_file(url)
+            stat = local.stat() if local is not None else None
+            identity = f"{local.resolve()}|{stat.st_size}|{stat.st_mtime_ns}" if stat else url
+            self.shard_names.append(_digest(identity + setting))
+        dataset = _digest("|".join(self.shard_names))
+        if folder is None:
+            first = _local_file(source.urls[0]) if source.urls else None
+            beside = first.parent / FOLDER_NAME if first is not None else None
+            folder = beside if beside is not None and _writable(beside) else cache_root() / "labels"
+        self.folder = Path(folder) / dataset
+
+    def shard_path(self, shard: int) -> Path:
+        return self.folder / f"{shard:06d}-{self.shard_names[shard]}.npz"
+
+    def missing(self, shards: Iterable[int] | None = None) -> list[int]:
+        chosen = range(len(self.shard_names)) if shards is None else shards
+        return [shard for shard in chosen if not self.shard_path(shard).is_file()]
+
+    def build(self, shards: Iterable[int] | None = None) -> int:
+        """Write the label files of ``shards`` (default: all) that are not there yet; returns the
+        number written. Safe to run from several processes at once (atomic renames)."""
+        written = 0
+        for shard in self.missing(shards):
+            self._write(shard, self._read(shard))
+            written += 1
+        return written
+
+    def _read(self, shard: int) -> ShardLabels:
+        index: dict[str, int] = {}
+        flat: list[int] = []
+        offsets = [0]
+        keys: list[str] = []
+        unreadable = 0
+        before = self.labels.counts.as_dict()
+        scratch, self.source.skips = self.source.skips, type(self.source.skips)()  # counted when training reads it
+        try:
+            for outcome in self.source.shard_annotation_outcomes(shard):
+                if isinstance(outcome, BadSample):
+                    unreadable += 1
+                    keys.append("")
+                else:
+                    keys.append(str(outcome.key))
+                    for label in sorted(image_tags(self.labels(outcome), self.aliases)):
+                        flat.append(index.setdefault(label, len(index)))
+                offsets.append(len(flat))
+        finally:
+            self.source.skips = scratch
+        after = self.labels.counts.as_dict()
+        flat_array = np.asarray(flat, dtype=np.int32)
+        return ShardLabels(list(index), np.bincount(flat_array, minlength=len(index)).astype(np.int64), flat_array,
+                           np.asarray(offsets, dtype=np.int64), keys, unreadable,
+                           {name: after[name] - before[name] for name in after})
+
+    def _write(self, shard: int, data: ShardLabels) -> None:
+        path = self.shard_path(shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key_bytes = [key.encode("utf-8", "surrogatepass") for key in data.keys]
+        key_offsets = np.zeros(len(key_bytes) + 1, dtype=np.int64)
+        key_offsets[1:] = np.cumsum([len(key) for key in key_bytes])
+        header = json.dumps({"labels": data.labels, "unreadable": data.unreadable, "label_counts": data.label_counts,
+                             "url": self.source.urls[shard]})
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, header=np.frombuffer(header.encode("utf-8"), dtype=np.uint8), counts=data.counts,
+                         flat=data.flat, offsets=data.offsets, keys=np.frombuffer(b"".join(key_bytes), dtype=np.uint8),
+                         key_offsets=key_offsets)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def read(self, shard: int, with_keys: bool = True) -> ShardLabels:
+        with np.load(self.shard_path(shard)) as arrays:
+            header = json.loads(arrays["header"].tobytes().decode("utf-8"))
+            keys: list[str] = []
+            if with_keys:
+                blob, ends = arrays["keys"].tobytes(), arrays["key_offsets"]
+                keys = [blob[ends[i] : ends[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(ends) - 1)]
+            return ShardLabels(header["labels"], arrays["counts"], arrays["flat"], arrays["offsets"], keys,
+                               int(header["unreadable"]), header["label_counts"])
+
+
+@dataclass
+class Prepared:
+    """What WSP needs from the annotations before its first step (see :func:`prepare_from_cache`)."""
+
+    vocab: HashtagVocab
+    tag_counts: np.ndarray  # images per vocabulary label
+    prior: torch.Tensor  # target_prior under the resampling
+    stats: dict[str, int]  # images, images_without_known_tag, known/unknown_tag_occurrences, ..._truncated
+    weight_sum: float
+    positions: list[int]  # per shard: its samples' copies per epoch
+
+    def save(self, path: Path) -> None:
+        body = {"vocab": {"tags": self.vocab.tags, "counts": self.vocab.counts, "info": self.vocab.info,
+                          "aliases": self.vocab.aliases},
+                "tag_counts": self.tag_counts.tolist(), "prior": self.prior.tolist(), "stats": self.stats,
+                "weight_sum": self.weight_sum, "positions": self.positions}
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Prepared:
+        body = json.loads(path.read_text())
+        vocab = body["vocab"]
+        return cls(HashtagVocab(vocab["tags"], vocab["counts"], vocab["info"], vocab["aliases"]),
+                   np.asarray(body["tag_counts"], dtype=np.int64), torch.tensor(body["prior"], dtype=torch.float64),
+                   body["stats"], float(body["weight_sum"]), [int(p) for p in body["positions"]])
+
+
+def settings_name(*, vocab: HashtagVocab | None, min_count: int, max_size: int, power: float, reduce: str,
+                  loss: str, epoch_size: int, seed: int, max_tags: int) -> str:
+    """The file name of a preparation: every setting it depends on (a given vocabulary by content)."""
+    given = _digest(json.dumps([vocab.tags, vocab.aliases])) if vocab is not None else "built"
+    return "prepared-" + _digest(json.dumps([given, min_count, max_size, power, reduce, loss, epoch_size, seed,
+                                             max_tags])) + ".json"
+
+
+def prepare_from_cache(cache: LabelCache, *, vocab: HashtagVocab | None, min_count: int, max_size: int,
+                       power: float, reduce: str, loss: str, epoch_size: int, seed: int, max_tags: int,
+                       max_distinct: int = 5_000_000) -> Prepared:
+    """Everything WSP derives from the annotations, from the label files alone (all must exist).
+
+    ``vocab``: a given (or resumed) vocabulary; ``None`` builds it from the counts as
+    :func:`~prepretrain.data.tools.build_vocab_streaming` does (pruning the rarest half whenever
+    more than ``max_distinct`` labels are held; then approximate, and said so in its info)."""
+    shards = range(len(cache.shard_names))
+    missing = cache.missing()
+    if missing:
+        raise FileNotFoundError(f"label cache {cache.folder} lacks {len(missing)} shards (first: {missing[0]})")
+    images = 0
+    if vocab is None:
+        counter: Counter[str] = Counter()
+        prunings = pruned = error_bound = 0
+        for shard in shards:
+            data = cache.read(shard, with_keys=False)
+            images += data.samples
+            counter.update(dict(zip(data.labels, data.counts.tolist())))
+            if len(counter) > max_distinct:
+                values = np.fromiter(counter.values(), dtype=np.int64, count=len(counter))
+                threshold = int(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2])
+                kept = Counter({tag: n for tag, n in counter.items() if n > threshold})
+                prunings, pruned, error_bound = prunings + 1, pruned + len(counter) - len(kept), error_bound + threshold
+                counter = kept
+        vocab = vocab_from_counts(counter, images, min_count=min_count, max_size=max_size, aliases=cache.aliases)
+        if prunings:
+            vocab.info.update(approximate=True, prunings=prunings, pruned_tags=pruned, count_error_bound=error_bound)
+
+    def known_of(data: ShardLabels) -> np.ndarray:
+        to_vocab = np.asarray([vocab.index.get(label, -1) for label in data.labels] or [0], dtype=np.int64)
+        return to_vocab[data.flat] if len(data.flat) else np.zeros(0, dtype=np.int64)
+
+    # pass 1: images per vocabulary label (the weights use this data's counts, as on map sources)
+    tag_counts = np.zeros(len(vocab), dtype=np.int64)
+    for shard in shards:
+        mapped = known_of(cache.read(shard, with_keys=False))
+        tag_counts += np.bincount(mapped[mapped >= 0], minlength=len(vocab))
+    if not tag_counts.any():
+        raise ValueError(f"none of the training images has a label in the {len(vocab)}-label vocabulary")
+    per_tag = tag_weights(tag_counts, power)
+
+    def sample_weights(data: ShardLabels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(known labels, their sample of each, weight per sample) of one shard."""
+        mapped = known_of(data)
+        sample_of = np.repeat(np.arange(data.samples), np.diff(data.offsets))
+        keep = mapped >= 0
+        mapped, sample_of = mapped[keep], sample_of[keep]
+        order = np.lexsort((mapped, sample_of))  # each sample's labels in vocabulary order, as vocab.encode gives
+        mapped, sample_of = mapped[order], sample_of[order]
+        weights = np.zeros(data.samples, dtype=np.float64)
+        known_per_sample = np.bincount(sample_of, minlength=data.samples)
+        if len(mapped):
+            values = per_tag[mapped]
+            starts = np.flatnonzero(np.r_[True, sample_of[1:] != sample_of[:-1]])
+            owners = sample_of[starts]
+            if reduce == "max":
+                weights[owners] = np.maximum.reduceat(values, starts)
+            else:
+                weights[owners] = np.add.reduceat(values, starts) / known_per_sample[owners]
+        return mapped, sample_of, weights
+
+    # pass 2: the draw weights' sum, the resampled prior and the coverage statistics
+    mass = np.zeros(len(vocab), dtype=np.float64)
+    total = 0.0
+    stats = {"images": 0, "images_without_known_tag": 0, "known_tag_occurrences": 0, "unknown_tag_occurrences": 0,
+             "images_with_tags_truncated": 0}
+    for shard in shards:
+        data = cache.read(shard, with_keys=False)
+        mapped, sample_of, weights = sample_weights(data)
+        known_per_sample = np.bincount(sample_of, minlength=data.samples)
+        stats["images"] += data.samples
+        stats["images_without_known_tag"] += int((known_per_sample == 0).sum())
+        stats["known_tag_occurrences"] += len(mapped)
+        stats["unknown_tag_occurrences"] += len(data.flat) - len(mapped)
+        stats["images_with_tags_truncated"] += int((known_per_sample > max_tags).sum()) if max_tags else 0
+        total += float(weights.sum())
+        share = weights[sample_of] / known_per_sample[sample_of] if loss == "softmax" else weights[sample_of]
+        mass += np.bincount(mapped, weights=share, minlength=len(vocab))
+    if total <= 0:
+        raise ValueError(f"none of the {stats['images']} images has a label in the {len(vocab)}-label vocabulary")
+
+    # pass 3: every sample's copies per epoch (RepeatFactors' rule, with its unit_hash)
+    scale = (epoch_size or stats["images"]) / total
+    positions = []
+    for shard in shards:
+        data = cache.read(shard)
+        _, _, weights = sample_weights(data)
+        expected = weights * scale
+        whole = np.floor(expected)
+        fraction = expected - whole
+        draws = np.asarray([unit_hash(seed, key) if w > 0 else 1.0 for key, w in zip(data.keys, weights)],
+                           dtype=np.float64)
+        positions.append(int(whole.sum() + (draws < fraction).sum()))
+    return Prepared(vocab, tag_counts, torch.from_numpy(mass / total), stats, total, positions)
+
+
+def shards_of_rank(count: int, rank: int, world_size: int) -> Sequence[int]:
+    """The shards rank ``rank`` reads when building the cache: ``rank, rank + world, ...``."""
+    return range(rank, count, world_size)
+
+
+__all__ = ["LabelCache", "Prepared", "ShardLabels", "prepare_from_cache", "settings_name", "shards_of_rank"]
