@@ -94,7 +94,7 @@ def tokenize(text: str) -> list[str]:
 def is_latin(word: str) -> bool:
     """Every character is in a Latin block (Basic Latin to Latin Extended-B, Latin Extended
     Additional) or is an apostrophe."""
-    return all(ch < "\u0250" or "\u1e00" <= ch <= "\u1eff" for ch in word)
+    return word.isascii() or all(ch < "\u0250" or "\u1e00" <= ch <= "\u1eff" for ch in word)
 
 
 @functools.lru_cache(maxsize=1 << 18)
@@ -170,6 +170,12 @@ class SynsetIndex:
     lemmas: dict[tuple[str, ...], tuple[str, ...]]
     names: dict[str, str]  # synset id -> its first lemma, for display
     longest: int  # words in the longest lemma
+    starts: dict[str, int] = field(default_factory=dict)  # first word -> words in its longest lemma
+
+    def __post_init__(self) -> None:
+        if not self.starts:
+            for words in self.lemmas:
+                self.starts[words[0]] = max(self.starts.get(words[0], 0), len(words))
 
     @classmethod
     def read(cls, path: str | Path) -> SynsetIndex:
@@ -207,7 +213,7 @@ class SynsetIndex:
         position = 0
         while position < len(words):
             matched = 0
-            for size in range(min(self.longest, len(words) - position), 0, -1):
+            for size in range(min(self.starts.get(words[position], 1), len(words) - position), 0, -1):
                 span = words[position : position + size]
                 if size == 1 and (span[0] in STOP_WORDS or len(span[0]) < 2):
                     break
@@ -286,8 +292,10 @@ class WeakLabeler:
             elif kind == "caption":
                 labels.update(dict.fromkeys(caption_words(caption, self.counts)))
             else:
-                index = synset_index(self.synset_table)
-                labels.update(dict.fromkeys(index.find(tokenize(caption))))
+                words = tokenize(caption)
+                if "caption" not in self.kinds:  # counted once when both kinds read the caption
+                    self.counts.non_latin_words += sum(1 for word in words if not is_latin(word))
+                labels.update(dict.fromkeys(synset_index(self.synset_table).find(words)))
         return list(labels)
 
     def display_name(self, label: str) -> str:
