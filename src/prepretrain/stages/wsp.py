@@ -337,19 +337,23 @@ class WSPStage(Stage):
                                 seed=cfg.seed, labels=self.labels)
         statistics = stream_statistics(factors, iter_hashtags(source, self.labels), loss=cfg.loss,
                                        max_tags=cfg.max_tags)
-        epoch_size = cfg.epoch_size or statistics.stats["images"]
-        factors.scale = epoch_size / statistics.weight_sum
+        factors.scale = (cfg.epoch_size or statistics.stats["images"]) / statistics.weight_sum
         source.repeats = factors
-        positions = source.expanded_count()
+        return self._stream_data(source, run, factors, statistics.tag_counts, statistics.prior, statistics.stats,
+                                 source.expanded_count())
+
+    def _stream_data(self, source: Any, run: Run, factors: RepeatFactors, tag_counts: np.ndarray,
+                     prior: torch.Tensor, stats: dict[str, int], positions: int) -> HashtagData:
+        """The shards' preparation, checked and recorded (vocab.json with its coverage)."""
         if positions == 0:
-            raise ValueError(f"resampling {statistics.stats['images']} training images to an epoch of {epoch_size} "
-                             "drew none; raise epoch_size")
-        coverage = {k: v for k, v in statistics.stats.items() if k != "images_with_tags_truncated"}
-        vocab.info = {**vocab.info, "data": cfg.data, "labels_from": self.labels.labels_from, **coverage}
+            raise ValueError(f"resampling {stats['images']} training images to an epoch of "
+                             f"{self.cfg.epoch_size or stats['images']} drew none; raise epoch_size")
+        vocab = factors.vocab
+        coverage = {k: v for k, v in stats.items() if k != "images_with_tags_truncated"}
+        vocab.info = {**vocab.info, "data": self.cfg.data, "labels_from": self.labels.labels_from, **coverage}
         if run.is_main:
             vocab.save(run.path(VOCAB_FILE))
-        return HashtagData(source, vocab, statistics.tag_counts, statistics.prior, statistics.stats,
-                           repeats=factors, positions=positions)
+        return HashtagData(source, vocab, tag_counts, prior, stats, repeats=factors, positions=positions)
 
     def _prepare_cached(self, source: Any, run: Run) -> HashtagData:
         """:meth:`_prepare_stream` from one annotation pass per dataset (:mod:`prepretrain.data.labelcache`):
@@ -362,32 +366,23 @@ class WSPStage(Stage):
         cache = LabelCache(source, self.labels, given.aliases if given is not None else aliases)
         cache.build(shards_of_rank(len(source.urls), run.rank, run.world_size))
         barrier()
-        path = cache.folder / settings_name(
-            vocab=given, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size, power=cfg.resample_power,
-            reduce=cfg.resample_reduce, loss=cfg.loss, epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags)
+        settings = dict(min_count=cfg.vocab_min_count, max_size=cfg.vocab_size, power=cfg.resample_power,
+                        reduce=cfg.resample_reduce, loss=cfg.loss, epoch_size=cfg.epoch_size, seed=cfg.seed,
+                        max_tags=cfg.max_tags)
+        path = cache.folder / settings_name(vocab=given, **settings)
         if run.is_main and not path.is_file():
             cache.build()  # shards no rank could write (normally none)
-            prepare_from_cache(cache, vocab=given, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
-                               power=cfg.resample_power, reduce=cfg.resample_reduce, loss=cfg.loss,
-                               epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags).save(path)
+            prepare_from_cache(cache, vocab=given, **settings).save(path)
         barrier()
         prepared = Prepared.load(path)
-        vocab = given if given is not None else prepared.vocab
         epoch_size = cfg.epoch_size or prepared.stats["images"]
-        factors = RepeatFactors(vocab, prepared.tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce,
+        factors = RepeatFactors(given if given is not None else prepared.vocab, prepared.tag_counts,
+                                power=cfg.resample_power, reduce=cfg.resample_reduce,
                                 scale=epoch_size / prepared.weight_sum, seed=cfg.seed, labels=self.labels)
         source.repeats = factors
         source.set_expanded_counts(prepared.positions)
-        positions = sum(prepared.positions)
-        if positions == 0:
-            raise ValueError(f"resampling {prepared.stats['images']} training images to an epoch of {epoch_size} "
-                             "drew none; raise epoch_size")
-        coverage = {k: v for k, v in prepared.stats.items() if k != "images_with_tags_truncated"}
-        vocab.info = {**vocab.info, "data": cfg.data, "labels_from": self.labels.labels_from, **coverage}
-        if run.is_main:
-            vocab.save(run.path(VOCAB_FILE))
-        return HashtagData(source, vocab, prepared.tag_counts, prepared.prior, prepared.stats, repeats=factors,
-                           positions=positions)
+        return self._stream_data(source, run, factors, prepared.tag_counts, prepared.prior, prepared.stats,
+                                 sum(prepared.positions))
 
     # ------------------------------------------------------------------------------ model
     def build_model(self, run: Run) -> nn.Module:
