@@ -324,3 +324,27 @@ def test_damaged_tar_is_counted_not_fatal(tmp_path: Path, cut: str) -> None:
         keys = [record.key for record in source.iter_records()]
         assert keys == ["img0", "img1"]
         assert source.skips.skipped["broken_shard"] == 1, source.skips.as_dict()
+
+
+def test_a_file_skipped_on_every_read_is_named_once_with_its_reads():
+    """A broken video read every epoch is one file in the report, not one per read (two broken
+    files read 79 times each were reported as 158 'unreadable' with one example before)."""
+    from prepretrain.data.records import MAX_NAMED_FILES, BadSample, SkipCounter
+
+    counter, other = SkipCounter(), SkipCounter()
+    for _ in range(79):
+        counter.skip(BadSample("train/a/broken.mp4", "unreadable"))
+        other.skip(BadSample("train/b/cut.webm", "unreadable"))
+    other.skip(BadSample("train/b/x.mp4", "too_short"))
+    counter.merge(other)
+    assert counter.skipped == {"unreadable": 158, "too_short": 1}
+    assert counter.as_dict()["distinct_files"] == {"unreadable": 2, "too_short": 1}
+    assert counter.as_dict()["files"]["unreadable"] == {"train/a/broken.mp4": 79, "train/b/cut.webm": 79}
+    assert counter.describe() == ("unreadable: 158 samples from 2 files (train/a/broken.mp4 (79 reads), "
+                                  "train/b/cut.webm (79 reads)); too_short: 1 samples from 1 files "
+                                  "(train/b/x.mp4 (1 read))")
+    many = SkipCounter()
+    for index in range(MAX_NAMED_FILES + 5):
+        many.skip(BadSample(f"img{index}.jpg", "truncated"))
+    assert many.skipped["truncated"] == MAX_NAMED_FILES + 5 and len(many.files["truncated"]) == MAX_NAMED_FILES
+    assert f"from {MAX_NAMED_FILES}+ files" in many.describe() and "... 995 more" in many.describe()

@@ -279,7 +279,7 @@ def test_ssv2_json_and_simple_manifests_give_path_label_pairs(tmp_path):
         open_video_data(str(simple))
 
 
-def test_the_reference_repos_list_formats_and_the_ssv2_labels_folder(tmp_path):
+def test_the_reference_repos_list_formats_and_the_ssv2_labels_folder(tmp_path, capsys):
     """Header-less ``path label`` lists (PySlowFast / VideoMAE train.csv, MMAction .txt, paths with
     spaces), a header-less ``path,label`` CSV, and SSv2's labels/ folder of the 20BN download."""
     codec, suffix = CODECS[0]
@@ -313,6 +313,20 @@ def test_the_reference_repos_list_formats_and_the_ssv2_labels_folder(tmp_path):
     data = open_video_data(str(ssv2), video_dir=str(videos))
     assert data.class_names == ["Moving something up", "Moving something down"]
     assert data.sources["train"].labels == [1] and data.sources["val"].labels == [0] and data.selection_is_test
+
+    # `prepretrain data stats` recognises each layout and names it
+    def stats(*argv):
+        assert main(["data", "stats", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert stats(str(slowfast)) == {
+        "format": "video", "layout": "manifest", "task": "label", "classes": 3, "class_names": ["0", "1", "2"],
+        "videos": {"train": 2, "val": 1, "test": 1}, "split_names": {"train": "train", "val": "val", "test": "val"},
+        "missing_files": {"train": 0, "val": 0, "test": 0}}
+    assert stats(str(ssv2), "--video-dir", str(videos))["layout"] == "ssv2"
+    _video_folder(tmp_path / "classes")  # class folders of videos and no image: a video folder
+    assert stats(str(tmp_path / "classes"))["videos"] == {"train": 2, "val": 3, "test": 3}
+    assert stats("synthetic", "--video")["classes"] == 4
 
 
 # ------------------------------------------------------------------- sampling and mixing
@@ -462,3 +476,16 @@ def test_ref_source_hands_out_lazy_references():
     ref = RefSource(videos).get(3)
     assert ref.label == videos.label(3) and ref.key == "synthetic-video/train/3"
     assert ref.frames(lambda total: [0, 7, 9]).shape == (3, 16, 16, 3)  # 9 is past the end: padded
+
+
+def test_views_are_averaged_as_probabilities_not_logits():
+    """One very confident view must not outvote two that agree (the reference test loops average
+    softmax outputs): logits mean -> class 0, probabilities mean -> class 1."""
+    from prepretrain.stages.video import average_views
+
+    logits = torch.tensor([[[20.0, 0.0], [0.0, 2.0], [0.0, 2.0]]])
+    assert logits.mean(dim=1).argmax(-1).item() == 0
+    averaged = average_views(logits)
+    assert averaged.argmax(-1).item() == 1
+    torch.testing.assert_close(averaged.sum(-1), torch.ones(1))
+    torch.testing.assert_close(averaged, logits.softmax(-1).mean(1))

@@ -50,6 +50,7 @@ from .data.tools import (
     write_shards,
     write_synthetic,
 )
+from .data.video import describe_video_data, is_video_dataset
 from .data.weaklabels import WeakLabeler
 from .files import UnsafeCheckpoint, write_text
 from .models.checkpoints import CheckpointMismatch
@@ -155,9 +156,13 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     synth.add_argument("--image-size", type=int, default=32)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--format", default="png", choices=["png", "jpg"])
-    stats = sub.add_parser("stats", help="print statistics of any source (folder, manifest, shards, synthetic)")
+    stats = sub.add_parser("stats", help="print statistics of any source (folder, manifest, shards, synthetic; a "
+                                         "video dataset's layout, classes and videos per split)")
     stats.add_argument("source")
     stats.add_argument("--split", default="train")
+    stats.add_argument("--video", action="store_true", help="read SOURCE as a video dataset (found without it when "
+                                                           "a folder holds videos and no images; 'synthetic' needs it)")
+    stats.add_argument("--video-dir", default="", help="where a video dataset's list files find the videos")
     stats.add_argument("--sample", type=int, default=200, help="images decoded for size statistics")
     vocab = sub.add_parser("vocab", help="count labels (hashtags, Flickr tags, caption words or WordNet synsets) in "
                                          "one streaming pass (no image decoded), print their coverage and write the "
@@ -223,6 +228,9 @@ def _data_run(args: argparse.Namespace) -> int:
         path = vocab.save(args.out)
         print(f"wrote {len(vocab)} {labels.labels_from} labels to {path}")
         print(coverage_text(coverage))
+        return 0
+    if args.data_command == "stats" and (args.video or is_video_dataset(Path(args.source))):
+        print(json.dumps(describe_video_data(args.source, args.video_dir), indent=2))
         return 0
     source = open_data(args.source, split=args.split)
     if args.data_command == "check":

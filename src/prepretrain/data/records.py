@@ -86,21 +86,34 @@ class MapSource(Protocol):
         ...
 
 
+MAX_NAMED_FILES = 1000  # distinct files remembered per reason (counting goes on past it)
+
+
 @dataclass
 class SkipCounter:
-    """Counts skipped samples by reason so a run can report them and stop when too many."""
+    """Counts skipped samples by reason so a run can report them and stop when too many.
+
+    ``files`` remembers which files (keys) were skipped, each once, with how many times it was
+    read: a broken video read 80 times in a run is one file, named once in the report."""
 
     seen: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Counter] = field(default_factory=dict)  # reason -> key -> reads (first MAX_NAMED_FILES)
 
     def ok(self) -> None:
         self.seen += 1
+
+    def _name(self, reason: str, key: str, reads: int) -> None:
+        named = self.files.setdefault(reason, Counter())
+        if key in named or len(named) < MAX_NAMED_FILES:
+            named[key] += reads
 
     def skip(self, error: BadSample) -> None:
         self.seen += 1
         self.skipped[error.reason] += 1
         self.examples.setdefault(error.reason, error.key)
+        self._name(error.reason, error.key, 1)
 
     @property
     def total_skipped(self) -> int:
@@ -115,6 +128,22 @@ class SkipCounter:
         self.skipped.update(other.skipped)
         for reason, key in other.examples.items():
             self.examples.setdefault(reason, key)
+        for reason, named in other.files.items():
+            for key, reads in named.items():
+                self._name(reason, key, reads)
+
+    def describe(self, shown: int = 5) -> str:
+        """``unreadable: 2 files (a.mp4 79 reads, b.mp4 79 reads)``, one clause per reason."""
+        parts = []
+        for reason, count in self.skipped.most_common():
+            named = self.files.get(reason, Counter())
+            files = ", ".join(f"{key} ({reads} read{'s' * (reads > 1)})" for key, reads in named.most_common(shown))
+            more = f", ... {len(named) - shown} more" if len(named) > shown else ""
+            capped = "+" if len(named) >= MAX_NAMED_FILES else ""
+            parts.append(f"{reason}: {count} samples from {len(named)}{capped} files ({files}{more})")
+        return "; ".join(parts)
 
     def as_dict(self) -> dict:
-        return {"seen": self.seen, "skipped": dict(self.skipped), "examples": dict(self.examples)}
+        return {"seen": self.seen, "skipped": dict(self.skipped), "examples": dict(self.examples),
+                "distinct_files": {reason: len(named) for reason, named in self.files.items()},
+                "files": {reason: dict(named.most_common(100)) for reason, named in self.files.items()}}

@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+from .decode import IMAGE_EXTENSIONS
 from .records import BadSample
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
@@ -657,6 +658,43 @@ def open_video_data(spec: str, *, task: str = "auto", num_videos: int = 1000, se
     if kind == "manifest":
         return _open_simple(root, Path(video_dir) if video_dir else None, max_missing_fraction)
     return _open_folder(root, max_missing_fraction)
+
+
+def is_video_dataset(root: Path, limit: int = 2000) -> bool:
+    """Whether a folder holds a video dataset: an SSv2 or Kinetics layout, or (looking at the first
+    ``limit`` files) video files and no images."""
+    if not root.is_dir():
+        return False
+    kind = video_data_kind(root)
+    if kind in ("ssv2", "kinetics"):
+        return True
+    if kind == "manifest":  # lists of paths: what the first rows point at
+        listed = _first(root, ("train.csv", "train.txt", "train.jsonl"))
+        with open(listed, encoding="utf-8", errors="replace") as handle:  # type: ignore[arg-type]
+            head = "".join(handle.readline() for _ in range(3)).lower()
+        return any(suffix in head for suffix in VIDEO_EXTENSIONS)
+    videos = images = seen = 0
+    for _, _, names in os.walk(root):
+        for name in names:
+            suffix = Path(name).suffix.lower()
+            videos += suffix in VIDEO_EXTENSIONS
+            images += suffix in IMAGE_EXTENSIONS
+            seen += 1
+        if seen >= limit:
+            break
+    return videos > 0 and images == 0
+
+
+def describe_video_data(spec: str, video_dir: str = "") -> dict[str, Any]:
+    """What ``prepretrain data stats`` prints for a video dataset: its layout (as read), classes,
+    videos per role and split, and rows whose file is missing."""
+    data = open_video_data(spec, video_dir=video_dir, max_missing_fraction=1.0)
+    return {
+        "format": "video", "layout": "synthetic" if spec == "synthetic" else video_data_kind(Path(spec)),
+        "task": data.task, "classes": data.num_classes, "class_names": data.class_names[:20],
+        "videos": {role: len(data.sources[role]) for role in ROLES}, "split_names": dict(data.split_names),
+        "missing_files": dict(data.missing),
+    }
 
 
 # ----------------------------------------------------------------------------- sampling

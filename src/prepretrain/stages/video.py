@@ -139,6 +139,13 @@ class VideoConfig(TrainConfig):
         check_weights("encoder", self.encoder)
 
 
+def average_views(logits: torch.Tensor) -> torch.Tensor:
+    """``(videos, views, classes)`` logits -> each video's class probabilities averaged over its
+    views, as the reference test loops do (SlowFast and MAE-ST sum the views' softmax outputs; the
+    mean ranks the same). Averaging logits instead lets one confident view outvote the others."""
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
 class VideoStage(Stage):
     """An image encoder inflated to a video ViT and finetuned end to end on clips."""
 
@@ -220,7 +227,7 @@ class VideoStage(Stage):
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, role: str, device: torch.device) -> dict[str, float]:
-        """Top-1/top-5 (percent) of the views' averaged logits over the videos of ``role``."""
+        """Top-1/top-5 (percent) of the views' averaged class probabilities over the videos of ``role``."""
         cfg = self.cfg
         transform = EvalClips(cfg.num_frames, cfg.frame_stride, cfg.image_size, temporal_views=cfg.temporal_views,
                               spatial_views=cfg.spatial_views, short_videos=cfg.short_videos, sampling=cfg.sampling)
@@ -234,7 +241,7 @@ class VideoStage(Stage):
             clips = batch["video"]  # (B, V, C, T, H, W)
             with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext():
                 logits = model(clips.flatten(0, 1).to(device))
-            scores.append(logits.float().view(len(clips), self.views, -1).mean(dim=1).cpu())
+            scores.append(average_views(logits.float().view(len(clips), self.views, -1)).cpu())
             labels.append(batch["label"])
         if not scores:
             raise RuntimeError(f"no readable video in the {role} split ({skipped} unreadable)")

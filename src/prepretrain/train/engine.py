@@ -686,7 +686,7 @@ class Trainer:
             }
             run.write_json("results.json", results)
             if self.skips.total_skipped:
-                run.print(f"skipped {self.skips.total_skipped} unreadable samples: {dict(self.skips.skipped)}")
+                run.print(f"skipped {self.skips.total_skipped} unreadable samples: {self.skips.describe()}")
         run.logger.close()
         barrier()
         return results
