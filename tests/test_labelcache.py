@@ -90,3 +90,43 @@ def test_a_read_only_data_folder_caches_in_the_cache_root(tmp_path, shards, monk
     monkeypatch.setattr("prepretrain.data.labelcache._writable", lambda folder: False)
     cache = LabelCache(ShardSource(shards), WeakLabeler("caption"))
     assert cache.folder.parent == tmp_path / "cache" / "labels"
+
+
+def test_ranks_share_the_derivation_and_get_the_single_process_result(shards):
+    """Two ranks (threads here, an all-reduce of arrays between them) each derive their share of
+    the shards: counts, statistics, weight sum and copies equal one process's exactly."""
+    import threading
+
+    from prepretrain.data.labelcache import build_cached_vocab, derive
+
+    cache = LabelCache(ShardSource(shards), WeakLabeler("caption"))
+    cache.build()
+    vocab = build_cached_vocab(cache, min_count=2, max_size=1000)
+    settings = dict(power=0.5, reduce="max", loss="softmax", epoch_size=0, seed=3, max_tags=2)
+    alone = derive(cache, vocab, **settings)
+    world, meeting = 2, threading.Barrier(2)
+    slots, results = [None] * world, [None] * world
+
+    def all_reduce(rank):
+        def reduce(values):
+            slots[rank] = values.copy()
+            meeting.wait()
+            total = slots[0] + slots[1]
+            meeting.wait()
+            return total
+        return reduce
+
+    def rank_main(rank):
+        results[rank] = derive(cache, vocab, shards=shards_of_rank(5, rank, world), reduce_sum=all_reduce(rank),
+                               **settings)
+
+    threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for shared in results:
+        assert shared.positions == alone.positions and shared.stats == alone.stats
+        assert shared.weight_sum == alone.weight_sum
+        np.testing.assert_array_equal(shared.tag_counts, alone.tag_counts)
+        np.testing.assert_allclose(shared.prior.numpy(), alone.prior.numpy(), rtol=1e-12)

@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,52 +221,78 @@ def settings_name(*, vocab: HashtagVocab | None, min_count: int, max_size: int, 
                                              max_tags])) + ".json"
 
 
-def prepare_from_cache(cache: LabelCache, *, vocab: HashtagVocab | None, min_count: int, max_size: int,
-                       power: float, reduce: str, loss: str, epoch_size: int, seed: int, max_tags: int,
-                       max_distinct: int = 5_000_000) -> Prepared:
-    """Everything WSP derives from the annotations, from the label files alone (all must exist).
+def build_cached_vocab(cache: LabelCache, *, min_count: int, max_size: int,
+                       max_distinct: int = 5_000_000) -> HashtagVocab:
+    """The vocabulary of the cached labels, as :func:`~prepretrain.data.tools.build_vocab_streaming`
+    builds it from the annotations (pruning the rarest half whenever more than ``max_distinct``
+    labels are held; then approximate, and said so in its info). Reads only each shard's label
+    table and counts, not its samples."""
+    check_complete(cache)
+    counter: Counter[str] = Counter()
+    images = prunings = pruned = error_bound = 0
+    for shard in range(len(cache.shard_names)):
+        data = cache.read(shard, with_keys=False)
+        images += data.samples
+        counter.update(dict(zip(data.labels, data.counts.tolist())))
+        if len(counter) > max_distinct:
+            values = np.fromiter(counter.values(), dtype=np.int64, count=len(counter))
+            threshold = int(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2])
+            kept = Counter({tag: n for tag, n in counter.items() if n > threshold})
+            prunings, pruned, error_bound = prunings + 1, pruned + len(counter) - len(kept), error_bound + threshold
+            counter = kept
+    vocab = vocab_from_counts(counter, images, min_count=min_count, max_size=max_size, aliases=cache.aliases)
+    if prunings:
+        vocab.info.update(approximate=True, prunings=prunings, pruned_tags=pruned, count_error_bound=error_bound)
+    return vocab
 
-    ``vocab``: a given (or resumed) vocabulary; ``None`` builds it from the counts as
-    :func:`~prepretrain.data.tools.build_vocab_streaming` does (pruning the rarest half whenever
-    more than ``max_distinct`` labels are held; then approximate, and said so in its info)."""
-    shards = range(len(cache.shard_names))
+
+def check_complete(cache: LabelCache) -> None:
     missing = cache.missing()
     if missing:
         raise FileNotFoundError(f"label cache {cache.folder} lacks {len(missing)} shards (first: {missing[0]})")
-    images = 0
-    if vocab is None:
-        counter: Counter[str] = Counter()
-        prunings = pruned = error_bound = 0
-        for shard in shards:
-            data = cache.read(shard, with_keys=False)
-            images += data.samples
-            counter.update(dict(zip(data.labels, data.counts.tolist())))
-            if len(counter) > max_distinct:
-                values = np.fromiter(counter.values(), dtype=np.int64, count=len(counter))
-                threshold = int(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2])
-                kept = Counter({tag: n for tag, n in counter.items() if n > threshold})
-                prunings, pruned, error_bound = prunings + 1, pruned + len(counter) - len(kept), error_bound + threshold
-                counter = kept
-        vocab = vocab_from_counts(counter, images, min_count=min_count, max_size=max_size, aliases=cache.aliases)
-        if prunings:
-            vocab.info.update(approximate=True, prunings=prunings, pruned_tags=pruned, count_error_bound=error_bound)
 
-    def known_of(data: ShardLabels) -> np.ndarray:
-        to_vocab = np.asarray([vocab.index.get(label, -1) for label in data.labels] or [0], dtype=np.int64)
-        return to_vocab[data.flat] if len(data.flat) else np.zeros(0, dtype=np.int64)
+
+def _no_reduce(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+STAT_KEYS = ("images", "images_without_known_tag", "known_tag_occurrences", "unknown_tag_occurrences",
+             "images_with_tags_truncated")
+
+
+def derive(cache: LabelCache, vocab: HashtagVocab, *, power: float, reduce: str, loss: str, epoch_size: int,
+           seed: int, max_tags: int, shards: Sequence[int] | None = None,
+           reduce_sum: Callable[[np.ndarray], np.ndarray] = _no_reduce) -> Prepared:
+    """Images per label, draw weights, their sum, the prior, the coverage statistics and every
+    shard's copies under ``vocab``, from the cached samples of ``shards`` (default: all).
+
+    Several processes share the work: each passes its own ``shards`` and a ``reduce_sum`` that
+    sums an array over all of them (an all-reduce); every process gets the whole result. Counts,
+    statistics and copies are exact, and so is the weight sum, added per shard in shard order,
+    so the copies are the same for any number of processes; the prior's sums may differ in the
+    last bits (float64 sums in another order)."""
+    total_shards = len(cache.shard_names)
+    mine = range(total_shards) if shards is None else shards
+    to_vocab: dict[int, np.ndarray] = {}
+
+    def known_of(shard: int, data: ShardLabels) -> np.ndarray:
+        if shard not in to_vocab:
+            to_vocab[shard] = np.asarray([vocab.index.get(label, -1) for label in data.labels] or [0], dtype=np.int64)
+        return to_vocab[shard][data.flat] if len(data.flat) else np.zeros(0, dtype=np.int64)
 
     # pass 1: images per vocabulary label (the weights use this data's counts, as on map sources)
     tag_counts = np.zeros(len(vocab), dtype=np.int64)
-    for shard in shards:
-        mapped = known_of(cache.read(shard, with_keys=False))
+    for shard in mine:
+        mapped = known_of(shard, cache.read(shard, with_keys=False))
         tag_counts += np.bincount(mapped[mapped >= 0], minlength=len(vocab))
+    tag_counts = reduce_sum(tag_counts)
     if not tag_counts.any():
         raise ValueError(f"none of the training images has a label in the {len(vocab)}-label vocabulary")
     per_tag = tag_weights(tag_counts, power)
 
-    def sample_weights(data: ShardLabels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(known labels, their sample of each, weight per sample) of one shard."""
-        mapped = known_of(data)
+    def sample_weights(shard: int, data: ShardLabels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(known labels, the sample of each, the weight of each sample) of one shard."""
+        mapped = known_of(shard, data)
         sample_of = np.repeat(np.arange(data.samples), np.diff(data.offsets))
         keep = mapped >= 0
         mapped, sample_of = mapped[keep], sample_of[keep]
@@ -284,39 +310,51 @@ def prepare_from_cache(cache: LabelCache, *, vocab: HashtagVocab | None, min_cou
                 weights[owners] = np.add.reduceat(values, starts) / known_per_sample[owners]
         return mapped, sample_of, weights
 
-    # pass 2: the draw weights' sum, the resampled prior and the coverage statistics
+    # pass 2: the draw weights' sum (per shard), the resampled prior and the coverage statistics
     mass = np.zeros(len(vocab), dtype=np.float64)
-    total = 0.0
-    stats = {"images": 0, "images_without_known_tag": 0, "known_tag_occurrences": 0, "unknown_tag_occurrences": 0,
-             "images_with_tags_truncated": 0}
-    for shard in shards:
+    shard_weights = np.zeros(total_shards, dtype=np.float64)
+    stats = np.zeros(len(STAT_KEYS), dtype=np.int64)
+    for shard in mine:
         data = cache.read(shard, with_keys=False)
-        mapped, sample_of, weights = sample_weights(data)
+        mapped, sample_of, weights = sample_weights(shard, data)
         known_per_sample = np.bincount(sample_of, minlength=data.samples)
-        stats["images"] += data.samples
-        stats["images_without_known_tag"] += int((known_per_sample == 0).sum())
-        stats["known_tag_occurrences"] += len(mapped)
-        stats["unknown_tag_occurrences"] += len(data.flat) - len(mapped)
-        stats["images_with_tags_truncated"] += int((known_per_sample > max_tags).sum()) if max_tags else 0
-        total += float(weights.sum())
+        stats += [data.samples, int((known_per_sample == 0).sum()), len(mapped), len(data.flat) - len(mapped),
+                  int((known_per_sample > max_tags).sum()) if max_tags else 0]
+        shard_weights[shard] = weights.sum()
         share = weights[sample_of] / known_per_sample[sample_of] if loss == "softmax" else weights[sample_of]
         mass += np.bincount(mapped, weights=share, minlength=len(vocab))
+    mass, shard_weights = reduce_sum(mass), reduce_sum(shard_weights)
+    statistics = dict(zip(STAT_KEYS, (int(v) for v in reduce_sum(stats))))
+    total = float(shard_weights.sum())
     if total <= 0:
-        raise ValueError(f"none of the {stats['images']} images has a label in the {len(vocab)}-label vocabulary")
+        raise ValueError(f"none of the {statistics['images']} images has a label in the {len(vocab)}-label vocabulary")
 
     # pass 3: every sample's copies per epoch (RepeatFactors' rule, with its unit_hash)
-    scale = (epoch_size or stats["images"]) / total
-    positions = []
-    for shard in shards:
+    scale = (epoch_size or statistics["images"]) / total
+    positions = np.zeros(total_shards, dtype=np.int64)
+    for shard in mine:
         data = cache.read(shard)
-        _, _, weights = sample_weights(data)
+        _, _, weights = sample_weights(shard, data)
         expected = weights * scale
         whole = np.floor(expected)
-        fraction = expected - whole
         draws = np.asarray([unit_hash(seed, key) if w > 0 else 1.0 for key, w in zip(data.keys, weights)],
                            dtype=np.float64)
-        positions.append(int(whole.sum() + (draws < fraction).sum()))
-    return Prepared(vocab, tag_counts, torch.from_numpy(mass / total), stats, total, positions)
+        positions[shard] = int(whole.sum() + (draws < expected - whole).sum())
+    positions = reduce_sum(positions)
+    return Prepared(vocab, tag_counts, torch.from_numpy(mass / total), statistics, total,
+                    [int(p) for p in positions])
+
+
+def prepare_from_cache(cache: LabelCache, *, vocab: HashtagVocab | None, min_count: int, max_size: int,
+                       power: float, reduce: str, loss: str, epoch_size: int, seed: int, max_tags: int,
+                       max_distinct: int = 5_000_000) -> Prepared:
+    """Everything WSP derives from the annotations, from the label files alone, in one process:
+    ``vocab`` (given or resumed) or :func:`build_cached_vocab`, then :func:`derive`."""
+    check_complete(cache)
+    if vocab is None:
+        vocab = build_cached_vocab(cache, min_count=min_count, max_size=max_size, max_distinct=max_distinct)
+    return derive(cache, vocab, power=power, reduce=reduce, loss=loss, epoch_size=epoch_size, seed=seed,
+                  max_tags=max_tags)
 
 
 def shards_of_rank(count: int, rank: int, world_size: int) -> Sequence[int]:
@@ -324,4 +362,5 @@ def shards_of_rank(count: int, rank: int, world_size: int) -> Sequence[int]:
     return range(rank, count, world_size)
 
 
-__all__ = ["LabelCache", "Prepared", "ShardLabels", "prepare_from_cache", "settings_name", "shards_of_rank"]
+__all__ = ["LabelCache", "Prepared", "ShardLabels", "build_cached_vocab", "derive", "prepare_from_cache",
+           "settings_name", "shards_of_rank"]

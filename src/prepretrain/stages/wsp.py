@@ -56,7 +56,7 @@ from ..data.hashtags import (
     tag_image_counts,
     target_prior,
 )
-from ..data.labelcache import LabelCache, Prepared, prepare_from_cache, settings_name, shards_of_rank
+from ..data.labelcache import LabelCache, Prepared, build_cached_vocab, derive, settings_name, shards_of_rank
 from ..data.loader import RecordDataset, eval_loader, open_stage_data
 from ..data.pixels import train_pixels
 from ..data.records import BadSample, Record
@@ -92,7 +92,7 @@ from ..models.resolve import (
     resolve_weights,
 )
 from ..models.vit import check_model_and_size, create_vit, forward_flops, vit_shape
-from ..train.distributed import barrier
+from ..train.distributed import all_reduce_sum, barrier
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
 
@@ -215,6 +215,18 @@ class FirstRecords:
         if not 0 <= index < self.count:
             raise IndexError(f"index {index} out of range for {self.count} records")
         return self.source.get(index)
+
+
+def _all_reduce_sum(run: Run) -> Any:
+    """An array summed over every rank (identity on one process), through the run's device."""
+    if run.world_size == 1:
+        return lambda values: values
+
+    def reduce(values: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(values)).to(run.device)
+        return all_reduce_sum(tensor).cpu().numpy()
+
+    return reduce
 
 
 class WSPStage(Stage):
@@ -357,24 +369,37 @@ class WSPStage(Stage):
 
     def _prepare_cached(self, source: Any, run: Run) -> HashtagData:
         """:meth:`_prepare_stream` from one annotation pass per dataset (:mod:`prepretrain.data.labelcache`):
-        every rank labels its share of the shards into the cache, rank 0 derives the vocabulary,
-        counts, weights, prior and copies per shard from it with NumPy and writes them, every rank
-        reads them. A rerun, resume or second run on the same data and settings reads no annotation."""
+        every rank labels its share of the shards into the cache; rank 0 builds the vocabulary
+        from the cached label counts; every rank derives counts, weights, prior and copies for its
+        share, summed across ranks; rank 0 writes the result. A rerun, resume or second run on the
+        same data and settings reads only that file."""
         cfg = self.cfg
         aliases = self._aliases(source)
         given = self._given_vocab(run, aliases)
         cache = LabelCache(source, self.labels, given.aliases if given is not None else aliases)
-        cache.build(shards_of_rank(len(source.urls), run.rank, run.world_size))
+        mine = shards_of_rank(len(source.urls), run.rank, run.world_size)
+        cache.build(mine)
         barrier()
-        settings = dict(min_count=cfg.vocab_min_count, max_size=cfg.vocab_size, power=cfg.resample_power,
-                        reduce=cfg.resample_reduce, loss=cfg.loss, epoch_size=cfg.epoch_size, seed=cfg.seed,
-                        max_tags=cfg.max_tags)
-        path = cache.folder / settings_name(vocab=given, **settings)
-        if run.is_main and not path.is_file():
-            cache.build()  # shards no rank could write (normally none)
-            prepare_from_cache(cache, vocab=given, **settings).save(path)
-        barrier()
-        prepared = Prepared.load(path)
+        name = settings_name(vocab=given, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
+                             power=cfg.resample_power, reduce=cfg.resample_reduce, loss=cfg.loss,
+                             epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags)
+        path = cache.folder / name
+        reduce_sum = _all_reduce_sum(run)
+        if reduce_sum(np.array([run.is_main and path.is_file()], dtype=np.int64))[0]:  # rank 0 decides for all
+            prepared = Prepared.load(path)
+        else:
+            vocab = given
+            if vocab is None:
+                vocab_path = cache.folder / f"vocab-{name}"
+                if run.is_main:
+                    build_cached_vocab(cache, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size).save(vocab_path)
+                barrier()
+                vocab = HashtagVocab.load(vocab_path)
+            prepared = derive(cache, vocab, power=cfg.resample_power, reduce=cfg.resample_reduce, loss=cfg.loss,
+                              epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags, shards=mine,
+                              reduce_sum=reduce_sum)
+            if run.is_main:
+                prepared.save(path)
         epoch_size = cfg.epoch_size or prepared.stats["images"]
         factors = RepeatFactors(given if given is not None else prepared.vocab, prepared.tag_counts,
                                 power=cfg.resample_power, reduce=cfg.resample_reduce,
