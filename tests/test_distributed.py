@@ -413,6 +413,31 @@ def test_finetune_under_fsdp_evaluates_and_exports(tmp_path: Path) -> None:
     model.load_state_dict(weights)  # strict: the consolidated classifier, not shards
 
 
+@pytest.mark.slow
+def test_wsp_on_caption_shards_labels_each_shard_once_across_two_ranks(tmp_path: Path) -> None:
+    """The label cache under two ranks: each rank labels its share of the shards, the derivation
+    is summed across ranks, and the result equals one process's annotation passes."""
+    from prepretrain.data.synthetic import SyntheticSource
+    from prepretrain.data.tools import write_shards
+    from prepretrain.stages.wsp import WSPConfig, WSPStage
+    from prepretrain.train.run import Run
+
+    data = tmp_path / "shards"
+    write_shards(SyntheticSource(120, image_size=16, seed=0), data, samples_per_shard=30, verbose=False)
+    settings = ["labels_from=caption", "depth=1", "image_size=32", "vocab_min_count=1", "batch_size=8"]
+    out = tmp_path / "two"
+    assert_launch_ok(launch_cli(["wsp", f"data={data}", f"out_dir={out}", "steps=2", "progress=false",
+                                 "tensorboard=false", *settings]))
+    assert len(list((data / ".prepretrain-labels").glob("*/*.npz"))) == 4  # every shard labelled once
+    results = json.loads((out / "results.json").read_text())
+    cfg = build_config(WSPConfig, None, [f"data={data}", f"out_dir={tmp_path / 'one'}", "label_cache=false",
+                                         *settings])
+    stage = WSPStage(cfg)
+    alone = stage.prepare(Run.of_stage(stage))
+    assert results["train_samples_per_epoch"] == alone.positions
+    assert json.loads((out / "vocab.json").read_text())["tags"] == alone.vocab.tags
+
+
 if __name__ == "__main__":  # torchrun worker: python test_distributed.py '<json of config values>'
     settings = json.loads(sys.argv[1])
     train(SeededMaskMAE(build_config(MAEConfig, None, [f"{k}={v}" for k, v in settings.items()])))
