@@ -164,7 +164,7 @@ def test_encoded_videos_decode_to_the_sampled_frames(tmp_path, codec, suffix):
     path = tmp_path / f"clip_{codec}{suffix}"
     _write_video(path, codec)
     totals = []
-    frames = decode_frames(path, lambda total: totals.append(total) or [0, 3, 7, 12, 12, 15])
+    frames = decode_frames(path, lambda total, fps: totals.append(total) or [0, 3, 7, 12, 12, 15])
     assert abs(totals[0] - 16) <= 1  # metadata count (stream frames, or duration x rate)
     assert frames.shape == (6, 32, 32, 3)
     levels = frames.reshape(6, -1).mean(1)
@@ -172,7 +172,7 @@ def test_encoded_videos_decode_to_the_sampled_frames(tmp_path, codec, suffix):
     # seeking far in (first frame past SEEK_AFTER_FRAMES) lands on the same frames
     long_path = tmp_path / f"long_{codec}{suffix}"
     _write_video(long_path, codec, frames=80)
-    far = decode_frames(long_path, lambda total: [70, 72])
+    far = decode_frames(long_path, lambda total, fps: [70, 72])
     expected = [_level(i) for i in (70, 72)]
     assert np.allclose(far.reshape(2, -1).mean(1), expected, atol=4)
 
@@ -184,10 +184,10 @@ def test_truncated_and_broken_files_are_bad_samples_or_padded(tmp_path):
     cut = tmp_path / "cut.mkv"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 5])
     with pytest.raises(BadSample) as error:
-        decode_frames(cut, lambda total: [0, 15], short_videos="skip")
+        decode_frames(cut, lambda total, fps: [0, 15], short_videos="skip")
     assert error.value.reason in ("too_short", "unreadable")
     if error.value.reason == "too_short":  # frames up to the cut decode; the rest repeat the last one
-        padded = decode_frames(cut, lambda total: [0, 15], short_videos="pad").reshape(2, -1).mean(1)
+        padded = decode_frames(cut, lambda total, fps: [0, 15], short_videos="pad").reshape(2, -1).mean(1)
         assert abs(padded[0] - _level(0)) <= 4 and padded[1] < _level(15) - 20
     mp4 = tmp_path / "cut.mp4"
     _write_video(tmp_path / "whole.mp4", "mpeg4")
@@ -196,7 +196,7 @@ def test_truncated_and_broken_files_are_bad_samples_or_padded(tmp_path):
     garbage.write_bytes(b"not a video at all" * 10)
     for broken in (mp4, garbage):
         with pytest.raises(BadSample) as error:
-            decode_frames(broken, lambda total: [0])
+            decode_frames(broken, lambda total, fps: [0])
         assert error.value.reason == "unreadable"
 
 
@@ -475,7 +475,7 @@ def test_ref_source_hands_out_lazy_references():
     videos = SyntheticVideos(8, size=16, length=8)
     ref = RefSource(videos).get(3)
     assert ref.label == videos.label(3) and ref.key == "synthetic-video/train/3"
-    assert ref.frames(lambda total: [0, 7, 9]).shape == (3, 16, 16, 3)  # 9 is past the end: padded
+    assert ref.frames(lambda total, fps: [0, 7, 9]).shape == (3, 16, 16, 3)  # 9 is past the end: padded
 
 
 def test_views_are_averaged_as_probabilities_not_logits():
@@ -489,3 +489,31 @@ def test_views_are_averaged_as_probabilities_not_logits():
     assert averaged.argmax(-1).item() == 1
     torch.testing.assert_close(averaged.sum(-1), torch.ones(1))
     torch.testing.assert_close(averaged, logits.softmax(-1).mean(1))
+
+
+def test_target_fps_makes_a_dense_clip_last_the_same_time_at_any_frame_rate(tmp_path):
+    """PySlowFast's Kinetics sampling: the stride counts frames at target_fps (30), so a 4x4 clip
+    spans 16/30 s of a 30 fps file and of a 15 fps file alike (16 vs 8 of the file's frames), its
+    frames spread by linspace(start, start + span - 1, 4); without target_fps the stride counts the
+    file's own frames."""
+    from prepretrain.data.video import TrainClip, clip_span, dense_indices
+
+    assert clip_span(4, 4) == 13 and clip_span(4, 4, fps=15, target_fps=30) == 8.0
+    assert dense_indices(10, 4, 4) == [10, 14, 18, 22]
+    assert dense_indices(10, 4, 4, fps=30, target_fps=30) == [10, 15, 20, 25]  # linspace(10, 25, 4)
+    assert dense_indices(10, 4, 4, fps=15, target_fps=30) == [10, 12, 14, 17]  # linspace(10, 17, 4), truncated
+    assert EvalClips(4, 4, 24).pick(41, fps=15.0) == [14, 18, 22, 26]  # no target_fps: the file's frames
+    fixed = EvalClips(4, 4, 24, temporal_views=2, target_fps=30)
+    assert fixed.pick(40, fps=15.0) == dense_indices(0, 4, 4, 15, 30) + dense_indices(32, 4, 4, 15, 30)
+    assert fixed.pick(40, fps=0.0) == [0, 4, 8, 12, 27, 31, 35, 39]  # rate unknown: the file's frames
+    codec, suffix = CODECS[0]
+    seen = {}
+    for fps in (15, 30):
+        path = tmp_path / f"v{fps}{suffix}"
+        _write_video(path, codec, frames=40, fps=fps)
+        decode_frames(path, lambda total, rate, fps=fps: seen.setdefault(fps, (total, rate)) and [0])
+        train = TrainClip(4, 4, 24, target_fps=30)
+        for _ in range(20):
+            picked = train.pick(40, float(fps))
+            assert picked[-1] - picked[0] == (15 if fps == 30 else 7) and 0 <= picked[0] <= 40 - 8 * fps // 15
+    assert seen == {15: (40, 15.0), 30: (40, 30.0)}  # decode_frames passes the file's rate to the picker

@@ -77,7 +77,8 @@ SHORT_VIDEO_POLICIES = ("pad", "skip")
 SEEK_AFTER_FRAMES = 64  # decode from the start up to here; seek to a later first frame
 ROLES = ("train", "val", "test")
 
-FramePicker = Callable[[int], Sequence[int]]  # total frames -> the frame indices wanted (any order, repeats ok)
+# (total frames, frames per second or 0 when unknown) -> the frame indices wanted (any order, repeats ok)
+FramePicker = Callable[[int, float], Sequence[int]]
 
 
 # ------------------------------------------------------------------------------ sources
@@ -95,7 +96,7 @@ class VideoSource(Protocol):
     def key(self, index: int) -> str: ...
 
     def read(self, index: int, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
-        """(len(pick(total)), H, W, 3) uint8 frames of video ``index``, or raise BadSample."""
+        """(len(pick(total, fps)), H, W, 3) uint8 frames of video ``index``, or raise BadSample."""
         ...
 
 
@@ -237,7 +238,7 @@ class SyntheticVideos:
         return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
 
     def read(self, index: int, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
-        wanted = list(pick(self.length))
+        wanted = list(pick(self.length, 0.0))  # drawn frame by frame: no frame rate
         frames = self.render(index)
         return frames[[min(max(i, 0), self.length - 1) for i in wanted]]
 
@@ -263,7 +264,7 @@ def frame_count(stream: Any, container: Any) -> int:
 
 
 def decode_frames(path: str | Path, pick: FramePicker, *, key: str = "", short_videos: str = "pad") -> np.ndarray:
-    """The frames ``pick(total)`` asks for, decoded with PyAV, as (N, H, W, 3) uint8.
+    """The frames ``pick(total, fps)`` asks for, decoded with PyAV, as (N, H, W, 3) uint8.
 
     Decodes from the start, or seeks to the keyframe before the first wanted frame when it is
     far in, and stops after the last wanted frame. Indices come from presentation times.
@@ -283,10 +284,10 @@ def decode_frames(path: str | Path, pick: FramePicker, *, key: str = "", short_v
             raise BadSample(key, "unreadable", "no video stream")
         stream = container.streams.video[0]
         total = frame_count(stream, container)
-        wanted = [int(i) for i in pick(max(total, 1))]
+        rate = float(stream.average_rate or stream.guessed_rate or 0) or None
+        wanted = [int(i) for i in pick(max(total, 1), rate or 0.0)]
         needed = set(wanted)
         last_needed = max(wanted)
-        rate = float(stream.average_rate or stream.guessed_rate or 0) or None
         time_base = float(stream.time_base) if stream.time_base else None
         origin = stream.start_time or 0
         got: dict[int, np.ndarray] = {}
@@ -720,6 +721,26 @@ def segment_indices(total: int, num_frames: int, *, view: int | None = None, vie
     return [min(total - 1, int(length * (i + (view + 0.5) / views))) for i in range(num_frames)]
 
 
+def clip_span(num_frames: int, stride: int, fps: float = 0.0, target_fps: float = 0.0) -> float:
+    """Frames of the file one dense clip covers: ``(num_frames - 1) * stride + 1`` when the stride
+    counts the file's own frames (``target_fps=0``, or the frame rate is unknown); else the stride
+    counts frames at ``target_fps``, so the clip lasts ``stride * num_frames / target_fps`` seconds
+    whatever the file's rate (PySlowFast's ``clip_size = sampling_rate * num_frames / target_fps * fps``)."""
+    if target_fps > 0 and fps > 0:
+        return stride * num_frames * fps / target_fps
+    return float((num_frames - 1) * stride + 1)
+
+
+def dense_indices(start: float, num_frames: int, stride: int, fps: float = 0.0, target_fps: float = 0.0) -> list[int]:
+    """A dense clip's frames from ``start``: every ``stride``-th frame, or with ``target_fps`` the
+    ``num_frames`` frames spread evenly over :func:`clip_span` (PySlowFast's ``temporal_sampling``:
+    ``linspace(start, start + span - 1, num_frames)`` truncated to integers)."""
+    if target_fps > 0 and fps > 0:
+        span = clip_span(num_frames, stride, fps, target_fps)
+        return [int(i) for i in np.linspace(start, start + span - 1, num_frames)]
+    return clip_indices(int(start), num_frames, stride)
+
+
 def clip_starts(total: int, span: int, views: int) -> list[int]:
     """Starts of ``views`` clips of ``span`` frames spread evenly over ``total`` frames (the
     middle one when ``views == 1``); 0 when the video is shorter than a clip."""
@@ -769,16 +790,19 @@ class TrainClip:
     which the loader seeds per sample position (exact resume)."""
 
     def __init__(self, num_frames: int, stride: int, image_size: int, *, min_scale: float = 0.08,
-                 hflip: float = 0.0, short_videos: str = "pad", sampling: str = "dense"):
+                 hflip: float = 0.0, short_videos: str = "pad", sampling: str = "dense", target_fps: float = 0.0):
         self.num_frames, self.stride, self.image_size = num_frames, stride, image_size
         self.min_scale, self.hflip, self.short_videos, self.sampling = min_scale, hflip, short_videos, sampling
+        self.target_fps = target_fps
 
-    def pick(self, total: int) -> list[int]:
+    def pick(self, total: int, fps: float = 0.0) -> list[int]:
         if self.sampling == "segment":
             return segment_indices(total, self.num_frames)
-        span = (self.num_frames - 1) * self.stride + 1
-        start = random.randint(0, max(total - span, 0))
-        return clip_indices(start, self.num_frames, self.stride)
+        span = clip_span(self.num_frames, self.stride, fps, self.target_fps)
+        if self.target_fps > 0 and fps > 0:
+            return dense_indices(random.uniform(0, max(total - span, 0)), self.num_frames, self.stride, fps,
+                                 self.target_fps)
+        return clip_indices(random.randint(0, max(total - int(span), 0)), self.num_frames, self.stride)
 
     def __call__(self, ref: VideoRef) -> dict[str, Any]:
         frames = _to_float(ref.frames(self.pick, self.short_videos))
@@ -808,18 +832,19 @@ class EvalClips:
     ``middle_frame_only``: the single-frame baseline's view, one frame at the middle of the video."""
 
     def __init__(self, num_frames: int, stride: int, image_size: int, *, temporal_views: int = 1,
-                 spatial_views: int = 1, short_videos: str = "pad", sampling: str = "dense"):
+                 spatial_views: int = 1, short_videos: str = "pad", sampling: str = "dense", target_fps: float = 0.0):
         self.num_frames, self.stride, self.image_size = num_frames, stride, image_size
         self.temporal_views, self.spatial_views, self.short_videos = temporal_views, spatial_views, short_videos
-        self.sampling = sampling
+        self.sampling, self.target_fps = sampling, target_fps
 
-    def pick(self, total: int) -> list[int]:
+    def pick(self, total: int, fps: float = 0.0) -> list[int]:
         if self.sampling == "segment":
             return [i for view in range(self.temporal_views)
                     for i in segment_indices(total, self.num_frames, view=view, views=self.temporal_views)]
-        span = (self.num_frames - 1) * self.stride + 1
+        span = math.ceil(clip_span(self.num_frames, self.stride, fps, self.target_fps))
         starts = clip_starts(total, span, self.temporal_views)
-        return [i for start in starts for i in clip_indices(start, self.num_frames, self.stride)]
+        return [i for start in starts
+                for i in dense_indices(start, self.num_frames, self.stride, fps, self.target_fps)]
 
     def __call__(self, ref: VideoRef) -> dict[str, Any]:
         frames = _resize_short_side(_to_float(ref.frames(self.pick, self.short_videos)), self.image_size)

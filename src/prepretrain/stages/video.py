@@ -72,6 +72,9 @@ class VideoConfig(TrainConfig):
     synthetic_length: int = 32  # frames of each synthetic video
     num_frames: int = 8  # frames per clip
     frame_stride: int = 2  # sampling rate: frames between two sampled frames (sampling=dense)
+    # > 0: frame_stride counts frames at this rate, so a clip lasts frame_stride * num_frames / target_fps
+    # seconds whatever the file's rate (PySlowFast's Kinetics: 30); 0: it counts the file's own frames
+    target_fps: float = 0.0
     # dense: num_frames frames frame_stride apart (Kinetics recipes) | segment: one frame from each of
     # num_frames equal segments of the whole video (random in training, interleaved views at test; SSv2)
     sampling: str = "dense"
@@ -110,7 +113,8 @@ class VideoConfig(TrainConfig):
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
         "max_missing_fraction": "[0, 1]", "synthetic_length": "> 0", "num_frames": "> 0", "frame_stride": "> 0",
-        "tubelet_size": "> 0", "motion_init": ">= 0", "temporal_views": "> 0", "spatial_views": "> 0",
+        "target_fps": ">= 0", "tubelet_size": "> 0", "motion_init": ">= 0", "temporal_views": "> 0",
+        "spatial_views": "> 0",
         "layer_decay": "(0, 1]", "drop_path": "[0, 1]", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "min_crop_scale": "(0, 1]", "hflip": "[0, 1]",
         "eval_batch_size": "> 0",
@@ -179,7 +183,8 @@ class VideoStage(Stage):
     def train_data(self, run: Run) -> TrainData:
         cfg = self.cfg
         transform = TrainClip(cfg.num_frames, cfg.frame_stride, cfg.image_size, min_scale=cfg.min_crop_scale,
-                              hflip=cfg.hflip, short_videos=cfg.short_videos, sampling=cfg.sampling)
+                              hflip=cfg.hflip, short_videos=cfg.short_videos, sampling=cfg.sampling,
+                              target_fps=cfg.target_fps)
         source = self.data.source("train")
         return TrainData(RecordDataset(source, transform), len(source))
 
@@ -230,7 +235,8 @@ class VideoStage(Stage):
         """Top-1/top-5 (percent) of the views' averaged class probabilities over the videos of ``role``."""
         cfg = self.cfg
         transform = EvalClips(cfg.num_frames, cfg.frame_stride, cfg.image_size, temporal_views=cfg.temporal_views,
-                              spatial_views=cfg.spatial_views, short_videos=cfg.short_videos, sampling=cfg.sampling)
+                              spatial_views=cfg.spatial_views, short_videos=cfg.short_videos, sampling=cfg.sampling,
+                              target_fps=cfg.target_fps)
         dataset = RecordDataset(self.data.source(role), transform)
         use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
         scores, labels, skipped = [], [], 0
