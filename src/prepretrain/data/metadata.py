@@ -38,6 +38,7 @@ import csv
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -190,36 +191,24 @@ def _parquet_rows(path: Path, counts: dict[str, int]) -> Iterator[tuple[str, lis
 
 def _jsonl_rows(path: Path, counts: dict[str, int]) -> Iterator[tuple[str, list[str], str]]:
     with _open_text(path) as handle:
-        first: dict[str, Any] | None = None
-        lines = (line for line in handle if line.strip())
-        rows: list[dict[str, Any]] = []
-        for line in lines:
-            try:
-                first = json.loads(line)
-            except json.JSONDecodeError:
-                counts["bad_rows"] += 1
-                continue
-            if isinstance(first, dict):
-                rows.append(first)
-                break
-            counts["bad_rows"] += 1
-        if first is None or not rows:
-            return
 
-        def records() -> Iterator[dict[str, Any]]:
-            yield from rows
-            for line in lines:
+        def parsed() -> Iterator[dict[str, Any]]:
+            for line in handle:
+                if not line.strip():
+                    continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    counts["bad_rows"] += 1
-                    continue
+                    row = None
                 if isinstance(row, dict):
                     yield row
                 else:
                     counts["bad_rows"] += 1
 
-        yield from _record_rows(records(), list(first), path, counts)
+        rows = parsed()
+        first = next(rows, None)
+        if first is not None:  # its fields name the columns
+            yield from _record_rows(itertools.chain([first], rows), list(first), path, counts)
 
 
 def _csv_rows(path: Path, counts: dict[str, int]) -> Iterator[tuple[str, list[str], str]]:

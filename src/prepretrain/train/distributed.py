@@ -94,7 +94,15 @@ def init_distributed(
 
 
 def _destroy_at_exit() -> None:
+    """Leave the group at interpreter exit, every rank together: a rank that tears its gloo pairs
+    down while a peer's are still live can kill that peer in C++ ("terminate called without an
+    active exception", SIGABRT, seen once on a finished 2-rank CPU run), so they meet at a barrier
+    first (bounded by the group's timeout; a failed rank has aborted the group before this)."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - leaving anyway: the barrier is only a courtesy to the peers
+            pass
         dist.destroy_process_group()
 
 
