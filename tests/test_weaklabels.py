@@ -299,6 +299,11 @@ def test_user_mistakes_are_one_line_with_their_exit_code(tmp_path, monkeypatch, 
          "none of the first 1000 images was found in it by their key (or file name stem) "
          "(e.g. 'synthetic-s0/train/00000000'); set metadata_key="),
     ]
+    captions = tmp_path / "captions.json"
+    assert main(["data", "vocab", "synthetic", "--out", str(captions), "--labels-from", "caption"]) == 0
+    capsys.readouterr()
+    cases.append((["wsp", out, "labels_from=synsets", f"vocab={captions}"], 2,
+                  "'labels_from': is synsets, but vocab=" + str(captions) + " was built from caption labels"))
     for argv, code, message in cases:
         assert main(argv) == code, argv
         err = capsys.readouterr().err.strip()
