@@ -337,7 +337,7 @@ class _Gradient:
 
     class_names = ["x"]
 
-    def read(self, index, pick, short_videos="pad"):
+    def read(self, index, pick, short_videos="pad", short_side=0):
         wanted = list(pick(12))
         frame = np.broadcast_to(np.arange(48, dtype=np.uint8)[None, :, None] * 5, (24, 48, 3))
         return np.stack([frame + np.uint8(i) for i in wanted])
@@ -517,3 +517,29 @@ def test_target_fps_makes_a_dense_clip_last_the_same_time_at_any_frame_rate(tmp_
             picked = train.pick(40, float(fps))
             assert picked[-1] - picked[0] == (15 if fps == 30 else 7) and 0 <= picked[0] <= 40 - 8 * fps // 15
     assert seen == {15: (40, 15.0), 30: (40, 30.0)}  # decode_frames passes the file's rate to the picker
+
+
+def test_evaluation_decodes_frames_at_its_own_size(tmp_path):
+    """Frames larger than the evaluation size are scaled down while decoding (libswscale, area
+    averaging), so a clip never holds full-size frames; the result stays close to resizing the
+    full-size frames afterwards."""
+    from prepretrain.data.video import _resize_short_side, _to_float
+
+    codec, suffix = CODECS[0]
+    path = tmp_path / f"big{suffix}"
+    _write_video(path, codec, frames=8, size=96)
+    full = decode_frames(path, lambda total, fps: [0, 5])
+    small = decode_frames(path, lambda total, fps: [0, 5], short_side=24)
+    assert full.shape == (2, 96, 96, 3) and small.shape == (2, 24, 24, 3)
+    expected = _resize_short_side(_to_float(full), 24)
+    assert (torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255 - expected).abs().mean() < 0.03
+    assert decode_frames(path, lambda total, fps: [1], short_side=200).shape == (1, 96, 96, 3)  # never enlarged
+    source = RefSource(file_videos([path]))
+    views = EvalClips(4, 1, 24, temporal_views=2)(source.get(0))["video"]
+    assert views.shape == (2, 3, 4, 24, 24)
+
+
+def file_videos(paths):
+    from prepretrain.data.video import FileVideos
+
+    return FileVideos(list(paths), [0] * len(paths), ["x"])

@@ -95,8 +95,9 @@ class VideoSource(Protocol):
 
     def key(self, index: int) -> str: ...
 
-    def read(self, index: int, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
-        """(len(pick(total, fps)), H, W, 3) uint8 frames of video ``index``, or raise BadSample."""
+    def read(self, index: int, pick: FramePicker, short_videos: str = "pad", short_side: int = 0) -> np.ndarray:
+        """(len(pick(total, fps)), H, W, 3) uint8 frames of video ``index``, or raise BadSample;
+        ``short_side > 0``: frames larger than that are scaled down to it while decoding."""
         ...
 
 
@@ -109,8 +110,8 @@ class VideoRef:
     key: str
     label: int
 
-    def frames(self, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
-        return self.source.read(self.index, pick, short_videos)
+    def frames(self, pick: FramePicker, short_videos: str = "pad", short_side: int = 0) -> np.ndarray:
+        return self.source.read(self.index, pick, short_videos, short_side)
 
 
 class RefSource:
@@ -237,8 +238,8 @@ class SyntheticVideos:
             frames[t] = frame + noise.normal(0, 0.02, frame.shape)
         return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    def read(self, index: int, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
-        wanted = list(pick(self.length, 0.0))  # drawn frame by frame: no frame rate
+    def read(self, index: int, pick: FramePicker, short_videos: str = "pad", short_side: int = 0) -> np.ndarray:
+        wanted = list(pick(self.length, 0.0))  # drawn frame by frame: no frame rate; already small
         frames = self.render(index)
         return frames[[min(max(i, 0), self.length - 1) for i in wanted]]
 
@@ -263,8 +264,21 @@ def frame_count(stream: Any, container: Any) -> int:
     return max(0, int(round(seconds * float(rate))))
 
 
-def decode_frames(path: str | Path, pick: FramePicker, *, key: str = "", short_videos: str = "pad") -> np.ndarray:
-    """The frames ``pick(total, fps)`` asks for, decoded with PyAV, as (N, H, W, 3) uint8.
+def _rgb(frame: Any, short_side: int) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8, scaled down (area averaging, in libswscale) so its short
+    side is ``short_side`` when it is larger: only the pixels the clip keeps are ever held."""
+    height, width = frame.height, frame.width
+    if short_side > 0 and min(height, width) > short_side:
+        scale = short_side / min(height, width)
+        size = (max(short_side, round(width * scale)), max(short_side, round(height * scale)))
+        return frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_ndarray()
+    return frame.to_ndarray(format="rgb24")
+
+
+def decode_frames(path: str | Path, pick: FramePicker, *, key: str = "", short_videos: str = "pad",
+                  short_side: int = 0) -> np.ndarray:
+    """The frames ``pick(total, fps)`` asks for, decoded with PyAV, as (N, H, W, 3) uint8; with
+    ``short_side > 0`` larger frames are scaled down to that short side as they are decoded.
 
     Decodes from the start, or seeks to the keyframe before the first wanted frame when it is
     far in, and stops after the last wanted frame. Indices come from presentation times.
@@ -306,12 +320,12 @@ def decode_frames(path: str | Path, pick: FramePicker, *, key: str = "", short_v
                     number = sequential
                 last_frame, last_number = frame, number
                 if number in needed:
-                    got[number] = frame.to_ndarray(format="rgb24")
+                    got[number] = _rgb(frame, short_side)
                 if number >= last_needed:
                     break
         except (av.error.FFmpegError, OSError):
             pass  # a truncated or damaged tail: keep what decoded
-        last = last_frame.to_ndarray(format="rgb24") if last_frame is not None and needed - set(got) else None
+        last = _rgb(last_frame, short_side) if last_frame is not None and needed - set(got) else None
     if last_frame is None:
         raise BadSample(key, "unreadable", "no decodable frame")
     missing = sorted(needed - set(got))
@@ -345,8 +359,9 @@ class FileVideos:
     def key(self, index: int) -> str:
         return str(self.paths[index])
 
-    def read(self, index: int, pick: FramePicker, short_videos: str = "pad") -> np.ndarray:
-        return decode_frames(self.paths[index], pick, key=self.key(index), short_videos=short_videos)
+    def read(self, index: int, pick: FramePicker, short_videos: str = "pad", short_side: int = 0) -> np.ndarray:
+        return decode_frames(self.paths[index], pick, key=self.key(index), short_videos=short_videos,
+                             short_side=short_side)
 
 
 def _files_by_stem(root: Path) -> dict[str, Path]:
@@ -847,7 +862,9 @@ class EvalClips:
                 for i in dense_indices(start, self.num_frames, self.stride, fps, self.target_fps)]
 
     def __call__(self, ref: VideoRef) -> dict[str, Any]:
-        frames = _resize_short_side(_to_float(ref.frames(self.pick, self.short_videos)), self.image_size)
+        # decoded at the evaluation size: 80 frames of a 720p video are 0.9 GB as float at full size
+        frames = _resize_short_side(_to_float(ref.frames(self.pick, self.short_videos, self.image_size)),
+                                    self.image_size)
         views = []
         for t in range(self.temporal_views):
             clip = frames[t * self.num_frames:(t + 1) * self.num_frames]
