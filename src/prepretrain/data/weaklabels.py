@@ -38,9 +38,10 @@ Stated rules (assumptions where the sources say nothing):
   frequencies, so the most frequent sense, which CatLIP takes from NLTK, cannot be chosen. A
   ``synset_table`` with one synset per lemma makes the mapping one-to-one.
 * Lemmas are matched as nouns without part-of-speech tagging: an adjective that is also a noun
-  lemma (``red``) is labelled with the noun's synset.
-* An empty caption (or one with no word left) gives no label; it is counted
-  (``empty_captions``), never an error: WSP never draws an image without a known label.
+  lemma (``green``, the colour) is labelled with the noun's synset.
+* An empty caption gives no label and is counted (``empty_captions``); a caption with no word
+  left (``of the``) gives no label either. Neither is an error: such an image is one without a
+  label, counted in the coverage, and WSP never draws an image without a known label.
 """
 
 from __future__ import annotations
