@@ -12,10 +12,12 @@ Here the annotations are read once:
    ``r, r + w, ...``) and writes, per shard, the labels of every sample (normalised, synonyms
    mapped, each once) as indices into that shard's own label table, the samples' keys, and the
    images per label. About 10-20 bytes per sample, atomically, one ``.npz`` per shard.
-2. :func:`prepare_from_cache` (one process) derives everything else from those arrays with NumPy:
-   counts -> vocabulary -> images per vocabulary label -> draw weights, their sum and the prior ->
-   every shard's copies. It writes the result (``prepared-<settings>.json`` beside the shard files)
-   for every other rank to read.
+2. :func:`build_cached_vocab` (rank 0) merges the shards' label counts into the vocabulary, and
+   :func:`derive` (every rank, its own shards, arrays summed across ranks by an all-reduce)
+   computes with NumPy the images per vocabulary label, the draw weights, their sum and the prior,
+   and every shard's copies. Rank 0 writes the result (``prepared-<settings>.json`` beside the
+   shard files), which later runs on the same data and settings read instead.
+   :func:`prepare_from_cache` is both in one process.
 
 The cache folder is named by the shards (path, size, modification time), the labelling (
 ``labels_from``, synset table, fields, metadata table, synonyms), so a changed shard or setting
