@@ -291,6 +291,8 @@ def test_user_mistakes_are_one_line_with_their_exit_code(tmp_path, monkeypatch, 
     out = f"out_dir={tmp_path / 'run'}"
     cases = [
         (["wsp", out, "labels_from=words"], 2, "'labels_from': unknown label kind 'words'"),
+        (["data", "vocab", "synthetic", "--out", str(tmp_path / "w.json"), "--labels-from", "words"], 2,
+         "'labels_from': unknown label kind 'words'"),
         (["wsp", out, "metadata=/nowhere.tsv"], 2, "'metadata': metadata table not found: /nowhere.tsv"),
         (["wsp", out, "metadata_key=uid"], 2, "'metadata_key': names the image field"),
         (["wsp", out, "labels_from=synsets", f"synset_table={tmp_path}/none.txt"], 2,

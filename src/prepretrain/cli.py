@@ -218,12 +218,14 @@ def _data_run(args: argparse.Namespace) -> int:
     if args.data_command == "rehearsal":
         return _rehearsal(args)
     if args.data_command == "vocab":
+        try:
+            labels = WeakLabeler(args.labels_from, args.synset_table)
+        except ValueError as error:
+            raise ConfigError("labels_from", str(error)) from None
         source = open_data(args.source, split=args.split, hashtag_field=args.hashtag_field,
                            caption_field=args.caption_field, metadata=args.metadata, metadata_key=args.metadata_key)
-        labels = WeakLabeler(args.labels_from, args.synset_table)
-        own_table = args.synonyms == "auto" and "hashtags" not in labels.kinds  # a hashtag table: not for captions
         vocab, coverage = build_label_vocab(source, labels, min_count=args.min_count, max_size=args.size,
-                                            aliases={} if own_table else tag_aliases(source, args.synonyms),
+                                            aliases=tag_aliases(source, args.synonyms, labels),
                                             max_distinct=args.max_distinct)
         path = vocab.save(args.out)
         print(f"wrote {len(vocab)} {labels.labels_from} labels to {path}")

@@ -662,11 +662,13 @@ __all__ = [
 ]
 
 
-def tag_aliases(source: Any, choice: str = "auto") -> dict[str, str]:
+def tag_aliases(source: Any, choice: str = "auto", labels: WeakLabeler | None = None) -> dict[str, str]:
     """The hashtag -> class map (the paper's hashtag-to-synset step): ``none``; a synonym file;
     or, with ``auto``, the table the source ships (``source.hashtag_synonyms`` groups; for the
-    synthetic set, its attribute tag groups such as ``circle/round/disc``)."""
-    if choice == "none":
+    synthetic set, its attribute tag groups such as ``circle/round/disc``). That table is a hashtag
+    table: with ``labels`` that do not include hashtags (captions, Flickr tags, synsets), ``auto``
+    gives none."""
+    if choice == "none" or (choice == "auto" and labels is not None and "hashtags" not in labels.kinds):
         return {}
     if choice != "auto":
         return load_synonyms(choice)

@@ -249,10 +249,7 @@ class WSPStage(Stage):
     def _aliases(self, source: Any) -> dict[str, str]:
         """``tag_synonyms``: the source's own table (``auto``; a hashtag table, so captions and
         synsets do without it), none, or a file."""
-        cfg = self.cfg
-        if cfg.tag_synonyms == "auto" and "hashtags" not in self.labels.kinds:
-            return {}
-        return tag_aliases(source, cfg.tag_synonyms)
+        return tag_aliases(source, self.cfg.tag_synonyms, self.labels)
 
     def _given_vocab(self, run: Run, aliases: dict[str, str]) -> HashtagVocab | None:
         """Resume -> the run's own vocab.json; ``vocab=`` -> that file (with its own synonyms,
