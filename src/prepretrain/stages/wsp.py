@@ -4,7 +4,9 @@ The second stage of MAWS (REFERENCE.md section 4): a ViT, initialised from the M
 (``init=``), learns to predict each image's hashtags out of a vocabulary built from the
 training data, with tail tags resampled. Everything about vocabularies, targets and
 resampling lives in :mod:`prepretrain.data.hashtags`; the head, losses and tag-prediction
-metrics in :mod:`prepretrain.models.heads`.
+metrics in :mod:`prepretrain.models.heads`. Without hashtags, ``labels_from=`` derives each
+image's labels from Flickr tags, caption words or WordNet synsets
+(:mod:`prepretrain.data.weaklabels`), and everything downstream treats them as hashtags.
 
 Data: a manifest, folder or the synthetic set is resampled by the loader's weighted draw
 (per-image weights and tags held in memory, about 8 bytes per image plus 4 per tag: fine to
@@ -13,7 +15,8 @@ random access, are resampled in the stream instead: every sample appears a fixed
 times per epoch (``RepeatFactors``: floor or ceil of its expected count, from the seed and its
 key), expanded by the shard readers before their block shuffle (``ShardSource.repeats``), with
 the same per-tag distribution in expectation, no size limit, and exact resume. The vocabulary,
-weights and prior then come from annotation-only passes over the shards (no image decoded).
+weights, prior and copies per shard come from one annotation pass per dataset shared by the ranks
+and cached beside the data (:mod:`prepretrain.data.labelcache`; no image decoded).
 A ``val`` split of shards (``data=DIR`` with ``train/`` and ``val/``) is evaluated on its first
 ``eval_images`` samples in shard order (whole evaluation batches: up to a batch more).
 
