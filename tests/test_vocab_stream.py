@@ -174,13 +174,13 @@ class ZipfTags:
 def test_pruning_bounds_memory_and_is_reported(monkeypatch) -> None:
     source = ZipfTags(400)
     sizes: list[int] = []
-    real_prune = tools_module._prune_rarest
+    real_prune = tools_module.prune_rarest
 
     def recording_prune(counts):
         sizes.append(len(counts))
         return real_prune(counts)
 
-    monkeypatch.setattr(tools_module, "_prune_rarest", recording_prune)
+    monkeypatch.setattr(tools_module, "prune_rarest", recording_prune)
     counts, stats = count_hashtags(source, max_distinct=20)
     assert sizes and max(sizes) <= 20 + 3  # never more than max_distinct plus one image's tags
     assert stats["prunings"] == len(sizes) and not stats["exact"] and stats["distinct_tags"] == len(counts) <= 20

@@ -268,6 +268,16 @@ def build_vocab(tag_lists: Iterable[Sequence[str]], *, min_count: int = 1, max_s
     return vocab_from_counts(counter, images, min_count=min_count, max_size=max_size, aliases=aliases)
 
 
+def prune_rarest(counts: Counter) -> tuple[Counter, int, int]:
+    """Drop every tag whose count is at most the median count: at least the rarest half of
+    the distinct tags (all ties of the median go, so the result does not depend on the order
+    tags arrived in). Returns (the kept counts, tags dropped, largest count dropped)."""
+    values = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+    threshold = int(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2])
+    kept = Counter({tag: number for tag, number in counts.items() if number > threshold})
+    return kept, len(counts) - len(kept), threshold
+
+
 def vocab_from_counts(counter: Counter[str] | dict[str, int], images: int, *, min_count: int = 1,
                       max_size: int = 28_000, aliases: dict[str, str] | None = None) -> HashtagVocab:
     """The vocabulary :func:`build_vocab` makes from per-image tag counts (``image_tags`` of
@@ -577,6 +587,7 @@ __all__ = [
     "load_synonyms",
     "normalize_hashtag",
     "pad_tags",
+    "prune_rarest",
     "sampling_weights",
     "source_hashtags",
     "stream_statistics",

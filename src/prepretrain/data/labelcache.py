@@ -41,10 +41,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from prepretrain.data.hashtags import HashtagVocab, image_tags, tag_weights, unit_hash, vocab_from_counts
+from prepretrain.data.hashtags import (
+    HashtagVocab,
+    image_tags,
+    prune_rarest,
+    tag_weights,
+    unit_hash,
+    vocab_from_counts,
+)
 from prepretrain.data.records import BadSample
 from prepretrain.data.rowindex import cache_root
 from prepretrain.data.weaklabels import WeakLabeler
+from prepretrain.files import atomic_path, write_text
 
 CACHE_VERSION = "labelcache-v1"
 FOLDER_NAME = ".prepretrain-labels"
@@ -79,8 +87,6 @@ class ShardLabels:
     flat: np.ndarray  # int32 label indices, sample after sample
     offsets: np.ndarray  # int64, samples + 1
     keys: list[str]  # "" for an unreadable sample (never drawn)
-    unreadable: int
-    label_counts: dict[str, int]  # what labelling left out (weaklabels.LabelCounts)
 
     @property
     def samples(self) -> int:
@@ -135,13 +141,10 @@ class LabelCache:
         flat: list[int] = []
         offsets = [0]
         keys: list[str] = []
-        unreadable = 0
-        before = self.labels.counts.as_dict()
         scratch, self.source.skips = self.source.skips, type(self.source.skips)()  # counted when training reads it
         try:
             for outcome in self.source.shard_annotation_outcomes(shard):
                 if isinstance(outcome, BadSample):
-                    unreadable += 1
                     keys.append("")
                 else:
                     keys.append(str(outcome.key))
@@ -150,11 +153,9 @@ class LabelCache:
                 offsets.append(len(flat))
         finally:
             self.source.skips = scratch
-        after = self.labels.counts.as_dict()
         flat_array = np.asarray(flat, dtype=np.int32)
         return ShardLabels(list(index), np.bincount(flat_array, minlength=len(index)).astype(np.int64), flat_array,
-                           np.asarray(offsets, dtype=np.int64), keys, unreadable,
-                           {name: after[name] - before[name] for name in after})
+                           np.asarray(offsets, dtype=np.int64), keys)
 
     def _write(self, shard: int, data: ShardLabels) -> None:
         path = self.shard_path(shard)
@@ -162,18 +163,11 @@ class LabelCache:
         key_bytes = [key.encode("utf-8", "surrogatepass") for key in data.keys]
         key_offsets = np.zeros(len(key_bytes) + 1, dtype=np.int64)
         key_offsets[1:] = np.cumsum([len(key) for key in key_bytes])
-        header = json.dumps({"labels": data.labels, "unreadable": data.unreadable, "label_counts": data.label_counts,
-                             "url": self.source.urls[shard]})
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, header=np.frombuffer(header.encode("utf-8"), dtype=np.uint8), counts=data.counts,
-                         flat=data.flat, offsets=data.offsets, keys=np.frombuffer(b"".join(key_bytes), dtype=np.uint8),
-                         key_offsets=key_offsets)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        header = json.dumps({"labels": data.labels, "url": self.source.urls[shard]})
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, header=np.frombuffer(header.encode("utf-8"), dtype=np.uint8), counts=data.counts,
+                     flat=data.flat, offsets=data.offsets, keys=np.frombuffer(b"".join(key_bytes), dtype=np.uint8),
+                     key_offsets=key_offsets)
 
     def read(self, shard: int, with_keys: bool = True) -> ShardLabels:
         with np.load(self.shard_path(shard)) as arrays:
@@ -182,8 +176,7 @@ class LabelCache:
             if with_keys:
                 blob, ends = arrays["keys"].tobytes(), arrays["key_offsets"]
                 keys = [blob[ends[i] : ends[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(ends) - 1)]
-            return ShardLabels(header["labels"], arrays["counts"], arrays["flat"], arrays["offsets"], keys,
-                               int(header["unreadable"]), header["label_counts"])
+            return ShardLabels(header["labels"], arrays["counts"], arrays["flat"], arrays["offsets"], keys)
 
 
 @dataclass
@@ -202,9 +195,7 @@ class Prepared:
                           "aliases": self.vocab.aliases},
                 "tag_counts": self.tag_counts.tolist(), "prior": self.prior.tolist(), "stats": self.stats,
                 "weight_sum": self.weight_sum, "positions": self.positions}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(body))
 
     @classmethod
     def load(cls, path: Path) -> Prepared:
@@ -237,11 +228,8 @@ def build_cached_vocab(cache: LabelCache, *, min_count: int, max_size: int,
         images += data.samples
         counter.update(dict(zip(data.labels, data.counts.tolist())))
         if len(counter) > max_distinct:
-            values = np.fromiter(counter.values(), dtype=np.int64, count=len(counter))
-            threshold = int(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2])
-            kept = Counter({tag: n for tag, n in counter.items() if n > threshold})
-            prunings, pruned, error_bound = prunings + 1, pruned + len(counter) - len(kept), error_bound + threshold
-            counter = kept
+            counter, dropped, threshold = prune_rarest(counter)
+            prunings, pruned, error_bound = prunings + 1, pruned + dropped, error_bound + threshold
     vocab = vocab_from_counts(counter, images, min_count=min_count, max_size=max_size, aliases=cache.aliases)
     if prunings:
         vocab.info.update(approximate=True, prunings=prunings, pruned_tags=pruned, count_error_bound=error_bound)
@@ -316,9 +304,11 @@ def derive(cache: LabelCache, vocab: HashtagVocab, *, power: float, reduce: str,
     mass = np.zeros(len(vocab), dtype=np.float64)
     shard_weights = np.zeros(total_shards, dtype=np.float64)
     stats = np.zeros(len(STAT_KEYS), dtype=np.int64)
+    weights_of: dict[int, np.ndarray] = {}  # this rank's samples' weights (8 bytes each), for pass 3
     for shard in mine:
         data = cache.read(shard, with_keys=False)
         mapped, sample_of, weights = sample_weights(shard, data)
+        weights_of[shard] = weights
         known_per_sample = np.bincount(sample_of, minlength=data.samples)
         stats += [data.samples, int((known_per_sample == 0).sum()), len(mapped), len(data.flat) - len(mapped),
                   int((known_per_sample > max_tags).sum()) if max_tags else 0]
@@ -335,11 +325,10 @@ def derive(cache: LabelCache, vocab: HashtagVocab, *, power: float, reduce: str,
     scale = (epoch_size or statistics["images"]) / total
     positions = np.zeros(total_shards, dtype=np.int64)
     for shard in mine:
-        data = cache.read(shard)
-        _, _, weights = sample_weights(shard, data)
+        keys, weights = cache.read(shard).keys, weights_of.pop(shard)
         expected = weights * scale
         whole = np.floor(expected)
-        draws = np.asarray([unit_hash(seed, key) if w > 0 else 1.0 for key, w in zip(data.keys, weights)],
+        draws = np.asarray([unit_hash(seed, key) if w > 0 else 1.0 for key, w in zip(keys, weights)],
                            dtype=np.float64)
         positions[shard] = int(whole.sum() + (draws < expected - whole).sum())
     positions = reduce_sum(positions)

@@ -35,6 +35,7 @@ from prepretrain.data.hashtags import (
     check_vocab_limits,
     image_tags,
     load_synonyms,
+    prune_rarest,
     synonym_map,
     vocab_from_counts,
 )
@@ -113,16 +114,6 @@ def iter_hashtags(source: Any, labels: Callable[[Any], list[str]] = annotation_t
 # -- counting hashtags in one pass ----------------------------------------------------------------
 
 
-def _prune_rarest(counts: Counter) -> tuple[Counter, int, int]:
-    """Drop every tag whose count is at most the median count: at least the rarest half of
-    the distinct tags (all ties of the median go, so the result does not depend on the order
-    tags arrived in). Returns (the kept counts, tags dropped, largest count dropped)."""
-    values = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
-    threshold = int(np.partition(values, (len(values) - 1) // 2)[(len(values) - 1) // 2])
-    kept = Counter({tag: number for tag, number in counts.items() if number > threshold})
-    return kept, len(counts) - len(kept), threshold
-
-
 def count_hashtags(source: Any, *, max_distinct: int = 5_000_000, aliases: dict[str, str] | None = None,
                    labels: Callable[[Any], list[str]] = annotation_tags) -> tuple[Counter, dict[str, Any]]:
     """In how many images each tag appears, from one streaming pass that decodes no image.
@@ -170,7 +161,7 @@ def count_hashtags(source: Any, *, max_distinct: int = 5_000_000, aliases: dict[
             occurrences += len(tags)
             counts.update(tags)
             if len(counts) > max_distinct:
-                counts, dropped, threshold = _prune_rarest(counts)
+                counts, dropped, threshold = prune_rarest(counts)
                 prunings += 1
                 pruned_tags += dropped
                 error_bound += threshold
@@ -202,13 +193,20 @@ def build_vocab_streaming(source: Any, *, min_count: int = 1, max_size: int = 28
     pruning happened. Otherwise ``info`` also holds ``approximate: true``, ``prunings``,
     ``pruned_tags`` and ``count_error_bound`` (see :func:`count_hashtags`).
     """
+    return _streamed_vocab(source, min_count, max_size, aliases, max_distinct, labels)[0]
+
+
+def _streamed_vocab(source: Any, min_count: int, max_size: int, aliases: dict[str, str] | None, max_distinct: int,
+                    labels: Callable[[Any], list[str]]) -> tuple[HashtagVocab, Counter, dict[str, Any]]:
+    """(vocabulary, counts, :func:`count_hashtags` stats) of one streaming pass; an approximate
+    count (pruned) is said so in the vocabulary's info."""
     check_vocab_limits(min_count, max_size)
     counts, stats = count_hashtags(source, max_distinct=max_distinct, aliases=aliases, labels=labels)
     vocab = vocab_from_counts(counts, stats["images"], min_count=min_count, max_size=max_size, aliases=aliases)
     if not stats["exact"]:
         vocab.info.update(approximate=True, prunings=stats["prunings"], pruned_tags=stats["pruned_tags"],
                           count_error_bound=stats["count_error_bound"])
-    return vocab
+    return vocab, counts, stats
 
 
 def build_label_vocab(source: Any, labels: WeakLabeler, *, min_count: int = 1, max_size: int = 28_000,
@@ -224,11 +222,7 @@ def build_label_vocab(source: Any, labels: WeakLabeler, *, min_count: int = 1, m
     frequent entries with their image counts. The share of images left with a *vocabulary* label
     needs a second pass: a WSP run reports it (``train_images_without_known_tag``)."""
     labels.counts = LabelCounts()
-    counts, stats = count_hashtags(source, max_distinct=max_distinct, aliases=aliases, labels=labels)
-    vocab = vocab_from_counts(counts, stats["images"], min_count=min_count, max_size=max_size, aliases=aliases)
-    if not stats["exact"]:
-        vocab.info.update(approximate=True, prunings=stats["prunings"], pruned_tags=stats["pruned_tags"],
-                          count_error_bound=stats["count_error_bound"])
+    vocab, counts, stats = _streamed_vocab(source, min_count, max_size, aliases, max_distinct, labels)
     images = stats["images"]
     occurrences = stats["tag_occurrences"]
     names = labels.display_name

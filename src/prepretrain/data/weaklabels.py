@@ -110,13 +110,16 @@ def noun_lemma(word: str) -> str:
     return lemmas[0] if lemmas else word
 
 
-def flickr_tags(raw_tags: Iterable[str]) -> list[str]:
+def flickr_tags(raw_tags: Iterable[str], counts: LabelCounts | None = None) -> list[str]:
     """Flickr user tags as words: URL-decoded (``+`` is a space), whitespace collapsed, case
-    folded; machine tags and empty tags dropped; each tag once, in order."""
+    folded; machine tags (counted in ``counts``) and empty tags dropped; each tag once, in order."""
     out: dict[str, None] = {}
     for raw in raw_tags:
         tag = " ".join(unquote_plus(str(raw)).split()).casefold()
-        if tag and not _MACHINE_TAG.match(tag):
+        if _MACHINE_TAG.match(tag):
+            if counts is not None:
+                counts.machine_tags += 1
+        elif tag:
             out[tag] = None
     return list(out)
 
@@ -286,10 +289,7 @@ class WeakLabeler:
             if kind == "hashtags":
                 labels.update(dict.fromkeys(str(tag) for tag in annotation.hashtags))
             elif kind == "tags":
-                raw = [str(tag) for tag in annotation.hashtags]
-                tags = flickr_tags(raw)
-                self.counts.machine_tags += sum(1 for tag in raw if _MACHINE_TAG.match(unquote_plus(tag).strip()))
-                labels.update(dict.fromkeys(tags))
+                labels.update(dict.fromkeys(flickr_tags(annotation.hashtags, self.counts)))
             elif kind == "caption":
                 labels.update(dict.fromkeys(caption_words(caption, self.counts)))
             else:
