@@ -438,6 +438,32 @@ def test_wsp_on_caption_shards_labels_each_shard_once_across_two_ranks(tmp_path:
     assert json.loads((out / "vocab.json").read_text())["tags"] == alone.vocab.tags
 
 
+@pytest.mark.slow
+def test_video_on_two_ranks_tests_each_video_once_and_trains_the_single_frame_baseline(tmp_path: Path) -> None:
+    """Video evaluation is sharded: each rank reads its share of the 67 test videos (one share padded
+    with a video counted nowhere, so FSDP's collective forwards stay in step) and the hit counts are
+    summed; one process evaluating the exported weights gets the same top-1. The single-frame
+    baseline trains on both ranks (it used to be skipped under torchrun)."""
+    from safetensors.torch import load_file
+
+    from prepretrain.stages.video import VideoConfig, VideoStage
+    from prepretrain.train.run import Run
+
+    settings = ["num_images=335", "steps=2", "batch_size=8", "num_frames=4", "tubelet_size=2", "frame_stride=2",
+                "synthetic_length=8", "temporal_views=2", "progress=false", "tensorboard=false"]
+    out = tmp_path / "two"
+    assert_launch_ok(launch_cli(["video", f"out_dir={out}", "strategy=fsdp", *settings]))
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_videos"] == 67  # max(64, 335 // 5), each counted once (twice would be 134)
+    baseline = json.loads((out / "single_frame" / "results.json").read_text())
+    assert baseline["test_videos"] == 67 and results["single_frame_top1"] == baseline["top1"]
+    stage = VideoStage(build_config(VideoConfig, None, [*settings, f"out_dir={tmp_path / 'one'}"]))
+    model = stage.build_model(Run.of_stage(stage))
+    model.load_state_dict(load_file(str(out / "last.safetensors")))
+    alone = stage._accuracy(model.eval(), "test", Run.of_stage(stage))
+    assert alone["videos"] == 67 and alone["top1"] == results["top1"]
+
+
 if __name__ == "__main__":  # torchrun worker: python test_distributed.py '<json of config values>'
     settings = json.loads(sys.argv[1])
     train(SeededMaskMAE(build_config(MAEConfig, None, [f"{k}={v}" for k, v in settings.items()])))

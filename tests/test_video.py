@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from prepretrain.config import ConfigError, build_config
 from prepretrain.data.loader import RecordDataset, eval_loader
 from prepretrain.data.records import BadSample
 from prepretrain.data.video import (
+    PADDING_LABEL,
     EvalClips,
     RefSource,
     SyntheticVideos,
@@ -399,6 +401,34 @@ def test_cutmix_cuts_one_box_through_every_frame_and_mixes_targets():
     assert torch.allclose(mixed[0], torch.full_like(mixed[0], 3 * (1 - lam)), atol=1e-5)
 
 
+def test_training_frames_are_scaled_while_decoding_to_what_the_smallest_crop_needs():
+    asked = []
+
+    class Recorder:
+        def read(self, index, pick, short_videos="pad", short_side=0):
+            asked.append(short_side)
+            return np.zeros((len(pick(32, 0.0)), 96, 128, 3), np.uint8)
+
+    for image_size, min_scale, side in ((16, 0.5, 27), (224, 0.08, 915)):
+        clip = TrainClip(4, 2, image_size, min_scale=min_scale)(VideoRef(Recorder(), 0, "k", 0))
+        assert asked[-1] == side and clip["video"].shape == (3, 4, image_size, image_size)
+        # the smallest crop's short side, 3/4 aspect at min_scale of the decoded area, still spans image_size
+        assert math.sqrt(min_scale * 0.75) * side >= image_size
+
+
+def test_evaluation_shares_cover_every_video_once_and_pad_with_uncounted_copies():
+    videos = SyntheticVideos(7, "test", size=16, length=8)
+    shares = [RefSource(videos, rank, 3) for rank in range(3)]
+    assert [len(share) for share in shares] == [3, 3, 3]  # equal lengths: as many forwards on every rank
+    refs = [share.get(i) for share in shares for i in range(len(share))]
+    counted = sorted(ref.index for ref in refs if ref.label != PADDING_LABEL)
+    assert counted == list(range(7))
+    padding = [ref for ref in refs if ref.label == PADDING_LABEL]
+    assert len(padding) == 2 and all(ref.index == 6 for ref in padding)  # a real, readable video
+    alone = RefSource(videos)
+    assert [alone.get(i).label for i in range(7)] == [videos.label(i) for i in range(7)]
+
+
 # ---------------------------------------------------------------------------- the command
 
 
@@ -411,7 +441,10 @@ def test_video_command_reports_top1_and_the_single_frame_baseline(tmp_path):
     assert 0 <= results["top1"] <= 100 and 0 <= results["single_frame_top1"] <= 100
     assert results["val_top1"] == results["best_val_top1"]
     baseline = yaml.safe_load((out / "single_frame" / "config.yaml").read_text())
-    assert baseline["num_frames"] == 1 and baseline["tubelet_size"] == 1 and baseline["temporal_views"] == 1
+    # the baseline trains on single frames and is tested on the video model's views, every frame of each
+    assert baseline["num_frames"] == 1 and baseline["tubelet_size"] == 1 and baseline["eval_frames"] == 4
+    assert baseline["temporal_views"] == 2 and baseline["spatial_views"] == 1
+    assert results["test_videos"] == 64  # synthetic test split: max(64, 16 // 5), each video counted once
     assert baseline["steps"] == TINY["steps"] and baseline["encoder"] == "" and baseline["seed"] == 0
     base = json.loads((out / "single_frame" / "results.json").read_text())
     assert base["top1"] == results["single_frame_top1"] and "single_frame_top1" not in base
@@ -464,6 +497,7 @@ def test_paper_scale_video_configs_validate(path):
     assert cfg.layer_decay == 0.75 and cfg.rel_pos and cfg.global_pool == "avg"
     assert cfg.frame_stride == (4 if "k400" in path.name else 2) and cfg.hflip == (0.5 if "k400" in path.name else 0)
     assert "assumption" in path.read_text()
+    assert cfg.single_frame_baseline  # a real run reports its baseline
 
 
 def test_both_paper_configs_exist():

@@ -39,6 +39,8 @@ from .data.bench import BenchDataConfig, run_data_benchmark
 from .data.benchmarks import DataLayoutError
 from .data.loader import open_data
 from .data.metadata import MetadataError
+from .data.motionclips import CODECS as MOTION_CLIP_CODECS
+from .data.motionclips import write_motion_clips
 from .data.shards import UnknownSampleCount
 from .data.tools import (
     build_label_vocab,
@@ -150,12 +152,22 @@ def print_results(results: dict[str, Any]) -> None:
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="action", required=True)
-    synth = sub.add_parser("synth", help="write the embedded synthetic dataset to disk (images + JSONL manifests)")
+    synth = sub.add_parser("synth", help="write the embedded synthetic dataset to disk (images + JSONL manifests; "
+                                         "with --video, motion clips as video files in class folders)")
     synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--num-images", type=int, default=4000, help="training images (val/test sized from it)")
-    synth.add_argument("--image-size", type=int, default=32)
+    synth.add_argument("--num-images", type=int, default=None,
+                       help="training images (default 4000) or, with --video, videos (default 1200); val/test "
+                            "sized from it")
+    synth.add_argument("--image-size", type=int, default=None, help="pixels (default 32; 64 with --video)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--format", default="png", choices=["png", "jpg"])
+    synth.add_argument("--format", default=None,
+                       help="png or jpg; with --video the file types, comma-separated, used in turn: "
+                            "mp4, avi, webm, mkv (default mp4)")
+    synth.add_argument("--video", action="store_true",
+                       help="encoded motion clips (a photo disc sliding right/left/down/up over a photo) in "
+                            "root/{train,val,test}/<direction>/, for prepretrain video data=...")
+    synth.add_argument("--frames", type=int, default=16, help="frames per clip (--video)")
+    synth.add_argument("--fps", type=int, default=8, help="frame rate written in the files (--video)")
     stats = sub.add_parser("stats", help="print statistics of any source (folder, manifest, shards, synthetic; a "
                                          "video dataset's layout, classes and videos per split)")
     stats.add_argument("source")
@@ -210,9 +222,20 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _data_run(args: argparse.Namespace) -> int:
+    if args.data_command == "synth" and args.video:
+        suffixes = tuple(f".{name.strip().lstrip('.')}" for name in (args.format or "mp4").split(","))
+        unknown = [suffix for suffix in suffixes if suffix not in MOTION_CLIP_CODECS]
+        if unknown:
+            raise ConfigError("format", f"{', '.join(unknown)}: --video writes {', '.join(MOTION_CLIP_CODECS)}")
+        out = write_motion_clips(args.out, num_videos=args.num_images or 1200, size=args.image_size or 64,
+                                 frames=args.frames, fps=args.fps, seed=args.seed, suffixes=suffixes)
+        print(f"wrote the motion clips to {out} (prepretrain video data={out})")
+        return 0
     if args.data_command == "synth":
-        out = write_synthetic(args.out, num_images=args.num_images, image_size=args.image_size, seed=args.seed,
-                              image_format=args.format)
+        if (args.format or "png") not in ("png", "jpg"):
+            raise ConfigError("format", f"images are written as png or jpg; got '{args.format}'")
+        out = write_synthetic(args.out, num_images=args.num_images or 4000, image_size=args.image_size or 32,
+                              seed=args.seed, image_format=args.format or "png")
         print(f"wrote the synthetic dataset to {out}")
         return 0
     if args.data_command == "rehearsal":

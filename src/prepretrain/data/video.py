@@ -47,6 +47,11 @@ Videos shorter than a clip are padded with their last frame (``short_videos="pad
 PySlowFast clamps indices) or counted as ``too_short`` and skipped (``short_videos="skip"``).
 ``sampling=segment`` (the SSv2 recipes) takes one frame from each of ``num_frames`` equal segments
 of the whole video instead (:func:`segment_indices`); ``frame_stride`` is then unused.
+
+Training augmentation (:class:`TrainClip`) treats a clip as one image: one random-resized crop,
+flip, RandAugment draw (:class:`ClipRandAugment`) and erasing box (:func:`erase_clip`) for all
+its frames, as the MAE-ST and VideoMAE finetuning recipes do; repeated augmentation returns
+several such clips of one video.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ import json
 import math
 import os
 import random
+import re
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +71,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from timm.data.auto_augment import rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 
 from ..config import ConfigError
 from .decode import IMAGE_EXTENSIONS
@@ -114,17 +123,31 @@ class VideoRef:
         return self.source.read(self.index, pick, short_videos, short_side)
 
 
+PADDING_LABEL = -1  # the label of an evaluation share's padding item: read like the others, counted nowhere
+
+
 class RefSource:
     """A video source as a map-style record source (``get`` -> :class:`VideoRef`), so
-    :class:`~.loader.RecordDataset` seeds, counts and batches videos like images."""
+    :class:`~.loader.RecordDataset` seeds, counts and batches videos like images.
 
-    def __init__(self, videos: Any):
+    ``rank``/``world_size``: one rank's share for evaluation, videos ``rank, rank + world_size,
+    ...``, padded to ``ceil(n / world_size)`` items with the last video labelled
+    :data:`PADDING_LABEL`. Every rank then runs the same number of forward passes (FSDP's are
+    collective) and each video is counted on exactly one rank."""
+
+    def __init__(self, videos: Any, rank: int = 0, world_size: int = 1):
         self.videos = videos
+        share = -(-len(videos) // world_size)
+        self.indices = range(rank, share * world_size, world_size)
 
     def __len__(self) -> int:
-        return len(self.videos)
+        return len(self.indices)
 
-    def get(self, index: int) -> VideoRef:
+    def get(self, item: int) -> VideoRef:
+        index = self.indices[item]
+        if index >= len(self.videos):
+            last = len(self.videos) - 1
+            return VideoRef(self.videos, last, self.videos.key(last), PADDING_LABEL)
         return VideoRef(self.videos, index, self.videos.key(index), self.videos.label(index))
 
 
@@ -481,8 +504,9 @@ class VideoData:
     def selection_is_test(self) -> bool:
         return self.split_names["val"] == self.split_names["test"]
 
-    def source(self, role: str) -> RefSource:
-        return RefSource(self.sources[role])
+    def source(self, role: str, rank: int = 0, world_size: int = 1) -> RefSource:
+        """The videos of ``role``; with ``world_size`` > 1 one rank's evaluation share (:class:`RefSource`)."""
+        return RefSource(self.sources[role], rank, world_size)
 
 
 def _first(directory: Path, names: Sequence[str]) -> Path | None:
@@ -799,16 +823,111 @@ def spatial_crops(frames: torch.Tensor, size: int, views: int) -> list[torch.Ten
     return crops
 
 
+# ---- per-clip augmentation (the MAE-ST / VideoMAE finetuning recipes)
+
+# what timm's rand_augment_transform parses after "rand": numeric sections and the transform sets it
+# names (it falls back to the default set for any other name)
+_RANDAUGMENT_SECTION = re.compile(r"(m|n|p|mstd|mmax|inc)\d+(\.\d+)?|t(weights|3aw|3a)")
+
+
+def check_randaugment(spec: str) -> None:
+    """Raise ValueError unless ``spec`` is a timm RandAugment spec (``rand-m7-n4-mstd0.5-inc1``).
+    timm skips a section it cannot split into key and number (``mstd`` alone, ``m``), so a typo
+    would silently change the recipe: every section is checked here."""
+    sections = spec.split("-")
+    bad = [s for s in sections[1:] if not _RANDAUGMENT_SECTION.fullmatch(s)]
+    if sections[0] != "rand" or bad:
+        raise ValueError(f"expected a timm RandAugment spec like 'rand-m7-n4-mstd0.5-inc1' (sections m, n, p, mstd, "
+                         f"mmax, inc with a number, or tweights, t3a, t3aw); got '{spec}'")
+    try:
+        rand_augment_transform(spec, {})
+    except (AssertionError, KeyError, ValueError) as error:
+        raise ValueError(f"timm cannot build RandAugment '{spec}': {error or type(error).__name__}") from None
+
+
+class _ZeroBitPosterize:
+    """timm's posterize, keeping 0 bits as a black image. timm's posterize levels reach 0 bits (the
+    "increasing" variant at magnitude 10, the plain one below 2.5, both within ``mstd`` noise);
+    Pillow used to return black there (what the reference runs saw) and now raises. A class, not a
+    closure, so the transform pickles for loader workers under any start method."""
+
+    def __init__(self, original: Callable[..., Image.Image]):
+        self.original = original
+
+    def __call__(self, image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+        if bits_to_keep <= 0:
+            return Image.new(image.mode, image.size)
+        return self.original(image, bits_to_keep, **kwargs)
+
+
+class ClipRandAugment:
+    """timm RandAugment with one draw per clip: the same ops at the same magnitudes on every frame,
+    as VideoMAE and MAE-ST augment a clip (their PySlowFast RandAugment takes a list of frames).
+
+    timm's ``RandAugment`` picks its ops with NumPy's global RNG and each ``AugmentOp`` draws its
+    probability, magnitude noise, sign and (random) interpolation from Python's ``random``, nothing
+    else; so restoring both states before every frame gives every frame the first frame's draw.
+    NumPy's RNG is not seeded per sample by the loader, so it is seeded from Python's (which is)
+    for the call and the caller's NumPy state put back: augmentation follows the sample seed.
+    Hyperparameters are timm's ``create_transform`` ones at the clip size (translate 0.45 x size,
+    ImageNet-mean fill, bicubic).
+    """
+
+    def __init__(self, spec: str, image_size: int):
+        check_randaugment(spec)
+        hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(round(255 * m) for m in IMAGENET_MEAN),
+                   "interpolation": Image.Resampling.BICUBIC}
+        self.spec, self.transform = spec, rand_augment_transform(spec, hparams)
+        for op in self.transform.ops:
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _ZeroBitPosterize(op.aug_fn)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """(T, C, H, W) floats in [0, 1] -> the same shape, augmented (through uint8 PIL frames)."""
+        pixels = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        caller_numpy = np.random.get_state()
+        np.random.seed(random.getrandbits(32))
+        python_draw, numpy_draw = random.getstate(), np.random.get_state()
+        augmented = []
+        try:
+            for frame in pixels:
+                random.setstate(python_draw)
+                np.random.set_state(numpy_draw)
+                augmented.append(np.asarray(self.transform(Image.fromarray(frame))))
+        finally:
+            np.random.set_state(caller_numpy)
+        return _to_float(np.stack(augmented))
+
+
+def erase_clip(clip: torch.Tensor, eraser: RandomErasing) -> torch.Tensor:
+    """timm's random erasing with one box through every frame of a normalised (C, T, H, W) clip
+    (VideoMAE's and MAE-ST's "cube" erasing). timm erases a 3-D tensor as one image of ``C * T``
+    channels: one box, per-pixel normal noise in every channel of every frame."""
+    channels, frames, height, width = clip.shape
+    return eraser(clip.reshape(channels * frames, height, width)).view(channels, frames, height, width)
+
+
 class TrainClip:
     """VideoRef -> ``{"video": (C, T, S, S), "label"}``: a random start, a random-resized crop
-    (one box for every frame), an optional horizontal flip. Randomness: torch and Python RNGs,
-    which the loader seeds per sample position (exact resume)."""
+    (one box for every frame), an optional horizontal flip, optionally RandAugment (one draw per
+    clip, :class:`ClipRandAugment`) and random erasing (one box through every frame, per-pixel
+    noise in normalised space, timm's area 0.02-1/3 and aspect 0.3-3.3). Randomness: torch and
+    Python RNGs, which the loader seeds per sample position (exact resume).
+
+    ``repeats > 1`` (repeated augmentation, MAE-ST's ``repeat_aug`` / VideoMAE's ``num_sample``):
+    ``"video"`` is ``(repeats, C, T, S, S)``, clips of the same video with their own start and
+    augmentation each (as MAE-ST; VideoMAE re-augments the same frames), all their frames decoded
+    in one pass over the file; the stage flattens them and repeats the label."""
 
     def __init__(self, num_frames: int, stride: int, image_size: int, *, min_scale: float = 0.08,
-                 hflip: float = 0.0, short_videos: str = "pad", sampling: str = "dense", target_fps: float = 0.0):
+                 hflip: float = 0.0, short_videos: str = "pad", sampling: str = "dense", target_fps: float = 0.0,
+                 randaugment: str = "", random_erasing: float = 0.0, repeats: int = 1):
         self.num_frames, self.stride, self.image_size = num_frames, stride, image_size
         self.min_scale, self.hflip, self.short_videos, self.sampling = min_scale, hflip, short_videos, sampling
-        self.target_fps = target_fps
+        self.target_fps, self.repeats = target_fps, repeats
+        self.randaugment = ClipRandAugment(randaugment, image_size) if randaugment else None
+        self.eraser = (RandomErasing(random_erasing, mode="pixel", max_count=1, device="cpu")
+                       if random_erasing > 0 else None)
 
     def pick(self, total: int, fps: float = 0.0) -> list[int]:
         if self.sampling == "segment":
@@ -819,8 +938,12 @@ class TrainClip:
                                  self.target_fps)
         return clip_indices(random.randint(0, max(total - int(span), 0)), self.num_frames, self.stride)
 
-    def __call__(self, ref: VideoRef) -> dict[str, Any]:
-        frames = _to_float(ref.frames(self.pick, self.short_videos))
+    def pick_repeats(self, total: int, fps: float = 0.0) -> list[int]:
+        """The frames of ``repeats`` clips, each drawn as :meth:`pick` draws one, one after the other."""
+        return [i for _ in range(self.repeats) for i in self.pick(total, fps)]
+
+    def augment(self, frames: torch.Tensor) -> torch.Tensor:
+        """One clip's (T, C, H, W) frames in [0, 1] -> the normalised, augmented (C, T, S, S) clip."""
         height, width = frames.shape[-2:]
         area = height * width
         for _ in range(10):
@@ -838,7 +961,26 @@ class TrainClip:
                                align_corners=False, antialias=True)
         if self.hflip and random.random() < self.hflip:
             frames = frames.flip(-1)
-        return {"video": _normalise(frames.clamp(0, 1)), "label": ref.label}
+        if self.randaugment is not None:  # at clip size: 16 frames of 224 px, not of the decoded frame
+            frames = self.randaugment(frames)
+        clip = _normalise(frames.clamp(0, 1))
+        return erase_clip(clip, self.eraser) if self.eraser is not None else clip
+
+    @property
+    def decode_side(self) -> int:
+        """The short side frames are scaled down to while decoding: the smallest at which even the
+        smallest crop (area ``min_scale``, aspect 3/4) still spans ``image_size`` pixels, so no
+        crop is upsampled from fewer pixels than the file has (224 px at ``min_scale`` 0.08:
+        915 px, i.e. no scaling for most videos; the 16 px demo at 0.5: 27 px)."""
+        return math.ceil(self.image_size / math.sqrt(self.min_scale * 3 / 4))
+
+    def __call__(self, ref: VideoRef) -> dict[str, Any]:
+        if self.repeats == 1:
+            frames = ref.frames(self.pick, self.short_videos, self.decode_side)
+            return {"video": self.augment(_to_float(frames)), "label": ref.label}
+        frames = _to_float(ref.frames(self.pick_repeats, self.short_videos, self.decode_side))
+        clips = [self.augment(frames[r * self.num_frames:(r + 1) * self.num_frames]) for r in range(self.repeats)]
+        return {"video": torch.stack(clips), "label": ref.label}
 
 
 class EvalClips:

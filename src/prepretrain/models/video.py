@@ -13,34 +13,40 @@ timm ``VisionTransformer`` (blocks, norms, CLS token, head) and changes only the
 * **Separable space-time position embeddings**: the image ``pos_embed`` (spatial, with its
   CLS slot; interpolated to the grid by the resolver) plus a temporal embedding of one
   vector per tubelet slot, initialised to zero.
-* **Relative position bias** (``rel_pos=True``, optional): per block and head, decomposed
-  tables over the time, row and column offsets between tokens (``B_t[dt] + B_h[dh] +
-  B_w[dw]``), added to the attention logits; zero-initialised, so inflation stays exact. This
-  is a query-independent variant; the MViTv2-style query-dependent form the paper cites is not
-  reproduced.
+* **Relative position** (``rel_pos=True``, optional): MViTv2's decomposed, query-dependent
+  form, the one the paper cites: query i adds ``q_i . R_t[t_i - t_j] + q_i . R_h[h_i - h_j] +
+  q_i . R_w[w_i - w_j]`` to its logit for key j, with per-block tables of ``2 * size - 1``
+  head_dim vectors shared by the heads (``rel_pos.<block>.rel_t``/``rel_h``/``rel_w``),
+  zero-initialised, so inflation stays exact (:class:`RelativePosition`). It is computed
+  without any (N, N) tensor: appended to q and k as extra head-dim columns (the per-query terms
+  and the keys' one-hot coordinates, :func:`relative_position_qkv`), so one fused attention
+  call without a mask does it and memory stays linear in the number of tokens.
 
 Why the static-clip property holds through the blocks: a static clip's patch tokens are the
 image tokens repeated ``T'`` times with the same embeddings, and attention over keys that are
 each repeated ``T'`` times equals attention over the unique keys (every softmax weight is
 split evenly between identical copies). The CLS token is not repeated, so its key would lose
-weight ``T'``-fold; the blocks therefore add ``log T'`` to the attention logits of the prefix
-(CLS) key (a constant, :meth:`VideoViT.attention_bias`), which counts it ``T'`` times. Then the
-CLS token and every patch token come out equal to the image model's, and so do ``token`` and
-``avg`` pooling (``tests/test_video.py`` checks it to 1e-5). With one tubelet slot
-(``num_frames == tubelet_size``, e.g. the single-frame baseline) there is no bias at all.
+weight ``T'``-fold; the blocks therefore count it ``T'`` times, which is adding ``log T'`` to its
+logits: :class:`VideoBlock` (timm's block, same modules and names, with its own attention
+forward) appends ``T' - 1`` copies of the CLS key and value, so there is no mask either. Then
+the CLS token and every patch token come out equal to the image model's, and so do ``token``
+and ``avg`` pooling, with or without (zero-initialised) relative positions
+(``tests/test_video.py``, ``tests/test_video_relpos.py`` check it to 1e-5). With one tubelet slot
+and no relative positions (``num_frames == tubelet_size``, e.g. the single-frame baseline)
+timm's blocks run unchanged.
 
 State dict names follow timm's (``patch_embed.proj.weight`` is 5-D, ``temporal.pos_embed``,
 ``blocks.i.*``), so ``train.optim.layer_id`` gives layer-wise lr decay unchanged (the temporal
-embedding is mapped to depth 0 by :func:`video_layer_name`).
+embedding is mapped to depth 0 by :func:`video_layer_name`, a block's relative position tables to
+that block).
 """
 
 from __future__ import annotations
 
-import inspect
-import math
-
 import torch
-from timm.models.vision_transformer import VisionTransformer
+import torch.nn.functional as F
+from timm.layers import Attention as TimmAttention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -99,31 +105,140 @@ class TemporalEmbedding(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, slots, 1, dim))
 
 
-class RelativePositionBias(nn.Module):
-    """Decomposed space-time relative position bias of one attention block, per head.
+class RelativePosition(nn.Module):
+    """MViTv2's decomposed, query-dependent relative position tables of one attention block.
 
-    ``bias[h, i, j] = t[h, dt] + r[h, dh] + c[h, dw]`` for the offsets between patch tokens i and
-    j; rows and columns of the prefix (CLS) token get none. Zero at the start."""
+    Query token i at (t_i, h_i, w_i) adds ``q_i . R_t[t_i - t_j] + q_i . R_h[h_i - h_j] + q_i .
+    R_w[w_i - w_j]`` to its logit for key j, with ``q_i`` the (normed, unscaled) query of each head
+    and ``rel_t``, ``rel_h``, ``rel_w`` tables of ``2 * size - 1`` head_dim vectors shared by the
+    heads (row ``offset + size - 1`` for each offset), as in MViTv2 / PySlowFast
+    (``cal_rel_pos_spatial``, ``cal_rel_pos_temporal``); rows and columns of the prefix (CLS)
+    token get none. Zero at the start, so inflation stays exact. :func:`relative_position_qkv`
+    applies them inside :class:`VideoBlock`.
+    """
 
-    def __init__(self, num_heads: int, grid: tuple[int, int, int], prefix: int = 1):
+    def __init__(self, head_dim: int, grid: tuple[int, int, int]):
         super().__init__()
         slots, rows, cols = grid
-        self.grid, self.prefix = grid, prefix
-        self.rel_t = nn.Parameter(torch.zeros(num_heads, 2 * slots - 1))
-        self.rel_h = nn.Parameter(torch.zeros(num_heads, 2 * rows - 1))
-        self.rel_w = nn.Parameter(torch.zeros(num_heads, 2 * cols - 1))
-        t, h, w = torch.meshgrid(torch.arange(slots), torch.arange(rows), torch.arange(cols), indexing="ij")
-        for name, coord, size in (("index_t", t, slots), ("index_h", h, rows), ("index_w", w, cols)):
-            flat = coord.reshape(-1)
-            self.register_buffer(name, flat[:, None] - flat[None, :] + size - 1, persistent=False)
+        self.rel_t = nn.Parameter(torch.zeros(2 * slots - 1, head_dim))
+        self.rel_h = nn.Parameter(torch.zeros(2 * rows - 1, head_dim))
+        self.rel_w = nn.Parameter(torch.zeros(2 * cols - 1, head_dim))
 
     def forward(self) -> torch.Tensor:
-        patch = self.rel_t[:, self.index_t] + self.rel_h[:, self.index_h] + self.rel_w[:, self.index_w]
-        return nn.functional.pad(patch, (self.prefix, 0, self.prefix, 0)).unsqueeze(0)  # (1, heads, N, N)
+        """The three tables stacked, ``(2T' - 1 + 2H' - 1 + 2W' - 1, head_dim)``: a new tensor from a
+        module call, so FSDP gathers the tables when they are used (and may free them after)."""
+        return torch.cat([self.rel_t, self.rel_h, self.rel_w])
 
 
-def _blocks_take_masks(block: nn.Module) -> bool:
-    return "attn_mask" in inspect.signature(block.forward).parameters
+def relative_index(grid: tuple[int, int, int], device: torch.device | None = None) -> torch.Tensor:
+    """For every patch token (t, h, w) and every key coordinate s along each axis, the row of the
+    stacked tables (:meth:`RelativePosition.forward`) it uses: ``(T'H'W', T' + H' + W')`` with
+    ``[i, s] = t_i - s + T' - 1``, then ``2T' - 1 + h_i - s + H' - 1``, then likewise for w."""
+    coords = torch.meshgrid(*(torch.arange(size, device=device) for size in grid), indexing="ij")
+    columns, start = [], 0
+    for coord, size in zip(coords, grid):
+        columns.append(coord.reshape(-1, 1) - torch.arange(size, device=device) + size - 1 + start)
+        start += 2 * size - 1
+    return torch.cat(columns, dim=1)
+
+
+def relative_position_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                          grid: tuple[int, int, int], prefix: int, tables: torch.Tensor,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q', k', v' whose attention at scale 1 is the attention of q, k, v (B, heads, N, head_dim)
+    at ``scale`` with the relative position terms of ``tables`` (:meth:`RelativePosition.forward`)
+    added to the logits; its first head_dim output columns are the result.
+
+    Why it is exact and needs no (N, N) tensor: the term depends on key j only through its
+    coordinates, so with ``A_t[i, s] = q_i . R_t[t_i - s]`` (N x T', likewise A_h, A_w) it is
+    ``A_t[i, t_j] + A_h[i, h_j] + A_w[i, w_j]``, the dot product of ``[A_t[i], A_h[i], A_w[i]]``
+    with the one-hot codes of (t_j, h_j, w_j). So ``q' = [q * scale, A_t, A_h, A_w, 0]``, ``k' =
+    [k, codes, 0]`` (zero rel parts on prefix rows) and ``v' = [v, 0]``, padded to a head dim that
+    is a multiple of 8: one fused attention call (flash / memory-efficient, which want a single head
+    dim for q, k and v, hence v's padding) without a mask, memory linear in N. The A's are one
+    matmul of q with the stacked tables (N x (2T' + 2H' + 2W' - 3)) and an indexing, so backward
+    keeps q once; ``q`` laid out as (B, N, heads, head_dim) makes that matmul copy-free.
+    """
+    batch, heads, tokens, dim = q.shape
+    index = relative_index(grid, q.device)  # (T'H'W', R)
+    codes = index.shape[1]
+    products = torch.matmul(q.transpose(1, 2), tables.t().to(q.dtype))  # (B, N, heads, rows of the tables)
+    patches = torch.arange(prefix, tokens, device=q.device)[:, None]
+    terms = products[:, patches, :, index].permute(2, 3, 0, 1)  # (B, heads, T'H'W', R); keeps no products
+    width = codes + (-(dim + codes)) % 8
+    terms = F.pad(terms, (0, width - codes, prefix, 0))
+    eyes = [torch.eye(size, device=k.device, dtype=k.dtype) for size in grid]
+    slots, rows, cols = grid
+    key_codes = torch.cat([eyes[0][:, None, None].expand(slots, rows, cols, slots),
+                           eyes[1][None, :, None].expand(slots, rows, cols, rows),
+                           eyes[2][None, None, :].expand(slots, rows, cols, cols)], dim=-1)
+    key_codes = F.pad(key_codes.reshape(slots * rows * cols, codes), (0, width - codes, prefix, 0))
+    key_codes = key_codes.expand(batch, heads, tokens, width)
+    return torch.cat([q * scale, terms], dim=-1), torch.cat([k, key_codes], dim=-1), F.pad(v, (0, width))
+
+
+def _attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                      scale: float) -> torch.Tensor:
+    """``scaled_dot_product_attention`` without a mask; bf16/fp16 on the CPU runs in fp32, for the
+    reason :func:`prepretrain.models.vit.attend` gives (the CPU's half-precision flash kernel is
+    slower than its fp32 one)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, scale=scale)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+
+
+def _runs_own_attention(block: nn.Module) -> bool:
+    """Whether :class:`VideoBlock` can take over ``block``: timm's pre-norm ``Block`` with timm's
+    ``Attention`` (or a subclass such as :class:`prepretrain.models.vit.Attention`)."""
+    return isinstance(block, Block) and isinstance(getattr(block, "attn", None), TimmAttention)
+
+
+class VideoBlock(nn.Module):
+    """A timm ``Block`` (its own modules and weights, same names) whose attention also counts the
+    prefix key ``T'`` times and, given tables, adds the relative position terms.
+
+    ``log T'`` on the prefix key's logits (module docstring) is the same as ``T'`` copies of that
+    key and value, so the block appends ``T' - 1`` copies instead of a mask: the fused kernels run
+    at the model's own head dim with ``T' - 1`` more keys (0.4% for 16 x 224 px ViT-B/16)."""
+
+    def __init__(self, block: nn.Module, grid: tuple[int, int, int], prefix: int):
+        super().__init__()
+        self.norm1, self.attn, self.ls1, self.drop_path1 = block.norm1, block.attn, block.ls1, block.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = block.norm2, block.mlp, block.ls2, block.drop_path2
+        self.grid, self.prefix = grid, prefix
+
+    def attention(self, x: torch.Tensor, tables: torch.Tensor | None = None) -> torch.Tensor:
+        """What timm's ``Attention`` computes on ``x`` (B, N, C), plus the above (``tables``: the
+        block's :meth:`RelativePosition.forward`); one ``scaled_dot_product_attention`` call, no
+        mask and no (N, N) tensor."""
+        attn = self.attn
+        batch, tokens, _ = x.shape
+        gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+        qkv = attn.qkv(x).reshape(batch, tokens, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        # q on storage of its own, laid out (B, N, heads, head_dim) as timm's q is: k and v are
+        # rebuilt below, so nothing kept for backward holds the whole qkv output, and the output
+        # of the kernel (same layout) reshapes to (B, N, C) without a copy
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        head_dim, scale = q.shape[-1], attn.scale
+        if tables is not None:
+            q, k, v = relative_position_qkv(q, k, v, scale, self.grid, self.prefix, tables)
+            scale = 1.0
+        copies = self.grid[0] - 1
+        if copies:
+            k, v = (torch.cat([t[:, :, : self.prefix].repeat(1, 1, copies, 1), t], dim=2) for t in (k, v))
+        out = _attention_kernel(q, k, v, attn.attn_drop.p if self.training else 0.0, scale)
+        out = out[..., :head_dim].transpose(1, 2).reshape(batch, tokens, -1)
+        out = getattr(attn, "norm", nn.Identity())(out)
+        if gate is not None:
+            out = out * gate
+        return attn.proj_drop(attn.proj(out))
+
+    def forward(self, x: torch.Tensor, tables: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attention(self.norm1(x), tables)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class VideoViT(nn.Module):
@@ -158,17 +273,20 @@ class VideoViT(nn.Module):
         if getattr(image, "attn_pool", None) is not None or self.global_pool not in ("token", "avg"):
             raise ValueError(f"VideoViT pools with global_pool token or avg, not {self.global_pool!r}")
         self.grad_checkpointing = False
-        self.rel_pos: nn.ModuleList | None = None
         slots = num_frames // tubelet_size
-        prefix_bias = torch.zeros(1, 1, 1, 1 + slots * self.grid[0] * self.grid[1])
-        prefix_bias[..., : self.num_prefix_tokens] = math.log(slots)
-        self.register_buffer("prefix_bias", prefix_bias, persistent=False)
-        if (slots > 1 or rel_pos) and not _blocks_take_masks(self.blocks[0]):
-            raise ValueError("VideoViT needs timm blocks that take attn_mask (timm >= 1.0.17); upgrade timm")
+        self.rel_pos: nn.ModuleList | None = None
+        if slots > 1 or rel_pos:  # else timm's blocks as they are: the single-frame baseline is the image model
+            if not all(_runs_own_attention(block) for block in self.blocks):
+                kinds = sorted({f"{type(b).__name__} with {type(getattr(b, 'attn', None)).__name__}"
+                                for b in self.blocks})
+                raise ValueError(f"VideoViT takes over timm's pre-norm Block with timm's Attention (for time "
+                                 f"positions); this image model has {', '.join(kinds)}")
+            self.blocks = nn.ModuleList(VideoBlock(block, (slots, *self.grid), self.num_prefix_tokens)
+                                        for block in self.blocks)
         if rel_pos:
-            heads = self.blocks[0].attn.num_heads
-            self.rel_pos = nn.ModuleList(RelativePositionBias(heads, (slots, *self.grid), self.num_prefix_tokens)
-                                         for _ in self.blocks)
+            attn = self.blocks[0].attn
+            head_dim = attn.qkv.out_features // 3 // attn.num_heads
+            self.rel_pos = nn.ModuleList(RelativePosition(head_dim, (slots, *self.grid)) for _ in self.blocks)
 
     @property
     def num_classes(self) -> int:
@@ -191,22 +309,14 @@ class VideoViT(nn.Module):
         cls = self.cls_token.expand(batch, -1, -1) + self.pos_embed[:, :prefix]
         return self.pos_drop(torch.cat([cls, tokens.reshape(batch, slots * rows * cols, dim)], dim=1))
 
-    def attention_bias(self, index: int) -> torch.Tensor | None:
-        """What block ``index`` adds to its attention logits: ``log T'`` on the CLS key (see the
-        module docstring), plus the relative position bias when on; None when both are zero."""
-        if self.rel_pos is not None:
-            return self.rel_pos[index]() + self.prefix_bias
-        return self.prefix_bias if self.temporal.pos_embed.shape[1] > 1 else None
-
     def forward_features(self, clips: torch.Tensor) -> torch.Tensor:
         x = self.norm_pre(self.patch_drop(self.embed(clips)))
         for index, block in enumerate(self.blocks):
-            bias = self.attention_bias(index)
-            kwargs = {"attn_mask": bias.to(x.dtype)} if bias is not None else {}
+            tables = (self.rel_pos[index](),) if self.rel_pos is not None else ()
             if self.grad_checkpointing and self.training:
-                x = checkpoint(lambda y, b=block, k=kwargs: b(y, **k), x, use_reentrant=False)
+                x = checkpoint(block, x, *tables, use_reentrant=False)
             else:
-                x = block(x, **kwargs)
+                x = block(x, *tables)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

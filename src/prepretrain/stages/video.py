@@ -5,26 +5,32 @@ video.VideoViT` inflated from any encoder that ``encoder=`` accepts (run dir, MA
 file, or random init): tubelet patches averaged from the 2D patch embedding, the image position
 embedding plus a zero-initialised temporal one, the image model's blocks, optional relative
 position bias. The recipe follows the MAE-ST / VideoMAE finetuning recipes (the MAWS paper gives
-none): layer-wise lr decay, drop path, mixup/cutmix on whole clips, label smoothing; random clip
-start and random-resized crop for training; ``temporal_views`` x ``spatial_views`` evaluation
-with averaged logits.
+none): layer-wise lr decay, drop path, head dropout, mixup/cutmix on whole clips, label smoothing,
+gradient clipping (the common ``clip_grad``); for training a random clip start, random-resized
+crop, RandAugment with one draw per clip and random erasing with one box through every frame,
+and repeated augmentation (``repeated_aug`` clips of each decoded video in the batch:
+``batch_size`` counts videos); ``temporal_views`` x ``spatial_views`` evaluation with averaged
+class probabilities.
 
 The single-frame baseline (``single_frame_baseline=true``, the default): the same encoder
 initialisation finetuned on single frames (``num_frames=1``: exactly the image model) with the
-same data, steps and batch, evaluated on the same test videos from one frame each, the middle
-frame. It answers "does the model use motion?", which a number on its own cannot. It is its own
-training run, in ``<out_dir>/single_frame`` (resumable on its own), started by :meth:`finish` on
-the writing process after the video model is done, so one command yields ``top1`` and
-``single_frame_top1``. Why there and not as a separate job: the registry runs one stage per
-command; calling the one training loop again from ``finish`` keeps every guarantee (resume,
-checkpoints, logs) without nesting two models in one loop. Under several ranks ``finish`` runs
-on rank 0 only, where a nested training run cannot join the others' collectives: the baseline is
-then skipped with a note, and ``prepretrain video num_frames=1 tubelet_size=1 temporal_views=1``
-(with the same settings) is the same run as its own job.
+same data, steps and batch, tested on the video model's views, every frame of each classified and
+the probabilities averaged (``eval_frames``): the same pixels, no use of time. It answers "does
+the model use motion?", which a number on its own cannot. It is its own training run, in
+``<out_dir>/single_frame`` (resumable on its own), started by :meth:`after_run` on every rank once
+the video model is done, so one command yields ``top1`` and ``single_frame_top1`` under torchrun
+too. Why there and not as a separate job: the registry runs one stage per command; calling the one
+training loop again keeps every guarantee (resume, checkpoints, logs) without nesting two models
+in one loop.
+
+Evaluation: each rank tests its share of the videos and the hit counts are summed (every video
+once, ``test_videos``); the ``eval_every`` evaluation is validation on one view per video
+(selection), the multi-view test runs at the end (and on the best checkpoint when it is older).
 
 Outputs in the run dir: ``last.safetensors`` and ``best.safetensors`` (VideoViT state dicts with
 ``model``/``image_size``/``num_frames``/``tubelet_size``/... metadata) and results.json with
-``top1``/``top5`` (multi-view, test split), ``val_top1``, ``single_frame_top1``.
+``top1``/``top5`` (multi-view, test split), ``test_videos``, ``val_top1`` (one view),
+``single_frame_top1``.
 """
 
 from __future__ import annotations
@@ -34,24 +40,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..config import ConfigError, TrainConfig, replace_config
 from ..data.loader import RecordDataset, eval_loader
 from ..data.video import (
+    PADDING_LABEL,
     SAMPLINGS,
     SHORT_VIDEO_POLICIES,
     EvalClips,
     TrainClip,
     VideoData,
+    check_randaugment,
     mix_clips,
     open_video_data,
 )
-from ..evaluate.metrics import topk_accuracy
+from ..evaluate.metrics import reported_ks, topk_hits
 from ..models.classifier import classifier_metadata
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
 from ..models.video import VideoViT, video_forward_flops, video_layer_name
 from ..models.vit import check_model_and_size, resolve_name, vit_shape
+from ..train.distributed import all_reduce_sum
 from ..train.engine import Stage, TrainData, train
 from ..train.optim import layer_decay_scale, param_groups
 from ..train.run import BEST_WEIGHTS, Run
@@ -79,9 +89,13 @@ class VideoConfig(TrainConfig):
     # num_frames equal segments of the whole video (random in training, interleaved views at test; SSv2)
     sampling: str = "dense"
     tubelet_size: int = 2  # frames per spatio-temporal patch
-    rel_pos: bool = False  # decomposed relative position bias in every block (zero-initialised)
+    rel_pos: bool = False  # MViTv2 decomposed query-dependent relative position per block (zero-init)
     motion_init: float = 0.3  # zero-sum temporal part of the inflated tubelet filters (x the 2D weights' std); 0 = off
     temporal_views: int = 2  # evaluation: clips per video, evenly spread
+    # frames per evaluation view; 0 = num_frames. A multiple of num_frames: the model classifies each
+    # num_frames-long part and the probabilities are averaged (the single-frame baseline sets the video
+    # model's num_frames, so it sees every frame of the video model's views)
+    eval_frames: int = 0
     spatial_views: int = 1  # evaluation: crops per clip (1 center, 3 left/center/right)
     short_videos: str = "pad"  # pad (repeat the last frame) | skip (count as too_short)
     global_pool: str = "avg"  # avg (mean of patch tokens + fc_norm: MAE-ST, VideoMAE) | token (CLS)
@@ -94,6 +108,13 @@ class VideoConfig(TrainConfig):
     label_smoothing: float = 0.1
     min_crop_scale: float = 0.5  # random-resized crop scale lower bound (one box for every frame of a clip)
     hflip: float = 0.0  # horizontal flip probability (0 for direction-sensitive tasks: synthetic, SSv2)
+    # timm RandAugment spec, one draw per clip (the same ops on every frame), after the crop; "" = off
+    randaugment: str = ""
+    random_erasing: float = 0.0  # probability of erasing one box through every frame (per-pixel noise); 0 = off
+    # clips per decoded video, each with its own start and augmentation; batch_size (and blr's 256) count
+    # videos, so a step trains on batch_size * repeated_aug clips
+    repeated_aug: int = 1
+    head_dropout: float = 0.0  # dropout on the pooled features before the classifier (timm drop_rate)
     eval_batch_size: int = 64  # clips per forward in evaluation
     single_frame_baseline: bool = True  # also finetune the same init on single frames and report it
     # CPU-demo schedule: 16 px clips of 8 frames (4 x 4 patches x 4 tubelet slots = 65 tokens)
@@ -113,11 +134,11 @@ class VideoConfig(TrainConfig):
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
         "max_missing_fraction": "[0, 1]", "synthetic_length": "> 0", "num_frames": "> 0", "frame_stride": "> 0",
-        "target_fps": ">= 0", "tubelet_size": "> 0", "motion_init": ">= 0", "temporal_views": "> 0",
-        "spatial_views": "> 0",
+        "target_fps": ">= 0", "tubelet_size": "> 0", "eval_frames": ">= 0", "motion_init": ">= 0",
+        "temporal_views": "> 0", "spatial_views": "> 0",
         "layer_decay": "(0, 1]", "drop_path": "[0, 1]", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "min_crop_scale": "(0, 1]", "hflip": "[0, 1]",
-        "eval_batch_size": "> 0",
+        "eval_batch_size": "> 0", "random_erasing": "[0, 1]", "repeated_aug": "> 0", "head_dropout": "[0, 1)",
     }
 
     def validate(self) -> None:
@@ -134,11 +155,19 @@ class VideoConfig(TrainConfig):
         if self.short_videos not in SHORT_VIDEO_POLICIES:
             raise ConfigError("short_videos", f"must be one of {', '.join(SHORT_VIDEO_POLICIES)}; "
                                               f"got '{self.short_videos}'")
+        if self.randaugment:
+            try:
+                check_randaugment(self.randaugment)
+            except ValueError as error:
+                raise ConfigError("randaugment", str(error)) from None
+        if self.eval_frames % self.num_frames:
+            raise ConfigError("eval_frames", f"{self.eval_frames} is not a multiple of num_frames {self.num_frames}")
         check_model_and_size(self.model, self.image_size)
         if self.data == "synthetic" and self.task not in ("auto", "direction", "motion"):
             raise ConfigError("task", f"the synthetic video dataset has tasks direction and motion; got '{self.task}'")
-        if self.data == "synthetic" and (self.num_frames - 1) * self.frame_stride + 1 > self.synthetic_length:
-            raise ConfigError("frame_stride", f"a clip of {self.num_frames} frames {self.frame_stride} apart spans "
+        frames = max(self.num_frames, self.eval_frames)
+        if self.data == "synthetic" and (frames - 1) * self.frame_stride + 1 > self.synthetic_length:
+            raise ConfigError("frame_stride", f"a clip of {frames} frames {self.frame_stride} apart spans "
                                               f"more than the {self.synthetic_length} frames of a synthetic video")
         check_weights("encoder", self.encoder)
 
@@ -174,8 +203,15 @@ class VideoStage(Stage):
         cfg = self.cfg
         image = build_encoder(self.spec, num_classes=self.data.num_classes, global_pool=cfg.global_pool,
                               drop_path_rate=cfg.drop_path)
-        nn.init.trunc_normal_(image.head.weight, std=2e-5)  # MAE reference: a near-zero head
-        nn.init.zeros_(image.head.bias)
+        if self.spec.path is not None:  # trained features: MAE's finetuning recipe starts from a near-zero head
+            nn.init.trunc_normal_(image.head.weight, std=2e-5)
+            nn.init.zeros_(image.head.bias)
+        # Untrained features (random or MAE init) keep timm's head (std 0.02): a near-zero head on them is
+        # a saddle, the blocks get almost no gradient until the head grows and the head grows only along
+        # features that already tell the classes. The demo sat at chance for 75 to 400+ steps depending
+        # on the seed (top-1 28 to 91); with timm's head it leaves chance within about 100 steps.
+        if cfg.head_dropout > 0:  # what timm's drop_rate builds (it drops nothing else in a ViT)
+            image.head_drop = nn.Dropout(cfg.head_dropout)
         generator = torch.Generator().manual_seed(cfg.seed)
         return VideoViT(image, cfg.num_frames, cfg.tubelet_size, rel_pos=cfg.rel_pos, motion_init=cfg.motion_init,
                         generator=generator)
@@ -184,12 +220,16 @@ class VideoStage(Stage):
         cfg = self.cfg
         transform = TrainClip(cfg.num_frames, cfg.frame_stride, cfg.image_size, min_scale=cfg.min_crop_scale,
                               hflip=cfg.hflip, short_videos=cfg.short_videos, sampling=cfg.sampling,
-                              target_fps=cfg.target_fps)
+                              target_fps=cfg.target_fps, randaugment=cfg.randaugment,
+                              random_erasing=cfg.random_erasing, repeats=cfg.repeated_aug)
         source = self.data.source("train")
         return TrainData(RecordDataset(source, transform), len(source))
 
     def loss(self, model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         clips, labels = batch["video"], batch["label"]
+        if clips.dim() == 6:  # repeated augmentation: (videos, repeats, C, T, H, W) -> one clip per row
+            labels = labels.repeat_interleave(clips.shape[1])
+            clips = clips.flatten(0, 1)
         if not self.mixing:
             return self.criterion(model(clips), labels), {}
         cfg = self.cfg
@@ -219,11 +259,12 @@ class VideoStage(Stage):
         return groups
 
     def flops_per_sample(self) -> float:
+        """Training FLOPs per sample, i.e. per video: ``repeated_aug`` clips."""
         cfg = self.cfg
         shape = vit_shape(self.spec.model, depth=self.spec.depth, img_size=cfg.image_size)
         tokens = 1 + (cfg.num_frames // cfg.tubelet_size) * (cfg.image_size // shape.patch_size) ** 2
         volume = cfg.tubelet_size * shape.patch_size**2
-        return 3 * video_forward_flops(shape.embed_dim, shape.depth, shape.mlp_dim, tokens, volume)
+        return 3 * cfg.repeated_aug * video_forward_flops(shape.embed_dim, shape.depth, shape.mlp_dim, tokens, volume)
 
     # --------------------------------------------------------------------- evaluation
     @property
@@ -231,37 +272,68 @@ class VideoStage(Stage):
         return self.cfg.temporal_views * self.cfg.spatial_views
 
     @torch.no_grad()
-    def _accuracy(self, model: nn.Module, role: str, device: torch.device) -> dict[str, float]:
-        """Top-1/top-5 (percent) of the views' averaged class probabilities over the videos of ``role``."""
+    def _accuracy(self, model: nn.Module, role: str, run: Run,
+                  views: tuple[int, int] | None = None) -> dict[str, float]:
+        """Top-1/top-5 (percent) of the views' averaged class probabilities over the videos of
+        ``role`` (``views``: temporal x spatial, default the configured ones), and ``videos``, the
+        number counted. Each rank reads its share (:class:`~prepretrain.data.video.RefSource`) and
+        the hit counts are summed across ranks, so every video is evaluated once."""
         cfg = self.cfg
-        transform = EvalClips(cfg.num_frames, cfg.frame_stride, cfg.image_size, temporal_views=cfg.temporal_views,
-                              spatial_views=cfg.spatial_views, short_videos=cfg.short_videos, sampling=cfg.sampling,
+        temporal, spatial = views or (cfg.temporal_views, cfg.spatial_views)
+        frames = cfg.eval_frames or cfg.num_frames
+        parts = frames // cfg.num_frames  # model inputs per view (the baseline: every frame of a view)
+        transform = EvalClips(frames, cfg.frame_stride, cfg.image_size, temporal_views=temporal,
+                              spatial_views=spatial, short_videos=cfg.short_videos, sampling=cfg.sampling,
                               target_fps=cfg.target_fps)
-        dataset = RecordDataset(self.data.source(role), transform)
+        dataset = RecordDataset(self.data.source(role, run.rank, run.world_size), transform)
+        device = run.device
         use_bf16 = device.type == "cuda" and cfg.precision in ("auto", "bf16")
-        scores, labels, skipped = [], [], 0
-        for batch in eval_loader(dataset, max(1, cfg.eval_batch_size // self.views), cfg.num_workers):
-            skipped += len(batch.get("_skipped", []))
-            if "video" not in batch:
-                continue
-            clips = batch["video"]  # (B, V, C, T, H, W)
+        ks = reported_ks(self.data.num_classes)
+        counts = torch.zeros(len(ks) + 2, dtype=torch.float64)  # hits per k, videos counted, unreadable
+        batch_size = max(1, cfg.eval_batch_size // (temporal * spatial * parts))
+        for batch in eval_loader(dataset, batch_size, cfg.num_workers):
+            counts[-1] += len(batch.get("_skipped", []))
+            if "video" not in batch:  # nothing readable: still one forward, FSDP's gathers are collective
+                clips = torch.zeros(1, 1, 3, frames, cfg.image_size, cfg.image_size)
+                labels = torch.full((1,), PADDING_LABEL)
+            else:
+                clips, labels = batch["video"], batch["label"]  # (B, V, C, T, H, W)
+            inputs = clips.flatten(0, 1)
+            if parts > 1:  # (N, C, parts * num_frames, H, W) -> (N * parts, C, num_frames, H, W)
+                inputs = inputs.unflatten(2, (parts, cfg.num_frames)).transpose(1, 2).flatten(0, 1)
             with torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext():
-                logits = model(clips.flatten(0, 1).to(device))
-            scores.append(average_views(logits.float().view(len(clips), self.views, -1)).cpu())
-            labels.append(batch["label"])
-        if not scores:
+                logits = model(inputs.to(device))
+            scores = average_views(logits.float().view(len(clips), -1, logits.shape[-1])).cpu()
+            counted = labels != PADDING_LABEL
+            hits = topk_hits(scores[counted], labels[counted], ks) if ks else {}
+            counts[:len(ks)] += torch.tensor([float(hits[k]) for k in ks], dtype=torch.float64)
+            counts[-2] += float(counted.sum())
+        if run.world_size > 1:
+            counts = all_reduce_sum(counts.to(device)).cpu()
+        videos, skipped = int(counts[-2]), int(counts[-1])
+        if not videos:
             raise RuntimeError(f"no readable video in the {role} split ({skipped} unreadable)")
-        metrics = topk_accuracy(torch.cat(scores), torch.cat(labels))
+        metrics = {f"top{k}": 100.0 * float(counts[i]) / videos for i, k in enumerate(ks)}
+        metrics["videos"] = float(videos)
         if skipped:
             metrics["skipped"] = float(skipped)
         return metrics
 
+    def _validation_top1(self, model: nn.Module, run: Run) -> float:
+        """The selection metric: top-1 on val from one view per video (the middle clip, center crop)."""
+        return self._accuracy(model, "val", run, views=(1, 1))["top1"]
+
     def evaluate(self, model: nn.Module, run: Run) -> dict[str, float]:
-        """Multi-view top-1/top-5 on test (reported) and ``val_top1`` (selection)."""
-        metrics = self._accuracy(model, "test", run.device)
-        val = metrics if self.data.selection_is_test else self._accuracy(model, "val", run.device)
-        metrics["val_top1"] = val["top1"]
+        """The end of the run: multi-view top-1/top-5 on test (reported; ``test_videos`` counted once
+        across ranks) and the single-view ``val_top1`` it selects on."""
+        metrics = self._accuracy(model, "test", run)
+        metrics["test_videos"] = metrics.pop("videos")
+        metrics["val_top1"] = self._validation_top1(model, run)
         return metrics
+
+    def evaluate_during_training(self, model: nn.Module, run: Run) -> dict[str, float]:
+        """Every ``eval_every`` steps: the single-view validation only (the multi-view test is for the end)."""
+        return {"val_top1": self._validation_top1(model, run)}
 
     def metadata(self) -> dict[str, str]:
         cfg = self.cfg
@@ -276,25 +348,42 @@ class VideoStage(Stage):
         return run.full_state_dict(model), self.metadata()
 
     def single_frame_config(self, out_dir: str) -> VideoConfig:
-        """The baseline's config: this one on single frames (the middle one in evaluation)."""
-        return replace_config(self.cfg, num_frames=1, tubelet_size=1, temporal_views=1, rel_pos=False,
-                              single_frame_baseline=False, out_dir=out_dir)
+        """The baseline's config: this one trained on single frames; evaluated on the video model's
+        views, every frame of each classified and the probabilities averaged (``eval_frames``)."""
+        cfg = self.cfg
+        return replace_config(cfg, num_frames=1, tubelet_size=1, eval_frames=cfg.eval_frames or cfg.num_frames,
+                              rel_pos=False, single_frame_baseline=False, out_dir=out_dir)
 
-    def run_single_frame_baseline(self, run: Run) -> dict[str, Any]:
-        if run.world_size > 1:
-            note = ("skipped under several ranks (a nested run on rank 0 cannot join the others); run it as its own "
-                    "job: prepretrain video num_frames=1 tubelet_size=1 temporal_views=1 with the same settings")
-            run.print(f"single-frame baseline {note}")
-            return {"single_frame_top1": None, "single_frame_note": note}
-        out = run.path(SINGLE_FRAME_DIR)
-        run.print(f"single-frame baseline: the same initialisation finetuned on one frame per clip, in {out}")
-        baseline = train(VideoStage(self.single_frame_config(str(out))))
-        return {"single_frame_top1": baseline.get("top1"), "single_frame_val_top1": baseline.get("val_top1"),
-                **({"single_frame_top5": baseline["top5"]} if "top5" in baseline else {}),
-                "single_frame_dir": str(out)}
+    def test_best(self, run: Run) -> dict[str, Any]:
+        """Multi-view test of the best checkpoint when it was chosen during training (its
+        evaluation then had validation only); nothing when the final weights are the best."""
+        best = run.best
+        if not best or "top1" in best:
+            return {}
+        model = self.build_model(run)
+        model.load_state_dict(load_file(str(run.path(BEST_WEIGHTS))))
+        metrics = self._accuracy(model.to(run.device).eval(), "test", run)
+        return {"best_top1": metrics["top1"], **({"best_top5": metrics["top5"]} if "top5" in metrics else {})}
+
+    def after_run(self, results: dict[str, Any], run: Run) -> dict[str, Any]:
+        """On every rank: the best checkpoint's test, then (by default) the single-frame baseline,
+        a training run of its own in ``<out_dir>/single_frame`` (under torchrun on every rank)."""
+        extra = self.test_best(run)
+        cfg = self.cfg
+        if cfg.single_frame_baseline and cfg.num_frames > 1:
+            out = run.path(SINGLE_FRAME_DIR)
+            run.print(f"single-frame baseline: the same initialisation finetuned on one frame per clip, in {out}")
+            baseline = train(VideoStage(self.single_frame_config(str(out))))
+            if run.is_main:
+                extra.update({"single_frame_top1": baseline.get("top1"),
+                              "single_frame_val_top1": baseline.get("val_top1"),
+                              **({"single_frame_top5": baseline["top5"]} if "top5" in baseline else {}),
+                              "single_frame_dir": str(out)})
+        return extra
 
     def finish(self, model: nn.Module, run: Run) -> dict[str, Any]:
-        """Export the last weights, report the best checkpoint, then (by default) the single-frame baseline."""
+        """Export the last weights and report the best checkpoint (its test numbers, when chosen
+        during training, and the single-frame baseline come from :meth:`after_run`)."""
         cfg = self.cfg
         last = run.save_weights("last.safetensors", run.full_state_dict(model), self.metadata(), dtype=torch.float32)
         results: dict[str, Any] = {
@@ -307,9 +396,6 @@ class VideoStage(Stage):
         best = run.best
         if best:
             results.update({"best": str(run.path(BEST_WEIGHTS)), "best_step": best["step"],
-                            "best_val_top1": best["val_top1"], "best_top1": best["top1"],
-                            **({"best_top5": best["top5"]} if "top5" in best else {}),
-                            "best_selected_on_test": self.data.selection_is_test})
-        if cfg.single_frame_baseline and cfg.num_frames > 1:
-            results.update(self.run_single_frame_baseline(run))
+                            "best_val_top1": best["val_top1"], "best_selected_on_test": self.data.selection_is_test,
+                            **{f"best_{k}": best[k] for k in ("top1", "top5") if k in best}})
         return results

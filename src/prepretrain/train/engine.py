@@ -123,6 +123,20 @@ class Stage(ABC):
         return param_groups(model, self.cfg.weight_decay)
 
     def evaluate(self, model: nn.Module, run: Run) -> dict[str, float]:
+        """Metrics of the model at the end of the run (and, unless :meth:`evaluate_during_training`
+        says otherwise, every ``eval_every`` steps); called on every rank."""
+        return {}
+
+    def evaluate_during_training(self, model: nn.Module, run: Run) -> dict[str, float]:
+        """The ``eval_every`` evaluation: by default the final one; a stage whose full evaluation is
+        costly (video's multi-view test) returns just what it selects on (``select_on``)."""
+        return self.evaluate(model, run)
+
+    def after_run(self, results: dict[str, Any], run: Run) -> dict[str, Any]:
+        """Called on every rank once the run is finished and results.json written (``results`` is
+        empty off the writing rank): work that needs the finished run on every rank, such as a
+        companion run (video's single-frame baseline) or testing the best checkpoint. Returns
+        results to add to results.json (the writing rank adds them)."""
         return {}
 
     def best_weights(self, model: nn.Module, run: Run) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -599,23 +613,26 @@ class Trainer:
     def evaluate_and_save(self, done: int) -> None:
         cfg = self.cfg
         if cfg.eval_every and done % cfg.eval_every == 0 and done != self.total_steps:
-            self.evaluate(done)
+            self.evaluate(done, final=False)
         if done % cfg.ckpt_every == 0 or done == self.total_steps:
             self.save(done)
 
-    def evaluate(self, step: int) -> dict[str, float]:
-        """The stage's evaluation on the unwrapped model, without touching the training RNG
-        stream; keeps the best weights when the stage selects on a metric."""
+    def evaluate(self, step: int, final: bool = True) -> dict[str, float]:
+        """The stage's evaluation on the unwrapped model (``final``: the end-of-run one, else
+        ``evaluate_during_training``), without touching the training RNG stream; keeps the best
+        weights when the stage selects on a metric."""
         device = self.run.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             was_training = self.model.training
             self.model.eval()
-            metrics = self.stage.evaluate(self.model, self.run)
+            evaluate = self.stage.evaluate if final else self.stage.evaluate_during_training
+            metrics = evaluate(self.model, self.run)
             self.model.train(was_training)
         self.run.log(step, metrics)
         key = self.stage.select_on
         if key and key in metrics and (not self.run.best or metrics[key] > self.run.best[key]):
-            # Every rank evaluated the same images, so all take this branch (the gather is collective).
+            # Every rank has the same metrics (the same images, or shares reduced across ranks), so all
+            # take this branch (the gather is collective).
             state, metadata = self.stage.best_weights(self.model, self.run)
             self.run.best = {"step": step, **metrics}
             self.run.save_best(self.run.best, state, metadata)
@@ -688,6 +705,11 @@ class Trainer:
             if self.skips.total_skipped:
                 run.print(f"skipped {self.skips.total_skipped} unreadable samples: {self.skips.describe()}")
         run.logger.close()
+        barrier()
+        extra = stage.after_run(results, run)
+        if extra and run.is_main:
+            results = {**results, **extra}
+            run.write_json("results.json", results)
         barrier()
         return results
 

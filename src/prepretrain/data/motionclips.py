@@ -1,0 +1,97 @@
+"""Encoded motion clips on disk: ``prepretrain data synth --video``.
+
+The embedded motion dataset (:class:`~.video.SyntheticVideos`) is drawn frame by frame in
+memory; this writes a dataset of the same kind as real video files (PyAV), in the class-folder
+layout ``root/{train,val,test}/<direction>/<name>.<ext>``, so the file path of ``prepretrain
+video`` (container demuxing, codec decoding, frame rates, resizing at decode time) can be tried
+end to end without downloading anything.
+
+Each clip: a disc cut out of one photo slides right, left, down or up over another photo,
+wrapping around the frame, from a uniformly random start at a random speed. The photos are
+images of the embedded image dataset (:class:`~.synthetic.SyntheticSource`), scaled to the clip
+size; appearance never depends on the class, so a single frame cannot tell the class and a
+clip can. Lossy codecs blur the disc's edge a little, as real footage does.
+"""
+
+from __future__ import annotations
+
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .synthetic import SyntheticSource
+from .video import DIRECTIONS
+
+_DISC_CANDIDATES = 4
+_STEPS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+CODECS = {".mp4": ("mpeg4", "yuv420p"), ".avi": ("mpeg4", "yuv420p"), ".webm": ("libvpx", "yuv420p"),
+          ".mkv": ("mjpeg", "yuvj420p")}
+
+
+def motion_clip(index: int, split: str, *, size: int = 64, frames: int = 16, seed: int = 0,
+                photos: SyntheticSource | None = None) -> tuple[str, np.ndarray]:
+    """(direction, frames (T, size, size, 3) uint8) of clip ``index`` of ``split``: a pure function of them."""
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+    direction = DIRECTIONS[index % len(DIRECTIONS)]
+    photos = photos or SyntheticSource(1000, image_size=32, seed=seed, split=split)
+    picks = [int(i) for i in rng.choice(len(photos), 1 + _DISC_CANDIDATES, replace=False)]
+    images = [np.asarray(photos.get(i).image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
+              for i in picks]
+    background = images[0]
+    radius = rng.uniform(0.15, 0.25) * size
+    yy, xx = np.mgrid[0:size, 0:size]
+    disc = np.hypot(yy - size / 2, xx - size / 2) <= radius  # centred; rolled into place per frame
+    # the disc's photo: of a few candidates, the one whose disc differs most in colour from the
+    # background (an object one can see, as in footage; a disc of the same flat colour is invisible)
+    texture = max(images[1:], key=lambda image: float(np.abs(image[disc].mean(0) - background.mean((0, 1))).sum()))
+    start = rng.integers(0, size, 2)
+    speed = rng.uniform(0.03, 0.06) * size  # pixels per frame
+    step = np.array(_STEPS[direction], float) * speed
+    out = np.empty((frames, size, size, 3), np.uint8)
+    for t in range(frames):
+        shift = tuple(int(v) for v in np.round(start + step * t))
+        mask = np.roll(disc, shift, axis=(0, 1))
+        content = np.roll(texture, shift, axis=(0, 1))  # the disc's photo moves with it
+        out[t] = np.where(mask[..., None], content, background).astype(np.uint8)
+    return direction, out
+
+
+def encode_clip(path: Path, frames: np.ndarray, fps: int = 8) -> None:
+    """Write (T, H, W, 3) uint8 frames with the codec of the file's suffix (see :data:`CODECS`)."""
+    import av  # the video extra; imported here so image-only installs never load it
+
+    codec, pix_fmt = CODECS[path.suffix]
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = pix_fmt
+        stream.time_base = Fraction(1, fps)
+        if codec == "libvpx":
+            stream.options = {"deadline": "realtime", "cpu-used": "8"}
+        for t, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            frame.pts = t
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_motion_clips(out: str | Path, *, num_videos: int = 1200, size: int = 64, frames: int = 16, fps: int = 8,
+                       seed: int = 0, suffixes: tuple[str, ...] = (".mp4",)) -> Path:
+    """Write ``num_videos`` training clips and ``max(64, num_videos // 5)`` each for val and test
+    (the sizes of the embedded motion dataset) under ``out``; clip ``i`` of a split uses the
+    suffix ``suffixes[i % len(suffixes)]``. Returns ``out``."""
+    root = Path(out)
+    held_out = max(64, num_videos // 5)
+    for split, count in (("train", num_videos), ("val", held_out), ("test", held_out)):
+        photos = SyntheticSource(1000, image_size=32, seed=seed, split=split)
+        for direction in DIRECTIONS:
+            (root / split / direction).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            direction, clip = motion_clip(index, split, size=size, frames=frames, seed=seed, photos=photos)
+            encode_clip(root / split / direction / f"{index:06d}{suffixes[index % len(suffixes)]}", clip, fps)
+    return root
