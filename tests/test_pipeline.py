@@ -309,7 +309,7 @@ def test_task_stages_run_for_every_encoder_and_join_the_report(tmp_path):
     encoders), the single-frame baseline with it, and both appear in the report's table."""
     recipe = tmp_path / "video_tiny.yaml"
     recipe.write_text("stage: video\nnum_images: 32\nsteps: 2\nbatch_size: 8\neval_batch_size: 32\n"
-                      "synthetic_length: 16\nprogress: false\n")
+                      "synthetic_length: 16\ntemporal_views: 1\nprogress: false\n")
     food = mini_food101(tmp_path / "food-101")  # + a transfer set in its release layout (eval_sets), own rows
     cfg = build_config(PipelineConfig, None, {**TINY, "out_dir": str(tmp_path / "out"), "evaluations": "probe,video",
                                               "video_config": str(recipe), "recipe_overrides": "video.steps=1",
