@@ -239,8 +239,9 @@ class SyntheticVideos:
         colour = rng.uniform(0.6, 1.0, 3)  # always brighter than the background
         return mask, colour, rng.integers(0, n, 2)
 
-    def render(self, index: int) -> np.ndarray:
-        """All ``length`` frames, (T, size, size, 3) uint8."""
+    def render(self, index: int, frames: Sequence[int] | None = None) -> np.ndarray:
+        """Frames ``frames`` (default all ``length``) of video ``index``, (T, size, size, 3) uint8;
+        a frame is the same whichever others are drawn with it."""
         rng, n = self._rng(index, "appearance"), self.size
         base = rng.uniform(0.0, 0.35, 3)  # a dark background with a faint static texture ...
         coarse = rng.uniform(-0.05, 0.05, (4, 4, 3))
@@ -252,19 +253,20 @@ class SyntheticVideos:
         direction, speed = self.motion(index)
         step = np.array(_STEPS[direction]) * speed
         noise = np.random.default_rng([self.seed, zlib.crc32(f"{self.split}/noise".encode()), index])
-        frames = np.empty((self.length, n, n, 3), np.float32)
-        for t in range(self.length):
+        grain = noise.normal(0, 0.02, (self.length, n, n, 3))  # one stream, frame by frame: any subset agrees
+        wanted = range(self.length) if frames is None else frames
+        out = np.empty((len(wanted), n, n, 3), np.float32)
+        for slot, t in enumerate(wanted):
             frame = background.copy()
             for number, (mask, colour, start) in enumerate(layers):
                 shift = start + (step * t if number == 0 else 0)
                 frame[np.roll(mask, tuple(int(v) for v in shift), axis=(0, 1))] = colour
-            frames[t] = frame + noise.normal(0, 0.02, frame.shape)
-        return (np.clip(frames, 0, 1) * 255 + 0.5).astype(np.uint8)
+            out[slot] = frame + grain[t]
+        return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 
     def read(self, index: int, pick: FramePicker, short_videos: str = "pad", short_side: int = 0) -> np.ndarray:
         wanted = list(pick(self.length, 0.0))  # drawn frame by frame: no frame rate; already small
-        frames = self.render(index)
-        return frames[[min(max(i, 0), self.length - 1) for i in wanted]]
+        return self.render(index, [min(max(i, 0), self.length - 1) for i in wanted])
 
 
 # ---- files

@@ -267,10 +267,6 @@ class VideoStage(Stage):
         return 3 * cfg.repeated_aug * video_forward_flops(shape.embed_dim, shape.depth, shape.mlp_dim, tokens, volume)
 
     # --------------------------------------------------------------------- evaluation
-    @property
-    def views(self) -> int:
-        return self.cfg.temporal_views * self.cfg.spatial_views
-
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, role: str, run: Run,
                   views: tuple[int, int] | None = None) -> dict[str, float]:
@@ -351,7 +347,10 @@ class VideoStage(Stage):
         """The baseline's config: this one trained on single frames; evaluated on the video model's
         views, every frame of each classified and the probabilities averaged (``eval_frames``)."""
         cfg = self.cfg
-        return replace_config(cfg, num_frames=1, tubelet_size=1, eval_frames=cfg.eval_frames or cfg.num_frames,
+        frames = cfg.eval_frames or cfg.num_frames
+        # one frame is a clip's tokens / num_frames * tubelet_size: as many frames per forward as that many tokens
+        batch = cfg.eval_batch_size * max(1, cfg.num_frames // cfg.tubelet_size)
+        return replace_config(cfg, num_frames=1, tubelet_size=1, eval_frames=frames, eval_batch_size=batch,
                               rel_pos=False, single_frame_baseline=False, out_dir=out_dir)
 
     def test_best(self, run: Run) -> dict[str, Any]:
