@@ -41,6 +41,17 @@ def _cache(tmp_path_factory):
         os.environ["PREPRETRAIN_CACHE"] = str(tmp_path_factory.mktemp("prepretrain-cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of thousands of tiny ops (micro ViTs, L-BFGS), where a second
+    thread only adds synchronisation; for ``-n 0`` runs (xdist workers have one already). Modules
+    ask for it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

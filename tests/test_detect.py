@@ -69,12 +69,7 @@ TINY = dict(image_size=32, num_images=16, synthetic_val_images=8, batch_size=4, 
             tensorboard=False, log_every=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

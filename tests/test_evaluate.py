@@ -37,13 +37,7 @@ from prepretrain.train.engine import train
 TINY = ["num_images=60", "progress=false", "batch_size=128"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run thousands of tiny ops (L-BFGS, micro ViTs): a second thread only adds sync cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

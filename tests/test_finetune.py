@@ -26,13 +26,7 @@ from prepretrain.train.run import Run
 TINY = dict(num_images=32, batch_size=16, progress=False, tensorboard=False, eval_batch_size=200)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Micro ViTs on a loaded 2-core machine: a second thread only adds sync cost."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ TINY = dict(num_images=16, steps=2, batch_size=8, num_frames=4, tubelet_size=2, 
             log_every=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Frames:

@@ -20,12 +20,7 @@ TOKENS = 1 + 3 * 4 * 4
 HEAD_DIM = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_image(seed: int = 0, **kwargs) -> VisionTransformer:
