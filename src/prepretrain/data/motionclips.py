@@ -30,9 +30,8 @@ import numpy as np
 from PIL import Image
 
 from .synthetic import SyntheticSource
-from .video import DIRECTIONS
+from .video import DIRECTION_STEPS, DIRECTIONS
 
-_STEPS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
 CODECS = {".mp4": ("mpeg4", "yuv420p"), ".avi": ("mpeg4", "yuv420p"), ".webm": ("libvpx", "yuv420p"),
           ".mkv": ("mjpeg", "yuvj420p")}
 
@@ -53,7 +52,7 @@ def motion_clip(index: int, split: str, *, size: int = 64, frames: int = 16, see
     yy, xx = np.mgrid[0:size, 0:size]
     disc = np.hypot(yy - size / 2, xx - size / 2) <= radius  # centred; rolled into place per frame
     start = rng.integers(0, size, 2)
-    step = np.array(_STEPS[direction], float) * rng.uniform(*speed) * size  # pixels per frame
+    step = np.array(DIRECTION_STEPS[direction], float) * rng.uniform(*speed) * size  # pixels per frame
     out = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
         shift = tuple(int(v) for v in np.round(start + step * t))

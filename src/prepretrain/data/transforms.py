@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -82,3 +84,18 @@ def denormalize(images: torch.Tensor) -> torch.Tensor:
 def to_pil(image: torch.Tensor) -> Image.Image:
     array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
     return Image.fromarray(array)
+
+
+class ZeroBitPosterize:
+    """timm's posterize keeping 0 bits as a black image. timm's RandAugment posterize reaches 0 bits
+    (the "increasing" variant at magnitude 10, the plain one below 2.5, both within ``mstd`` noise);
+    Pillow used to return black there (what the reference runs saw) and now raises. A class, not a
+    closure, so transforms holding it pickle for loader workers under any start method."""
+
+    def __init__(self, original: Callable[..., Image.Image]):
+        self.original = original
+
+    def __call__(self, image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+        if bits_to_keep <= 0:
+            return Image.new(image.mode, image.size)  # keeping no bit leaves 0 everywhere
+        return self.original(image, bits_to_keep, **kwargs)

@@ -78,6 +78,7 @@ from timm.data.random_erasing import RandomErasing
 from ..config import ConfigError
 from .decode import IMAGE_EXTENSIONS
 from .records import BadSample
+from .transforms import ZeroBitPosterize
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -155,7 +156,7 @@ class RefSource:
 
 
 DIRECTIONS = ("right", "left", "down", "up")
-_STEPS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}
+DIRECTION_STEPS = {"right": (0, 1), "left": (0, -1), "down": (1, 0), "up": (-1, 0)}  # (rows, columns)
 SPEEDS = ("slow", "fast")
 _SPEED_PIXELS = {"slow": 1, "fast": 3}
 SYNTHETIC_TASKS = ("direction", "motion")
@@ -251,7 +252,7 @@ class SyntheticVideos:
         if rng.random() < 0.5:
             layers.append(self._shape(rng))
         direction, speed = self.motion(index)
-        step = np.array(_STEPS[direction]) * speed
+        step = np.array(DIRECTION_STEPS[direction]) * speed
         noise = np.random.default_rng([self.seed, zlib.crc32(f"{self.split}/noise".encode()), index])
         grain = noise.normal(0, 0.02, (self.length, n, n, 3))  # one stream, frame by frame: any subset agrees
         wanted = range(self.length) if frames is None else frames
@@ -847,21 +848,6 @@ def check_randaugment(spec: str) -> None:
         raise ValueError(f"timm cannot build RandAugment '{spec}': {error or type(error).__name__}") from None
 
 
-class _ZeroBitPosterize:
-    """timm's posterize, keeping 0 bits as a black image. timm's posterize levels reach 0 bits (the
-    "increasing" variant at magnitude 10, the plain one below 2.5, both within ``mstd`` noise);
-    Pillow used to return black there (what the reference runs saw) and now raises. A class, not a
-    closure, so the transform pickles for loader workers under any start method."""
-
-    def __init__(self, original: Callable[..., Image.Image]):
-        self.original = original
-
-    def __call__(self, image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
-        if bits_to_keep <= 0:
-            return Image.new(image.mode, image.size)
-        return self.original(image, bits_to_keep, **kwargs)
-
-
 class ClipRandAugment:
     """timm RandAugment with one draw per clip: the same ops at the same magnitudes on every frame,
     as VideoMAE and MAE-ST augment a clip (their PySlowFast RandAugment takes a list of frames).
@@ -882,7 +868,7 @@ class ClipRandAugment:
         self.spec, self.transform = spec, rand_augment_transform(spec, hparams)
         for op in self.transform.ops:
             if op.name.startswith("Posterize"):
-                op.aug_fn = _ZeroBitPosterize(op.aug_fn)
+                op.aug_fn = ZeroBitPosterize(op.aug_fn)
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         """(T, C, H, W) floats in [0, 1] -> the same shape, augmented (through uint8 PIL frames)."""

@@ -43,6 +43,8 @@ that block).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
@@ -142,6 +144,27 @@ def relative_index(grid: tuple[int, int, int], device: torch.device | None = Non
     return torch.cat(columns, dim=1)
 
 
+@functools.lru_cache(maxsize=32)
+def _position_codes(grid: tuple[int, int, int], prefix: int, head_dim: int, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`relative_position_qkv` needs of the token grid alone, built once per grid and
+    device instead of in every block of every step: the rows of the stacked tables per patch token
+    and key coordinate (:func:`relative_index`), the patch tokens' positions, and the keys' one-hot
+    coordinates (prefix rows zero) padded so head_dim + codes is a multiple of 8 (float32)."""
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors, whatever mode the first call ran in
+        index = relative_index(grid, device)
+        codes = index.shape[1]
+        width = codes + (-(head_dim + codes)) % 8
+        slots, rows, cols = grid
+        patches = torch.arange(prefix, prefix + slots * rows * cols, device=device)[:, None]
+        eyes = [torch.eye(size, device=device) for size in grid]
+        key_codes = torch.cat([eyes[0][:, None, None].expand(slots, rows, cols, slots),
+                               eyes[1][None, :, None].expand(slots, rows, cols, rows),
+                               eyes[2][None, None, :].expand(slots, rows, cols, cols)], dim=-1)
+        key_codes = F.pad(key_codes.reshape(slots * rows * cols, codes), (0, width - codes, prefix, 0))
+    return index, patches, key_codes
+
+
 def relative_position_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                           grid: tuple[int, int, int], prefix: int, tables: torch.Tensor,
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,20 +183,13 @@ def relative_position_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     keeps q once; ``q`` laid out as (B, N, heads, head_dim) makes that matmul copy-free.
     """
     batch, heads, tokens, dim = q.shape
-    index = relative_index(grid, q.device)  # (T'H'W', R)
+    index, patches, key_codes = _position_codes(grid, prefix, dim, q.device)
     codes = index.shape[1]
+    width = key_codes.shape[1]
     products = torch.matmul(q.transpose(1, 2), tables.t().to(q.dtype))  # (B, N, heads, rows of the tables)
-    patches = torch.arange(prefix, tokens, device=q.device)[:, None]
     terms = products[:, patches, :, index].permute(2, 3, 0, 1)  # (B, heads, T'H'W', R); keeps no products
-    width = codes + (-(dim + codes)) % 8
     terms = F.pad(terms, (0, width - codes, prefix, 0))
-    eyes = [torch.eye(size, device=k.device, dtype=k.dtype) for size in grid]
-    slots, rows, cols = grid
-    key_codes = torch.cat([eyes[0][:, None, None].expand(slots, rows, cols, slots),
-                           eyes[1][None, :, None].expand(slots, rows, cols, rows),
-                           eyes[2][None, None, :].expand(slots, rows, cols, cols)], dim=-1)
-    key_codes = F.pad(key_codes.reshape(slots * rows * cols, codes), (0, width - codes, prefix, 0))
-    key_codes = key_codes.expand(batch, heads, tokens, width)
+    key_codes = key_codes.to(k.dtype).expand(batch, heads, tokens, width)
     return torch.cat([q * scale, terms], dim=-1), torch.cat([k, key_codes], dim=-1), F.pad(v, (0, width))
 
 

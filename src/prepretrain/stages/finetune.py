@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -36,7 +35,7 @@ from ..config import ConfigError, TrainConfig
 from ..data.benchmarks import display_names
 from ..data.loader import RecordDataset, eval_loader
 from ..data.records import BadSample, Record
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform, parse_crop_fraction
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, ZeroBitPosterize, crop_eval_transform, parse_crop_fraction
 from ..evaluate.common import EvalData, open_eval_data
 from ..evaluate.metrics import topk_accuracy
 from ..models.classifier import classifier_metadata
@@ -148,15 +147,6 @@ def numpy_seeded(seed: int) -> Iterator[None]:
         np.random.set_state(saved)
 
 
-def _posterize_zero_bits_black(original):
-    def posterize(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
-        if bits_to_keep <= 0:
-            return Image.new(image.mode, image.size)  # keeping no bit leaves 0 everywhere
-        return original(image, bits_to_keep, **kwargs)
-
-    return posterize
-
-
 def allow_zero_bit_posterize(transform: Any) -> Any:
     """Keep RandAugment's strongest posterize working on current Pillow.
 
@@ -167,7 +157,7 @@ def allow_zero_bit_posterize(transform: Any) -> Any:
     for step in getattr(transform, "transforms", []):
         for op in getattr(step, "ops", []):
             if getattr(op, "name", "").startswith("Posterize"):
-                op.aug_fn = _posterize_zero_bits_black(op.aug_fn)
+                op.aug_fn = ZeroBitPosterize(op.aug_fn)
     return transform
 
 
