@@ -2,7 +2,7 @@
 
 Every import counts, including imports inside functions (they hide real dependencies). The
 layers, from the bottom: shared files/config/report primitives; models and data; the training
-loop; evaluations and the planner; stages; the registry, benchmarks and the pipeline report;
+loop; evaluations and the planner; stages; the registry, benchmarks and the failures table;
 the pipeline; the CLI. A module may import its own layer or a lower one, never a higher one.
 """
 
@@ -19,7 +19,7 @@ LAYERS = [
     ("prepretrain.train", 2),
     ("prepretrain.evaluate", 3), ("prepretrain.plan", 3),
     ("prepretrain.stages", 4),
-    ("prepretrain.registry", 5), ("prepretrain.bench", 5), ("prepretrain.pipeline_report", 5),
+    ("prepretrain.registry", 5), ("prepretrain.bench", 5), ("prepretrain.failures", 5),
     ("prepretrain.pipeline", 6),
     ("prepretrain.cli", 7),
 ]

@@ -133,6 +133,29 @@ def test_paper_scale_pipeline_configs_validate_and_dry_run(size):
     assert rows and all(" True " in row for row in rows if " lit " not in row)  # every trained stage fits
 
 
+def test_slurm_dry_run_sizes_every_job_and_prices_the_critical_path():
+    """executor=slurm --dry-run: each job's sbatch resources (pretraining on gpus= as whole nodes,
+    transfer trainings on transfer_gpus, evaluations on one GPU), the critical path, the GPU-hours."""
+    cfg = build_config(PipelineConfig, ROOT / "configs" / "pipeline_vit_b16.yaml",
+                       {"executor": "slurm", "gpus": 64, "transfer_gpus": 8, "slurm_partition": "gpu",
+                        "slurm_extra": "mem=400G"})
+    plan = dry_run(cfg)
+    sbatch = plan.split("sbatch resources", 1)[1].split("\n\n", 1)[0]
+    assert "--partition=gpu" in sbatch and "--mem=400G" in sbatch
+    rows = {line.split()[0]: line.split()[1:] for line in sbatch.splitlines()[2:]}
+    assert rows["seed0/mae"][:4] == ["8", "8", "8", "10"]  # 8 nodes x 8 GPUs, one task per GPU
+    assert rows["seed0/eval/mae_wsp/finetune"][:3] == ["1", "8", "8"] and rows["seed0/eval/mae/label"][:3] == ["1", "1", "1"]
+    assert rows["seed0/wsp_mae"][-1] == "1" and rows["seed0/wsp"][-1] == "0"  # afterok on the MAE only
+    path = re.search(r"critical path: ([\d.]+) hours, (.*)", plan)
+    assert path and path.group(2).split(" -> ")[:2] == ["seed0/mae", "seed0/wsp_mae"]
+    hours = {line.split()[0]: float(line.split()[-1]) for line in plan.splitlines()
+             if line.startswith("seed0/") and len(line.split()) > 4 and "sbatch" not in line and ":" not in line}
+    chain = [name for name in path.group(2).split(" -> ")]
+    assert float(path.group(1)) == pytest.approx(sum(hours[name] for name in chain), rel=0.01)
+    gpu_hours = float(re.search(r"([\d,]+) GPU-hours", plan).group(1).replace(",", ""))
+    assert gpu_hours > 64 * (hours["seed0/mae"] + 3 * hours["seed0/wsp"])  # the pretraining stages alone
+
+
 def test_every_paper_recipe_validates():
     from prepretrain.registry import command
 
@@ -336,7 +359,7 @@ def test_verdict_reads_paired_contrasts_and_claims_only_what_the_seeds_separate(
     a contrast is a gain or a loss only when a paired t-test (95%) separates it from zero."""
     from types import SimpleNamespace
 
-    from prepretrain.pipeline_report import paired_contrast, verdict_blocks
+    from prepretrain.pipeline.report import paired_contrast, verdict_blocks
 
     # probe: MAE learning +2.5 (diffs 1, 2, 3, 4: t = 3.87 > 3.18); init scheme diffs 5, -4, 6, -3 (≈0)
     probe = {"MAE→WSP": {0: 51.0, 1: 52.0, 2: 53.0, 3: 54.0}, "MAE init→WSP": {0: 50.0, 1: 50.0, 2: 50.0, 3: 50.0},
@@ -381,7 +404,7 @@ def test_a_job_whose_inputs_changed_trains_afresh_instead_of_resuming_the_old_ru
 
     capsys.readouterr()
     run_pipeline(build_config(PipelineConfig, None, {**values, "mae_steps": 5}))
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().out + (tmp_path / "seed0/wsp_mae/pipeline_job.log").read_text()  # the job's own
     assert "resuming from" not in printed and "seed0/wsp_mae: its directory held a run of another" in printed
     rerun = json.loads((tmp_path / "seed0/wsp_mae/pipeline_job.json").read_text())
     assert rerun["key"] != old_key and rerun["results"]["steps"] == 4

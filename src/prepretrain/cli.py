@@ -10,7 +10,6 @@ compute.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -36,12 +35,9 @@ from .bench import (
 )
 from .config import ConfigError, build_config, dump_config
 from .data.bench import BenchDataConfig, run_data_benchmark
-from .data.benchmarks import DataLayoutError
 from .data.loader import open_data
-from .data.metadata import MetadataError
 from .data.motionclips import CODECS as MOTION_CLIP_CODECS
 from .data.motionclips import write_motion_clips
-from .data.shards import UnknownSampleCount
 from .data.tools import (
     build_label_vocab,
     check_source,
@@ -54,45 +50,15 @@ from .data.tools import (
 )
 from .data.video import describe_video_data, is_video_dataset
 from .data.weaklabels import WeakLabeler
-from .files import UnsafeCheckpoint, write_text
-from .models.checkpoints import CheckpointMismatch
+from .failures import DISK_ERRORS, expected_failure  # noqa: F401 - DISK_ERRORS: public
+from .files import write_text
 from .models.convert import TARGETS, convert
-from .pipeline import PipelineConfig, dry_run, rehearsal_config, run_pipeline
+from .pipeline import JobsFailed, PipelineConfig, dry_run, pipeline_status, rehearsal_config, run_pipeline
 from .plan import PlanConfig, format_plan, plan_run
 from .registry import COMMANDS, Command
-from .train.checkpoint import CorruptCheckpoint, checkpoint_step, export_weights, resolve_checkpoint
-from .train.engine import Preempted
-from .train.limits import NonFiniteLoss, TooManyBadSamples
+from .train.checkpoint import checkpoint_step, export_weights, resolve_checkpoint
 
 DEBUG_ENV = "PREPRETRAIN_DEBUG"  # =1: expected failures show their traceback too (as --debug)
-# Failures a user can cause (bad data, files, disk, a diverging run, preemption): one clear line
-# and an exit code each, never a traceback. Config mistakes exit with 2.
-EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (TooManyBadSamples, 3), (UnknownSampleCount, 3), (DataLayoutError, 3), (MetadataError, 3),
-    (CheckpointMismatch, 4), (UnsafeCheckpoint, 4), (CorruptCheckpoint, 4), (FileNotFoundError, 4),
-    (NonFiniteLoss, 6),
-    (Preempted, 75),  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after a checkpoint; rerun to resume
-]
-DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted", errno.ENOTDIR: "a part of the path is a file, not a folder",
-               errno.EISDIR: "a folder stands where a file was expected", errno.EIO: "input/output error"}
-
-
-def expected_failure(error: BaseException) -> tuple[int, str] | None:
-    """(exit code, message) for a failure a user can cause and fix; None for a bug (traceback)."""
-    for kind, code in EXIT_CODES:
-        if isinstance(error, kind):
-            return code, str(error)
-    if isinstance(error, OSError) and error.errno in DISK_ERRORS:
-        where = f" at {error.filename}" if error.filename else ""
-        detail = f" ({error.strerror})" if error.errno == errno.EIO and error.strerror else ""
-        fix = ("free space or point out_dir= elsewhere" if error.errno in (errno.ENOSPC, errno.EDQUOT) else
-               "fix the path or its permissions, or point out_dir= elsewhere")
-        return 5, f"{DISK_ERRORS[error.errno]}{where}{detail}: {fix}, then rerun to resume"
-    return None
-
-
 @dataclass(frozen=True)
 class Tool:
     """A command with its own arguments (not a config dataclass)."""
@@ -416,7 +382,8 @@ def _convert_run(args: argparse.Namespace) -> int:
 def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, "YAML file of pipeline keys")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the plan (stages, FLOPs, memory per GPU, time on gpus=N) and exit")
+                        help="print the plan (stages, FLOPs, memory per GPU, time on gpus=N; with executor=slurm the "
+                             "sbatch resources of every job, the critical path and the GPU-hours) and exit")
     parser.epilog = (
         "Runs MAE; WSP from MAE; the control: WSP from the untrained MAE initialisation (control_arms=true);\n"
         "WSP from scratch (same budget); LiT on every WSP tower; and the transfer suite for every encoder\n"
@@ -425,19 +392,36 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
         "and init scheme (MAE init->WSP minus WSP). eval_sets=NAME=PATH adds transfer sets (ImageNet, iNat,\n"
         "Food-101 layouts read as released); classify_sets=NAME=PATH[@SPLIT][+real] scores every finetuned\n"
         "model on benchmarks (ImageNet-v2, ReaL, ObjectNet) without more training.\n"
-        "Examples:\n  prepretrain pipeline\n  prepretrain pipeline seeds=0,1,2,3 out_dir=runs/pp4\n"
-        "  prepretrain pipeline --dry-run --config configs/pipeline_vit_b16.yaml gpus=64\n"
+        "Every job runs as its own process: executor=local (default) runs jobs side by side as their\n"
+        "dependencies finish (workers=auto: one per CPU core or GPU); executor=slurm queues the whole graph\n"
+        "through submitit (pip install 'prepretrain[slurm]'), each job with its own resources.\n"
+        "'prepretrain pipeline status out_dir=DIR' prints every job's state, SLURM id and log.\n"
+        "Examples:\n  prepretrain pipeline\n  prepretrain pipeline seeds=0,1,2,3 out_dir=runs/pp4 workers=2\n"
+        "  prepretrain pipeline status out_dir=runs/pp4\n"
+        "  prepretrain pipeline --dry-run --config configs/pipeline_vit_b16.yaml gpus=64 executor=slurm\n"
+        "  prepretrain pipeline --config configs/pipeline_vit_b16.yaml executor=slurm slurm_partition=gpu "
+        "slurm_account=vision\n"
     )
 
 
 def _pipeline_run(args: argparse.Namespace) -> int:
-    cfg = build_config(PipelineConfig, args.config, args.overrides)
-    if args.print_config:
+    overrides = list(args.overrides)
+    status = bool(overrides) and overrides[0] == "status"
+    if status:
+        overrides = overrides[1:]
+    cfg = build_config(PipelineConfig, args.config, overrides)
+    if status:
+        print(pipeline_status(cfg))
+    elif args.print_config:
         print(dump_config(cfg), end="")
     elif args.dry_run:
         print(dry_run(cfg))
     else:
-        run_pipeline(cfg)
+        try:
+            run_pipeline(cfg)
+        except JobsFailed as failed:
+            print(f"prepretrain pipeline: {failed}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -236,14 +236,20 @@ class StepOutcome:
 
 
 class Preempted(RuntimeError):
-    """The run was asked to stop (SIGTERM/SIGUSR1) and saved a checkpoint at a step boundary."""
+    """The run was asked to stop (SIGTERM/SIGUSR1/SIGUSR2) and saved a checkpoint at a step boundary;
+    ``signal_name`` says which signal (empty: one that reached another rank)."""
+
+    def __init__(self, message: str, signal_name: str = "") -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
 
 
 class StopSignals:
-    """While active, SIGTERM and SIGUSR1 (what SLURM and cloud preemption send) only set a flag:
-    the loop checkpoints at the next step boundary, on every rank, and exits cleanly."""
+    """While active, SIGTERM and SIGUSR1 (what SLURM and cloud preemption send) and SIGUSR2
+    (submitit's notice before a job's time limit) only set a flag: the loop checkpoints at the next
+    step boundary, on every rank, and exits cleanly."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
     def __init__(self) -> None:
         self.requested = False
@@ -677,7 +683,7 @@ class Trainer:
         self.progress.close()
         if self.run.logger is not None:
             self.run.logger.close()
-        raise Preempted(f"stopped by {cause} after step {step}/{self.total_steps}; rerun to resume")
+        raise Preempted(f"stopped by {cause} after step {step}/{self.total_steps}; rerun to resume", name)
 
     def finish(self) -> dict[str, Any]:
         """Final evaluation, the stage's exports, loss curve and ``results.json``."""

@@ -2,7 +2,9 @@
 without MAE (paper Fig. 4), accuracy against training FLOPs (Fig. 5), reconstructions, the configs
 and commands to reproduce, and a verdict read off paired contrasts: what MAE *learning* adds
 (MAE->WSP minus WSP from the untrained MAE initialisation) and what the MAE *initialisation
-scheme* adds (that control minus WSP from timm's initialisation), per task, over seeds."""
+scheme* adds (that control minus WSP from timm's initialisation), per task, over seeds; and the
+schedule: which job ran when, and where. Every number is found through the job that made it (its
+seed, arm, task and set: :class:`~prepretrain.pipeline.plan.Job`), never through its name."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import dump_config
-from .report import Block, format_mean_std, mean_std, plot_bars, plot_curves, table_block, write_report
+from ..config import dump_config
+from ..report import Block, format_mean_std, mean_std, plot_bars, plot_curves, table_block, write_report
 
 LABELS = {"mae_wsp": "MAE→WSP", "maeinit_wsp": "MAE init→WSP", "wsp": "WSP", "mae": "MAE",
           "mae_init": "MAE init (untrained)", "random": "random init"}
@@ -31,23 +33,6 @@ TASK_ROWS = {
     "video": [("video top-1", "top1"), ("video, single-frame baseline top-1", "single_frame_top1")],
     "detect": [("detection box AP", "box_ap"), ("detection mask AP", "mask_ap")],
 }
-
-
-WSP_RUNS = {"mae_wsp": "wsp_mae", "maeinit_wsp": "wsp_maeinit", "wsp": "wsp"}  # label -> WSP job of a seed
-
-
-def eval_set_names(cfg) -> list[str]:
-    """The names of the pipeline's ``eval_sets`` (validated by the pipeline)."""
-    return [str(entry).partition("=")[0].strip() for entry in getattr(cfg, "eval_sets", ()) or ()]
-
-
-def classify_set_names(cfg) -> list[tuple[str, bool]]:
-    """(name, with ReaL) of each ``classify_sets`` entry (the pipeline validated them)."""
-    sets = []
-    for entry in getattr(cfg, "classify_sets", ()) or ():
-        name, _, rest = str(entry).partition("=")
-        sets.append((name.strip(), rest.endswith("+real")))
-    return sets
 
 
 def paired_contrast(row: dict[str, dict[int, float]], arm: str, minus: str) -> dict[str, Any] | None:
@@ -115,70 +100,127 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def collect_table(cfg, results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+def collect_table(cfg, jobs, results: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
     """task name -> encoder label -> one accuracy (percent) per seed that has it."""
     return {task: {label: list(values.values()) for label, values in row.items()}
-            for task, row in collect_by_seed(cfg, results).items()}
+            for task, row in collect_by_seed(cfg, jobs, results).items()}
 
 
-def collect_by_seed(cfg, results: dict[str, Any]) -> dict[str, dict[str, dict[int, float]]]:
-    """task name -> encoder label -> seed -> accuracy (percent)."""
+SHOTS = (1, 5, 10)
+
+
+def collect_by_seed(cfg, jobs, results: dict[str, Any]) -> dict[str, dict[str, dict[int, float]]]:
+    """task name -> encoder label -> seed -> accuracy (percent): each job's numbers under the rows
+    its protocol, label task and set name, in the order protocols are listed (eval_data's rows
+    first, per task; then each eval_sets entry; then the video/detection tasks; WSP last)."""
     table: dict[str, dict[str, dict[int, float]]] = {}
+    ranks: dict[str, tuple] = {}
+    tasks = list(cfg.tasks)
+    sets = [str(entry).partition("=")[0].strip() for entry in getattr(cfg, "eval_sets", ()) or ()]
+    benchmarks = [str(entry).partition("=")[0].strip() for entry in getattr(cfg, "classify_sets", ()) or ()]
 
-    def add(task: str, label: str, value: Any) -> None:  # under the seed the loop below is at
-        if isinstance(value, (int, float)):
-            table.setdefault(task, {}).setdefault(LABELS[label], {})[seed] = float(value)
+    def add(row: str, rank: tuple, job, value: Any, scale: float = 1.0) -> None:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            table.setdefault(row, {}).setdefault(LABELS[job.arm], {})[job.seed] = scale * float(value)
+            ranks.setdefault(row, rank)
 
-    for seed in cfg.seeds:
-        s = f"seed{seed}"
-        for label in LABELS:
-            for task in cfg.tasks:
-                frozen = results.get(f"{s}/eval/{label}/{task}") or {}
-                add(f"linear probe ({task})", label, (frozen.get("probe") or {}).get("top1"))
-                add(f"kNN ({task})", label, (frozen.get("knn") or {}).get("top1"))
-                for shots in (1, 5, 10):
-                    add(f"{shots}-shot ({task})", label, (frozen.get("lowshot") or {}).get(f"{shots}shot_top1"))
-            zeroshot = results.get(f"{s}/eval/{label}/zeroshot") or {}
-            add(f"zero-shot ({cfg.tasks[0]})", label, zeroshot.get("top1"))
-            finetune = results.get(f"{s}/eval/{label}/finetune") or {}
-            add(f"finetune ({cfg.tasks[0]})", label, finetune.get("best_top1", finetune.get("top1")))
-            for name, real in classify_set_names(cfg):  # the finetuned model on each benchmark, no more training
-                scored = results.get(f"{s}/eval/{label}/classify_{name}") or {}
-                add(f"{name} top-1 (finetuned)", label, scored.get("top1"))
-                if real:
-                    add(f"{name} ReaL top-1 (finetuned)", label, scored.get("real_top1"))
-            for set_name in eval_set_names(cfg):  # more transfer sets: rows "NAME: protocol"
-                where = f"{s}/eval/{label}/sets/{set_name}"
-                frozen = results.get(f"{where}/label") or {}
-                add(f"{set_name}: linear probe", label, (frozen.get("probe") or {}).get("top1"))
-                add(f"{set_name}: kNN", label, (frozen.get("knn") or {}).get("top1"))
-                for shots in (1, 5, 10):
-                    add(f"{set_name}: {shots}-shot", label, (frozen.get("lowshot") or {}).get(f"{shots}shot_top1"))
-                add(f"{set_name}: zero-shot", label, (results.get(f"{where}/zeroshot") or {}).get("top1"))
-                finetune = results.get(f"{where}/finetune") or {}
-                add(f"{set_name}: finetune", label, finetune.get("best_top1", finetune.get("top1")))
-            for kind, rows in TASK_ROWS.items():
-                task_results = results.get(f"{s}/eval/{label}/{kind}") or {}
-                for row, key in rows:
-                    add(row, label, task_results.get(key))
-        for label, run in WSP_RUNS.items():
-            wsp = results.get(f"{s}/{run}") or {}
-            value = wsp.get("val_precision_at_1")
-            add("WSP tag precision@1", label, 100 * value if isinstance(value, (int, float)) else None)
-    return {task: row for task, row in table.items() if row}
+    for job in jobs:
+        result = results.get(job.name)
+        if not isinstance(result, dict) or job.arm not in LABELS:
+            continue
+        named = job.eval_set if job.kind != "classify" else ""
+        group = (1, sets.index(named)) if named in sets else (0, 0)
+        prefix, suffix = (f"{named}: ", "") if named else ("", f" ({job.task})")
+        task_rank = tasks.index(job.task) if job.task in tasks else 0
+        if job.kind == "frozen":
+            add(f"{prefix}linear probe{suffix}", (*group, task_rank, 0), job, (result.get("probe") or {}).get("top1"))
+            add(f"{prefix}kNN{suffix}", (*group, task_rank, 1), job, (result.get("knn") or {}).get("top1"))
+            for index, shots in enumerate(SHOTS):
+                add(f"{prefix}{shots}-shot{suffix}", (*group, task_rank, 2 + index), job,
+                    (result.get("lowshot") or {}).get(f"{shots}shot_top1"))
+        elif job.kind == "zeroshot":
+            add(f"{prefix}zero-shot{suffix}", (*group, len(tasks), 0), job, result.get("top1"))
+        elif job.kind == "finetune":
+            add(f"{prefix}finetune{suffix}", (*group, len(tasks), 1), job,
+                result.get("best_top1", result.get("top1")))
+        elif job.kind == "classify":  # a finetuned model on a benchmark, no more training
+            rank = (0, 0, len(tasks), 2 + benchmarks.index(job.eval_set) if job.eval_set in benchmarks else 2)
+            add(f"{job.eval_set} top-1 (finetuned)", (*rank, 0), job, result.get("top1"))
+            add(f"{job.eval_set} ReaL top-1 (finetuned)", (*rank, 1), job, result.get("real_top1"))
+        elif job.kind in TASK_ROWS:
+            for index, (row, key) in enumerate(TASK_ROWS[job.kind]):
+                add(row, (2, list(TASK_ROWS).index(job.kind), index), job, result.get(key))
+        elif job.kind == "wsp":
+            add("WSP tag precision@1", (3,), job, result.get("val_precision_at_1"), scale=100.0)
+    return {row: table[row] for row in sorted(table, key=lambda row: ranks[row])}
 
 
-def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: dict[str, float]
-                          ) -> tuple[Path, Path]:
+def timeline_blocks(out: Path, timeline: list[dict[str, Any]]) -> list[Block]:
+    """Which job ran when, and where (worker or SLURM job): a chart and the busiest jobs."""
+    if not timeline:
+        return []
+    start = min(row["started"] for row in timeline)
+    end = max(row["finished"] for row in timeline)
+    lanes = sorted({row["worker"] or row["host"] or "?" for row in timeline})
+    plot_timeline(timeline, lanes, start, out / "timeline.png")
+    busy = sum(row["finished"] - row["started"] for row in timeline)
+    longest = sorted(timeline, key=lambda row: row["started"] - row["finished"])[:10]
+    rows = [[f"`{row['name']}`", row["kind"], row["worker"] or row["host"], _clock(row["started"] - start),
+             _clock(row["finished"] - row["started"])] for row in longest]
+    return [Block("heading", "Schedule"),
+            Block("paragraph", f"{len(timeline)} jobs ran this time in {_clock(end - start)} of wall time on "
+                               f"{len(lanes)} worker(s) or SLURM job(s): {_clock(busy)} of job time, "
+                               f"{busy / max(end - start, 1e-9):.2f} jobs at a time on average. Jobs reused from "
+                               "an earlier run are not shown."),
+            Block("image", "Each job from its start to its end, one row per worker", items=["timeline.png"]),
+            Block("paragraph", "The longest jobs:"),
+            table_block(["job", "kind", "where", "started at", "took"], rows)]
+
+
+def plot_timeline(timeline: list[dict[str, Any]], lanes: list[str], start: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({row["kind"] for row in timeline})
+    colours = {kind: plt.get_cmap("tab10")(index % 10) for index, kind in enumerate(kinds)}
+    figure, axes = plt.subplots(figsize=(10, 1.2 + 0.35 * min(len(lanes), 60)))
+    for row in timeline:
+        lane = lanes.index(row["worker"] or row["host"] or "?")
+        axes.barh(lane, (row["finished"] - row["started"]) / 60, left=(row["started"] - start) / 60,
+                  color=colours[row["kind"]], edgecolor="white", height=0.8)
+    axes.set_yticks(range(len(lanes)), labels=lanes if len(lanes) <= 60 else [""] * len(lanes))
+    axes.invert_yaxis()
+    axes.set_xlabel("minutes from the first job's start")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[kind]) for kind in kinds]
+    axes.legend(handles, kinds, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: dict[str, float],
+                          timeline: list[dict[str, Any]] = (), missing: list[str] = ()) -> tuple[Path, Path]:
     """report.md and report.html of a pipeline run; ``flops_per_sample`` maps a training job's
-    name to its training FLOPs per sample (0 or absent: unknown, the FLOPs plot leaves it out)."""
+    name to its training FLOPs per sample (0 or absent: unknown, the FLOPs plot leaves it out);
+    ``timeline``: when and where each job ran; ``missing``: jobs without results (failed, skipped)."""
     out = Path(cfg.out_dir)
-    by_name = {job.name: job for job in jobs}
-    by_seed = collect_by_seed(cfg, results)
-    table = collect_table(cfg, results)
+    by_seed = collect_by_seed(cfg, jobs, results)
+    table = collect_table(cfg, jobs, results)
     blocks: list[Block] = [Block("heading", "MAE pre-pretraining → WSP → transfer", level=1)]
     blocks.append(Block("paragraph", f"Data: `{cfg.data}`, model `{cfg.model}` at {cfg.image_size} px, "
                         f"seeds {list(cfg.seeds)}. Accuracies in percent, mean ± std over seeds."))
+    if missing:
+        blocks.append(Block("paragraph", f"**Incomplete**: {len(missing)} of {len(jobs)} jobs have no results "
+                            "(failed, or skipped because a job they read failed); their numbers are left out:"))
+        blocks.append(Block("list", items=[f"`{name}`" for name in missing]))
 
     # the verdict first: the question the experiment asks, read off the paired contrasts
     blocks += [Block("heading", "Verdict"), *verdict_blocks(cfg, by_seed)]
@@ -196,29 +238,23 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
                   out / "transfer.png", "transfer by encoder")
         blocks.append(Block("image", "Transfer accuracy by task and encoder", items=["transfer.png"]))
 
-    # WSP convergence (Fig. 4) and accuracy vs FLOPs (Fig. 5)
-    arms = {LABELS[label]: run for label, run in WSP_RUNS.items()}
+    # WSP convergence (Fig. 4) and accuracy vs FLOPs (Fig. 5): every WSP arm, per seed
+    arms = [LABELS[arm] for arm in ("mae_wsp", "maeinit_wsp", "wsp")]
     curves: dict[str, list[list[tuple[float, float]]]] = {label: [] for label in arms}
     flop_curves: dict[str, list[list[tuple[float, float]]]] = {label: [] for label in arms}
-    for seed in cfg.seeds:
-        s = f"seed{seed}"
-        mae_flops = 0.0
-        if f"{s}/mae" in by_name:
-            per_sample = flops_per_sample.get(f"{s}/mae", 0.0)
-            mae_samples = (results.get(f"{s}/mae") or {}).get("samples_seen", 0)
-            mae_flops = per_sample * mae_samples
-        for label, run in arms.items():
-            if f"{s}/{run}" not in by_name:
-                continue
-            rows_ = _rows(out / s / run / "metrics.jsonl")
-            points = [(r["step"], 100 * r["val_precision_at_1"]) for r in rows_ if "val_precision_at_1" in r]
-            curves[label].append(points)
-            per_sample = flops_per_sample.get(f"{s}/{run}", 0.0)
-            batch = (results.get(f"{s}/{run}") or {}).get("samples_seen", 0) / max(
-                1, (results.get(f"{s}/{run}") or {}).get("steps", 1))
-            offset = mae_flops if label == "MAE→WSP" else 0.0
-            if per_sample:
-                flop_curves[label].append([(offset + per_sample * batch * step, v) for step, v in points])
+    mae_flops = {job.seed: flops_per_sample.get(job.name, 0.0) * (results.get(job.name) or {}).get("samples_seen", 0)
+                 for job in jobs if job.kind == "mae"}
+    for job in (job for job in jobs if job.kind == "wsp" and job.arm in LABELS):
+        label = LABELS[job.arm]
+        rows_ = _rows(out / job.name / "metrics.jsonl")
+        points = [(r["step"], 100 * r["val_precision_at_1"]) for r in rows_ if "val_precision_at_1" in r]
+        curves[label].append(points)
+        per_sample = flops_per_sample.get(job.name, 0.0)
+        done = results.get(job.name) or {}
+        batch = done.get("samples_seen", 0) / max(1, done.get("steps", 1))
+        offset = mae_flops.get(job.seed, 0.0) if job.arm == "mae_wsp" else 0.0
+        if per_sample:
+            flop_curves[label].append([(offset + per_sample * batch * step, v) for step, v in points])
     if any(points for runs in curves.values() for points in runs):
         plot_curves(curves, out / "wsp_convergence.png", "WSP step", "held-out tag precision@1 (%)",
                     "WSP convergence with and without MAE init")
@@ -231,12 +267,15 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
                    Block("paragraph", "MAE→WSP curves start right of zero: they include the MAE stage's FLOPs."),
                    Block("image", "precision@1 against total FLOPs", items=["accuracy_vs_flops.png"])]
 
-    recon = out / f"seed{cfg.seeds[0]}" / "mae" / "reconstructions.png"
+    first_mae = next((job for job in jobs if job.kind == "mae"), None)
+    recon = out / first_mae.name / "reconstructions.png" if first_mae else out / "-"
     if recon.exists():
         shutil.copyfile(recon, out / "mae_reconstructions.png")
         blocks += [Block("heading", "MAE reconstructions"),
                    Block("image", "original / masked / reconstruction / reconstruction + visible",
                          items=["mae_reconstructions.png"])]
+
+    blocks += timeline_blocks(out, list(timeline))
 
     blocks.append(Block("heading", "Reproduce"))
     command = "prepretrain pipeline --config " + str(out / "pipeline.yaml")
