@@ -96,3 +96,27 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"with an uninterrupted one (all equal); {counts['same_losses']} multi-rank resumes with the "
             f"uninterrupted losses; {counts['checkpoints_lost']} checkpoints lost or corrupted; "
             f"{counts['hangs']} hangs; {counts['nonfinite_saved']} non-finite tensors saved")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A SLURM cluster this machine can submit to (CI starts a one-node one on localhost with
+    ``scripts/local_slurm.sh start``). Without one: a skip on a developer's machine, a failure in CI,
+    where every test must run."""
+    import shutil
+    import subprocess
+
+    problem = ""
+    if shutil.which("sbatch") is None:
+        problem = "no sbatch on PATH"
+    else:
+        try:
+            subprocess.run(["sinfo", "-h"], check=True, capture_output=True, timeout=20)
+        except (OSError, subprocess.SubprocessError) as error:
+            problem = f"sinfo failed: {error}"
+    if problem:
+        message = f"needs a SLURM cluster ({problem}): run scripts/local_slurm.sh start (as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return True

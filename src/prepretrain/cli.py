@@ -50,10 +50,18 @@ from .data.tools import (
 )
 from .data.video import describe_video_data, is_video_dataset
 from .data.weaklabels import WeakLabeler
-from .failures import DISK_ERRORS, expected_failure  # noqa: F401 - DISK_ERRORS: public
+from .failures import DISK_ERRORS, EXIT_PREEMPTED, expected_failure  # noqa: F401 - DISK_ERRORS: public
 from .files import write_text
 from .models.convert import TARGETS, convert
-from .pipeline import JobsFailed, PipelineConfig, dry_run, pipeline_status, rehearsal_config, run_pipeline
+from .pipeline import (
+    JobsFailed,
+    PipelineConfig,
+    PipelineStopped,
+    dry_run,
+    pipeline_status,
+    rehearsal_config,
+    run_pipeline,
+)
 from .plan import PlanConfig, format_plan, plan_run
 from .registry import COMMANDS, Command
 from .train.checkpoint import checkpoint_step, export_weights, resolve_checkpoint
@@ -419,9 +427,9 @@ def _pipeline_run(args: argparse.Namespace) -> int:
     else:
         try:
             run_pipeline(cfg)
-        except JobsFailed as failed:
+        except JobsFailed as failed:  # every job that could run has run; the failed ones are named with their logs
             print(f"prepretrain pipeline: {failed}", file=sys.stderr)
-            return 1
+            return EXIT_PREEMPTED if isinstance(failed, PipelineStopped) else 1
     return 0
 
 

@@ -8,6 +8,7 @@ import errno
 
 from .config import ConfigError
 from .data.benchmarks import DataLayoutError
+from .data.hashtags import EmptyVocabulary
 from .data.metadata import MetadataError
 from .data.shards import UnknownSampleCount
 from .files import UnsafeCheckpoint
@@ -19,7 +20,7 @@ from .train.limits import NonFiniteLoss, TooManyBadSamples
 EXIT_CONFIG = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; rerun to resume
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (TooManyBadSamples, 3), (UnknownSampleCount, 3), (DataLayoutError, 3), (MetadataError, 3),
+    (TooManyBadSamples, 3), (UnknownSampleCount, 3), (DataLayoutError, 3), (MetadataError, 3), (EmptyVocabulary, 3),
     (CheckpointMismatch, 4), (UnsafeCheckpoint, 4), (CorruptCheckpoint, 4), (FileNotFoundError, 4),
     (NonFiniteLoss, 6),
     (Preempted, EXIT_PREEMPTED),

@@ -4,14 +4,15 @@ run every job as its own process through one worker (:mod:`.worker`), the state 
 its directory (:mod:`.state`), the driver and ``status`` (:mod:`.driver`), and the report."""
 
 from .config import PipelineConfig, classify_sets, eval_sets, recipe_overrides, rehearsal_config, stage_data
-from .driver import JobsFailed, pipeline_status, run_pipeline
+from .driver import JobsFailed, PipelineStopped, pipeline_status, run_pipeline
 from .dryrun import dry_run
 from .plan import Job, build_job_config, plan_jobs, run_job
 from .preflight import DataCheck, pre_flight
 from .state import set_aside_if_stale
 
 __all__ = [
-    "DataCheck", "Job", "JobsFailed", "PipelineConfig", "build_job_config", "classify_sets", "dry_run", "eval_sets",
+    "DataCheck", "Job", "JobsFailed", "PipelineConfig", "PipelineStopped", "build_job_config", "classify_sets",
+    "dry_run", "eval_sets",
     "pipeline_status", "plan_jobs", "pre_flight", "recipe_overrides", "rehearsal_config", "run_job",
     "run_pipeline", "set_aside_if_stale", "stage_data",
 ]

@@ -33,6 +33,10 @@ class JobsFailed(RuntimeError):
     """Some jobs failed (each named with its log) or were skipped; every other job ran."""
 
 
+class PipelineStopped(JobsFailed):
+    """The driver was asked to stop (SIGINT/SIGTERM): its running jobs checkpointed; a rerun resumes."""
+
+
 @contextmanager
 def driver_lock(out: Path):
     out.mkdir(parents=True, exist_ok=True)
@@ -74,8 +78,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         write_plan(cfg, jobs)
         outcome = execute(cfg, jobs)
         if outcome.stopped:
-            raise JobsFailed(f"stopped: {len(outcome.done)} of {len(jobs)} jobs done; rerun the same command to "
-                             "resume")
+            raise PipelineStopped(f"stopped: {len(outcome.done)} of {len(jobs)} jobs done; rerun the same command "
+                                  "to resume")
         if cfg.executor == "slurm" and not cfg.slurm_wait:
             queued = len(jobs) - len(outcome.finished)
             print(f"[pipeline] {queued} job(s) queued; 'prepretrain pipeline status out_dir={out}' shows them; "
@@ -188,7 +192,7 @@ def pipeline_status(cfg: PipelineConfig) -> str:
             status = "interrupted"
         else:
             status, log = "not started", ""
-        counts[status.split()[0]] = counts.get(status.split()[0], 0) + 1
+        counts[status.split(" (")[0]] = counts.get(status.split(" (")[0], 0) + 1
         lines.append(f"{job.name:<{width}} {status:<22} {where:<16} {log}")
     lines.append(", ".join(f"{count} {name}" for name, count in counts.items()))
     return "\n".join(lines)

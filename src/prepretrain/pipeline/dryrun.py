@@ -15,7 +15,8 @@ from .resources import critical_path, estimate_jobs
 def dry_run(cfg: PipelineConfig) -> str:
     """The plan: stages, FLOPs, memory per GPU and estimated time on the GPUs each job gets."""
     lines = [f"pipeline plan: {len(cfg.seeds)} seed(s); pretraining on {cfg.gpus} GPU(s), transfer trainings on "
-             f"{cfg.transfer_gpus or cfg.gpus}, evaluations on 1, of {cfg.gpu_memory_gib:g} GiB; assumed MFU {cfg.assumed_mfu:.0%}"]
+             f"{cfg.transfer_gpus or cfg.gpus}, evaluations on 1, of {cfg.gpu_memory_gib:g} GiB; "
+             f"assumed MFU {cfg.assumed_mfu:.0%}"]
     jobs = plan_jobs(cfg)
     lines.append("data sources (opened now; a source not at hand is planned with the sizes below):")
     lines += [f"  {check.describe()}" for check in pre_flight(cfg, jobs, strict=False)]

@@ -71,6 +71,7 @@ class Progress:
         done = state.done_record(self.out, job)
         if done is not None:
             self.outcome.done[job.name] = done
+            seconds = seconds if seconds is not None else done.get("seconds")
             if seconds is not None:
                 self.durations.append(seconds)
             took = f" in {clock(seconds)}" if seconds is not None else ""
