@@ -118,7 +118,7 @@ class SlurmExecutor:
         additional: dict[str, Any] = {"kill-on-invalid-dep": "yes"}
         if after:
             additional["dependency"] = "afterok:" + ":".join(after)
-        additional.update(slurm_extra(cfg))
+        additional.update({key: value or True for key, value in slurm_extra(cfg).items()})  # KEY alone: a flag
         parameters: dict[str, Any] = {
             "job_name": f"pp-{job.name.replace('/', '-')}", "nodes": estimate.nodes,
             "ntasks_per_node": estimate.tasks_per_node, "cpus_per_task": estimate.cpus_per_task,
