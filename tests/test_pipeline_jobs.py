@@ -74,6 +74,19 @@ def wait_for_step(metrics: Path, step: int, timeout: float = 180) -> None:
     raise AssertionError(f"{metrics} never reached step {step}")
 
 
+def release_requeued(job_id: str, timeout: float = 60) -> None:
+    """SLURM holds a requeued job about two minutes (reason BeginTime) before it may start again;
+    the test lets it start at once."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if queue_states([job_id]).get(job_id, ("", ""))[1] == "BeginTime":
+            subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True,
+                           capture_output=True, timeout=30)
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"SLURM job {job_id} was not held after its requeue")
+
+
 def encoder_of(run: Path) -> dict:
     return load_file(str(run / "encoder.safetensors"))
 
@@ -172,6 +185,7 @@ def test_slurm_requeue_resumes_bit_exact_and_a_failed_job_cancels_its_readers(tm
         wait_for_step(out / "seed0" / "mae" / "metrics.jsonl", 20)
         mae_id = read(out / "seed0" / "mae" / "pipeline_job.slurm")["job_id"]
         subprocess.run(["scontrol", "requeue", mae_id], check=True, capture_output=True, timeout=30)
+        release_requeued(mae_id)
         printed, _ = driver.communicate(timeout=600)
     finally:
         driver.kill()

@@ -9,8 +9,10 @@ running or queued (:mod:`.state`), so the driver can be stopped and rerun at any
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from .plan import Job, build_job_config, plan_jobs, training_flops_per_sample
 from .preflight import pre_flight
 from .progress import Outcome, Progress, clock
 from .report import write_pipeline_report
-from .resources import estimate_jobs, remaining_path_hours
+from .resources import Estimate, estimate_jobs, remaining_path_hours
 
 PLAN_FILE = "plan.json"
 LOCK_FILE = ".pipeline.lock"
@@ -58,10 +60,14 @@ def driver_lock(out: Path):
         handle.close()
 
 
-def write_plan(cfg: PipelineConfig, jobs: list[Job]) -> None:
+def write_plan(cfg: PipelineConfig, jobs: list[Job], estimates: dict[str, Estimate]) -> None:
+    """``pipeline.yaml`` (the resolved config) and ``plan.json``: every job with its dependencies,
+    key, and the resources and hours it is planned with."""
     out = Path(cfg.out_dir)
     write_text(out / "pipeline.yaml", dump_config(cfg))
-    write_json(out / PLAN_FILE, {"jobs": [job.to_dict() for job in jobs]})
+    write_json(out / PLAN_FILE, {"executor": cfg.executor, "jobs": [
+        {**job.to_dict(), "resources": {key: None if isinstance(value, float) and math.isnan(value) else value
+                                        for key, value in asdict(estimates[job.name]).items()}} for job in jobs]})
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
@@ -74,9 +80,10 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         if not job.deps:
             build_job_config(job)  # config mistakes surface before any compute (jobs reading others: at their turn)
     out = Path(cfg.out_dir)
+    estimates = estimate_jobs(cfg, jobs)
     with driver_lock(out):
-        write_plan(cfg, jobs)
-        outcome = execute(cfg, jobs)
+        write_plan(cfg, jobs, estimates)
+        outcome = execute(cfg, jobs, estimates)
         if outcome.stopped:
             raise PipelineStopped(f"stopped: {len(outcome.done)} of {len(jobs)} jobs done; rerun the same command "
                                   "to resume")
@@ -88,9 +95,8 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
         return finish(cfg, jobs, outcome)
 
 
-def execute(cfg: PipelineConfig, jobs: list[Job]) -> Outcome:
+def execute(cfg: PipelineConfig, jobs: list[Job], estimates: dict[str, Estimate]) -> Outcome:
     """Run (or queue) every job that is not done on the configured executor."""
-    estimates = estimate_jobs(cfg, jobs)
     if cfg.executor == "slurm":
         from .slurm import SlurmExecutor  # submitit: an extra
 
@@ -157,7 +163,8 @@ def pipeline_status(cfg: PipelineConfig) -> str:
     if not (out / PLAN_FILE).exists():
         raise ConfigError("out_dir", f"{out}: no pipeline plan here ({PLAN_FILE}); start one with "
                                      f"'prepretrain pipeline out_dir={out}'")
-    jobs = [Job.from_dict(record) for record in (state.read_json(out / PLAN_FILE) or {}).get("jobs", [])]
+    jobs = [Job.from_dict({k: v for k, v in record.items() if k != "resources"})
+            for record in (state.read_json(out / PLAN_FILE) or {}).get("jobs", [])]
     submitted = {job.name: state.submitted_record(out, job) for job in jobs}
     queue: dict[str, tuple[str, str]] = {}
     ids = [record["job_id"] for record in submitted.values() if record]
