@@ -144,7 +144,8 @@ def test_slurm_dry_run_sizes_every_job_and_prices_the_critical_path():
     assert "--partition=gpu" in sbatch and "--mem=400G" in sbatch
     rows = {line.split()[0]: line.split()[1:] for line in sbatch.splitlines()[2:]}
     assert rows["seed0/mae"][:4] == ["8", "8", "8", "10"]  # 8 nodes x 8 GPUs, one task per GPU
-    assert rows["seed0/eval/mae_wsp/finetune"][:3] == ["1", "8", "8"] and rows["seed0/eval/mae/label"][:3] == ["1", "1", "1"]
+    assert rows["seed0/eval/mae_wsp/finetune"][:3] == ["1", "8", "8"]  # transfer_gpus=8: one node
+    assert rows["seed0/eval/mae/label"][:3] == ["1", "1", "1"]  # an evaluation: one GPU
     assert rows["seed0/wsp_mae"][-1] == "1" and rows["seed0/wsp"][-1] == "0"  # afterok on the MAE only
     path = re.search(r"critical path: ([\d.]+) hours, (.*)", plan)
     assert path and path.group(2).split(" -> ")[:2] == ["seed0/mae", "seed0/wsp_mae"]
