@@ -176,6 +176,12 @@ def test_pipeline_config_mistakes_name_the_key():
         build_config(PipelineConfig, None, {"evaluations": "probe,magic"})
     with pytest.raises(ConfigError, match="mae_config"):
         build_config(PipelineConfig, None, {"mae_config": "/nope.yaml"})
+    for key, value in (("executor", "pbs"), ("workers", "0"), ("workers", "many"), ("slurm_extra", "=x"),
+                       ("threads", "-1"), ("slurm_time", "-5")):
+        with pytest.raises(ConfigError, match=key):
+            build_config(PipelineConfig, None, {key: value})
+    with pytest.raises(ConfigError, match="gpus"):  # more GPUs than a node must be whole nodes
+        dry_run(build_config(PipelineConfig, ROOT / "configs" / "pipeline_vit_b16.yaml", {"gpus": 12}))
 
 
 def test_results_json_is_valid(tmp_path):

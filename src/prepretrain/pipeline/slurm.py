@@ -133,19 +133,29 @@ class SlurmExecutor:
                 parameters[key] = getattr(cfg, f"slurm_{key}")
         return parameters
 
-    def queued(self, jobs: list[Job]) -> dict[str, str]:
-        """Jobs of this plan already in SLURM's queue (a driver ran before): name -> SLURM id."""
-        records = {job.name: state.submitted_record(self.out, job) for job in jobs}
-        ids = [record["job_id"] for record in records.values() if record]
-        alive = {job_id for job_id, (status, _) in queue_states(ids).items() if status in ALIVE}
-        return {name: record["job_id"] for name, record in records.items() if record and record["job_id"] in alive}
+    def queued(self, jobs: list[Job], progress: Progress) -> dict[str, str]:
+        """Jobs of this plan already in SLURM's queue (a driver ran before): name -> SLURM id. A queued
+        job of an older configuration (another key) is cancelled: it would run the new one twice."""
+        records = {job.name: state.read_json(state.job_dir(self.out, job) / state.SLURM_FILE) for job in jobs}
+        alive = {job_id for job_id, (status, _) in queue_states(
+            [record["job_id"] for record in records.values() if record]).items() if status in ALIVE}
+        current: dict[str, str] = {}
+        for job in jobs:
+            record = records[job.name]
+            if not record or record.get("job_id") not in alive:
+                continue
+            if record.get("key") == job.key:
+                current[job.name] = record["job_id"]
+                progress.note(f"{job.name}: already queued as SLURM job {record['job_id']}")
+            else:
+                subprocess.run(["scancel", record["job_id"]], capture_output=True, timeout=60)
+                progress.note(f"{job.name}: cancelled SLURM job {record['job_id']}, queued for another configuration")
+        return current
 
     def submit(self, jobs: list[Job], estimates: dict[str, Estimate], progress: Progress) -> dict[str, str]:
         """Queue every job that is neither done nor queued; returns name -> SLURM id of all queued ones."""
         outcome = progress.outcome
-        ids = self.queued([job for job in jobs if job.name not in outcome.done])
-        for name, job_id in ids.items():
-            progress.note(f"{name}: already queued as SLURM job {job_id}")
+        ids = self.queued([job for job in jobs if job.name not in outcome.done], progress)
         for job in jobs:  # plan order: every dependency is done or queued before its readers
             if job.name in outcome.done or job.name in ids:
                 continue
