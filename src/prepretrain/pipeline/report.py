@@ -16,6 +16,7 @@ from typing import Any
 
 from ..config import dump_config
 from ..report import Block, format_mean_std, mean_std, plot_bars, plot_curves, table_block, write_report
+from .progress import clock
 
 LABELS = {"mae_wsp": "MAE→WSP", "maeinit_wsp": "MAE init→WSP", "wsp": "WSP", "mae": "MAE",
           "mae_init": "MAE init (untrained)", "random": "random init"}
@@ -165,11 +166,11 @@ def timeline_blocks(out: Path, timeline: list[dict[str, Any]]) -> list[Block]:
     plot_timeline(timeline, lanes, start, out / "timeline.png")
     busy = sum(row["finished"] - row["started"] for row in timeline)
     longest = sorted(timeline, key=lambda row: row["started"] - row["finished"])[:10]
-    rows = [[f"`{row['name']}`", row["kind"], row["worker"] or row["host"], _clock(row["started"] - start),
-             _clock(row["finished"] - row["started"])] for row in longest]
+    rows = [[f"`{row['name']}`", row["kind"], row["worker"] or row["host"], clock(row["started"] - start),
+             clock(row["finished"] - row["started"])] for row in longest]
     return [Block("heading", "Schedule"),
-            Block("paragraph", f"{len(timeline)} jobs ran this time in {_clock(end - start)} of wall time on "
-                               f"{len(lanes)} worker(s) or SLURM job(s): {_clock(busy)} of job time, "
+            Block("paragraph", f"{len(timeline)} jobs ran this time in {clock(end - start)} of wall time on "
+                               f"{len(lanes)} worker(s) or SLURM job(s): {clock(busy)} of job time, "
                                f"{busy / max(end - start, 1e-9):.2f} jobs at a time on average. Jobs reused from "
                                "an earlier run are not shown."),
             Block("image", "Each job from its start to its end, one row per worker", items=["timeline.png"]),
@@ -198,12 +199,6 @@ def plot_timeline(timeline: list[dict[str, Any]], lanes: list[str], start: float
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: dict[str, float],
