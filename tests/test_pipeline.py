@@ -57,9 +57,9 @@ def mini_food101(root: Path, per_class: tuple[int, int] = (6, 3)) -> Path:
 
 
 @pytest.mark.slow
-def test_tiny_pipeline_report_cache_and_determinism(tmp_path):
+def test_tiny_pipeline_report_and_cache(tmp_path):
     tiny = TINY
-    first = build_config(PipelineConfig, None, {**tiny, "out_dir": str(tmp_path / "a"), "workers": "2", "threads": 1})
+    first = build_config(PipelineConfig, None, {**tiny, "out_dir": str(tmp_path / "a"), "workers": "2"})
     results = run_pipeline(first)
     out = tmp_path / "a"
     for name in ("report.md", "report.html", "results.json", "transfer.png", "wsp_convergence.png",
@@ -79,17 +79,7 @@ def test_tiny_pipeline_report_cache_and_determinism(tmp_path):
     assert time.perf_counter() - start < 30
     assert numbers(again) == numbers(results)
 
-    # the same seed in another directory, one job at a time, gives the same numbers bit for bit (one
-    # torch thread per job in both runs): the MAE -> WSP arms and their probes again (without the
-    # control arms and LiT, which the same code paths run: half the time)
-    second = build_config(PipelineConfig, None, {**tiny, "out_dir": str(tmp_path / "b"), "control_arms": "false",
-                                                 "evaluations": "probe", "workers": "1", "threads": 1})
-    other = run_pipeline(second)
-    a, b = numbers(results), numbers(other)
-    shared = a.keys() & b.keys()
-    assert {key for key in shared if "wsp" in key and "val_precision_at_1" in key} and {
-        key for key in shared if key.endswith("probe/top1")}, sorted(shared)
-    assert {key: a[key] for key in shared} == {key: b[key] for key in shared}
+    # the same numbers from another directory, one job at a time and on SLURM: tests/test_pipeline_jobs.py
 
 
 def test_jobs_cover_the_experiment_and_keys_follow_dependencies(tmp_path):
