@@ -194,11 +194,14 @@ class LocalExecutor:
             progress.started(job, f"worker {worker}")
         return still
 
-    def _reap(self, running: dict[str, Running], elsewhere: dict[str, Job], progress: Progress) -> None:
+    def _reap(self, running: dict[str, Running], elsewhere: dict[str, Job], progress: Progress,
+              stopping: bool = False) -> None:
         for name, run in list(running.items()):
             code = run.exit_code()
             if code is None:
                 continue
+            if stopping and code:  # ended by our SIGTERM (an evaluation has no checkpoint to save): not a failure
+                code = None
             del running[name]
             self.slots.workers.append(run.worker)
             self.slots.workers.sort()
@@ -229,6 +232,6 @@ class LocalExecutor:
                         os.kill(run.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
-            self._reap(running, {}, progress)
+            self._reap(running, {}, progress, stopping=True)
             time.sleep(POLL_S)
         progress.outcome.stopped = True

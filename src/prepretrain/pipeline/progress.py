@@ -67,7 +67,8 @@ class Progress:
         self.where[job.name] = where
 
     def finished(self, job: Job, code: int | None, log: Path, seconds: float | None) -> None:
-        """A job's process ended (``code`` None: one another driver started): its markers say how."""
+        """A job's process ended (``code`` None: one another driver started, or one the driver stopped):
+        its markers say how."""
         done = state.done_record(self.out, job)
         if done is not None:
             self.outcome.done[job.name] = done

@@ -170,7 +170,9 @@ class SlurmExecutor:
             try:
                 submitted = executor.submit(SlurmTask(str(where)))
             except Exception as error:  # noqa: BLE001 - sbatch's refusal (account, partition...) in one line
-                raise ConfigError("slurm", f"sbatch refused {job.name}: {' '.join(str(error).split())}") from None
+                kept = f"; the {len(ids)} job(s) queued before it stay queued (rerun once fixed)" if ids else ""
+                raise ConfigError("executor", f"sbatch refused {job.name}: {' '.join(str(error).split())}{kept}"
+                                  ) from None
             ids[job.name] = str(submitted.job_id)
             log = folder / f"{submitted.job_id}_0_log.out"
             state.write_submitted(where, job, ids[job.name], str(log))
