@@ -6,6 +6,7 @@ resume where they stopped."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,9 +122,10 @@ def test_a_failed_job_is_named_with_its_log_its_readers_skipped_and_every_other_
     assert "seed0/wsp_mae" in status and "failed (exit 3)" in status and "3 done, 3 failed, 3 not started" in status
 
 
-def test_the_driver_stops_its_jobs_on_sigint_and_a_rerun_resumes_them(tmp_path):
+def test_the_driver_stops_its_jobs_on_sigint_and_a_rerun_resumes_them(tmp_path, capsys):
     """Ctrl-C reaches the running jobs as SIGTERM: each checkpoints at its next step boundary; the
-    pipeline exits with 75 and the rerun resumes them mid-run instead of starting again."""
+    pipeline exits with 75 and the rerun resumes them mid-run instead of starting again. A job still
+    running from an earlier driver is waited for, not started twice."""
     out = tmp_path / "out"
     values = {**SMALL, "out_dir": out, "mae_steps": 60, "workers": 2}
     driver = subprocess.Popen([sys.executable, "-m", "prepretrain.cli", "pipeline", *arguments(values)],
@@ -140,7 +142,18 @@ def test_the_driver_stops_its_jobs_on_sigint_and_a_rerun_resumes_them(tmp_path):
     log = (out / "seed0" / "mae" / "pipeline_job.log").read_text()
     stopped_at = int(log.split("stopped by SIGTERM after step ", 1)[1].split(";")[0])
     assert 10 <= stopped_at < 60
+    # as if a driver killed with SIGKILL had left a process on the MAE: the rerun waits for it, not
+    # starting the job twice, and starts it again when it ends without a result
+    mae = next(job for job in plan_jobs(build_config(PipelineConfig, None, values)) if job.name == "seed0/mae")
+    orphan = subprocess.Popen(["sleep", "3"])
+    (out / "seed0" / "mae" / "pipeline_job.running").write_text(json.dumps(
+        {"key": mae.key, "pid": orphan.pid, "host": socket.gethostname(), "worker": "worker 9"}))
+    capsys.readouterr()
     assert main(["pipeline", *arguments(values)]) == 0
+    printed = capsys.readouterr().out
+    assert "seed0/mae: already running (started by an earlier driver); waiting for it" in printed
+    assert "seed0/mae: the earlier driver's process ended without a result; starting it again" in printed
+    orphan.wait()
     log = (out / "seed0" / "mae" / "pipeline_job.log").read_text()
     assert f"at step {stopped_at}/60" in log.split("stopped by SIGTERM", 1)[1]  # resumed, not restarted
     assert read(out / "seed0" / "mae" / "pipeline_job.json")["results"]["steps"] == 60

@@ -160,7 +160,7 @@ class LocalExecutor:
                     self._stop(running, progress)
                     break
                 pending = self._start_ready(pending, running, elsewhere, progress)
-                self._reap(running, elsewhere, progress)
+                pending += self._reap(running, elsewhere, progress)
                 if (pending or running or elsewhere) and not self._stop_signal:
                     time.sleep(POLL_S)
         finally:
@@ -195,7 +195,9 @@ class LocalExecutor:
         return still
 
     def _reap(self, running: dict[str, Running], elsewhere: dict[str, Job], progress: Progress,
-              stopping: bool = False) -> None:
+              stopping: bool = False) -> list[Job]:
+        """Record the jobs whose processes ended; returns those to start again: jobs an earlier
+        driver left running that ended without a result (they resume from their checkpoints)."""
         for name, run in list(running.items()):
             code = run.exit_code()
             if code is None:
@@ -208,10 +210,17 @@ class LocalExecutor:
             self.slots.gpus.extend(run.gpus)
             (run.where / state.RUNNING_FILE).unlink(missing_ok=True)
             progress.finished(run.job, code, run.where / state.LOG_FILE, time.time() - run.started)
+        again = []
         for name, job in list(elsewhere.items()):
             if not state.running_elsewhere(self.out, job):
                 del elsewhere[name]
-                progress.finished(job, None, state.job_dir(self.out, job) / state.LOG_FILE, None)
+                if state.done_record(self.out, job) or state.failed_record(self.out, job):
+                    progress.finished(job, None, state.job_dir(self.out, job) / state.LOG_FILE, None)
+                else:
+                    progress.note(f"{job.name}: the earlier driver's process ended without a result; starting it "
+                                  "again")
+                    again.append(job)
+        return again
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._stop_signal = signum
