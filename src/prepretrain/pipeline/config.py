@@ -20,7 +20,7 @@ EXECUTORS = ("local", "slurm")
 
 @dataclass
 class PipelineConfig:
-    """The whole experiment. Defaults: the CPU demo on the synthetic dataset (README: its time on 2 cores)."""
+    """The whole experiment. Defaults: the CPU demo on the synthetic dataset (about 12 min on 2 cores)."""
 
     stage_name = "pipeline"
     out_dir: str = "runs/pipeline"
