@@ -192,11 +192,11 @@ def test_slurm_requeue_resumes_bit_exact_and_a_failed_job_cancels_its_readers(tm
     SLURM cancels the jobs that read them, and the driver names them."""
     plain = images_without_hashtags(tmp_path / "plain")
     out = tmp_path / "out"
-    values = {**SMALL, **SLURM, "out_dir": out, "mae_steps": 80, "wsp_data": plain}
+    values = {**SMALL, **SLURM, "out_dir": out, "mae_steps": 50, "wsp_data": plain}
     driver = subprocess.Popen([sys.executable, "-m", "prepretrain.cli", "pipeline", *arguments(values)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for_step(out / "seed0" / "mae" / "metrics.jsonl", 20)
+        wait_for_step(out / "seed0" / "mae" / "metrics.jsonl", 10)
         mae_id = read(out / "seed0" / "mae" / "pipeline_job.slurm")["job_id"]
         subprocess.run(["scontrol", "requeue", mae_id], check=True, capture_output=True, timeout=30)
         release_requeued(mae_id)
@@ -206,7 +206,7 @@ def test_slurm_requeue_resumes_bit_exact_and_a_failed_job_cancels_its_readers(tm
     assert driver.returncode == 1, printed
     log = Path(read(out / "seed0" / "mae" / "pipeline_job.slurm")["log"]).read_text()
     stopped_at = int(log.split("stopped by SIGTERM after step ", 1)[1].split(";")[0])
-    assert 20 <= stopped_at < 80 and f"at step {stopped_at}/80" in log  # the requeued job resumed there
+    assert 10 <= stopped_at < 50 and f"at step {stopped_at}/50" in log  # the requeued job resumed there
     train_alone(out / "seed0" / "mae" / "config.yaml", tmp_path / "uninterrupted")
     requeued, uninterrupted = encoder_of(out / "seed0" / "mae"), encoder_of(tmp_path / "uninterrupted")
     assert requeued.keys() == uninterrupted.keys()
