@@ -37,7 +37,7 @@ def write_video(path: Path) -> None:
 
 
 def measure(path: str, mode: str) -> None:
-    import prepretrain.data.video as video
+    import prepretrain.data.video.clips as video
 
     if mode == "full":
         original = video.decode_frames

@@ -18,15 +18,15 @@ from PIL import Image
 
 from prepretrain.cli import main
 from prepretrain.config import ConfigError
-from prepretrain.data.benchmarks import (
+from prepretrain.data.readers.folders import ImageFolderSource
+from prepretrain.data.readers.open import open_data, open_source, source_format
+from prepretrain.data.readers.releases import (
     DataLayoutError,
     ListedSource,
     RealLabels,
     detect_layout,
     imagenet_wnids,
 )
-from prepretrain.data.loader import open_data, open_source, source_format
-from prepretrain.data.sources import ImageFolderSource
 from prepretrain.evaluate.common import open_eval_data
 
 WNIDS = imagenet_wnids()

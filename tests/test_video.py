@@ -17,7 +17,7 @@ from prepretrain.cli import main
 from prepretrain.config import ConfigError, build_config
 from prepretrain.data.loader import RecordDataset, eval_loader
 from prepretrain.data.records import BadSample
-from prepretrain.data.video import (
+from prepretrain.data.video.clips import (
     DIRECTIONS,
     PADDING_LABEL,
     EvalClips,
@@ -428,7 +428,7 @@ def test_evaluation_shares_cover_every_video_once_and_pad_with_uncounted_copies(
 def test_motion_clips_on_disk_decode_to_the_clips_they_were_written_from(tmp_path):
     """The clips ``prepretrain data synth --video`` writes: class folders, containers in turn, and
     every file decodes to the clip it was written from (codec error only)."""
-    from prepretrain.data.motionclips import motion_clip, write_motion_clips
+    from prepretrain.data.video.motionclips import motion_clip, write_motion_clips
 
     suffixes = tuple(dict.fromkeys(suffix for _, suffix in CODECS if suffix in (".mp4", ".avi", ".webm")))
     data = open_video_data(str(write_motion_clips(tmp_path / "clips", num_videos=4, frames=8, suffixes=suffixes,
@@ -582,7 +582,7 @@ def test_target_fps_makes_a_dense_clip_last_the_same_time_at_any_frame_rate(tmp_
     spans 16/30 s of a 30 fps file and of a 15 fps file alike (16 vs 8 of the file's frames), its
     frames spread by linspace(start, start + span - 1, 4); without target_fps the stride counts the
     file's own frames."""
-    from prepretrain.data.video import TrainClip, clip_span, dense_indices
+    from prepretrain.data.video.clips import TrainClip, clip_span, dense_indices
 
     assert clip_span(4, 4) == 13 and clip_span(4, 4, fps=15, target_fps=30) == 8.0
     assert dense_indices(10, 4, 4) == [10, 14, 18, 22]
@@ -609,7 +609,7 @@ def test_evaluation_decodes_frames_at_its_own_size(tmp_path):
     """Frames larger than the evaluation size are scaled down while decoding (libswscale, area
     averaging), so a clip never holds full-size frames; the result stays close to resizing the
     full-size frames afterwards."""
-    from prepretrain.data.video import _resize_short_side, _to_float
+    from prepretrain.data.video.clips import _resize_short_side, _to_float
 
     codec, suffix = CODECS[0]
     path = tmp_path / f"big{suffix}"
@@ -626,6 +626,6 @@ def test_evaluation_decodes_frames_at_its_own_size(tmp_path):
 
 
 def file_videos(paths):
-    from prepretrain.data.video import FileVideos
+    from prepretrain.data.video.clips import FileVideos
 
     return FileVideos(list(paths), [0] * len(paths), ["x"])

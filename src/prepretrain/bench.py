@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .models.clip import build_clip, clip_loss
 from .models.detector import build_detector
 from .models.heads import multilabel_loss

@@ -36,24 +36,18 @@ from .bench import (
 )
 from .config import ConfigError, build_config, dump_config
 from .data.bench import BenchDataConfig, run_data_benchmark
-from .data.benchmarks import DataLayoutError
-from .data.loader import open_data
-from .data.metadata import MetadataError
-from .data.motionclips import CODECS as MOTION_CLIP_CODECS
-from .data.motionclips import write_motion_clips
-from .data.shards import UnknownSampleCount
-from .data.tools import (
-    build_label_vocab,
-    check_source,
-    coverage_text,
-    describe_source,
-    tag_aliases,
-    write_rehearsal_data,
-    write_shards,
-    write_synthetic,
-)
-from .data.video import describe_video_data, is_video_dataset
-from .data.weaklabels import WeakLabeler
+from .data.describe import check_source, describe_source
+from .data.labels.vocab import build_label_vocab, coverage_text, tag_aliases
+from .data.labels.weaklabels import WeakLabeler
+from .data.readers.metadata import MetadataError
+from .data.readers.open import open_data
+from .data.readers.releases import DataLayoutError
+from .data.shards.reader import UnknownSampleCount
+from .data.shards.write import write_shards
+from .data.synthetic.export import write_rehearsal_data, write_synthetic
+from .data.video.clips import describe_video_data, is_video_dataset
+from .data.video.motionclips import CODECS as MOTION_CLIP_CODECS
+from .data.video.motionclips import write_motion_clips
 from .files import UnsafeCheckpoint, write_text
 from .models.checkpoints import CheckpointMismatch
 from .models.convert import TARGETS, convert

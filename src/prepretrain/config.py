@@ -27,7 +27,7 @@ class ConfigError(ValueError):
         self.key = key
 
 
-DECODE_MODES = ("auto", "pil", "tensor", "gpu")  # see prepretrain.data.pixels
+DECODE_MODES = ("auto", "pil", "tensor", "gpu")  # see prepretrain.data.images.pixels
 
 
 def decode_problem(decode: str, data: str) -> str | None:

@@ -2,7 +2,7 @@
 
 The model is any classifier :mod:`prepretrain.models.classifier` resolves (a finetune run, a
 released IN-1k finetune, a timm/SWAG/torchvision classifier file); the data is any source
-``data=`` opens, the benchmarks' release layouts included (:mod:`prepretrain.data.benchmarks`).
+``data=`` opens, the benchmarks' release layouts included (:mod:`prepretrain.data.readers.releases`).
 The model's outputs and the set's classes are matched **by class id**, never by position, so a
 model trained on ``train/<wnid>/`` folders scores ImageNet-v2 (folders ``0`` ... ``999``), a flat
 ImageNet val, ReaL and ObjectNet correctly, and a set that covers only some of the model's
@@ -38,10 +38,11 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, dump_config
-from ..data.benchmarks import LAYOUTS, DataLayoutError, RealLabels, display_names, labels_present
-from ..data.loader import RecordDataset, eval_loader, open_data, open_source, source_format
+from ..data.images.transforms import crop_eval_transform, parse_crop_fraction
+from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.open import open_data, open_source, source_format
+from ..data.readers.releases import LAYOUTS, DataLayoutError, RealLabels, display_names, labels_present
 from ..data.records import Record
-from ..data.transforms import crop_eval_transform, parse_crop_fraction
 from ..files import atomic_path, write_json, write_text
 from ..models.classifier import ClassifierSpec, build_classifier, resolve_classifier
 from ..models.resolve import check_weights

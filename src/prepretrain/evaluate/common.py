@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..data.benchmarks import DataLayoutError, align_classes, layout_splits
-from ..data.loader import open_data
+from ..data.readers.open import open_data
+from ..data.readers.releases import DataLayoutError, align_classes, layout_splits
 from ..data.records import MapSource
 from ..files import write_json
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder

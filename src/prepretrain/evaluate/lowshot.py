@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..data.images.transforms import pretrain_transform
 from ..data.loader import RecordDataset, SampleStream, eval_loader, train_loader
 from ..data.records import MapSource, Record
-from ..data.transforms import pretrain_transform
 from ..train.optim import lr_at
 from .common import EvalConfig, EvalData, FrozenEncoder
 from .features import LabeledFeatures, label_tasks, labeled_image_transform

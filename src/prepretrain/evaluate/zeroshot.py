@@ -43,9 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, dump_config
-from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.images.transforms import eval_transform
+from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.open import open_data
 from ..data.records import BadSample
-from ..data.transforms import eval_transform
 from ..files import write_json, write_text
 from ..models.clip import CLIPModel, load_clip
 from ..models.resolve import check_weights

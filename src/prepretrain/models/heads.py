@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.hashtags import VocabularyMismatch
+from ..data.labels.hashtags import VocabularyMismatch
 from ..files import save_safetensors
 
 LOSSES = ("softmax", "sigmoid")

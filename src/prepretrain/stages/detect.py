@@ -46,8 +46,8 @@ from ..data.detection import (
     repeat_factors,
     synthetic_coco,
 )
+from ..data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..data.loader import RecordDataset
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..evaluate.detection import detection_metrics
 from ..models.detector import FED_LOSS_POWER, build_detector
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder

@@ -32,10 +32,16 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..data.benchmarks import display_names
+from ..data.images.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ZeroBitPosterize,
+    crop_eval_transform,
+    parse_crop_fraction,
+)
 from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.releases import display_names
 from ..data.records import BadSample, Record
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, ZeroBitPosterize, crop_eval_transform, parse_crop_fraction
 from ..evaluate.common import EvalData, open_eval_data
 from ..evaluate.metrics import topk_accuracy
 from ..models.classifier import classifier_metadata

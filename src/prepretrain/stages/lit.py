@@ -43,10 +43,11 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..data.loader import RecordDataset, eval_loader, open_stage_data
-from ..data.pixels import train_pixels
+from ..data.images.pixels import train_pixels
+from ..data.images.transforms import eval_transform
+from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.open import open_stage_data
 from ..data.records import BadSample, Record
-from ..data.transforms import eval_transform
 from ..evaluate.zeroshot import (
     CLASS_SETS,
     TEMPLATE_SETS,

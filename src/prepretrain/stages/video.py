@@ -45,7 +45,7 @@ from torch import nn
 
 from ..config import ConfigError, TrainConfig, replace_config
 from ..data.loader import RecordDataset, eval_loader
-from ..data.video import (
+from ..data.video.clips import (
     PADDING_LABEL,
     SAMPLINGS,
     SHORT_VIDEO_POLICIES,
@@ -272,7 +272,7 @@ class VideoStage(Stage):
                   views: tuple[int, int] | None = None) -> dict[str, float]:
         """Top-1/top-5 (percent) of the views' averaged class probabilities over the videos of
         ``role`` (``views``: temporal x spatial, default the configured ones), and ``videos``, the
-        number counted. Each rank reads its share (:class:`~prepretrain.data.video.RefSource`) and
+        number counted. Each rank reads its share (:class:`~prepretrain.data.video.clips.RefSource`) and
         the hit counts are summed across ranks, so every video is evaluated once."""
         cfg = self.cfg
         temporal, spatial = views or (cfg.temporal_views, cfg.spatial_views)

@@ -3,10 +3,10 @@
 The second stage of MAWS (REFERENCE.md section 4): a ViT, initialised from the MAE encoder
 (``init=``), learns to predict each image's hashtags out of a vocabulary built from the
 training data, with tail tags resampled. Everything about vocabularies, targets and
-resampling lives in :mod:`prepretrain.data.hashtags`; the head, losses and tag-prediction
+resampling lives in :mod:`prepretrain.data.labels.hashtags`; the head, losses and tag-prediction
 metrics in :mod:`prepretrain.models.heads`. Without hashtags, ``labels_from=`` derives each
 image's labels from Flickr tags, caption words or WordNet synsets
-(:mod:`prepretrain.data.weaklabels`), and everything downstream treats them as hashtags.
+(:mod:`prepretrain.data.labels.weaklabels`), and everything downstream treats them as hashtags.
 
 Data: a manifest, folder or the synthetic set is resampled by the loader's weighted draw
 (per-image weights and tags held in memory, about 8 bytes per image plus 4 per tag: fine to
@@ -16,7 +16,7 @@ times per epoch (``RepeatFactors``: floor or ceil of its expected count, from th
 key), expanded by the shard readers before their block shuffle (``ShardSource.repeats``), with
 the same per-tag distribution in expectation, no size limit, and exact resume. The vocabulary,
 weights, prior and copies per shard come from one annotation pass per dataset shared by the ranks
-and cached beside the data (:mod:`prepretrain.data.labelcache`; no image decoded).
+and cached beside the data (:mod:`prepretrain.data.labels.cache`; no image decoded).
 A ``val`` split of shards (``data=DIR`` with ``train/`` and ``val/``) is evaluated on its first
 ``eval_images`` samples in shard order (whole evaluation batches: up to a batch more).
 
@@ -45,7 +45,10 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..data.hashtags import (
+from ..data.images.pixels import train_pixels
+from ..data.images.transforms import decode_hint, eval_transform
+from ..data.labels.cache import LabelCache, Prepared, build_cached_vocab, derive, settings_name, shards_of_rank
+from ..data.labels.hashtags import (
     EncodedTags,
     HashtagVocab,
     RepeatFactors,
@@ -59,13 +62,11 @@ from ..data.hashtags import (
     tag_image_counts,
     target_prior,
 )
-from ..data.labelcache import LabelCache, Prepared, build_cached_vocab, derive, settings_name, shards_of_rank
-from ..data.loader import RecordDataset, eval_loader, open_stage_data
-from ..data.pixels import train_pixels
+from ..data.labels.vocab import build_vocab_streaming, iter_hashtags, tag_aliases
+from ..data.labels.weaklabels import WeakLabeler, parse_labels_from
+from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.open import open_stage_data
 from ..data.records import BadSample, Record
-from ..data.tools import build_vocab_streaming, iter_hashtags, tag_aliases
-from ..data.transforms import decode_hint, eval_transform
-from ..data.weaklabels import WeakLabeler, parse_labels_from
 from ..models.checkpoints import (
     CheckpointMismatch,
     load_encoder_weights,
@@ -295,7 +296,7 @@ class WSPStage(Stage):
 
         Map-style sources: every image's tags are encoded and weighted for the loader's
         weighted draw. Shards (no random access): each sample's copies per epoch come from
-        :class:`~prepretrain.data.hashtags.RepeatFactors`, set on the source so its readers
+        :class:`~prepretrain.data.labels.hashtags.RepeatFactors`, set on the source so its readers
         expand the stream (see ``ShardSource.repeats``); see :meth:`_prepare_stream`."""
         if self._data is not None:
             return self._data
@@ -368,7 +369,7 @@ class WSPStage(Stage):
         return HashtagData(source, vocab, tag_counts, prior, stats, repeats=factors, positions=positions)
 
     def _prepare_cached(self, source: Any, run: Run) -> HashtagData:
-        """:meth:`_prepare_stream` from one annotation pass per dataset (:mod:`prepretrain.data.labelcache`):
+        """:meth:`_prepare_stream` from one annotation pass per dataset (:mod:`prepretrain.data.labels.cache`):
         every rank labels its share of the shards into the cache; rank 0 builds the vocabulary
         from the cached label counts; every rank derives counts, weights, prior and copies for its
         share, summed across ranks; rank 0 writes the result. A rerun, resume or second run on the
@@ -562,7 +563,7 @@ class WSPStage(Stage):
 def load_tagger(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, HashtagVocab]:
     """A finished WSP run as (timm ViT with its hashtag head, vocabulary): predict tags with
     ``vocab.tags[i] for i in model(images).topk(5).indices[0]``. A vocab.json that does not
-    match the head raises ``prepretrain.data.hashtags.VocabularyMismatch``."""
+    match the head raises ``prepretrain.data.labels.hashtags.VocabularyMismatch``."""
     weights = resolve_weights(run_dir)
     if weights.head is None or weights.vocab is None or weights.metadata.get("stage") != "wsp":
         raise ValueError(f"{run_dir} is not a finished WSP run (expected {ENCODER_FILE}, {HEAD_FILE}, {VOCAB_FILE})")

@@ -2,7 +2,7 @@
 
 Before its first step, WSP on shards needs the vocabulary (label counts over every image), the
 images per label, the sum of the draw weights with the resampled target prior, and each shard's
-number of sample copies per epoch (:class:`~prepretrain.data.hashtags.RepeatFactors`). Computed
+number of sample copies per epoch (:class:`~prepretrain.data.labels.hashtags.RepeatFactors`). Computed
 from the annotations directly that is three or four passes over every ``.json``/``.txt`` member
 (with captions: every caption tokenised, lemmatised and matched again each time), on every rank.
 
@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prepretrain.data.hashtags import (
+from prepretrain.data.labels.hashtags import (
     HashtagVocab,
     image_tags,
     prune_rarest,
@@ -49,9 +49,9 @@ from prepretrain.data.hashtags import (
     unit_hash,
     vocab_from_counts,
 )
+from prepretrain.data.labels.weaklabels import WeakLabeler
+from prepretrain.data.readers.rowindex import cache_root
 from prepretrain.data.records import BadSample
-from prepretrain.data.rowindex import cache_root
-from prepretrain.data.weaklabels import WeakLabeler
 from prepretrain.files import atomic_path, write_text
 
 CACHE_VERSION = "labelcache-v1"
@@ -216,7 +216,7 @@ def settings_name(*, vocab: HashtagVocab | None, min_count: int, max_size: int, 
 
 def build_cached_vocab(cache: LabelCache, *, min_count: int, max_size: int,
                        max_distinct: int = 5_000_000) -> HashtagVocab:
-    """The vocabulary of the cached labels, as :func:`~prepretrain.data.tools.build_vocab_streaming`
+    """The vocabulary of the cached labels, as :func:`~prepretrain.data.labels.vocab.build_vocab_streaming`
     builds it from the annotations (pruning the rarest half whenever more than ``max_distinct``
     labels are held; then approximate, and said so in its info). Reads only each shard's label
     table and counts, not its samples."""

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .synthetic import SyntheticSource
-from .video import DIRECTION_STEPS, DIRECTIONS
+from prepretrain.data.synthetic.images import SyntheticSource
+from prepretrain.data.video.clips import DIRECTION_STEPS, DIRECTIONS
 
 CODECS = {".mp4": ("mpeg4", "yuv420p"), ".avi": ("mpeg4", "yuv420p"), ".webm": ("libvpx", "yuv420p"),
           ".mkv": ("mjpeg", "yuvj420p")}

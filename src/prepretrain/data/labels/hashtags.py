@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import write_text
-from .records import BadSample
+from prepretrain.data.records import BadSample
+from prepretrain.files import write_text
 
 VOCAB_FORMAT = "prepretrain-hashtag-vocab-v1"
 
@@ -257,7 +257,7 @@ def build_vocab(tag_lists: Iterable[Sequence[str]], *, min_count: int = 1, max_s
     ``>= min_count`` times, the ``max_size`` most frequent, ordered by count (ties
     alphabetically, so the order -- and the class index of every tag -- is the same on every
     rank and every run). For sources too large to hold every tag list, see
-    :func:`~prepretrain.data.tools.build_vocab_streaming`."""
+    :func:`~prepretrain.data.labels.vocab.build_vocab_streaming`."""
     check_vocab_limits(min_count, max_size)
     aliases = dict(aliases or {})
     counter: Counter[str] = Counter()
@@ -301,7 +301,7 @@ def vocab_from_counts(counter: Counter[str] | dict[str, int], images: int, *, mi
 
 def annotation_tags(annotation: Any) -> list[str]:
     """An annotation's raw hashtags: the default labeller (see
-    :class:`~prepretrain.data.weaklabels.WeakLabeler` for tags, captions and synsets)."""
+    :class:`~prepretrain.data.labels.weaklabels.WeakLabeler` for tags, captions and synsets)."""
     return list(annotation.hashtags)
 
 
@@ -311,7 +311,7 @@ def source_hashtags(source: Any, labels: Callable[[Any], list[str]] = annotation
 
     File sources and the synthetic set expose ``annotation(i)``; other map sources are read
     through ``get(i)``. A record that cannot be read counts as an image without tags. Shards
-    (no index access): :func:`~prepretrain.data.tools.count_hashtags`.
+    (no index access): :func:`~prepretrain.data.labels.vocab.count_hashtags`.
     """
     read = getattr(source, "annotation", None) or source.get
     for index in range(len(source)):

@@ -1,11 +1,11 @@
 """WebDataset tar shards: the format for datasets too big to list or to read file by file.
 
 Millions of small files are slow on every shared filesystem (one metadata round trip per
-image); a few thousand sequentially read tars are not. :func:`~prepretrain.data.tools.write_shards`
+image); a few thousand sequentially read tars are not. :func:`~prepretrain.data.shards.write.write_shards`
 converts any map-style source into shards, and :class:`ShardSource` streams them back as
 ``Record`` objects, split across ranks and DataLoader workers so that no sample repeats
 within an epoch, resumable by skipping the samples a worker already consumed. This module
-only reads; the writer lives with the other tools in :mod:`prepretrain.data.tools`.
+only reads; the writer is :mod:`prepretrain.data.shards.write`.
 
 Layout (readable by any WebDataset tool)::
 
@@ -52,7 +52,7 @@ import numpy as np
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from prepretrain.data.decode import DEFAULT_MAX_PIXELS, check_pixel_format, load_pixels
+from prepretrain.data.images.decode import DEFAULT_MAX_PIXELS, check_pixel_format, load_pixels
 from prepretrain.data.records import Annotation, BadSample, Record, SkipCounter, num_classes_of, split_hashtags
 
 SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
@@ -268,7 +268,7 @@ class ShardSource:
     ``seen`` stays a count of samples.
 
     ``len()`` / ``num_samples``: per shard, the count in ``index.json`` (written by
-    :func:`~prepretrain.data.tools.write_shards`; ``index=`` names one elsewhere, which then
+    :func:`~prepretrain.data.shards.write.write_shards`; ``index=`` names one elsewhere, which then
     also matches remote shards by file name), else for local tars ``successes`` of
     img2dataset's ``<shard>_stats.json``, else one pass over the local tar's headers (no
     payload read, no image decoded), done on the first ``len()`` and kept. ``count_source``
@@ -282,7 +282,7 @@ class ShardSource:
 
     ``repeats`` (optional, also settable later): resampling in the stream, each sample read
     ``repeats(annotation)`` times per epoch (WSP tail resampling,
-    :class:`~prepretrain.data.hashtags.RepeatFactors`); see the :attr:`repeats` property.
+    :class:`~prepretrain.data.labels.hashtags.RepeatFactors`); see the :attr:`repeats` property.
     ``len()`` stays the number of samples; :meth:`expanded_count` is an epoch's positions.
     """
 
@@ -310,7 +310,7 @@ class ShardSource:
         self.pixels = check_pixel_format(pixels)  # Record.image: "pil" image or "tensor" (uint8, 3 x H x W)
         self.hashtag_field = hashtag_field
         self.caption_field = caption_field
-        self.metadata: Any = None  # a prepretrain.data.metadata.MetadataTable joined to each sample (metadata=)
+        self.metadata: Any = None  # a prepretrain.data.readers.metadata.MetadataTable joined to each sample (metadata=)
         self.seed = seed
         self.epoch = 0
         self.skips = SkipCounter()
@@ -327,7 +327,7 @@ class ShardSource:
     # -- repeats (resampling in the stream) ------------------------------------------------
     @property
     def repeats(self) -> Callable[[Annotation], int] | None:
-        """Per-sample repeat count (e.g. :class:`~prepretrain.data.hashtags.RepeatFactors`), or
+        """Per-sample repeat count (e.g. :class:`~prepretrain.data.labels.hashtags.RepeatFactors`), or
         ``None`` (every sample once). A reader expands each sample into ``repeats(annotation)``
         consecutive copies *before* its stream is cut into shuffle blocks, so the block shuffle
         mixes the copies; 0 removes the sample without taking a position (so does a sample whose
