@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from prepretrain.bench.data import BenchDataConfig, photo_like, run_data_benchmark
 from prepretrain.cli import main
 from prepretrain.config import ConfigError, build_config
-from prepretrain.data.bench import BenchDataConfig, photo_like, run_data_benchmark
 from prepretrain.data.images.decode import load_image, load_tensor
 from prepretrain.data.images.tensors import (
     BatchAugment,

@@ -462,7 +462,7 @@ def test_encoder_from_a_run_directory_is_loaded_and_locked(tmp_path):
 
 
 def test_benchmark_reports_both_paths():
-    from prepretrain.bench import LiTBenchConfig, run_lit_benchmark
+    from prepretrain.bench.steps import LiTBenchConfig, run_lit_benchmark
 
     cfg = build_config(LiTBenchConfig, None, {"batch_size": "8", "steps": "1", "warmup": "0", "vision_depth": "1",
                                               "device": "cpu"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from prepretrain.data.video.clips import (
     open_video_data,
     segment_indices,
 )
+from prepretrain.data.video.encode import encode_clip
 from prepretrain.models.video import VideoViT, inflate_patch_weight
 from prepretrain.models.vit import create_vit
 from prepretrain.stages.video import VideoConfig, VideoStage
@@ -131,21 +131,7 @@ def _level(i: int) -> int:
 
 def _write_video(path: Path, codec: str, frames: int = 16, size: int = 32, fps: int = 8) -> None:
     """Frame i is a flat grey of level ``_level(i)`` (so a decoded frame tells its index)."""
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        if codec in ("libvpx", "libvpx-vp9"):
-            stream.options = {"deadline": "realtime", "cpu-used": "8"}
-        for i in range(frames):
-            image = np.full((size, size, 3), _level(i), np.uint8)
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    encode_clip(path, (np.full((size, size, 3), _level(i), np.uint8) for i in range(frames)), fps, codec=codec)
 
 
 CODECS = [(codec, suffix) for codec, suffix in

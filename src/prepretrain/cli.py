@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from .bench import (
+from .bench.data import BenchDataConfig, run_data_benchmark
+from .bench.steps import (
     END_TO_END_STAGES,
     STEP_TARGETS,
     BenchConfig,
@@ -35,7 +36,6 @@ from .bench import (
     run_lit_benchmark,
 )
 from .config import ConfigError, build_config, dump_config
-from .data.bench import BenchDataConfig, run_data_benchmark
 from .data.describe import check_source, describe_source
 from .data.labels.vocab import build_label_vocab, coverage_text, tag_aliases
 from .data.labels.weaklabels import WeakLabeler
@@ -46,7 +46,7 @@ from .data.shards.reader import UnknownSampleCount
 from .data.shards.write import write_shards
 from .data.synthetic.export import write_rehearsal_data, write_synthetic
 from .data.video.clips import describe_video_data, is_video_dataset
-from .data.video.motionclips import CODECS as MOTION_CLIP_CODECS
+from .data.video.encode import CODECS as MOTION_CLIP_CODECS
 from .data.video.motionclips import write_motion_clips
 from .files import UnsafeCheckpoint, write_text
 from .models.checkpoints import CheckpointMismatch

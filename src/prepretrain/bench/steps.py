@@ -37,25 +37,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .models.clip import build_clip, clip_loss
-from .models.detector import build_detector
-from .models.heads import multilabel_loss
-from .models.mae import create_mae, mae_forward_flops
-from .models.text import TEXT_SHAPES, text_forward_flops
-from .models.tokenizers import build_tokenizer
-from .models.video import VideoViT, video_forward_flops
-from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape, with_timm_attention
-from .models.vitdet import ViTDetBackbone, parse_global_blocks, vitdet_flops
-from .plan import PlanConfig, plan_run
-from .stages.detect import DetectConfig
-from .stages.lit import check_tower_names
-from .stages.video import VideoConfig
-from .train.distributed import clip_grad_norm_, pick_device
-from .train.engine import Precision, nonfinite_count, pick_precision
-from .train.metrics import detect_peak_tflops
-from .train.optim import build_optimizer, param_groups, step_unless_flagged
+from prepretrain.config import ConfigError
+from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
+from prepretrain.models.clip import build_clip, clip_loss
+from prepretrain.models.detector import build_detector
+from prepretrain.models.heads import multilabel_loss
+from prepretrain.models.mae import create_mae, mae_forward_flops
+from prepretrain.models.text import TEXT_SHAPES, text_forward_flops
+from prepretrain.models.tokenizers import build_tokenizer
+from prepretrain.models.video import VideoViT, video_forward_flops
+from prepretrain.models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape, with_timm_attention
+from prepretrain.models.vitdet import ViTDetBackbone, parse_global_blocks, vitdet_flops
+from prepretrain.plan import PlanConfig, plan_run
+from prepretrain.stages.detect import DetectConfig
+from prepretrain.stages.lit import check_tower_names
+from prepretrain.stages.video import VideoConfig
+from prepretrain.train.distributed import clip_grad_norm_, pick_device
+from prepretrain.train.engine import Precision, nonfinite_count, pick_precision
+from prepretrain.train.metrics import detect_peak_tflops
+from prepretrain.train.optim import build_optimizer, param_groups, step_unless_flagged
 
 STEP_TARGETS = ("mae", "wsp", "finetune", "vit", "video", "detect")
 
