@@ -172,7 +172,7 @@ def test_real_labels_follow_file_names_and_leave_out_empty_lists(tmp_path):
         labels.of("cat.jpg")
     builtin = RealLabels("builtin")
     assert len(builtin.table) == 50_000 and builtin.table[0] is None
-    assert sum(row is None for row in builtin.table) == 3163  # REFERENCE.md: 3,163 empty lists
+    assert sum(row is None for row in builtin.table) == 3163  # timm's imagenet_real_labels.json: 3,163 empty lists
 
 
 # ---------------------------------------------------------------------------- ObjectNet

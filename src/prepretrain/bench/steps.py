@@ -15,7 +15,8 @@ alone (``bench data`` times the input pipeline; ``--end-to-end`` runs the real s
 ``lit`` times the text tower's step from cached image features (``prepretrain lit``'s default)
 against the baseline that runs the locked image tower every step.
 
-FLOPs come from the analytic formulas of REFERENCE.md section 7 (training = 3 x forward; the
+FLOPs come from the analytic formulas of :func:`prepretrain.models.vit.forward_flops` and its MAE,
+text, video and ViTDet counterparts (training = 3 x forward; the
 detector counts its ViT only), so MFU is comparable with the paper's cost model.
 """
 

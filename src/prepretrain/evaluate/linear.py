@@ -1,6 +1,7 @@
 """Linear probe on frozen features: logistic regression, or the MAE-style BatchNorm + linear head.
 
-Two protocols, because the field reports both (REFERENCE.md section 5):
+Two protocols, because the field reports both (facebookresearch/mae main_linprobe.py;
+logistic regression on cached features as in CLIP, Radford et al. 2021, arXiv 2103.00020):
 
 * ``method=logreg``: multinomial logistic regression with an L2 penalty on standardised
   cached features, solved full-batch with L-BFGS (convex, so the answer does not depend on a

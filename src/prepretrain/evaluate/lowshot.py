@@ -1,7 +1,8 @@
 """Low-shot transfer: K labeled images per class, several seeded splits, mean and std of top-1.
 
-Protocol (REFERENCE.md section 5): K in {1, 5, 10} images per class (at most K where a class
-has fewer), 5 random splits, the encoder frozen. Two classifiers on top:
+Protocol (MAWS, Singh et al. 2023, arXiv 2303.13496, low-shot transfer): K in {1, 5, 10} images per
+class (at most K where a class has fewer), 5 random splits, the encoder frozen. Two classifiers on
+top:
 
 * ``method=linear``: L2-regularised logistic regression on the cached frozen features of the
   K-shot images (fixed penalty: with one image per class there is nothing to validate on

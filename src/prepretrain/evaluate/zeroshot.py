@@ -1,7 +1,8 @@
 """Zero-shot classification with a LiT/CLIP model: class names x synonyms x prompt templates.
 
 The classifier for class c is the mean over (synonyms of c) x (templates) of the
-L2-normalised text embeddings of the filled-in prompts, renormalised (REFERENCE.md section 2);
+L2-normalised text embeddings of the filled-in prompts, renormalised (CLIP's prompt
+ensembling, Radford et al. 2021, arXiv 2103.00020; facebookresearch/maws eval_zeroshot.py);
 an image is assigned the class with the highest cosine similarity. Reported: top-1, top-5
 (top-k capped at the number of classes) and the mean per-class top-1, all in percent.
 

@@ -2,7 +2,7 @@
 
 What the stage builds (the loop is ``prepretrain.train.engine``): a timm ViT classifier
 initialised from any encoder (run dir, MAE/MAWS/timm/CLIP file, or random init), with the
-MAE reference finetuning recipe (REFERENCE.md section 5): layer-wise lr decay, drop path,
+MAE reference finetuning recipe (facebookresearch/mae FINETUNE.md, main_finetune.py): layer-wise lr decay, drop path,
 RandAugment, random erasing, mixup + cutmix with label smoothing, and optionally a weight
 EMA. Position embeddings are interpolated (bicubic) when finetuning at another resolution;
 ``global_pool=token`` pools the CLS token (MAWS finetunes), ``avg`` averages the patch

@@ -1,11 +1,11 @@
 """WSP, weakly supervised hashtag pretraining: what the stage builds (the loop is the engine's).
 
-The second stage of MAWS (REFERENCE.md section 4): a ViT, initialised from the MAE encoder
-(``init=``), learns to predict each image's hashtags out of a vocabulary built from the
-training data, with tail tags resampled. Everything about vocabularies, targets and
-resampling lives in :mod:`prepretrain.data.labels.hashtags`; the head, losses and tag-prediction
-metrics in :mod:`prepretrain.models.heads`. Without hashtags, ``labels_from=`` derives each
-image's labels from Flickr tags, caption words or WordNet synsets
+The second stage of MAWS (MAWS, Singh et al. 2023, arXiv 2303.13496; its WSP is SWAG's, arXiv
+2201.08371): a ViT, initialised from the MAE encoder (``init=``), learns to predict each image's
+hashtags out of a vocabulary built from the training data, with tail tags resampled. Everything
+about vocabularies, targets and resampling lives in :mod:`prepretrain.data.labels.hashtags`; the
+head, losses and tag-prediction metrics in :mod:`prepretrain.models.heads`. Without hashtags,
+``labels_from=`` derives each image's labels from Flickr tags, caption words or WordNet synsets
 (:mod:`prepretrain.data.labels.weaklabels`), and everything downstream treats them as hashtags.
 
 Data: a manifest, folder or the synthetic set is resampled by the loader's weighted draw

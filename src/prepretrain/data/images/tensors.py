@@ -1,7 +1,7 @@
 """Decoding and random-resized-crop augmentation on tensors: batched on the GPU, the same code on CPU.
 
 Why: JPEG decoding plus a Pillow random-resized crop costs 2-4 ms per image on one core
-(REFERENCE.md section 7), so feeding one H100 running MAE-B needs a dozen cores. Two ways
+(BENCHMARKS.md, ``prepretrain bench data``), so feeding one H100 running MAE-B needs a dozen cores. Two ways
 out, both here:
 
 * **Per sample, in DataLoader workers (CPU).** :class:`TensorRandomResizedCrop` replaces

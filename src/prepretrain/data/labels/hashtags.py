@@ -1,7 +1,8 @@
 """Hashtag vocabulary, per-image targets and tail resampling for weakly supervised pretraining.
 
-WSP (REFERENCE.md section 4) classifies each image into the ~28K most useful hashtags of a
-web dataset. Three things turn raw per-image tag lists into that training signal:
+WSP (SWAG, Singh et al. 2022, arXiv 2201.08371; MAWS, arXiv 2303.13496) classifies each image into
+the ~28K most useful hashtags of a web dataset. Three things turn raw per-image tag lists into that
+training signal:
 
 * :func:`normalize_hashtag` + :func:`build_vocab`: people write ``#Dog``, ``dog`` and
   ``DOG `` for one tag, so tags are normalised (Unicode NFKC, case folding, leading ``#``

@@ -1,14 +1,17 @@
 """The paper's evaluation sets, read from the files their releases ship (no renaming needed).
 
-Research groups keep ImageNet, ImageNet-v2, ObjectNet, iNaturalist and Food-101 in the layouts
-they were released in (REFERENCE.md section 11). Read as generic image folders, several of them
-give wrong labels without any error: ImageNet-v2 names its class folders ``0`` ... ``999`` (the
-class index), which sort as strings; the ImageNet validation images usually sit in one flat
-folder labelled by a CSV or the devkit's own class numbering. This module recognises each layout
-from what is on disk and reads it into a :class:`ListedSource`, whose classes are named by a
-stable **class id** (the WordNet id for the ImageNet family, the folder name for ObjectNet and
-Food-101, the species name for iNaturalist), so a classifier that remembers its classes' ids
-can be scored on any of them (``prepretrain classify``, :mod:`prepretrain.evaluate.classify`).
+Research groups keep ImageNet, ImageNet-v2, ObjectNet, iNaturalist and Food-101 in the layouts they
+were released in (ImageNet: Kaggle's LOC_val_solution.csv or the ILSVRC2012 devkit, the class order
+of timm/data/_info/imagenet_synsets.txt; ImageNet-v2: github modestyachts/ImageNetV2; ObjectNet
+1.0's mappings/; iNaturalist: github visipedia/inat_comp; Food-101: its meta/ lists). Read as
+generic image folders, several of them give wrong labels without any error: ImageNet-v2 names its
+class folders ``0`` ... ``999`` (the class index), which sort as strings; the ImageNet validation
+images usually sit in one flat folder labelled by a CSV or the devkit's own class numbering. This
+module recognises each layout from what is on disk and reads it into a :class:`ListedSource`, whose
+classes are named by a stable **class id** (the WordNet id for the ImageNet family, the folder name
+for ObjectNet and Food-101, the species name for iNaturalist), so a classifier that remembers its
+classes' ids can be scored on any of them (``prepretrain classify``,
+:mod:`prepretrain.evaluate.classify`).
 
 Layouts (the name ``prepretrain data stats`` prints; ``layout=NAME`` forces one; each is one
 :class:`Layout` entry of :data:`RELEASES`, the table tried in order):
