@@ -132,10 +132,13 @@ class TrainConfig:
         "spike_factor": ">= 0", "spike_window": ">= 1",
         "eval_every": ">= 0", "ckpt_every": "> 0", "keep_last": "> 0", "dist_timeout_s": "> 0",
     }
+    # Every key with a fixed set of values (config.check_bounds, with the intervals); subclasses declare theirs.
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "lr_schedule": ("cosine", "step"), "decode": DECODE_MODES, "precision": ("auto", "bf16", "fp16", "fp32"),
+        "strategy": ("auto", "none", "ddp", "fsdp"), "wandb_mode": ("online", "offline"),
+    }
 
     def validate(self) -> None:
-        if self.lr_schedule not in ("cosine", "step"):
-            raise ConfigError("lr_schedule", f"must be cosine or step; got '{self.lr_schedule}'")
         if any(not 0 < f < 1 for f in self.lr_decay_at) or list(self.lr_decay_at) != sorted(self.lr_decay_at):
             raise ConfigError("lr_decay_at", f"increasing fractions of the run in (0, 1); got {list(self.lr_decay_at)}")
         if self.epochs <= 0 and self.steps <= 0:
@@ -155,9 +158,6 @@ class TrainConfig:
         for i, beta in enumerate(self.betas):
             if not 0 <= beta < 1:
                 raise ConfigError("betas", f"beta{i + 1} must be in [0, 1), got {beta}")
-        _choice(self, "precision", ("auto", "bf16", "fp16", "fp32"))
-        _choice(self, "strategy", ("auto", "none", "ddp", "fsdp"))
-        _choice(self, "wandb_mode", ("online", "offline"))
         if self.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError("wandb", "logging to Weights & Biases needs the wandb package: "
                                        "pip install 'prepretrain[wandb]' (or leave wandb= empty)")
@@ -198,27 +198,47 @@ def check_range(cfg: Any, interval: str, *keys: str) -> None:
             raise ConfigError(key, f"must be {where}, got {value}")
 
 
-def declared_bounds(cls: type) -> dict[str, str]:
-    """Every numeric key's interval, from the ``bounds`` each config class declares for the keys it
-    defines (a subclass may redeclare a key it inherits); base classes first."""
-    merged: dict[str, str] = {}
+class AnyCase(tuple):
+    """Choices a value matches whatever its case (``lvis=True`` as ``true``)."""
+
+
+def _declared(cls: type, table: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
-        merged.update(klass.__dict__.get("bounds", {}))
+        merged.update(klass.__dict__.get(table, {}))
     return merged
 
 
+def declared_bounds(cls: type) -> dict[str, str]:
+    """Every numeric key's interval, from the ``bounds`` each config class declares for the keys it
+    defines (a subclass may redeclare a key it inherits); base classes first."""
+    return _declared(cls, "bounds")
+
+
+def declared_choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """Every fixed-choice key's values, from the ``choices`` each config class declares beside its
+    ``bounds`` (a subclass may narrow a key it inherits, e.g. ``decode``); base classes first."""
+    return _declared(cls, "choices")
+
+
+def check_choice(cfg: Any, key: str, options: tuple[str, ...]) -> None:
+    """ConfigError naming ``key`` when its value is not one of ``options``."""
+    value = getattr(cfg, key)
+    probe = str(value).lower() if isinstance(options, AnyCase) else value
+    if probe not in options:
+        raise ConfigError(key, f"must be one of {', '.join(options)}; got '{value}'")
+
+
 def check_bounds(cfg: Any) -> None:
-    """The one range check every config passes through (``build_config``, ``replace_config``): each
-    declared key's value lies in its interval, before the class's own cross-key ``validate``."""
+    """The one check of declared values every config passes through (``build_config``,
+    ``replace_config``): each key of ``bounds`` lies in its interval and each key of ``choices`` is one
+    of its values, before the class's own cross-key ``validate``."""
     for key, interval in declared_bounds(type(cfg)).items():
         if interval not in INTERVALS:
             raise KeyError(f"{type(cfg).__name__}.bounds['{key}']: unknown interval {interval!r}")
         check_range(cfg, interval, key)
-
-
-def _choice(cfg: Any, key: str, options: tuple[str, ...]) -> None:
-    if getattr(cfg, key) not in options:
-        raise ConfigError(key, f"must be one of {', '.join(options)}; got '{getattr(cfg, key)}'")
+    for key, options in declared_choices(type(cfg)).items():
+        check_choice(cfg, key, options)
 
 
 C = TypeVar("C")
@@ -403,9 +423,12 @@ def replace_config(cfg: C, **changes: Any) -> C:
 
 __all__ = [
     "ConfigError",
+    "AnyCase",
     "check_bounds",
+    "check_choice",
     "check_out_dir",
     "declared_bounds",
+    "declared_choices",
     "TrainConfig",
     "build_config",
     "config_to_dict",

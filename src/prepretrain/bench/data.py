@@ -88,10 +88,6 @@ class BenchDataConfig:
     def validate(self) -> None:
         if self.max_width < self.min_width:
             raise ConfigError("max_width", f"must be >= min_width {self.min_width}, got {self.max_width}")
-        if not 0 < self.min_scale <= 1:
-            raise ConfigError("min_scale", f"must be in (0, 1], got {self.min_scale}")
-        if not 1 <= self.quality <= 100:
-            raise ConfigError("quality", f"must be in [1, 100], got {self.quality}")
         unknown = [name for name in self.paths if name not in PATHS]
         if unknown or not self.paths:
             raise ConfigError("paths", f"choose from {', '.join(PATHS)}; got {list(self.paths)}")

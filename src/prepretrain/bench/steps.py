@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prepretrain.config import ConfigError
+from prepretrain.config import AnyCase, ConfigError
 from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
 from prepretrain.models.clip import build_clip, clip_loss
 from prepretrain.models.detector import build_detector
@@ -104,14 +104,10 @@ class BenchConfig:
         "num_frames": "> 0", "tubelet_size": "> 0", "window_size": ">= 0", "pyramid_channels": "> 0",
         "objects_per_image": "> 0",
     }
+    choices = {"target": STEP_TARGETS, "compile": AnyCase(("auto", "true", "false")),
+               "precision": ("auto", "bf16", "fp16", "fp32")}
 
     def validate(self) -> None:
-        if self.target not in STEP_TARGETS:
-            raise ConfigError("target", f"must be one of {', '.join(STEP_TARGETS)}")
-        if str(self.compile).lower() not in ("auto", "true", "false"):
-            raise ConfigError("compile", f"must be auto, true or false; got '{self.compile}'")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError("precision", f"must be auto, bf16, fp16 or fp32; got '{self.precision}'")
         try:
             resolve_name(self.model)
         except ValueError as error:

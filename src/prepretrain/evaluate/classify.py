@@ -84,6 +84,8 @@ class ClassifyConfig:
     bounds = {
         "image_size": ">= 0", "num_images": "> 0", "max_images": ">= 0", "batch_size": "> 0", "num_workers": ">= 0",
     }
+    choices = {"layout": ("auto", *LAYOUTS, *SOURCE_KINDS), "restrict": ("auto", "true", "false"),
+               "precision": ("auto", "bf16", "fp32")}
 
     def validate(self) -> None:
         if not self.model:
@@ -94,11 +96,6 @@ class ClassifyConfig:
             raise ConfigError("data", "name the images: data=/data/imagenet (split=val), a folder, or synthetic")
         if self.data != "synthetic" and not Path(self.data).exists() and "{" not in self.data:
             raise ConfigError("data", f"not found: {self.data}")
-        if self.layout not in ("auto", *LAYOUTS, *SOURCE_KINDS):
-            raise ConfigError("layout", f"must be auto or one of {', '.join((*LAYOUTS, *SOURCE_KINDS))}; "
-                                        f"got '{self.layout}'")
-        if self.restrict not in ("auto", "true", "false"):
-            raise ConfigError("restrict", f"must be auto, true or false; got '{self.restrict}'")
         if self.real_labels and self.real_labels != "builtin" and not Path(self.real_labels).is_file():
             raise ConfigError("real_labels", f"file not found: {self.real_labels} (or builtin: timm's copy)")
         if self.arch:
@@ -111,8 +108,6 @@ class ClassifyConfig:
                 parse_crop_fraction(self.eval_crop)
             except ValueError as error:
                 raise ConfigError("eval_crop", str(error)) from None
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
 
     def run_dir(self) -> Path:
         if self.out_dir:

@@ -64,12 +64,9 @@ class EvalConfig:
     bounds = {
         "image_size": ">= 0", "num_images": "> 0", "seed": "any", "batch_size": "> 0", "num_workers": ">= 0",
     }
+    choices = {"pool": POOLS, "precision": ("auto", "bf16", "fp32")}
 
     def validate(self) -> None:
-        if self.pool not in POOLS:
-            raise ConfigError("pool", f"must be one of {', '.join(POOLS)}; got '{self.pool}'")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         try:

@@ -62,11 +62,10 @@ class LowShotConfig(EvalConfig):
         "num_splits": "> 0", "l2": ">= 0", "max_iter": "> 0", "vpt_prompts": "> 0", "vpt_steps": "> 0",
         "vpt_batch_size": "> 0", "vpt_lr": "> 0", "vpt_weight_decay": ">= 0", "vpt_min_crop_scale": "(0, 1]",
     }
+    choices = {"method": ("linear", "vpt")}
 
     def validate(self) -> None:
         super().validate()
-        if self.method not in ("linear", "vpt"):
-            raise ConfigError("method", f"must be linear or vpt; got '{self.method}'")
         if not self.shots or any(k <= 0 for k in self.shots):
             raise ConfigError("shots", f"needs positive shot counts, got {self.shots}")
 

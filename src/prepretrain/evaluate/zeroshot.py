@@ -295,6 +295,7 @@ class ZeroShotConfig:
     bounds = {
         "image_size": ">= 0", "num_images": "> 0", "max_images": ">= 0", "batch_size": "> 0", "num_workers": ">= 0",
     }
+    choices = {"precision": ("auto", "bf16", "fp32")}
 
     def validate(self) -> None:
         if not self.model:
@@ -304,8 +305,6 @@ class ZeroShotConfig:
         check_names_file("templates", self.templates, TEMPLATE_SETS)
         if self.tokenizer and not Path(self.tokenizer).is_file():
             raise ConfigError("tokenizer", f"file not found: {self.tokenizer}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
         check_article_fix("article_fix", self.article_fix)
 
 

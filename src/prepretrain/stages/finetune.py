@@ -86,18 +86,17 @@ class FinetuneConfig(TrainConfig):
 
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
-        "layer_decay": "(0, 1]", "drop_path": "[0, 1]", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
+        "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "random_erasing": "[0, 1]",
         "min_crop_scale": "(0, 1]", "ema_decay": "[0, 1)", "eval_batch_size": "> 0",
+    }
+    choices = {
+        "decode": ("auto", "pil"),  # finetuning augments with timm's RandAugment, which works on PIL images
+        "global_pool": ("token", "avg"),
     }
 
     def validate(self) -> None:
         super().validate()
-        if self.decode not in ("auto", "pil"):
-            raise ConfigError("decode", "finetuning augments with timm's RandAugment, which works on PIL images: "
-                              "decode=auto or pil")
-        if self.global_pool not in ("token", "avg"):
-            raise ConfigError("global_pool", f"must be token or avg; got '{self.global_pool}'")
         if str(self.eval_crop).strip().lower() not in ("auto", "squash"):
             try:
                 parse_crop_fraction(str(self.eval_crop).strip())

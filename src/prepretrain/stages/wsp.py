@@ -140,21 +140,15 @@ class WSPConfig(TrainConfig):
 
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
-        "depth": ">= 0", "drop_path": "[0, 1]", "vocab_size": "> 0", "vocab_min_count": ">= 1", "max_tags": "> 0",
+        "depth": ">= 0", "drop_path": "[0, 1)", "vocab_size": "> 0", "vocab_min_count": ">= 1", "max_tags": "> 0",
         "resample_power": ">= 0", "epoch_size": ">= 0", "head_init_std": ">= 0", "min_crop_scale": "(0, 1]",
         "eval_images": ">= 0", "eval_batch_size": "> 0",
     }
+    choices = {"loss": LOSSES, "resample_reduce": ("max", "mean"), "head_bias": ("prior", "zero")}
 
     def validate(self) -> None:
         super().validate()
         check_model_and_size(self.model, self.image_size)
-        if self.drop_path >= 1:
-            raise ConfigError("drop_path", f"must be < 1, got {self.drop_path}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
-        for key, options in (("loss", LOSSES), ("resample_reduce", ("max", "mean")), ("head_bias", ("prior", "zero"))):
-            if getattr(self, key) not in options:
-                raise ConfigError(key, f"must be one of {', '.join(options)}; got '{getattr(self, key)}'")
         if self.tag_synonyms not in ("auto", "none") and not Path(self.tag_synonyms).is_file():
             raise ConfigError("tag_synonyms", f"must be auto, none or a file; not found: {self.tag_synonyms}")
         if self.vocab and not Path(self.vocab).is_file():
