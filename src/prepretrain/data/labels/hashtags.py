@@ -513,17 +513,6 @@ class StreamStatistics:
     stats: dict[str, int]  # EncodedTags.stats() keys, plus images_with_tags_truncated
 
 
-def count_known_tags(vocab: HashtagVocab, tag_lists: Iterable[Sequence[str]]) -> tuple[np.ndarray, int]:
-    """(images per vocabulary tag, images read) from raw tag lists, one streaming pass."""
-    counts = np.zeros(len(vocab), dtype=np.int64)
-    images = 0
-    for raw_tags in tag_lists:
-        images += 1
-        known, _ = vocab.encode(raw_tags)
-        counts[known] += 1
-    return counts, images
-
-
 def stream_statistics(factors: RepeatFactors, tag_lists: Iterable[Sequence[str]], *, loss: str,
                       max_tags: int = 0) -> StreamStatistics:
     """One pass over every image's raw tags: the sum of the draw weights (for
@@ -582,7 +571,6 @@ __all__ = [
     "VocabularyMismatch",
     "build_vocab",
     "check_vocab_limits",
-    "count_known_tags",
     "encode_images",
     "image_tags",
     "load_synonyms",
