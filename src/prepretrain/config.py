@@ -78,10 +78,6 @@ class TrainConfig:
     data: str = "synthetic"  # "synthetic" or a path: image folder, manifest (.jsonl/.csv), shards
     image_size: int = 32
     num_images: int = 4000  # size of the synthetic training split
-    hashtag_field: str = "hashtags"  # field of shard .json members / manifest rows holding the hashtags
-    caption_field: str = "caption"  # field holding the caption (shards fall back to their .txt member)
-    metadata: str = ""  # a table joined to the images by key: YFCC100M TSV, caption TSV, parquet, JSONL/CSV
-    metadata_key: str = ""  # the shard .json field matched to the table's key; empty = the image key / file stem
     num_workers: int = 0
     decode: str = "auto"  # auto (= tensor) | pil | tensor | gpu: where training images are decoded and augmented
     max_bad_fraction: float = 0.05  # stop the run when more samples than this are unreadable
@@ -147,10 +143,6 @@ class TrainConfig:
         if problem:
             raise ConfigError("decode", problem)
         check_out_dir(self.out_dir)
-        if self.metadata and not Path(self.metadata).is_file():
-            raise ConfigError("metadata", f"metadata table not found: {self.metadata}")
-        if self.metadata_key and not self.metadata:
-            raise ConfigError("metadata_key", "names the image field matched to a metadata table: set metadata= too")
         if resume_step(self.resume_from) == -1:
             raise ConfigError("resume_from", f"latest or step_N (a checkpoint's step), not '{self.resume_from}'")
         if not self.resume and self.resume_from != "latest":
@@ -171,6 +163,28 @@ class TrainConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr > 0 else self.blr * self.batch_size / 256
+
+
+TEXT_SOURCE_KEYS = ("hashtag_field", "caption_field", "metadata", "metadata_key")
+
+
+@dataclass
+class TextSourceConfig(TrainConfig):
+    """The stages that read each image's text (WSP: hashtags, tags, captions; LiT: captions) add
+    where that text is: fields of shard ``.json`` members and manifest rows, or a table joined to
+    the images by key. The stages that read pixels and labels only do not take these keys."""
+
+    hashtag_field: str = "hashtags"  # field of shard .json members / manifest rows holding the hashtags
+    caption_field: str = "caption"  # field holding the caption (shards fall back to their .txt member)
+    metadata: str = ""  # a table joined to the images by key: YFCC100M TSV, caption TSV, parquet, JSONL/CSV
+    metadata_key: str = ""  # the shard .json field matched to the table's key; empty = the image key / file stem
+
+    def validate(self) -> None:
+        super().validate()
+        if self.metadata and not Path(self.metadata).is_file():
+            raise ConfigError("metadata", f"metadata table not found: {self.metadata}")
+        if self.metadata_key and not self.metadata:
+            raise ConfigError("metadata_key", "names the image field matched to a metadata table: set metadata= too")
 
 
 # Intervals a config value may have to lie in (``check_range``, ``bounds``), written as the error says them.
@@ -198,8 +212,18 @@ def check_range(cfg: Any, interval: str, *keys: str) -> None:
             raise ConfigError(key, f"must be {where}, got {value}")
 
 
-class AnyCase(tuple):
-    """Choices a value matches whatever its case (``lvis=True`` as ``true``)."""
+class Choices(tuple):
+    """The values of a key, declared in a config's ``choices`` where a plain tuple does not say enough:
+    ``any_case`` matches the value whatever its case (``lvis=True`` as ``true``); ``why`` ends the error
+    (why a stage allows fewer values than the key it inherits)."""
+
+    any_case: bool
+    why: str
+
+    def __new__(cls, values: tuple[str, ...], *, any_case: bool = False, why: str = "") -> Choices:
+        choices = super().__new__(cls, values)
+        choices.any_case, choices.why = any_case, why
+        return choices
 
 
 def _declared(cls: type, table: str) -> dict[str, Any]:
@@ -224,9 +248,10 @@ def declared_choices(cls: type) -> dict[str, tuple[str, ...]]:
 def check_choice(cfg: Any, key: str, options: tuple[str, ...]) -> None:
     """ConfigError naming ``key`` when its value is not one of ``options``."""
     value = getattr(cfg, key)
-    probe = str(value).lower() if isinstance(options, AnyCase) else value
+    probe = str(value).lower() if getattr(options, "any_case", False) else value
     if probe not in options:
-        raise ConfigError(key, f"must be one of {', '.join(options)}; got '{value}'")
+        why = getattr(options, "why", "")
+        raise ConfigError(key, f"must be one of {', '.join(options)}; got '{value}'" + (f": {why}" if why else ""))
 
 
 def check_bounds(cfg: Any) -> None:
@@ -423,12 +448,14 @@ def replace_config(cfg: C, **changes: Any) -> C:
 
 __all__ = [
     "ConfigError",
-    "AnyCase",
+    "Choices",
     "check_bounds",
     "check_choice",
     "check_out_dir",
     "declared_bounds",
     "declared_choices",
+    "TEXT_SOURCE_KEYS",
+    "TextSourceConfig",
     "TrainConfig",
     "build_config",
     "config_to_dict",

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prepretrain.config import AnyCase, ConfigError
+from prepretrain.config import Choices, ConfigError
 from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
 from prepretrain.models.clip import build_clip, clip_loss
 from prepretrain.models.detector import build_detector
@@ -104,7 +104,7 @@ class BenchConfig:
         "num_frames": "> 0", "tubelet_size": "> 0", "window_size": ">= 0", "pyramid_channels": "> 0",
         "objects_per_image": "> 0",
     }
-    choices = {"target": STEP_TARGETS, "compile": AnyCase(("auto", "true", "false")),
+    choices = {"target": STEP_TARGETS, "compile": Choices(("auto", "true", "false"), any_case=True),
                "precision": ("auto", "bf16", "fp16", "fp32")}
 
     def validate(self) -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import AnyCase, ConfigError, TrainConfig
+from ..config import Choices, ConfigError, TrainConfig
 from ..data.detection import (
     SYNTHETIC_STYLES,
     CocoDetectionSource,
@@ -126,8 +126,9 @@ class DetectConfig(TrainConfig):
         "flip": "[0, 1]", "eval_batch_size": "> 0", "score_threshold": "[0, 1)", "detections_per_image": "> 0",
     }
     choices = {
-        "decode": ("auto", "pil"),  # detection decodes and augments images (with their masks) with PIL
-        "synthetic_style": SYNTHETIC_STYLES, "lvis": AnyCase(("auto", "true", "false")), "feature_norm": FEATURE_NORMS,
+        "decode": Choices(("auto", "pil"), why="detection decodes and augments images (with their masks) with PIL"),
+        "synthetic_style": SYNTHETIC_STYLES, "lvis": Choices(("auto", "true", "false"), any_case=True),
+        "feature_norm": FEATURE_NORMS,
         "box_head": ("4conv1fc", "2fc"),
     }
 

@@ -31,7 +31,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..config import ConfigError, TrainConfig
+from ..config import Choices, ConfigError, TrainConfig
 from ..data.images.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -91,7 +91,8 @@ class FinetuneConfig(TrainConfig):
         "min_crop_scale": "(0, 1]", "ema_decay": "[0, 1)", "eval_batch_size": "> 0",
     }
     choices = {
-        "decode": ("auto", "pil"),  # finetuning augments with timm's RandAugment, which works on PIL images
+        "decode": Choices(("auto", "pil"),
+                          why="finetuning augments with timm's RandAugment, which works on PIL images"),
         "global_pool": ("token", "avg"),
     }
 

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import AnyCase, ConfigError, TrainConfig
+from ..config import Choices, ConfigError, TextSourceConfig
 from ..data.images.pixels import train_pixels
 from ..data.images.transforms import eval_transform
 from ..data.loader import RecordDataset, eval_loader
@@ -103,7 +103,7 @@ _NO = ("no", "false", "off", "0")
 
 
 @dataclass
-class LiTConfig(TrainConfig):
+class LiTConfig(TextSourceConfig):
     """LiT recipe. Defaults are the CPU demo; configs/lit_*.yaml hold the paper-scale towers."""
 
     stage_name = "lit"
@@ -143,7 +143,7 @@ class LiTConfig(TrainConfig):
         "text_dropout": "[0, 1)", "max_text_tokens": ">= 0", "embed_dim": ">= 0", "min_crop_scale": "(0, 1]",
         "eval_images": ">= 0",
     }
-    choices = {"cache_features": AnyCase(("auto", *_YES, *_NO))}
+    choices = {"cache_features": Choices(("auto", *_YES, *_NO), any_case=True)}
 
     def validate(self) -> None:
         super().validate()

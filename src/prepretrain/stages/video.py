@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..config import ConfigError, TrainConfig, replace_config
+from ..config import Choices, ConfigError, TrainConfig, replace_config
 from ..data.loader import RecordDataset, eval_loader
 from ..data.video.clips import (
     PADDING_LABEL,
@@ -141,7 +141,7 @@ class VideoConfig(TrainConfig):
         "eval_batch_size": "> 0", "random_erasing": "[0, 1]", "repeated_aug": "> 0", "head_dropout": "[0, 1)",
     }
     choices = {
-        "decode": ("auto",),  # video clips are decoded with PyAV in the loader
+        "decode": Choices(("auto",), why="video clips are decoded with PyAV in the loader"),
         "global_pool": ("token", "avg"), "sampling": SAMPLINGS, "short_videos": SHORT_VIDEO_POLICIES,
     }
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainConfig
+from ..config import ConfigError, TextSourceConfig
 from ..data.images.pixels import train_pixels
 from ..data.images.transforms import decode_hint, eval_transform
 from ..data.labels.cache import prepare_shards
@@ -100,7 +100,7 @@ from ..train.run import Run
 LABEL_SCRATCH = "label-scratch"  # label_cache=false: the labels of one preparation, removed after it
 
 @dataclass
-class WSPConfig(TrainConfig):
+class WSPConfig(TextSourceConfig):
     """WSP recipe. Defaults are the CPU demo on the synthetic hashtags; configs/wsp_*.yaml hold
     the paper-scale recipes."""
 

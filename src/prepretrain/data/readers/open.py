@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from prepretrain.config import TEXT_SOURCE_KEYS
 from prepretrain.data.images.decode import IMAGE_EXTENSIONS
 from prepretrain.data.readers.folders import MANIFEST_SUFFIXES, FolderSource, ImageFolderSource, ManifestSource
 from prepretrain.data.readers.metadata import join_metadata
@@ -173,9 +174,9 @@ def open_data(spec: str, *, split: str = "train", image_size: int = 32, num_imag
 
 
 def open_stage_data(cfg: Any, split: str = "train", **kwargs: Any) -> MapSource | Any:
-    """The ``split`` of a training config's data (``data``, ``image_size``, ``num_images``, the
-    annotation fields ``hashtag_field`` / ``caption_field`` and the joined ``metadata`` table);
-    ``kwargs`` as :func:`open_data`'s."""
-    return open_data(cfg.data, split=split, image_size=cfg.image_size, num_images=cfg.num_images,
-                     hashtag_field=cfg.hashtag_field, caption_field=cfg.caption_field, metadata=cfg.metadata,
-                     metadata_key=cfg.metadata_key, **kwargs)
+    """The ``split`` of a training config's data (``data``, ``image_size``, ``num_images``, and for
+    the stages that read text, :data:`~prepretrain.config.TEXT_SOURCE_KEYS`: the annotation fields
+    ``hashtag_field`` / ``caption_field`` and the joined ``metadata`` table); ``kwargs`` as
+    :func:`open_data`'s."""
+    text = {key: getattr(cfg, key) for key in TEXT_SOURCE_KEYS if hasattr(cfg, key)}
+    return open_data(cfg.data, split=split, image_size=cfg.image_size, num_images=cfg.num_images, **text, **kwargs)
