@@ -22,7 +22,7 @@ from prepretrain.data.labels.vocab import build_vocab_streaming, count_hashtags
 from prepretrain.data.readers import folders as sources_module
 from prepretrain.data.readers.folders import ManifestSource
 from prepretrain.data.records import Annotation, BadSample, iter_annotations
-from prepretrain.data.shards import reader as shards_module
+from prepretrain.data.shards import samples as shards_module
 from prepretrain.data.shards.reader import ShardSource
 from prepretrain.data.shards.write import write_shards
 from prepretrain.data.synthetic import images as synthetic_module

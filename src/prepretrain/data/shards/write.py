@@ -21,7 +21,7 @@ from PIL import Image
 from webdataset import TarWriter
 
 from prepretrain.data.records import BadSample, SkipCounter
-from prepretrain.data.shards.reader import INDEX_FORMAT, INDEX_NAME
+from prepretrain.data.shards.index import INDEX_FORMAT, INDEX_NAME
 from prepretrain.files import atomic_path, write_text
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
