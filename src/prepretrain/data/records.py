@@ -36,6 +36,9 @@ class Record:
     hashtags: list[str] = field(default_factory=list)
     caption: str = ""
     labels: dict[str, int] = field(default_factory=dict)
+    # vocabulary indices of the sample's weak labels when its reader already labelled it (WSP on
+    # shards: the resampling copies need them), so the transform does not label it a second time
+    label_ids: list[int] | None = None
 
 
 @dataclass

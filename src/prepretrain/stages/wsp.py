@@ -172,7 +172,9 @@ class HashtagTransform:
         self.labels = labels or WeakLabeler()
 
     def __call__(self, record: Record) -> dict[str, Any]:
-        known, _ = self.vocab.encode(self.labels(record))
+        known = record.label_ids  # set by a shard reader that labelled the sample for its copies
+        if known is None:
+            known, _ = self.vocab.encode(self.labels(record))
         if not known:  # never drawn in training (weight 0); counted, not fed, in evaluation
             raise BadSample(record.key, "no_known_tag")
         return {"image": self.image_transform(record.image), "tags": pad_tags(known, self.max_tags)}

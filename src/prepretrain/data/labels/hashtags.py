@@ -498,9 +498,15 @@ class RepeatFactors:
         return self.weight(known) * self.scale
 
     def __call__(self, annotation: Any) -> int:
-        expected = self.expected(annotation)
+        return self.labelled_copies(annotation)[0]
+
+    def labelled_copies(self, annotation: Any) -> tuple[int, list[int]]:
+        """(copies of the sample per epoch, its known tag indices): a reader that labels a sample
+        to count its copies hands the indices on with it, so the transform does not label it again."""
+        known, _ = self.vocab.encode(self.labels(annotation))
+        expected = self.weight(known) * self.scale
         whole = math.floor(expected)
-        return int(whole) + (unit_hash(self.seed, str(annotation.key)) < expected - whole)
+        return int(whole) + (unit_hash(self.seed, str(annotation.key)) < expected - whole), known
 
 
 @dataclass

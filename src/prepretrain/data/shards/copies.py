@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from prepretrain.data.records import Annotation, BadSample, SkipCounter
-from prepretrain.data.shards.samples import _read_annotation_members
+from prepretrain.data.shards.samples import LABELLED, _read_annotation_members
 
 
 class ShardCopies:
@@ -47,7 +47,12 @@ class ShardCopies:
             annotation = self._annotation(sample)
         except BadSample:
             return 0
-        copies = int(self._repeats(annotation))
+        labelled = getattr(self._repeats, "labelled_copies", None)
+        if labelled is None:
+            copies = int(self._repeats(annotation))
+        else:  # the sample carries its annotation and label indices on to the record: labelled once
+            copies, known = labelled(annotation)
+            sample[LABELLED] = (annotation, known)
         if copies < 0:
             raise ValueError(f"repeats({annotation.key!r}) = {copies}; must be >= 0")
         return copies

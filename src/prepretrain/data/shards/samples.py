@@ -29,6 +29,7 @@ SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 ANNOTATION_MEMBERS = ("json", "txt", "cls")  # the members ShardSource reads annotations from
 _LOST = "__lost__"  # marks the placeholder of a sample lost in a cut-off shard
+LABELLED = "__labelled__"  # a sample's (annotation, label indices), set when its resampling copies were counted
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset skips such members (tar_file_iterator)
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
 
@@ -276,7 +277,8 @@ class ShardSamples:
         return annotation if self.metadata is None else self.metadata.join(annotation, meta)
 
     def _record(self, sample: dict[str, Any]) -> Record:
-        annotation = self._annotation(sample)
+        labelled = sample.get(LABELLED)  # (annotation, label indices) when the copies were counted
+        annotation = self._annotation(sample) if labelled is None else labelled[0]
         member = next((name for name in IMAGE_MEMBERS if name in sample), None)
         if member is None:
             raise BadSample(annotation.key, "missing_image", f"members: {sorted(k for k in sample if k[0] != '_')}")
@@ -284,4 +286,7 @@ class ShardSamples:
             sample[member], annotation.key, pixels=self.pixels, min_size_hint=self.min_size_hint,
             max_pixels=self.max_pixels,
         )
-        return annotation.record(image)
+        record = annotation.record(image)
+        if labelled is not None:
+            record.label_ids = labelled[1]
+        return record
