@@ -28,8 +28,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 
 from prepretrain.config import build_config
-from prepretrain.data.benchmarks import imagenet_wnids
-from prepretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
+from prepretrain.data.readers.releases import imagenet_wnids
 from prepretrain.evaluate.classify import ClassifyConfig, run_classify
 from prepretrain.files import save_safetensors
 from prepretrain.models.vit import create_vit, vit_shape

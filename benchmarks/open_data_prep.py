@@ -35,7 +35,7 @@ FOREIGN = ["東京", "кошка", "القط", "ひまわり", "собака"]
 
 def caption_vocabulary() -> list[str]:
     """Single-word head lemmas of timm's WordNet table: nouns people photograph, and many they do not."""
-    from prepretrain.data.weaklabels import default_synset_table
+    from prepretrain.data.labels.weaklabels import default_synset_table
 
     words = []
     for line in default_synset_table().read_text().splitlines():

@@ -50,8 +50,8 @@ def write_inputs(work: Path, size: int) -> dict[str, Path]:
         tmp.rename(manifest)
     shards = work / f"s{size}"
     if not (shards / "index.json").is_file():
-        from prepretrain.data.sources import ManifestSource
-        from prepretrain.data.tools import write_shards
+        from prepretrain.data.readers.folders import ManifestSource
+        from prepretrain.data.shards.write import write_shards
 
         seed_dir = work / "one_shard"
         if not (seed_dir / "shard-000000.tar").is_file():
@@ -86,8 +86,9 @@ PROBE = textwrap.dedent('''
     path, workers, baseline = sys.argv[2], int(sys.argv[3]), sys.argv[4]
     import torch
     torch.set_num_threads(1)
-    from prepretrain.data.loader import RecordDataset, SampleStream, open_data, train_loader
-    from prepretrain.data.transforms import eval_transform
+    from prepretrain.data.loader import RecordDataset, SampleStream, train_loader
+    from prepretrain.data.readers.open import open_data
+    from prepretrain.data.images.transforms import eval_transform
     before = rss()
     start = time.perf_counter()
     if baseline:

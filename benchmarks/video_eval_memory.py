@@ -19,25 +19,23 @@ from pathlib import Path
 import numpy as np
 
 
-def write_video(path: Path) -> None:
-    import av
-
-    container = av.open(str(path), "w")
-    stream = container.add_stream("mpeg4", rate=30)
-    stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
-    for index in range(96):
-        image = np.zeros((720, 1280, 3), np.uint8)
-        image[:, :, 0] = (np.arange(1280) * 0.2 + index) % 255
+def frames(count: int = 96, height: int = 720, width: int = 1280):
+    """A 720p clip whose red channel ramps across the frame and drifts by one level a frame."""
+    for index in range(count):
+        image = np.zeros((height, width, 3), np.uint8)
+        image[:, :, 0] = (np.arange(width) * 0.2 + index) % 255
         image[:, :, 1] = 100
-        for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-            container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)
-    container.close()
+        yield image
+
+
+def write_video(path: Path) -> None:
+    from prepretrain.data.video.encode import encode_clip
+
+    encode_clip(path, frames(), fps=30, codec="mpeg4")
 
 
 def measure(path: str, mode: str) -> None:
-    import prepretrain.data.video as video
+    import prepretrain.data.video.clips as video
 
     if mode == "full":
         original = video.decode_frames

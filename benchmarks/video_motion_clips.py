@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from prepretrain.data.motionclips import write_motion_clips
+from prepretrain.data.video.motionclips import write_motion_clips
 
 
 def main() -> int:

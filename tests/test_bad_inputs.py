@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from prepretrain.data.decode import load_image, load_tensor, probe_image
+from prepretrain.data.images.decode import load_image, load_tensor, probe_image
+from prepretrain.data.readers.folders import FolderSource, ManifestSource
 from prepretrain.data.records import BadSample
-from prepretrain.data.shards import ShardSource
-from prepretrain.data.sources import FolderSource, ManifestSource
-from prepretrain.data.tools import write_shards
+from prepretrain.data.shards.reader import ShardSource
+from prepretrain.data.shards.write import write_shards
 
 
 def encode(image: Image.Image, format: str, **options) -> bytes:

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from prepretrain.bench import (
+from prepretrain.bench.steps import (
     BenchConfig,
     baseline_overrides,
     baseline_step,
@@ -132,7 +132,7 @@ def test_end_to_end_failure_is_the_stages_own_message(tmp_path, capsys):
 
 
 def test_plan_estimate_is_offered_for_the_stages_plan_models():
-    from prepretrain.bench import fast_precision, planned_memory_gib
+    from prepretrain.bench.steps import fast_precision, planned_memory_gib
 
     bf16 = fast_precision("bf16", torch.device("cpu"))
     mae = planned_memory_gib(build_config(BenchConfig, None, ["target=mae", "model=vit_b16"]), 256, 224, bf16)

@@ -18,15 +18,15 @@ from PIL import Image
 
 from prepretrain.cli import main
 from prepretrain.config import ConfigError
-from prepretrain.data.benchmarks import (
+from prepretrain.data.readers.folders import ImageFolderSource
+from prepretrain.data.readers.open import open_data, open_source, source_format
+from prepretrain.data.readers.releases import (
     DataLayoutError,
     ListedSource,
     RealLabels,
     detect_layout,
     imagenet_wnids,
 )
-from prepretrain.data.loader import open_data, open_source, source_format
-from prepretrain.data.sources import ImageFolderSource
 from prepretrain.evaluate.common import open_eval_data
 
 WNIDS = imagenet_wnids()
@@ -172,7 +172,7 @@ def test_real_labels_follow_file_names_and_leave_out_empty_lists(tmp_path):
         labels.of("cat.jpg")
     builtin = RealLabels("builtin")
     assert len(builtin.table) == 50_000 and builtin.table[0] is None
-    assert sum(row is None for row in builtin.table) == 3163  # REFERENCE.md: 3,163 empty lists
+    assert sum(row is None for row in builtin.table) == 3163  # timm's imagenet_real_labels.json: 3,163 empty lists
 
 
 # ---------------------------------------------------------------------------- ObjectNet

@@ -21,8 +21,8 @@ from torchvision import transforms as T
 
 from prepretrain.cli import main
 from prepretrain.config import build_config
-from prepretrain.data.benchmarks import imagenet_wnids
-from prepretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform
+from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform
+from prepretrain.data.readers.releases import imagenet_wnids
 from prepretrain.evaluate.classify import ClassifyConfig, run_classify
 from prepretrain.files import read_safetensors, save_safetensors, weights_sha256
 from prepretrain.models.classifier import build_classifier, default_eval_crop, resolve_classifier

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -148,3 +149,41 @@ def test_out_dir_naming_a_file_is_a_config_error(tmp_path, capsys):
     assert main(["mae", f"out_dir={file / 'run'}", "steps=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all("is a file, not a folder" in line for line in err)
+
+
+def test_every_declared_choice_names_fields_and_holds_its_default():
+    import dataclasses
+
+    from prepretrain.config import check_choice, declared_choices
+
+    declared = 0
+    for cls in all_config_classes():
+        choices = declared_choices(cls)
+        assert set(choices) <= {f.name for f in dataclasses.fields(cls)}, f"{cls.__name__} declares unknown keys"
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        for key, options in choices.items():
+            declared += 1
+            check_choice(types.SimpleNamespace(**{key: defaults[key]}), key, options)
+    assert declared >= 30
+
+
+@pytest.mark.parametrize("command", ["wsp", "finetune", "video", "detect"])
+def test_drop_path_is_one_rule_for_every_stage(command):
+    """1.0 would drop every residual branch: [0, 1) everywhere, checked from the one declaration."""
+    from prepretrain.registry import COMMANDS
+
+    build_config(COMMANDS[command].config, None, ["drop_path=0.99"])
+    with pytest.raises(ConfigError, match="'drop_path': must be in \\[0, 1\\), got 1.0"):
+        build_config(COMMANDS[command].config, None, ["drop_path=1"])
+
+
+@pytest.mark.parametrize("command, override", [
+    ("mae", "lr_schedule=linear"), ("mae", "precision=fp8"), ("wsp", "resample_reduce=sum"),
+    ("finetune", "decode=gpu"), ("detect", "lvis=maybe"), ("lit", "cache_features=sometimes"),
+])
+def test_a_value_outside_its_declared_choices_names_the_key(command, override):
+    from prepretrain.registry import COMMANDS
+
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"'{key}': must be one of"):
+        build_config(COMMANDS[command].config, None, [override])

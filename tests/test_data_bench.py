@@ -1,4 +1,4 @@
-"""Fast decoding and tensor augmentation (data/gpu.py, CPU code path) and ``prepretrain bench data``.
+"""Fast decoding and tensor augmentation (data/images/tensors.py, CPU code path) and ``prepretrain bench data``.
 
 The GPU path runs the same functions on CUDA tensors; here they run on CPU and are checked
 against independent computations: torchvision's crop sampling, Pillow's bicubic resize,
@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from prepretrain.bench.data import BenchDataConfig, photo_like, run_data_benchmark
 from prepretrain.cli import main
 from prepretrain.config import ConfigError, build_config
-from prepretrain.data.bench import BenchDataConfig, photo_like, run_data_benchmark
-from prepretrain.data.decode import load_image, load_tensor
-from prepretrain.data.gpu import (
+from prepretrain.data.images.decode import load_image, load_tensor
+from prepretrain.data.images.tensors import (
     BatchAugment,
     NormalizeImages,
     TensorRandomResizedCrop,
@@ -33,9 +33,9 @@ from prepretrain.data.gpu import (
     resized_crop,
     sample_crop_boxes,
 )
+from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
 from prepretrain.data.loader import RecordDataset, SampleStream, train_loader
 from prepretrain.data.records import BadSample
-from prepretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def encode(image: Image.Image, format: str = "JPEG", **options) -> bytes:
@@ -138,7 +138,7 @@ def test_tensor_random_resized_crop_is_seeded_and_matches_its_parts() -> None:
 def test_tensor_path_through_the_loader_gives_normalised_float_batches(tmp_path: Path) -> None:
     for index in range(6):
         (tmp_path / f"{index}.jpg").write_bytes(encode(photo(seed=index), quality=90))
-    from prepretrain.data.sources import FolderSource
+    from prepretrain.data.readers.folders import FolderSource
 
     source = FolderSource(tmp_path, pixels="tensor")
     assert source.get(0).image.dtype == torch.uint8 and source.get(0).image.shape == (3, 72, 96)
@@ -201,7 +201,7 @@ def test_decode_batch_and_load_tensor_agree_with_pillow_on_pixels_and_reasons() 
 
 def test_truncated_jpeg_never_reaches_a_decoder_that_does_not_notice(monkeypatch) -> None:
     """nvJPEG returns a cut-off JPEG as an image with a grey tail; such files must go to Pillow."""
-    import prepretrain.data.gpu as gpu
+    import prepretrain.data.images.tensors as gpu
 
     handed_over = []
 

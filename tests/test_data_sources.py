@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prepretrain.data.decode import image_files
-from prepretrain.data.loader import open_source
+from prepretrain.data.describe import describe_source
+from prepretrain.data.images.decode import image_files
+from prepretrain.data.readers.folders import FolderSource, ImageFolderSource, ManifestSource
+from prepretrain.data.readers.open import open_source
 from prepretrain.data.records import BadSample
-from prepretrain.data.shards import INDEX_NAME, ShardSource
-from prepretrain.data.sources import FolderSource, ImageFolderSource, ManifestSource
-from prepretrain.data.tools import describe_source, write_shards
+from prepretrain.data.shards.reader import INDEX_NAME, ShardSource
+from prepretrain.data.shards.write import write_shards
 
 
 def noise_image(width: int, height: int, seed: int) -> Image.Image:
@@ -236,7 +237,7 @@ def test_manifest_index_is_built_once_streaming_and_follows_edits(tmp_path: Path
     """The row index is a cache file named by the manifest's path, size and mtime: reopening maps
     it (no second pass), an edited manifest gets a new one; CRLF endings and a last line without
     a newline are read whole; rows across the streaming chunk boundary are found."""
-    import prepretrain.data.rowindex as rowindex
+    import prepretrain.data.readers.rowindex as rowindex
 
     monkeypatch.setenv("PREPRETRAIN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(rowindex, "CHUNK_BYTES", 7)  # every row crosses a chunk boundary

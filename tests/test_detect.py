@@ -32,7 +32,7 @@ from prepretrain.data.detection import (
     repeat_factors,
     synthetic_coco,
 )
-from prepretrain.data.synthetic import SHAPES, _make_object, _paint_object, draw_object_scene
+from prepretrain.data.synthetic.images import SHAPES, _make_object, _paint_object, draw_object_scene
 from prepretrain.evaluate.detection import coco_ap, detection_metrics, lvis_ap
 from prepretrain.models.detector import (
     AgnosticBoxPredictor,

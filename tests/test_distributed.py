@@ -417,8 +417,8 @@ def test_finetune_under_fsdp_evaluates_and_exports(tmp_path: Path) -> None:
 def test_wsp_on_caption_shards_labels_each_shard_once_across_two_ranks(tmp_path: Path) -> None:
     """The label cache under two ranks: each rank labels its share of the shards, the derivation
     is summed across ranks, and the result equals one process's annotation passes."""
-    from prepretrain.data.synthetic import SyntheticSource
-    from prepretrain.data.tools import write_shards
+    from prepretrain.data.shards.write import write_shards
+    from prepretrain.data.synthetic.images import SyntheticSource
     from prepretrain.stages.wsp import WSPConfig, WSPStage
     from prepretrain.train.run import Run
 

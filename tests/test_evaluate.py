@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from prepretrain.cli import main
 from prepretrain.config import ConfigError, build_config
-from prepretrain.data.synthetic import SyntheticSource
+from prepretrain.data.synthetic.images import SyntheticSource
 from prepretrain.evaluate import linear as linear_module
 from prepretrain.evaluate.common import FrozenEncoder, open_eval_data
 from prepretrain.evaluate.features import LabeledFeatures
@@ -183,7 +183,7 @@ def test_features_are_cached_on_disk_and_keyed_by_the_weights(tmp_path, timm_fil
     # Plain recomputation of the CLS feature of sample 5 agrees with the cache.
     model = build_encoder(spec).eval()
     image = data.sources["train"].source.get(5).image
-    from prepretrain.data.transforms import eval_transform
+    from prepretrain.data.images.transforms import eval_transform
 
     with torch.no_grad():
         tokens = model.forward_features(eval_transform(32)(image)[None])

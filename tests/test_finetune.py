@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from prepretrain.cli import main
 from prepretrain.config import ConfigError, build_config
-from prepretrain.data.synthetic import SyntheticSource
-from prepretrain.data.transforms import eval_transform
+from prepretrain.data.images.transforms import eval_transform
+from prepretrain.data.synthetic.images import SyntheticSource
 from prepretrain.models.vit import create_vit
 from prepretrain.stages.finetune import FinetuneConfig, FinetuneStage
 from prepretrain.stages.mae import MAEConfig, MAEStage
@@ -185,7 +185,7 @@ def _non_square_image():
 def test_eval_crop_choices_give_the_named_transforms():
     from torchvision import transforms as T
 
-    from prepretrain.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform
+    from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD, crop_eval_transform
 
     image, size = _non_square_image(), 48
     bicubic = T.InterpolationMode.BICUBIC

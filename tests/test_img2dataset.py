@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from prepretrain.data.loader import open_data, open_source
+from prepretrain.data.describe import describe_source
+from prepretrain.data.readers.open import open_data, open_source
 from prepretrain.data.records import Record
-from prepretrain.data.shards import ShardSource, UnknownSampleCount
-from prepretrain.data.tools import describe_source
+from prepretrain.data.shards.reader import ShardSource, UnknownSampleCount
 
 TAGS = ["dog", "beach", "sunset", "cat", "snow", "city"]
 WORDS = ["a dog on a beach", "a red sunset", "a cat in the snow", "the city at night"]

@@ -1,4 +1,4 @@
-"""WSP's preparation over shards from one shared annotation pass (data/labelcache.py) equals the
+"""WSP's preparation over shards from one shared annotation pass (data/labels/cache.py) equals the
 annotation passes it replaces, and reads no annotation a second time."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from prepretrain.config import build_config
-from prepretrain.data.labelcache import LabelCache, shards_of_rank
-from prepretrain.data.shards import ShardSource
-from prepretrain.data.synthetic import SyntheticSource
-from prepretrain.data.tools import write_shards
-from prepretrain.data.weaklabels import WeakLabeler
+from prepretrain.data.labels.cache import LabelCache, shards_of_rank
+from prepretrain.data.labels.weaklabels import WeakLabeler
+from prepretrain.data.shards.reader import ShardSource
+from prepretrain.data.shards.write import write_shards
+from prepretrain.data.synthetic.images import SyntheticSource
 from prepretrain.stages.wsp import WSPConfig, WSPStage
 from prepretrain.train.run import Run
 
@@ -87,7 +87,7 @@ def test_a_second_run_reads_no_annotation_and_ranks_share_the_pass(tmp_path, sha
 
 def test_a_read_only_data_folder_caches_in_the_cache_root(tmp_path, shards, monkeypatch):
     monkeypatch.setenv("PREPRETRAIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("prepretrain.data.labelcache._writable", lambda folder: False)
+    monkeypatch.setattr("prepretrain.data.labels.cache._writable", lambda folder: False)
     cache = LabelCache(ShardSource(shards), WeakLabeler("caption"))
     assert cache.folder.parent == tmp_path / "cache" / "labels"
 
@@ -97,7 +97,7 @@ def test_ranks_share_the_derivation_and_get_the_single_process_result(shards):
     the shards: counts, statistics, weight sum and copies equal one process's exactly."""
     import threading
 
-    from prepretrain.data.labelcache import build_cached_vocab, derive
+    from prepretrain.data.labels.cache import build_cached_vocab, derive
 
     cache = LabelCache(ShardSource(shards), WeakLabeler("caption"))
     cache.build()

@@ -42,7 +42,7 @@ def test_byte_tokenizer_frames_truncates_and_pads():
 def _train_sentencepiece(tmp_path) -> str:
     import sentencepiece
 
-    from prepretrain.data.synthetic import SyntheticSource
+    from prepretrain.data.synthetic.images import SyntheticSource
 
     source = SyntheticSource(300, image_size=16, split="train")
     sentences = [source.get(i).caption for i in range(len(source))]
@@ -376,8 +376,9 @@ def test_lit_config_errors_name_the_key(tmp_path):
 
 
 def test_cached_features_give_the_uncached_loss(tmp_path):
-    from prepretrain.data.loader import RecordDataset, open_data
-    from prepretrain.data.transforms import eval_transform
+    from prepretrain.data.images.transforms import eval_transform
+    from prepretrain.data.loader import RecordDataset
+    from prepretrain.data.readers.open import open_data
     from prepretrain.stages.lit import LiTStage, caption_pairs
     from prepretrain.train.frozen import CachedInputs, compute_frozen_inputs
 
@@ -461,7 +462,7 @@ def test_encoder_from_a_run_directory_is_loaded_and_locked(tmp_path):
 
 
 def test_benchmark_reports_both_paths():
-    from prepretrain.bench import LiTBenchConfig, run_lit_benchmark
+    from prepretrain.bench.steps import LiTBenchConfig, run_lit_benchmark
 
     cfg = build_config(LiTBenchConfig, None, {"batch_size": "8", "steps": "1", "warmup": "0", "vision_depth": "1",
                                               "device": "cpu"})
@@ -495,7 +496,7 @@ def test_lit_learns_zero_shot_classes_from_captions_when_the_tower_sees_them(tmp
     captions gives coarse zero-shot top-1 far above chance (10%): the text tower learns the
     class names and synonyms from captions alone. (The CPU demo's random tower cannot: its
     features do not separate shapes, so its zero-shot stays at chance; see the module notes.)"""
-    from prepretrain.data.loader import open_data
+    from prepretrain.data.readers.open import open_data
     from prepretrain.stages.lit import LiTStage
     from prepretrain.train.engine import TrainData, train
     from prepretrain.train.frozen import CachedInputs

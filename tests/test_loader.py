@@ -17,19 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from prepretrain.data.decode import load_image
-from prepretrain.data.loader import (
-    RecordDataset,
-    SampleStream,
-    eval_loader,
-    open_data,
-    sample_seed,
-    train_loader,
-)
+from prepretrain.data.images.decode import load_image
+from prepretrain.data.loader import RecordDataset, SampleStream, eval_loader, sample_seed, train_loader
+from prepretrain.data.readers.folders import FolderSource, ManifestSource
+from prepretrain.data.readers.open import open_data
 from prepretrain.data.records import BadSample, Record, SkipCounter
-from prepretrain.data.shards import INDEX_NAME, ShardSource
-from prepretrain.data.sources import FolderSource, ManifestSource
-from prepretrain.data.tools import write_shards
+from prepretrain.data.shards.reader import INDEX_NAME, ShardSource
+from prepretrain.data.shards.write import write_shards
 
 
 class NumberedSource:

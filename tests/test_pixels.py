@@ -9,10 +9,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from prepretrain.config import ConfigError, build_config
-from prepretrain.data.decode import EncodedImage
+from prepretrain.data.images.decode import EncodedImage
+from prepretrain.data.images.pixels import DeviceAugment, train_pixels
 from prepretrain.data.loader import SampleStream, train_loader
-from prepretrain.data.pixels import DeviceAugment, train_pixels
-from prepretrain.data.tools import write_synthetic
+from prepretrain.data.synthetic.export import write_synthetic
 from prepretrain.stages.finetune import FinetuneConfig
 from prepretrain.stages.mae import MAEConfig, MAEStage
 from prepretrain.stages.wsp import WSPConfig, WSPStage
@@ -104,7 +104,7 @@ def test_device_augment_drops_undecodable_files_and_keeps_rows_aligned():
 
 def test_bytes_mode_checks_headers_in_the_worker(tmp_path):
     """Empty and non-image files fail where they are read, with their reason, not later on the device."""
-    from prepretrain.data.decode import load_pixels
+    from prepretrain.data.images.decode import load_pixels
     from prepretrain.data.records import BadSample
 
     (tmp_path / "empty.jpg").write_bytes(b"")

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from prepretrain.data.records import MapSource, Record
-from prepretrain.data.synthetic import (
+from prepretrain.data.synthetic.export import write_synthetic
+from prepretrain.data.synthetic.images import (
     ATTRIBUTE_TAGS,
     COLOUR_NAMES,
     HASHTAG_VOCAB,
@@ -28,7 +29,6 @@ from prepretrain.data.synthetic import (
     colour_only_accuracy,
     synthetic_split_sizes,
 )
-from prepretrain.data.tools import write_synthetic
 
 
 def _normalise(tag: str) -> str:

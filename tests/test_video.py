@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from prepretrain.cli import main
 from prepretrain.config import ConfigError, build_config
 from prepretrain.data.loader import RecordDataset, eval_loader
 from prepretrain.data.records import BadSample
-from prepretrain.data.video import (
+from prepretrain.data.video.clips import (
     DIRECTIONS,
     PADDING_LABEL,
     EvalClips,
@@ -31,6 +30,7 @@ from prepretrain.data.video import (
     open_video_data,
     segment_indices,
 )
+from prepretrain.data.video.encode import encode_clip
 from prepretrain.models.video import VideoViT, inflate_patch_weight
 from prepretrain.models.vit import create_vit
 from prepretrain.stages.video import VideoConfig, VideoStage
@@ -131,21 +131,7 @@ def _level(i: int) -> int:
 
 def _write_video(path: Path, codec: str, frames: int = 16, size: int = 32, fps: int = 8) -> None:
     """Frame i is a flat grey of level ``_level(i)`` (so a decoded frame tells its index)."""
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width = stream.height = size
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        if codec in ("libvpx", "libvpx-vp9"):
-            stream.options = {"deadline": "realtime", "cpu-used": "8"}
-        for i in range(frames):
-            image = np.full((size, size, 3), _level(i), np.uint8)
-            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-            frame.pts = i
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    encode_clip(path, (np.full((size, size, 3), _level(i), np.uint8) for i in range(frames)), fps, codec=codec)
 
 
 CODECS = [(codec, suffix) for codec, suffix in
@@ -428,7 +414,7 @@ def test_evaluation_shares_cover_every_video_once_and_pad_with_uncounted_copies(
 def test_motion_clips_on_disk_decode_to_the_clips_they_were_written_from(tmp_path):
     """The clips ``prepretrain data synth --video`` writes: class folders, containers in turn, and
     every file decodes to the clip it was written from (codec error only)."""
-    from prepretrain.data.motionclips import motion_clip, write_motion_clips
+    from prepretrain.data.video.motionclips import motion_clip, write_motion_clips
 
     suffixes = tuple(dict.fromkeys(suffix for _, suffix in CODECS if suffix in (".mp4", ".avi", ".webm")))
     data = open_video_data(str(write_motion_clips(tmp_path / "clips", num_videos=4, frames=8, suffixes=suffixes,
@@ -582,7 +568,7 @@ def test_target_fps_makes_a_dense_clip_last_the_same_time_at_any_frame_rate(tmp_
     spans 16/30 s of a 30 fps file and of a 15 fps file alike (16 vs 8 of the file's frames), its
     frames spread by linspace(start, start + span - 1, 4); without target_fps the stride counts the
     file's own frames."""
-    from prepretrain.data.video import TrainClip, clip_span, dense_indices
+    from prepretrain.data.video.clips import TrainClip, clip_span, dense_indices
 
     assert clip_span(4, 4) == 13 and clip_span(4, 4, fps=15, target_fps=30) == 8.0
     assert dense_indices(10, 4, 4) == [10, 14, 18, 22]
@@ -609,7 +595,7 @@ def test_evaluation_decodes_frames_at_its_own_size(tmp_path):
     """Frames larger than the evaluation size are scaled down while decoding (libswscale, area
     averaging), so a clip never holds full-size frames; the result stays close to resizing the
     full-size frames afterwards."""
-    from prepretrain.data.video import _resize_short_side, _to_float
+    from prepretrain.data.video.clips import _resize_short_side, _to_float
 
     codec, suffix = CODECS[0]
     path = tmp_path / f"big{suffix}"
@@ -626,6 +612,6 @@ def test_evaluation_decodes_frames_at_its_own_size(tmp_path):
 
 
 def file_videos(paths):
-    from prepretrain.data.video import FileVideos
+    from prepretrain.data.video.clips import FileVideos
 
     return FileVideos(list(paths), [0] * len(paths), ["x"])

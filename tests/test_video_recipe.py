@@ -13,7 +13,7 @@ import torch
 from timm.data.random_erasing import RandomErasing
 
 from prepretrain.config import ConfigError, build_config
-from prepretrain.data.video import SyntheticVideos, TrainClip, VideoRef, erase_clip
+from prepretrain.data.video.clips import SyntheticVideos, TrainClip, VideoRef, erase_clip
 from prepretrain.stages.video import VideoConfig, VideoStage
 from prepretrain.train.engine import train
 

@@ -5,9 +5,9 @@ import torch
 from prepretrain.models.checkpoints import CheckpointMismatch, interpolate_pos_embed, load_encoder_weights, load_strict
 from prepretrain.models.vit import VIT_SHAPES, count_params, create_vit, forward_flops
 
-# Parameter counts of REFERENCE.md section 2 (millions).
+# Parameter counts of the MAWS paper's model table (arXiv 2303.13496; millions).
 PAPER_PARAMS = {"vit_b16": 86, "vit_l16": 304, "vit_h14": 632, "vit_2b14": 1890, "vit_6.5b14": 6440}
-# Training GFLOPs per image from REFERENCE.md section 7.
+# Training GFLOPs per image (3 x forward_flops at 224 px, as the MAWS paper's cost model).
 PAPER_TRAIN_GFLOPS = {"vit_b16": 105, "vit_l16": 369, "vit_h14": 1004}
 
 

@@ -16,22 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from prepretrain.data import shards as shards_module
-from prepretrain.data import sources as sources_module
-from prepretrain.data import synthetic as synthetic_module
-from prepretrain.data import tools as tools_module
-from prepretrain.data.hashtags import HashtagVocab, build_vocab, source_hashtags, synonym_map
-from prepretrain.data.records import Annotation, BadSample
-from prepretrain.data.shards import ShardSource
-from prepretrain.data.sources import ManifestSource
-from prepretrain.data.synthetic import ATTRIBUTE_TAGS, SyntheticSource
-from prepretrain.data.tools import (
-    build_vocab_streaming,
-    count_hashtags,
-    iter_annotations,
-    write_shards,
-    write_synthetic,
-)
+from prepretrain.data.labels import vocab as vocab_module
+from prepretrain.data.labels.hashtags import HashtagVocab, build_vocab, source_hashtags, synonym_map
+from prepretrain.data.labels.vocab import build_vocab_streaming, count_hashtags
+from prepretrain.data.readers import folders as sources_module
+from prepretrain.data.readers.folders import ManifestSource
+from prepretrain.data.records import Annotation, BadSample, iter_annotations
+from prepretrain.data.shards import samples as shards_module
+from prepretrain.data.shards.reader import ShardSource
+from prepretrain.data.shards.write import write_shards
+from prepretrain.data.synthetic import images as synthetic_module
+from prepretrain.data.synthetic.export import write_synthetic
+from prepretrain.data.synthetic.images import ATTRIBUTE_TAGS, SyntheticSource
 
 ALIASES = synonym_map([group for attribute in ATTRIBUTE_TAGS.values() for group in attribute])
 
@@ -174,13 +170,13 @@ class ZipfTags:
 def test_pruning_bounds_memory_and_is_reported(monkeypatch) -> None:
     source = ZipfTags(400)
     sizes: list[int] = []
-    real_prune = tools_module.prune_rarest
+    real_prune = vocab_module.prune_rarest
 
     def recording_prune(counts):
         sizes.append(len(counts))
         return real_prune(counts)
 
-    monkeypatch.setattr(tools_module, "prune_rarest", recording_prune)
+    monkeypatch.setattr(vocab_module, "prune_rarest", recording_prune)
     counts, stats = count_hashtags(source, max_distinct=20)
     assert sizes and max(sizes) <= 20 + 3  # never more than max_distinct plus one image's tags
     assert stats["prunings"] == len(sizes) and not stats["exact"] and stats["distinct_tags"] == len(counts) <= 20
@@ -217,9 +213,10 @@ def test_saved_streaming_vocab_loads_back(tmp_path: Path) -> None:
 
 def test_data_vocab_command_writes_the_vocabulary_wsp_reads(tmp_path, capsys):
     from prepretrain.cli import main
-    from prepretrain.data.hashtags import HashtagVocab, build_vocab, source_hashtags
-    from prepretrain.data.loader import open_data
-    from prepretrain.data.tools import tag_aliases, write_synthetic
+    from prepretrain.data.labels.hashtags import HashtagVocab, build_vocab, source_hashtags
+    from prepretrain.data.labels.vocab import tag_aliases
+    from prepretrain.data.readers.open import open_data
+    from prepretrain.data.synthetic.export import write_synthetic
 
     data = write_synthetic(tmp_path / "synth", num_images=120, image_size=16, seed=0)
     out = tmp_path / "vocab.json"

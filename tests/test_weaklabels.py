@@ -1,5 +1,5 @@
-"""Weak labels from open data: Flickr tags, caption words, WordNet synsets (data/weaklabels.py),
-metadata tables joined by key (data/metadata.py), and `prepretrain data vocab --labels-from`."""
+"""Weak labels from open data: Flickr tags, caption words, WordNet synsets (data/labels/weaklabels.py),
+metadata tables joined by key (data/readers/metadata.py), and `prepretrain data vocab --labels-from`."""
 
 import bz2
 import json
@@ -7,10 +7,8 @@ import pickle
 
 import pytest
 
-from prepretrain.data.hashtags import HashtagVocab, normalize_hashtag
-from prepretrain.data.metadata import MetadataError, MetadataTable, detect_format, yfcc_text
-from prepretrain.data.records import Annotation
-from prepretrain.data.weaklabels import (
+from prepretrain.data.labels.hashtags import HashtagVocab, normalize_hashtag
+from prepretrain.data.labels.weaklabels import (
     SynsetIndex,
     WeakLabeler,
     caption_words,
@@ -20,6 +18,8 @@ from prepretrain.data.weaklabels import (
     synset_index,
     tokenize,
 )
+from prepretrain.data.readers.metadata import MetadataError, MetadataTable, detect_format, yfcc_text
+from prepretrain.data.records import Annotation
 
 
 def labels(kind, caption="", hashtags=()):

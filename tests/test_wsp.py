@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from prepretrain.cli import main
 from prepretrain.config import ConfigError, build_config
-from prepretrain.data.hashtags import (
+from prepretrain.data.labels.hashtags import (
     EmptyVocabulary,
     HashtagVocab,
     VocabularyMismatch,

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from prepretrain.config import build_config
-from prepretrain.data.hashtags import (
+from prepretrain.data.labels.hashtags import (
     RepeatFactors,
     encode_images,
     sampling_weights,
@@ -26,10 +26,11 @@ from prepretrain.data.hashtags import (
     target_prior,
     unit_hash,
 )
+from prepretrain.data.labels.vocab import build_vocab_streaming, iter_hashtags
 from prepretrain.data.records import Annotation, BadSample
-from prepretrain.data.shards import INDEX_NAME, ShardProblem, ShardSource
-from prepretrain.data.synthetic import SyntheticSource
-from prepretrain.data.tools import build_vocab_streaming, iter_hashtags, write_shards
+from prepretrain.data.shards.reader import INDEX_NAME, ShardProblem, ShardSource
+from prepretrain.data.shards.write import write_shards
+from prepretrain.data.synthetic.images import SyntheticSource
 from prepretrain.stages.wsp import WSPConfig, WSPStage
 from prepretrain.train.engine import train
 from prepretrain.train.run import Run

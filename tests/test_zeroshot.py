@@ -178,8 +178,8 @@ def test_topk_counts_and_cap():
 
 
 def test_zeroshot_command_on_a_saved_model_matches_a_plain_computation(tmp_path):
-    from prepretrain.data.synthetic import SyntheticSource
-    from prepretrain.data.transforms import eval_transform
+    from prepretrain.data.images.transforms import eval_transform
+    from prepretrain.data.synthetic.images import SyntheticSource
 
     model, tokenizer = _tiny_model(), ByteTokenizer(40)
     run_dir = tmp_path / "run"

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from .bench import (
+from .bench.data import BenchDataConfig, run_data_benchmark
+from .bench.steps import (
     END_TO_END_STAGES,
     STEP_TARGETS,
     BenchConfig,
@@ -33,23 +35,16 @@ from .bench import (
     run_end_to_end,
     run_lit_benchmark,
 )
-from .config import ConfigError, build_config, dump_config
-from .data.bench import BenchDataConfig, run_data_benchmark
-from .data.loader import open_data
-from .data.motionclips import CODECS as MOTION_CLIP_CODECS
-from .data.motionclips import write_motion_clips
-from .data.tools import (
-    build_label_vocab,
-    check_source,
-    coverage_text,
-    describe_source,
-    tag_aliases,
-    write_rehearsal_data,
-    write_shards,
-    write_synthetic,
-)
-from .data.video import describe_video_data, is_video_dataset
-from .data.weaklabels import WeakLabeler
+from .config import ConfigError, build_config, dump_config, parse_overrides
+from .data.commands import DATA_ACTIONS
+from .data.describe import check_source, describe_source
+from .data.labels.vocab import build_label_vocab, coverage_text, tag_aliases
+from .data.labels.weaklabels import WeakLabeler
+from .data.readers.open import open_data
+from .data.shards.write import write_shards
+from .data.synthetic.export import write_rehearsal_data, write_synthetic
+from .data.video.clips import describe_video_data, is_video_dataset
+from .data.video.motionclips import write_motion_clips
 from .failures import DISK_ERRORS, EXIT_PREEMPTED, expected_failure  # noqa: F401 - DISK_ERRORS: public
 from .files import write_text
 from .models.convert import TARGETS, convert
@@ -124,140 +119,130 @@ def print_results(results: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ tools
 
 
+DATA_HELP = {
+    "synth": "write the embedded synthetic dataset to disk (images + JSONL manifests; with video=true, motion clips "
+             "as video files in class folders)",
+    "stats": "print statistics of any source (folder, manifest, shards, synthetic; a video dataset's layout, "
+             "classes and videos per split)",
+    "vocab": "count labels (hashtags, Flickr tags, caption words or WordNet synsets) in one streaming pass (no image "
+             "decoded), print their coverage and write the vocabulary WSP reads with vocab=FILE",
+    "shards": "convert a folder or manifest to WebDataset tar shards",
+    "check": "validate every row of a manifest (or annotation of a source) without decoding images; bad rows are "
+             "named by file:line (exit 3 if any)",
+    "rehearsal": "write a small copy of the paper-scale data layout (pretraining shards with hashtags and captions, "
+                 "a labelled evaluation folder) and a pipeline config that runs a paper pipeline config on it with "
+                 "only model size, budgets and hardware overridden",
+}
+
+
+def _data_flags(parser: argparse.ArgumentParser, action: str) -> None:
+    """The ``--flag value`` spelling of every key of a ``data`` action (``--num-images`` is
+    ``num_images=``); a flag not given is absent, so it never overrides ``--config``."""
+    hints = typing.get_type_hints(DATA_ACTIONS[action])
+    for f in fields(DATA_ACTIONS[action]):
+        flag = "--" + f.name.replace("_", "-")
+        help = f.metadata.get("help", "") + (f" (default {f.default})" if f.default not in ("", False) else "")
+        if hints[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help)
+        else:
+            parser.add_argument(flag, dest=f.name, type=hints[f.name], default=argparse.SUPPRESS, metavar="VALUE",
+                                help=help)
+
+
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="action", required=True)
-    synth = sub.add_parser("synth", help="write the embedded synthetic dataset to disk (images + JSONL manifests; "
-                                         "with --video, motion clips as video files in class folders)")
-    synth.add_argument("--out", required=True, help="output folder")
-    synth.add_argument("--num-images", type=int, default=None,
-                       help="training images (default 4000) or, with --video, videos (default 1200); val/test "
-                            "sized from it")
-    synth.add_argument("--image-size", type=int, default=None, help="pixels (default 32; 64 with --video)")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--format", default=None,
-                       help="png or jpg; with --video the file types, comma-separated, used in turn: "
-                            "mp4, avi, webm, mkv (default mp4)")
-    synth.add_argument("--video", action="store_true",
-                       help="encoded motion clips (a photo disc sliding right/left/down/up over a photo) in "
-                            "root/{train,val,test}/<direction>/, for prepretrain video data=...")
-    synth.add_argument("--frames", type=int, default=16, help="frames per clip (--video)")
-    synth.add_argument("--fps", type=int, default=8, help="frame rate written in the files (--video)")
-    stats = sub.add_parser("stats", help="print statistics of any source (folder, manifest, shards, synthetic; a "
-                                         "video dataset's layout, classes and videos per split)")
-    stats.add_argument("source")
-    stats.add_argument("--split", default="train")
-    stats.add_argument("--video", action="store_true", help="read SOURCE as a video dataset (found without it when "
-                                                           "a folder holds videos and no images; 'synthetic' needs it)")
-    stats.add_argument("--video-dir", default="", help="where a video dataset's list files find the videos")
-    stats.add_argument("--sample", type=int, default=200, help="images decoded for size statistics")
-    vocab = sub.add_parser("vocab", help="count labels (hashtags, Flickr tags, caption words or WordNet synsets) in "
-                                         "one streaming pass (no image decoded), print their coverage and write the "
-                                         "vocabulary WSP reads with vocab=FILE")
-    vocab.add_argument("source")
-    vocab.add_argument("--out", required=True, help="vocabulary file (.json keeps synonyms; .txt: tag<TAB>count)")
-    vocab.add_argument("--split", default="train")
-    vocab.add_argument("--size", type=int, default=28_000, help="keep the most frequent tags (the paper: ~28K)")
-    vocab.add_argument("--min-count", type=int, default=2, help="images a tag must appear in")
-    vocab.add_argument("--synonyms", default="auto", help="auto (the source's own table) | none | a synonym file")
-    vocab.add_argument("--labels-from", default="hashtags",
-                       help="hashtags | tags (Flickr user tags) | caption (its words) | synsets (WordNet nouns of the "
-                            "caption), or several joined by '+' (as WSP's labels_from)")
-    vocab.add_argument("--synset-table", default="", help="wnid<TAB>lemma, ... file for --labels-from synsets "
-                                                          "(default: timm's ImageNet-21k lemmas)")
-    vocab.add_argument("--hashtag-field", default="hashtags", help="field of shard .json / manifest rows with the tags")
-    vocab.add_argument("--caption-field", default="caption", help="field of shard .json / manifest rows with the "
-                                                                  "caption (shards without it: the .txt member)")
-    vocab.add_argument("--metadata", default="", help="a metadata table joined to the images by key (YFCC100M TSV, "
-                                                      "caption TSV, parquet, JSONL/CSV), as WSP's metadata=")
-    vocab.add_argument("--metadata-key", default="", help="the image field matched to the table's key (default: "
-                                                          "the image's key, then its file name stem)")
-    vocab.add_argument("--max-distinct", type=int, default=5_000_000,
-                       help="distinct tags held in memory; past it the rarest half is pruned (counts then approximate)")
-    shards = sub.add_parser("shards", help="convert a folder or manifest to WebDataset tar shards")
-    shards.add_argument("source")
-    shards.add_argument("--out", required=True)
-    shards.add_argument("--split", default="train")
-    shards.add_argument("--samples-per-shard", type=int, default=1000)
-    shards.add_argument("--prefix", default="shard")
-    check = sub.add_parser("check", help="validate every row of a manifest (or annotation of a source) without "
-                                         "decoding images; bad rows are named by file:line (exit 3 if any)")
-    check.add_argument("source")
-    check.add_argument("--split", default="train")
-    check.add_argument("--max-errors", type=int, default=20, help="bad rows listed")
-    rehearsal = sub.add_parser(
-        "rehearsal", help="write a small copy of the paper-scale data layout (pretraining shards with hashtags and "
-                          "captions, a labelled evaluation folder) and a pipeline config that runs a paper pipeline "
-                          "config on it with only model size, budgets and hardware overridden")
-    rehearsal.add_argument("--out", required=True, help="output folder (data, pipeline.yaml, and runs/ when run)")
-    rehearsal.add_argument("--pipeline", default="configs/pipeline_vit_b16.yaml", help="the paper pipeline config")
-    rehearsal.add_argument("--num-images", type=int, default=3000, help="pretraining images")
-    rehearsal.add_argument("--steps", type=int, default=20, help="optimizer steps of every training stage")
-    rehearsal.add_argument("--seed", type=int, default=0)
+    for action, config in DATA_ACTIONS.items():
+        child = sub.add_parser(action, help=DATA_HELP[action], description=DATA_HELP[action],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        child.add_argument("--config", help="YAML file of key: value settings (applied before overrides)")
+        child.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        _data_flags(child, action)
+        # REMAINDER: SOURCE, key=value pairs and flags in any order (split in _data_config)
+        child.add_argument("words", nargs=argparse.REMAINDER, metavar="[SOURCE] key=value",
+                           help="the source (for stats, vocab, shards, check) and key=value overrides")
+        child.epilog = "Keys (key=value or --key-with-dashes VALUE): " + ", ".join(f.name for f in fields(config))
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    """The action's config: defaults, ``--config``, then flags and ``key=value`` words in the order given
+    (a first word without ``=`` is the source)."""
+    action = args.data_command
+    config = DATA_ACTIONS[action]
+    flags = argparse.ArgumentParser(prog=f"prepretrain data {action}", add_help=False)
+    _data_flags(flags, action)
+    parsed, words = flags.parse_known_args(args.words)
+    keys = {f.name for f in fields(config)}
+    overrides = {name: value for name, value in vars(args).items() if name in keys}
+    overrides.update(vars(parsed))
+    if words and "=" not in words[0] and not words[0].startswith("-") and "source" in keys:
+        overrides["source"] = words.pop(0)
+    unknown = [word for word in words if "=" not in word]
+    if unknown:
+        raise ConfigError(unknown[0], f"not a key=value pair or an option of prepretrain data {action}")
+    overrides.update(parse_overrides(words))
+    return build_config(config, args.config, overrides)
 
 
 def _data_run(args: argparse.Namespace) -> int:
-    if args.data_command == "synth" and args.video:
-        suffixes = tuple(f".{name.strip().lstrip('.')}" for name in (args.format or "mp4").split(","))
-        unknown = [suffix for suffix in suffixes if suffix not in MOTION_CLIP_CODECS]
-        if unknown:
-            raise ConfigError("format", f"{', '.join(unknown)}: --video writes {', '.join(MOTION_CLIP_CODECS)}")
-        out = write_motion_clips(args.out, num_videos=args.num_images or 1200, size=args.image_size or 64,
-                                 frames=args.frames, fps=args.fps, seed=args.seed, suffixes=suffixes)
+    cfg = _data_config(args)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    action = args.data_command
+    if action == "synth" and cfg.video:
+        out = write_motion_clips(cfg.out, num_videos=cfg.num_images or 1200, size=cfg.image_size or 64,
+                                 frames=cfg.frames, fps=cfg.fps, seed=cfg.seed, suffixes=cfg.clip_suffixes)
         print(f"wrote the motion clips to {out} (prepretrain video data={out})")
         return 0
-    if args.data_command == "synth":
-        if (args.format or "png") not in ("png", "jpg"):
-            raise ConfigError("format", f"images are written as png or jpg; got '{args.format}'")
-        out = write_synthetic(args.out, num_images=args.num_images or 4000, image_size=args.image_size or 32,
-                              seed=args.seed, image_format=args.format or "png")
+    if action == "synth":
+        out = write_synthetic(cfg.out, num_images=cfg.num_images or 4000, image_size=cfg.image_size or 32,
+                              seed=cfg.seed, image_format=cfg.format or "png")
         print(f"wrote the synthetic dataset to {out}")
         return 0
-    if args.data_command == "rehearsal":
-        return _rehearsal(args)
-    if args.data_command == "vocab":
+    if action == "rehearsal":
+        return _rehearsal(cfg)
+    if action == "vocab":
         try:
-            labels = WeakLabeler(args.labels_from, args.synset_table)
+            labels = WeakLabeler(cfg.labels_from, cfg.synset_table)
         except ValueError as error:
             raise ConfigError("labels_from", str(error)) from None
-        source = open_data(args.source, split=args.split, hashtag_field=args.hashtag_field,
-                           caption_field=args.caption_field, metadata=args.metadata, metadata_key=args.metadata_key)
-        vocab, coverage = build_label_vocab(source, labels, min_count=args.min_count, max_size=args.size,
-                                            aliases=tag_aliases(source, args.synonyms, labels),
-                                            max_distinct=args.max_distinct)
-        path = vocab.save(args.out)
+        source = open_data(cfg.source, split=cfg.split, hashtag_field=cfg.hashtag_field,
+                           caption_field=cfg.caption_field, metadata=cfg.metadata, metadata_key=cfg.metadata_key)
+        vocab, coverage = build_label_vocab(source, labels, min_count=cfg.min_count, max_size=cfg.size,
+                                            aliases=tag_aliases(source, cfg.synonyms, labels),
+                                            max_distinct=cfg.max_distinct)
+        path = vocab.save(cfg.out)
         print(f"wrote {len(vocab)} {labels.labels_from} labels to {path}")
         print(coverage_text(coverage))
         return 0
-    if args.data_command == "stats" and (args.video or is_video_dataset(Path(args.source))):
-        print(json.dumps(describe_video_data(args.source, args.video_dir), indent=2))
+    if action == "stats" and (cfg.video or is_video_dataset(Path(cfg.source))):
+        print(json.dumps(describe_video_data(cfg.source, cfg.video_dir), indent=2))
         return 0
-    source = open_data(args.source, split=args.split)
-    if args.data_command == "check":
-        report = check_source(source, max_errors=args.max_errors)
+    source = open_data(cfg.source, split=cfg.split)
+    if action == "check":
+        report = check_source(source, max_errors=cfg.max_errors)
         print(json.dumps(report, indent=2))
         return 3 if report["bad_rows"] else 0
-    if args.data_command == "stats":
-        print(json.dumps(describe_source(source, max_images=args.sample), indent=2))
+    if action == "stats":
+        print(json.dumps(describe_source(source, max_images=cfg.sample), indent=2))
         return 0
-    paths = write_shards(source, args.out, samples_per_shard=args.samples_per_shard, prefix=args.prefix)
-    print(f"wrote {len(paths)} shards to {args.out}")
+    paths = write_shards(source, cfg.out, samples_per_shard=cfg.samples_per_shard, prefix=cfg.prefix)
+    print(f"wrote {len(paths)} shards to {cfg.out}")
     return 0
 
 
-def _rehearsal(args: argparse.Namespace) -> int:
-    if args.steps <= 0 or args.num_images <= 0:
-        raise ConfigError("--steps" if args.steps <= 0 else "--num-images", "must be > 0")
-    out = Path(args.out)
+def _rehearsal(cfg: Any) -> int:
+    out = Path(cfg.out)
     data = {"data": str(out / "data" / "pretrain"), "eval_data": str(out / "data" / "eval")}
-    values = rehearsal_config(args.pipeline, data["data"], data["eval_data"], str(out / "runs"), steps=args.steps,
-                              seeds=(args.seed,))  # a bad pipeline config stops here, before any file is written
-    if write_rehearsal_data(out / "data", num_images=args.num_images, seed=args.seed) != data:
+    values = rehearsal_config(cfg.pipeline, data["data"], data["eval_data"], str(out / "runs"), steps=cfg.steps,
+                              seeds=(cfg.seed,))  # a bad pipeline config stops here, before any file is written
+    if write_rehearsal_data(out / "data", num_images=cfg.num_images, seed=cfg.seed) != data:
         raise RuntimeError("write_rehearsal_data wrote elsewhere than planned")
     config = out / "pipeline.yaml"
-    write_text(config, f"# prepretrain data rehearsal of {args.pipeline}: the paper recipes with only the model size, "
+    write_text(config, f"# prepretrain data rehearsal of {cfg.pipeline}: the paper recipes with only the model size, "
                        "budgets and hardware\n# overridden (recipe_overrides); run it with the command below.\n"
                        + yaml.safe_dump(values, sort_keys=False))
-    print(f"wrote {args.num_images} pretraining images as shards ({data['data']}), a labelled evaluation folder "
+    print(f"wrote {cfg.num_images} pretraining images as shards ({data['data']}), a labelled evaluation folder "
           f"({data['eval_data']}) and {config}\nrun it:\n  prepretrain pipeline --config {config}")
     return 0
 

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
         self.key = key
 
 
-DECODE_MODES = ("auto", "pil", "tensor", "gpu")  # see prepretrain.data.pixels
+DECODE_MODES = ("auto", "pil", "tensor", "gpu")  # see prepretrain.data.images.pixels
 
 
 def decode_problem(decode: str, data: str) -> str | None:
@@ -78,10 +78,6 @@ class TrainConfig:
     data: str = "synthetic"  # "synthetic" or a path: image folder, manifest (.jsonl/.csv), shards
     image_size: int = 32
     num_images: int = 4000  # size of the synthetic training split
-    hashtag_field: str = "hashtags"  # field of shard .json members / manifest rows holding the hashtags
-    caption_field: str = "caption"  # field holding the caption (shards fall back to their .txt member)
-    metadata: str = ""  # a table joined to the images by key: YFCC100M TSV, caption TSV, parquet, JSONL/CSV
-    metadata_key: str = ""  # the shard .json field matched to the table's key; empty = the image key / file stem
     num_workers: int = 0
     decode: str = "auto"  # auto (= tensor) | pil | tensor | gpu: where training images are decoded and augmented
     max_bad_fraction: float = 0.05  # stop the run when more samples than this are unreadable
@@ -132,10 +128,13 @@ class TrainConfig:
         "spike_factor": ">= 0", "spike_window": ">= 1",
         "eval_every": ">= 0", "ckpt_every": "> 0", "keep_last": "> 0", "dist_timeout_s": "> 0",
     }
+    # Every key with a fixed set of values (config.check_bounds, with the intervals); subclasses declare theirs.
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "lr_schedule": ("cosine", "step"), "decode": DECODE_MODES, "precision": ("auto", "bf16", "fp16", "fp32"),
+        "strategy": ("auto", "none", "ddp", "fsdp"), "wandb_mode": ("online", "offline"),
+    }
 
     def validate(self) -> None:
-        if self.lr_schedule not in ("cosine", "step"):
-            raise ConfigError("lr_schedule", f"must be cosine or step; got '{self.lr_schedule}'")
         if any(not 0 < f < 1 for f in self.lr_decay_at) or list(self.lr_decay_at) != sorted(self.lr_decay_at):
             raise ConfigError("lr_decay_at", f"increasing fractions of the run in (0, 1); got {list(self.lr_decay_at)}")
         if self.epochs <= 0 and self.steps <= 0:
@@ -144,10 +143,6 @@ class TrainConfig:
         if problem:
             raise ConfigError("decode", problem)
         check_out_dir(self.out_dir)
-        if self.metadata and not Path(self.metadata).is_file():
-            raise ConfigError("metadata", f"metadata table not found: {self.metadata}")
-        if self.metadata_key and not self.metadata:
-            raise ConfigError("metadata_key", "names the image field matched to a metadata table: set metadata= too")
         if resume_step(self.resume_from) == -1:
             raise ConfigError("resume_from", f"latest or step_N (a checkpoint's step), not '{self.resume_from}'")
         if not self.resume and self.resume_from != "latest":
@@ -155,9 +150,6 @@ class TrainConfig:
         for i, beta in enumerate(self.betas):
             if not 0 <= beta < 1:
                 raise ConfigError("betas", f"beta{i + 1} must be in [0, 1), got {beta}")
-        _choice(self, "precision", ("auto", "bf16", "fp16", "fp32"))
-        _choice(self, "strategy", ("auto", "none", "ddp", "fsdp"))
-        _choice(self, "wandb_mode", ("online", "offline"))
         if self.wandb and importlib.util.find_spec("wandb") is None:
             raise ConfigError("wandb", "logging to Weights & Biases needs the wandb package: "
                                        "pip install 'prepretrain[wandb]' (or leave wandb= empty)")
@@ -171,6 +163,28 @@ class TrainConfig:
     @property
     def peak_lr(self) -> float:
         return self.lr if self.lr > 0 else self.blr * self.batch_size / 256
+
+
+TEXT_SOURCE_KEYS = ("hashtag_field", "caption_field", "metadata", "metadata_key")
+
+
+@dataclass
+class TextSourceConfig(TrainConfig):
+    """The stages that read each image's text (WSP: hashtags, tags, captions; LiT: captions) add
+    where that text is: fields of shard ``.json`` members and manifest rows, or a table joined to
+    the images by key. The stages that read pixels and labels only do not take these keys."""
+
+    hashtag_field: str = "hashtags"  # field of shard .json members / manifest rows holding the hashtags
+    caption_field: str = "caption"  # field holding the caption (shards fall back to their .txt member)
+    metadata: str = ""  # a table joined to the images by key: YFCC100M TSV, caption TSV, parquet, JSONL/CSV
+    metadata_key: str = ""  # the shard .json field matched to the table's key; empty = the image key / file stem
+
+    def validate(self) -> None:
+        super().validate()
+        if self.metadata and not Path(self.metadata).is_file():
+            raise ConfigError("metadata", f"metadata table not found: {self.metadata}")
+        if self.metadata_key and not self.metadata:
+            raise ConfigError("metadata_key", "names the image field matched to a metadata table: set metadata= too")
 
 
 # Intervals a config value may have to lie in (``check_range``, ``bounds``), written as the error says them.
@@ -198,27 +212,58 @@ def check_range(cfg: Any, interval: str, *keys: str) -> None:
             raise ConfigError(key, f"must be {where}, got {value}")
 
 
-def declared_bounds(cls: type) -> dict[str, str]:
-    """Every numeric key's interval, from the ``bounds`` each config class declares for the keys it
-    defines (a subclass may redeclare a key it inherits); base classes first."""
-    merged: dict[str, str] = {}
+class Choices(tuple):
+    """The values of a key, declared in a config's ``choices`` where a plain tuple does not say enough:
+    ``any_case`` matches the value whatever its case (``lvis=True`` as ``true``); ``why`` ends the error
+    (why a stage allows fewer values than the key it inherits)."""
+
+    any_case: bool
+    why: str
+
+    def __new__(cls, values: tuple[str, ...], *, any_case: bool = False, why: str = "") -> Choices:
+        choices = super().__new__(cls, values)
+        choices.any_case, choices.why = any_case, why
+        return choices
+
+
+def _declared(cls: type, table: str) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
-        merged.update(klass.__dict__.get("bounds", {}))
+        merged.update(klass.__dict__.get(table, {}))
     return merged
 
 
+def declared_bounds(cls: type) -> dict[str, str]:
+    """Every numeric key's interval, from the ``bounds`` each config class declares for the keys it
+    defines (a subclass may redeclare a key it inherits); base classes first."""
+    return _declared(cls, "bounds")
+
+
+def declared_choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """Every fixed-choice key's values, from the ``choices`` each config class declares beside its
+    ``bounds`` (a subclass may narrow a key it inherits, e.g. ``decode``); base classes first."""
+    return _declared(cls, "choices")
+
+
+def check_choice(cfg: Any, key: str, options: tuple[str, ...]) -> None:
+    """ConfigError naming ``key`` when its value is not one of ``options``."""
+    value = getattr(cfg, key)
+    probe = str(value).lower() if getattr(options, "any_case", False) else value
+    if probe not in options:
+        why = getattr(options, "why", "")
+        raise ConfigError(key, f"must be one of {', '.join(options)}; got '{value}'" + (f": {why}" if why else ""))
+
+
 def check_bounds(cfg: Any) -> None:
-    """The one range check every config passes through (``build_config``, ``replace_config``): each
-    declared key's value lies in its interval, before the class's own cross-key ``validate``."""
+    """The one check of declared values every config passes through (``build_config``,
+    ``replace_config``): each key of ``bounds`` lies in its interval and each key of ``choices`` is one
+    of its values, before the class's own cross-key ``validate``."""
     for key, interval in declared_bounds(type(cfg)).items():
         if interval not in INTERVALS:
             raise KeyError(f"{type(cfg).__name__}.bounds['{key}']: unknown interval {interval!r}")
         check_range(cfg, interval, key)
-
-
-def _choice(cfg: Any, key: str, options: tuple[str, ...]) -> None:
-    if getattr(cfg, key) not in options:
-        raise ConfigError(key, f"must be one of {', '.join(options)}; got '{getattr(cfg, key)}'")
+    for key, options in declared_choices(type(cfg)).items():
+        check_choice(cfg, key, options)
 
 
 C = TypeVar("C")
@@ -403,9 +448,14 @@ def replace_config(cfg: C, **changes: Any) -> C:
 
 __all__ = [
     "ConfigError",
+    "Choices",
     "check_bounds",
+    "check_choice",
     "check_out_dir",
     "declared_bounds",
+    "declared_choices",
+    "TEXT_SOURCE_KEYS",
+    "TextSourceConfig",
     "TrainConfig",
     "build_config",
     "config_to_dict",

@@ -7,10 +7,10 @@ from __future__ import annotations
 import errno
 
 from .config import ConfigError
-from .data.benchmarks import DataLayoutError
-from .data.hashtags import EmptyVocabulary
-from .data.metadata import MetadataError
-from .data.shards import UnknownSampleCount
+from .data.labels.hashtags import EmptyVocabulary
+from .data.readers.metadata import MetadataError
+from .data.readers.releases import DataLayoutError
+from .data.shards.index import UnknownSampleCount
 from .files import UnsafeCheckpoint
 from .models.checkpoints import CheckpointMismatch
 from .train.checkpoint import CorruptCheckpoint

@@ -78,6 +78,7 @@ class PlanConfig:
         "reserved_gib": ">= 0", "mask_ratio": "(0, 1)", "decoder_embed_dim": "> 0", "decoder_depth": "> 0",
         "decoder_num_heads": "> 0", "num_classes": ">= 0", "peak_tflops": "> 0", "assumed_mfu": "(0, 1]",
     }
+    choices = {"stage": STAGES, "strategy": ("auto", "none", "ddp", "fsdp"), "precision": ("bf16", "fp16", "fp32")}
 
     def validate(self) -> None:
 
@@ -85,12 +86,6 @@ class PlanConfig:
             shape = VIT_SHAPES[resolve_name(self.model)]
         except ValueError as error:
             raise ConfigError("model", str(error)) from None
-        if self.stage not in STAGES:
-            raise ConfigError("stage", f"must be one of {', '.join(STAGES)}; got '{self.stage}'")
-        if self.strategy not in ("auto", "none", "ddp", "fsdp"):
-            raise ConfigError("strategy", f"must be auto, none, ddp or fsdp; got '{self.strategy}'")
-        if self.precision not in ("bf16", "fp16", "fp32"):
-            raise ConfigError("precision", f"must be bf16, fp16 or fp32; got '{self.precision}'")
         if self.strategy == "none" and self.gpus > 1:
             raise ConfigError("strategy", "none trains one process; use ddp or fsdp with gpus > 1")
         micro = self.micro_batch_size or self.batch_size // self.gpus

@@ -43,13 +43,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .. import files
-from .records import BadSample
-from .synthetic import SHAPES, draw_object_scene
+from prepretrain import files
+from prepretrain.data.records import BadSample
+from prepretrain.data.synthetic.images import SHAPES, draw_object_scene
 
 SYNTHETIC_CATEGORIES = ["rectangle", "ellipse", "triangle"]
 # The synthetic set's two styles and their categories: flat shapes on a noisy ramp, or the
-# embedded pretraining dataset's textured objects on its backgrounds (data.synthetic).
+# embedded pretraining dataset's textured objects on its backgrounds (data.synthetic.images).
 SYNTHETIC_STYLES = {"shapes": SYNTHETIC_CATEGORIES, "objects": SHAPES}
 SYNTHETIC_VERSION = 1  # bump when the drawing changes, so cached sets are redrawn
 MEAN_PIXEL = (124, 116, 104)  # ImageNet mean in 0-255: zero after normalisation, like ViTDet's padding

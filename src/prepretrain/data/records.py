@@ -11,8 +11,10 @@ from the package, so every reader, tool and stage can import it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -34,6 +36,9 @@ class Record:
     hashtags: list[str] = field(default_factory=list)
     caption: str = ""
     labels: dict[str, int] = field(default_factory=dict)
+    # vocabulary indices of the sample's weak labels when its reader already labelled it (WSP on
+    # shards: the resampling copies need them), so the transform does not label it a second time
+    label_ids: list[int] | None = None
 
 
 @dataclass
@@ -147,3 +152,51 @@ class SkipCounter:
         return {"seen": self.seen, "skipped": dict(self.skipped), "examples": dict(self.examples),
                 "distinct_files": {reason: len(named) for reason, named in self.files.items()},
                 "files": {reason: dict(named.most_common(100)) for reason, named in self.files.items()}}
+
+
+# -- reading annotations without pixels -----------------------------------------------------
+
+
+def iter_annotations(source: Any, indices: Iterable[int] | None = None) -> Iterator[Annotation | BadSample]:
+    """One outcome per sample: its ``Annotation`` (hashtags, caption, labels, key) or the
+    ``BadSample`` that stops it, with the pixels left undecoded wherever the source allows:
+
+    - shards (``iter_annotation_outcomes``): only the ``json``/``txt``/``cls`` members are
+      read, in shard order; image payloads are skipped (seeked over in local tars);
+    - sources with ``annotation(i)`` (manifests, folders, the synthetic set): their rows,
+      paths or generators, nothing is decoded or rendered;
+    - any other map source: ``get(i)``, which decodes (it has nothing cheaper).
+
+    ``indices``: only those samples of a map source, in that order.
+    """
+    outcomes = getattr(source, "iter_annotation_outcomes", None)
+    if outcomes is not None and not hasattr(source, "get"):
+        if indices is not None:
+            raise ValueError(f"{type(source).__name__} is read in order; it cannot read chosen indices")
+        yield from outcomes()
+        return
+    annotation = getattr(source, "annotation", None)
+    for index in range(len(source)) if indices is None else indices:
+        try:
+            if annotation is not None:
+                yield annotation(index)
+            else:
+                record = source.get(index)
+                yield Annotation(record.key, record.hashtags, record.caption, record.labels)
+        except BadSample as error:
+            yield error
+
+
+@contextlib.contextmanager
+def scratch_skips(source: Any) -> Iterator[SkipCounter]:
+    """A fresh ``source.skips`` for the duration (shards count shard problems there), so
+    statistics neither pollute nor reset the source's own counter."""
+    scratch = SkipCounter()
+    if not hasattr(source, "skips"):
+        yield scratch
+        return
+    previous, source.skips = source.skips, scratch
+    try:
+        yield scratch
+    finally:
+        source.skips = previous

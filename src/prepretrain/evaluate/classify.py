@@ -2,7 +2,7 @@
 
 The model is any classifier :mod:`prepretrain.models.classifier` resolves (a finetune run, a
 released IN-1k finetune, a timm/SWAG/torchvision classifier file); the data is any source
-``data=`` opens, the benchmarks' release layouts included (:mod:`prepretrain.data.benchmarks`).
+``data=`` opens, the benchmarks' release layouts included (:mod:`prepretrain.data.readers.releases`).
 The model's outputs and the set's classes are matched **by class id**, never by position, so a
 model trained on ``train/<wnid>/`` folders scores ImageNet-v2 (folders ``0`` ... ``999``), a flat
 ImageNet val, ReaL and ObjectNet correctly, and a set that covers only some of the model's
@@ -38,10 +38,11 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, dump_config
-from ..data.benchmarks import LAYOUTS, DataLayoutError, RealLabels, display_names, labels_present
-from ..data.loader import RecordDataset, eval_loader, open_data, open_source, source_format
+from ..data.images.transforms import crop_eval_transform, parse_crop_fraction
+from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.open import open_data, open_source, source_format
+from ..data.readers.releases import LAYOUTS, DataLayoutError, RealLabels, display_names, labels_present
 from ..data.records import Record
-from ..data.transforms import crop_eval_transform, parse_crop_fraction
 from ..files import atomic_path, write_json, write_text
 from ..models.classifier import ClassifierSpec, build_classifier, resolve_classifier
 from ..models.resolve import check_weights
@@ -83,6 +84,8 @@ class ClassifyConfig:
     bounds = {
         "image_size": ">= 0", "num_images": "> 0", "max_images": ">= 0", "batch_size": "> 0", "num_workers": ">= 0",
     }
+    choices = {"layout": ("auto", *LAYOUTS, *SOURCE_KINDS), "restrict": ("auto", "true", "false"),
+               "precision": ("auto", "bf16", "fp32")}
 
     def validate(self) -> None:
         if not self.model:
@@ -93,11 +96,6 @@ class ClassifyConfig:
             raise ConfigError("data", "name the images: data=/data/imagenet (split=val), a folder, or synthetic")
         if self.data != "synthetic" and not Path(self.data).exists() and "{" not in self.data:
             raise ConfigError("data", f"not found: {self.data}")
-        if self.layout not in ("auto", *LAYOUTS, *SOURCE_KINDS):
-            raise ConfigError("layout", f"must be auto or one of {', '.join((*LAYOUTS, *SOURCE_KINDS))}; "
-                                        f"got '{self.layout}'")
-        if self.restrict not in ("auto", "true", "false"):
-            raise ConfigError("restrict", f"must be auto, true or false; got '{self.restrict}'")
         if self.real_labels and self.real_labels != "builtin" and not Path(self.real_labels).is_file():
             raise ConfigError("real_labels", f"file not found: {self.real_labels} (or builtin: timm's copy)")
         if self.arch:
@@ -110,8 +108,6 @@ class ClassifyConfig:
                 parse_crop_fraction(self.eval_crop)
             except ValueError as error:
                 raise ConfigError("eval_crop", str(error)) from None
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
 
     def run_dir(self) -> Path:
         if self.out_dir:

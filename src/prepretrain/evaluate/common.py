@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..data.benchmarks import DataLayoutError, align_classes, layout_splits
-from ..data.loader import open_data
+from ..data.readers.open import open_data
+from ..data.readers.releases import DataLayoutError, align_classes, layout_splits
 from ..data.records import MapSource
 from ..files import write_json
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
@@ -64,12 +64,9 @@ class EvalConfig:
     bounds = {
         "image_size": ">= 0", "num_images": "> 0", "seed": "any", "batch_size": "> 0", "num_workers": ">= 0",
     }
+    choices = {"pool": POOLS, "precision": ("auto", "bf16", "fp32")}
 
     def validate(self) -> None:
-        if self.pool not in POOLS:
-            raise ConfigError("pool", f"must be one of {', '.join(POOLS)}; got '{self.pool}'")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got '{self.device}'")
         try:

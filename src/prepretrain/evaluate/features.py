@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data.images.transforms import eval_transform
 from ..data.loader import RecordDataset, eval_loader
 from ..data.records import MapSource, Record
-from ..data.transforms import eval_transform
 from ..files import read_safetensors, save_safetensors
 
 FEATURE_VERSION = "1"  # bump when extraction changes what the numbers mean

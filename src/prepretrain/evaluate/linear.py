@@ -1,6 +1,7 @@
 """Linear probe on frozen features: logistic regression, or the MAE-style BatchNorm + linear head.
 
-Two protocols, because the field reports both (REFERENCE.md section 5):
+Two protocols, because the field reports both (facebookresearch/mae main_linprobe.py;
+logistic regression on cached features as in CLIP, Radford et al. 2021, arXiv 2103.00020):
 
 * ``method=logreg``: multinomial logistic regression with an L2 penalty on standardised
   cached features, solved full-batch with L-BFGS (convex, so the answer does not depend on a
@@ -54,11 +55,10 @@ class ProbeConfig(EvalConfig):
         "val_fraction": "(0, 1)", "max_iter": "> 0", "head_epochs": "> 0", "head_batch_size": "> 0",
         "head_blr": "> 0", "head_warmup_epochs": ">= 0", "head_weight_decay": ">= 0",
     }
+    choices = {"method": ("logreg", "mae_head")}
 
     def validate(self) -> None:
         super().validate()
-        if self.method not in ("logreg", "mae_head"):
-            raise ConfigError("method", f"must be logreg or mae_head; got '{self.method}'")
         if not self.l2_grid or any(value < 0 for value in self.l2_grid):
             raise ConfigError("l2_grid", f"needs at least one value, all >= 0; got {self.l2_grid}")
 

@@ -1,7 +1,8 @@
 """Low-shot transfer: K labeled images per class, several seeded splits, mean and std of top-1.
 
-Protocol (REFERENCE.md section 5): K in {1, 5, 10} images per class (at most K where a class
-has fewer), 5 random splits, the encoder frozen. Two classifiers on top:
+Protocol (MAWS, Singh et al. 2023, arXiv 2303.13496, low-shot transfer): K in {1, 5, 10} images per
+class (at most K where a class has fewer), 5 random splits, the encoder frozen. Two classifiers on
+top:
 
 * ``method=linear``: L2-regularised logistic regression on the cached frozen features of the
   K-shot images (fixed penalty: with one image per class there is nothing to validate on
@@ -28,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..data.images.transforms import pretrain_transform
 from ..data.loader import RecordDataset, SampleStream, eval_loader, train_loader
 from ..data.records import MapSource, Record
-from ..data.transforms import pretrain_transform
 from ..train.optim import lr_at
 from .common import EvalConfig, EvalData, FrozenEncoder
 from .features import LabeledFeatures, label_tasks, labeled_image_transform
@@ -61,11 +62,10 @@ class LowShotConfig(EvalConfig):
         "num_splits": "> 0", "l2": ">= 0", "max_iter": "> 0", "vpt_prompts": "> 0", "vpt_steps": "> 0",
         "vpt_batch_size": "> 0", "vpt_lr": "> 0", "vpt_weight_decay": ">= 0", "vpt_min_crop_scale": "(0, 1]",
     }
+    choices = {"method": ("linear", "vpt")}
 
     def validate(self) -> None:
         super().validate()
-        if self.method not in ("linear", "vpt"):
-            raise ConfigError("method", f"must be linear or vpt; got '{self.method}'")
         if not self.shots or any(k <= 0 for k in self.shots):
             raise ConfigError("shots", f"needs positive shot counts, got {self.shots}")
 

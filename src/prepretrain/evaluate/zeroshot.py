@@ -1,7 +1,8 @@
 """Zero-shot classification with a LiT/CLIP model: class names x synonyms x prompt templates.
 
 The classifier for class c is the mean over (synonyms of c) x (templates) of the
-L2-normalised text embeddings of the filled-in prompts, renormalised (REFERENCE.md section 2);
+L2-normalised text embeddings of the filled-in prompts, renormalised (CLIP's prompt
+ensembling, Radford et al. 2021, arXiv 2103.00020; facebookresearch/maws eval_zeroshot.py);
 an image is assigned the class with the highest cosine similarity. Reported: top-1, top-5
 (top-k capped at the number of classes) and the mean per-class top-1, all in percent.
 
@@ -43,9 +44,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, dump_config
-from ..data.loader import RecordDataset, eval_loader, open_data
+from ..data.images.transforms import eval_transform
+from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.open import open_data
 from ..data.records import BadSample
-from ..data.transforms import eval_transform
 from ..files import write_json, write_text
 from ..models.clip import CLIPModel, load_clip
 from ..models.resolve import check_weights
@@ -293,6 +295,7 @@ class ZeroShotConfig:
     bounds = {
         "image_size": ">= 0", "num_images": "> 0", "max_images": ">= 0", "batch_size": "> 0", "num_workers": ">= 0",
     }
+    choices = {"precision": ("auto", "bf16", "fp32")}
 
     def validate(self) -> None:
         if not self.model:
@@ -302,8 +305,6 @@ class ZeroShotConfig:
         check_names_file("templates", self.templates, TEMPLATE_SETS)
         if self.tokenizer and not Path(self.tokenizer).is_file():
             raise ConfigError("tokenizer", f"file not found: {self.tokenizer}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError("precision", f"must be auto, bf16 or fp32; got '{self.precision}'")
         check_article_fix("article_fix", self.article_fix)
 
 

@@ -64,7 +64,7 @@ def classifier_metadata(class_ids: list[str], class_names: list[str] | None = No
 
 
 def imagenet_classes() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    from ..data.benchmarks import imagenet_names, imagenet_wnids
+    from ..data.readers.releases import imagenet_names, imagenet_wnids
 
     return imagenet_wnids(), tuple(imagenet_names())
 

@@ -6,7 +6,7 @@ keys plus ``head.weight`` [V, D] and ``head.bias`` [V]. One Linear is the cheape
 over tens of thousands of tags; targets arrive as padded index lists (``-1`` = padding) and
 become dense only on the device, inside the loss.
 
-Losses (REFERENCE.md section 4):
+Losses (SWAG, Singh et al. 2022, arXiv 2201.08371; facebookresearch/SWAG):
 
 * ``softmax`` (the paper's): cross-entropy between the softmax over all tags and the
   multi-hot target normalised to sum to 1, i.e. the mean of ``-log p(tag)`` over the image's
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.hashtags import VocabularyMismatch
+from ..data.labels.hashtags import VocabularyMismatch
 from ..files import save_safetensors
 
 LOSSES = ("softmax", "sigmoid")

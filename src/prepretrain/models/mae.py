@@ -1,4 +1,4 @@
-"""Masked autoencoder with the reference semantics (REFERENCE.md section 3).
+"""Masked autoencoder with the reference semantics (facebookresearch/mae models_mae.py).
 
 The module's attribute names are the official MAE "full" checkpoint's, so those files load
 with a strict ``load_state_dict``; the encoder part is key-for-key a timm ViT, so

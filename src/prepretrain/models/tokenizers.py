@@ -1,8 +1,9 @@
 """Text tokenizers for the LiT text tower, all working offline.
 
 Two tokenizers share one framing, the XLM-R/fairseq convention of the MAWS CLIP models
-(REFERENCE.md section 2): ``<s>`` = 0 (BOS), ``<pad>`` = 1, ``</s>`` = 2 (EOS), ``<unk>`` = 3;
-a text becomes ``[0, t_1 .. t_k, 2]`` with ``k <= max_tokens``, right-padded with 1 to
+(fairseq/data/dictionary.py; XLM-R, Conneau et al. 2020, arXiv 1911.02116; facebookresearch/maws
+maws/model.py): ``<s>`` = 0 (BOS), ``<pad>`` = 1, ``</s>`` = 2 (EOS), ``<unk>`` = 3; a text becomes
+``[0, t_1 .. t_k, 2]`` with ``k <= max_tokens``, right-padded with 1 to
 ``max_tokens + 2`` (MAWS: 100 tokens, length 102). Using pad = 1 everywhere means the text
 tower's learned positions (offset by the padding index) are the same code for every tokenizer.
 

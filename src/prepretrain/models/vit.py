@@ -1,9 +1,9 @@
 """The ViT family of the MAWS paper, built on timm's ``VisionTransformer``.
 
-Why timm: its state-dict layout is the format the field shares (MAWS and MAE checkpoints,
-timm hubs), so building on it makes every official encoder checkpoint load strictly. This
-module only adds the registry of named shapes (REFERENCE.md section 2) and small sizes for
-CPU work on 32-64 px images.
+Why timm: its state-dict layout is the format the field shares (MAWS and MAE checkpoints, timm
+hubs), so building on it makes every official encoder checkpoint load strictly. This module only
+adds the registry of named shapes (MAWS, Singh et al. 2023, arXiv 2303.13496, its model table) and
+small sizes for CPU work on 32-64 px images.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class ViTShape:
 
 
 VIT_SHAPES: dict[str, ViTShape] = {
-    # The paper's sizes (REFERENCE.md section 2).
+    # The paper's sizes (MAWS, Singh et al. 2023, arXiv 2303.13496; facebookresearch/maws maws/model_builder.py).
     "vit_b16": ViTShape(16, 768, 12, 12, 3072),
     "vit_l16": ViTShape(16, 1024, 24, 16, 4096),
     "vit_h14": ViTShape(14, 1280, 32, 16, 5120),
@@ -183,7 +183,9 @@ def shape_dict(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def forward_flops(shape: ViTShape, tokens: int | None = None, img_size: int | None = None) -> float:
-    """Forward FLOPs for one image: L * (24 N d^2 + 4 N^2 d) + patch embedding (REFERENCE.md s.7).
+    """Forward FLOPs for one image: L * (24 N d^2 + 4 N^2 d) + patch embedding
+    (per token and block, 2 FLOPs a multiply-add: qkv 3d^2 + proj d^2 + MLP 8d^2 = 12 d^2 multiply-adds,
+    and 2 N d for the attention scores and the weighted sum).
 
     ``24 N d^2`` assumes an MLP ratio of 4; we count the MLP from its actual width.
     """

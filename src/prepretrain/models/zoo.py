@@ -9,8 +9,8 @@ or in a model folder (``$PREPRETRAIN_MODELS``, several separated by ``:``; defau
 or as ``<kind>/<file name>``. A missing file fails with the places searched and the official
 address to fetch it from by hand.
 
-Names, files and shapes follow the MAWS release's ``model_builder.py`` (REFERENCE.md sections 2
-and 10): MAWS, MAE and MAWS-CLIP at 224 px without a head; the ``_ft_in1k`` finetunes at 512 px
+Names, files and shapes follow the MAWS release's ``model_builder.py`` (facebookresearch/maws
+maws/model_builder.py): MAWS, MAE and MAWS-CLIP at 224 px without a head; the ``_ft_in1k`` finetunes at 512 px
 (B, L) and 518 px (H, 2B, 6.5B) with a 1000-way head; all pool the CLS token.
 """
 

@@ -111,10 +111,10 @@ class PipelineConfig:
         "assumed_mfu": "(0, 1]", "threads": ">= 0", "transfer_gpus": ">= 0", "gpus_per_node": "> 0",
         "slurm_time": ">= 0", "slurm_cpus_per_task": "> 0", "poll_s": "> 0",
     }
+    # Every key with a fixed set of values (config.check_bounds).
+    choices = {"executor": EXECUTORS}
 
     def validate(self) -> None:
-        if self.executor not in EXECUTORS:
-            raise ConfigError("executor", f"must be one of {', '.join(EXECUTORS)}; got '{self.executor}'")
         if self.workers != "auto" and not (self.workers.isdigit() and int(self.workers) > 0):
             raise ConfigError("workers", f"must be auto or a positive number of jobs at a time; got '{self.workers}'")
         slurm_extra(self)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError
-from ..data.loader import open_data, open_source
+from ..data.readers.open import open_data, open_source
 from ..evaluate.common import open_eval_data
 from ..evaluate.zeroshot import ZeroShotConfig, read_class_names, source_classes
 from ..registry import command

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import ConfigError, TrainConfig
+from ..config import Choices, ConfigError, TrainConfig
 from ..data.detection import (
     SYNTHETIC_STYLES,
     CocoDetectionSource,
@@ -46,8 +46,8 @@ from ..data.detection import (
     repeat_factors,
     synthetic_coco,
 )
+from ..data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..data.loader import RecordDataset
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..evaluate.detection import detection_metrics
 from ..models.detector import FED_LOSS_POWER, build_detector
 from ..models.resolve import EncoderSpec, build_encoder, check_weights, resolve_encoder
@@ -121,41 +121,26 @@ class DetectConfig(TrainConfig):
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
         "synthetic_val_images": "> 0", "eval_images": ">= 0", "window_size": ">= 0", "layer_decay": "(0, 1]",
-        "drop_path": "[0, 1]", "pyramid_channels": "> 0", "head_dim": "> 0", "box_batch_per_image": "> 0",
-        "rpn_batch_per_image": "> 0", "repeat_factor_threshold": ">= 0", "lsj_min": "> 0", "lsj_max": "> 0",
+        "drop_path": "[0, 1)", "pyramid_channels": "> 0", "head_dim": "> 0", "box_batch_per_image": "> 0",
+        "rpn_batch_per_image": "> 0", "repeat_factor_threshold": "[0, 1)", "lsj_min": "> 0", "lsj_max": "> 0",
         "flip": "[0, 1]", "eval_batch_size": "> 0", "score_threshold": "[0, 1)", "detections_per_image": "> 0",
+    }
+    choices = {
+        "decode": Choices(("auto", "pil"), why="detection decodes and augments images (with their masks) with PIL"),
+        "synthetic_style": SYNTHETIC_STYLES, "lvis": Choices(("auto", "true", "false"), any_case=True),
+        "feature_norm": FEATURE_NORMS,
+        "box_head": ("4conv1fc", "2fc"),
     }
 
     def validate(self) -> None:
         super().validate()
         check_model_and_size(self.model, self.image_size)
-        if self.decode not in ("auto", "pil"):
-            raise ConfigError("decode", "detection decodes and augments images (with their masks) with PIL: "
-                                        "decode=auto or pil")
-        if self.synthetic_style not in SYNTHETIC_STYLES:
-            raise ConfigError("synthetic_style", f"must be one of {', '.join(SYNTHETIC_STYLES)}; "
-                                                 f"got '{self.synthetic_style}'")
-        if str(self.lvis).lower() not in ("auto", "true", "false"):
-            raise ConfigError("lvis", f"must be auto, true or false; got '{self.lvis}'")
-        if self.window_size < 0:
-            raise ConfigError("window_size", f"must be >= 0 (0 = global attention everywhere), got {self.window_size}")
         try:
             parse_global_blocks(self.global_blocks, 10_000)
         except ValueError as error:
             raise ConfigError("global_blocks", str(error)) from None
-        if not 0 < self.layer_decay <= 1:
-            raise ConfigError("layer_decay", f"must be in (0, 1], got {self.layer_decay}")
-        if not 0 <= self.drop_path < 1:
-            raise ConfigError("drop_path", f"must be in [0, 1), got {self.drop_path}")
-        if not 0 < self.lsj_min <= self.lsj_max:
-            raise ConfigError("lsj_min", f"need 0 < lsj_min <= lsj_max; got {self.lsj_min} and {self.lsj_max}")
-        if not 0 <= self.repeat_factor_threshold < 1:
-            raise ConfigError("repeat_factor_threshold", f"must be in [0, 1) (0 = off, LVIS: 0.001); "
-                                                         f"got {self.repeat_factor_threshold}")
-        if not 0 <= self.flip <= 1:
-            raise ConfigError("flip", f"must be in [0, 1], got {self.flip}")
-        if self.feature_norm not in FEATURE_NORMS:
-            raise ConfigError("feature_norm", f"must be one of {', '.join(FEATURE_NORMS)}; got '{self.feature_norm}'")
+        if self.lsj_min > self.lsj_max:
+            raise ConfigError("lsj_min", f"need lsj_min <= lsj_max; got {self.lsj_min} and {self.lsj_max}")
         if not self.pyramid_scales or any(scale not in (4.0, 2.0, 1.0, 0.5) for scale in self.pyramid_scales) or \
                 list(self.pyramid_scales) != sorted(set(self.pyramid_scales), reverse=True):
             raise ConfigError("pyramid_scales", f"a decreasing list from 4, 2, 1, 0.5 (ViTDet: all four); "
@@ -166,8 +151,6 @@ class DetectConfig(TrainConfig):
         if self.fed_loss and not self.cascade:
             raise ConfigError("fed_loss", "the federated loss is implemented for the cascade heads: "
                                           "add cascade=true (as ViTDet's LVIS recipe has)")
-        if self.box_head not in ("4conv1fc", "2fc"):
-            raise ConfigError("box_head", f"must be 4conv1fc or 2fc; got '{self.box_head}'")
         check_weights("encoder", self.encoder)
 
     def check_data_paths(self) -> None:

@@ -2,7 +2,7 @@
 
 What the stage builds (the loop is ``prepretrain.train.engine``): a timm ViT classifier
 initialised from any encoder (run dir, MAE/MAWS/timm/CLIP file, or random init), with the
-MAE reference finetuning recipe (REFERENCE.md section 5): layer-wise lr decay, drop path,
+MAE reference finetuning recipe (facebookresearch/mae FINETUNE.md, main_finetune.py): layer-wise lr decay, drop path,
 RandAugment, random erasing, mixup + cutmix with label smoothing, and optionally a weight
 EMA. Position embeddings are interpolated (bicubic) when finetuning at another resolution;
 ``global_pool=token`` pools the CLS token (MAWS finetunes), ``avg`` averages the patch
@@ -31,11 +31,17 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..config import ConfigError, TrainConfig
-from ..data.benchmarks import display_names
+from ..config import Choices, ConfigError, TrainConfig
+from ..data.images.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ZeroBitPosterize,
+    crop_eval_transform,
+    parse_crop_fraction,
+)
 from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.releases import display_names
 from ..data.records import BadSample, Record
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, ZeroBitPosterize, crop_eval_transform, parse_crop_fraction
 from ..evaluate.common import EvalData, open_eval_data
 from ..evaluate.metrics import topk_accuracy
 from ..models.classifier import classifier_metadata
@@ -80,18 +86,18 @@ class FinetuneConfig(TrainConfig):
 
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
-        "layer_decay": "(0, 1]", "drop_path": "[0, 1]", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
+        "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "random_erasing": "[0, 1]",
         "min_crop_scale": "(0, 1]", "ema_decay": "[0, 1)", "eval_batch_size": "> 0",
+    }
+    choices = {
+        "decode": Choices(("auto", "pil"),
+                          why="finetuning augments with timm's RandAugment, which works on PIL images"),
+        "global_pool": ("token", "avg"),
     }
 
     def validate(self) -> None:
         super().validate()
-        if self.decode not in ("auto", "pil"):
-            raise ConfigError("decode", "finetuning augments with timm's RandAugment, which works on PIL images: "
-                              "decode=auto or pil")
-        if self.global_pool not in ("token", "avg"):
-            raise ConfigError("global_pool", f"must be token or avg; got '{self.global_pool}'")
         if str(self.eval_crop).strip().lower() not in ("auto", "squash"):
             try:
                 parse_crop_fraction(str(self.eval_crop).strip())

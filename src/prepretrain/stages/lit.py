@@ -42,11 +42,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainConfig
-from ..data.loader import RecordDataset, eval_loader, open_stage_data
-from ..data.pixels import train_pixels
+from ..config import Choices, ConfigError, TextSourceConfig
+from ..data.images.pixels import train_pixels
+from ..data.images.transforms import eval_transform
+from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.open import open_stage_data
 from ..data.records import BadSample, Record
-from ..data.transforms import eval_transform
 from ..evaluate.zeroshot import (
     CLASS_SETS,
     TEMPLATE_SETS,
@@ -97,8 +98,12 @@ def check_tower_names(model: str, text_model: str) -> None:
         raise ConfigError("text_model", f"unknown text tower; known: {', '.join(sorted(TEXT_SHAPES))}")
 
 
+_YES = ("yes", "true", "on", "1")  # YAML turns a bare `no` into false: accept both spellings
+_NO = ("no", "false", "off", "0")
+
+
 @dataclass
-class LiTConfig(TrainConfig):
+class LiTConfig(TextSourceConfig):
     """LiT recipe. Defaults are the CPU demo; configs/lit_*.yaml hold the paper-scale towers."""
 
     stage_name = "lit"
@@ -138,14 +143,11 @@ class LiTConfig(TrainConfig):
         "text_dropout": "[0, 1)", "max_text_tokens": ">= 0", "embed_dim": ">= 0", "min_crop_scale": "(0, 1]",
         "eval_images": ">= 0",
     }
+    choices = {"cache_features": Choices(("auto", *_YES, *_NO), any_case=True)}
 
     def validate(self) -> None:
         super().validate()
         check_tower_names(self.model, self.text_model)
-        if not 0 < self.min_crop_scale <= 1:
-            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
-        if self.cache_features.lower() not in ("auto", *_YES, *_NO):
-            raise ConfigError("cache_features", f"must be auto, yes or no; got '{self.cache_features}'")
         if self.cache_features.lower() in _YES and self.augment:
             raise ConfigError("cache_features", "cached features need fixed images: set augment=false or "
                               "cache_features=no")
@@ -175,8 +177,6 @@ class LiTConfig(TrainConfig):
         return choice in _YES or (choice == "auto" and not self.augment)
 
 
-_YES = ("yes", "true", "on", "1")  # YAML turns a bare `no` into false: accept both spellings
-_NO = ("no", "false", "off", "0")
 
 
 def caption_pairs(transform, tokenizer: Tokenizer):

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, TrainConfig
-from ..data.loader import ImageOnly, RecordDataset, eval_loader, open_stage_data
-from ..data.pixels import train_pixels
+from ..data.images.pixels import train_pixels
+from ..data.images.transforms import decode_hint, denormalize, eval_transform
+from ..data.loader import ImageOnly, RecordDataset, eval_loader
+from ..data.readers.open import open_stage_data
 from ..data.records import Record
-from ..data.transforms import decode_hint, denormalize, eval_transform
 from ..models.checkpoints import load_strict, read_state_dict
 from ..models.mae import MaskedAutoencoder, create_mae, mae_forward_flops
 from ..models.resolve import encoder_metadata, resolve_weights

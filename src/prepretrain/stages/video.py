@@ -43,9 +43,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..config import ConfigError, TrainConfig, replace_config
+from ..config import Choices, ConfigError, TrainConfig, replace_config
 from ..data.loader import RecordDataset, eval_loader
-from ..data.video import (
+from ..data.video.clips import (
     PADDING_LABEL,
     SAMPLINGS,
     SHORT_VIDEO_POLICIES,
@@ -136,25 +136,20 @@ class VideoConfig(TrainConfig):
         "max_missing_fraction": "[0, 1]", "synthetic_length": "> 0", "num_frames": "> 0", "frame_stride": "> 0",
         "target_fps": ">= 0", "tubelet_size": "> 0", "eval_frames": ">= 0", "motion_init": ">= 0",
         "temporal_views": "> 0", "spatial_views": "> 0",
-        "layer_decay": "(0, 1]", "drop_path": "[0, 1]", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
+        "layer_decay": "(0, 1]", "drop_path": "[0, 1)", "mixup": ">= 0", "cutmix": ">= 0", "mixup_prob": "[0, 1]",
         "mixup_switch_prob": "[0, 1]", "label_smoothing": "[0, 1)", "min_crop_scale": "(0, 1]", "hflip": "[0, 1]",
         "eval_batch_size": "> 0", "random_erasing": "[0, 1]", "repeated_aug": "> 0", "head_dropout": "[0, 1)",
+    }
+    choices = {
+        "decode": Choices(("auto",), why="video clips are decoded with PyAV in the loader"),
+        "global_pool": ("token", "avg"), "sampling": SAMPLINGS, "short_videos": SHORT_VIDEO_POLICIES,
     }
 
     def validate(self) -> None:
         super().validate()
-        if self.decode != "auto":
-            raise ConfigError("decode", "video clips are decoded with PyAV in the loader: decode=auto")
-        if self.global_pool not in ("token", "avg"):
-            raise ConfigError("global_pool", f"must be token or avg; got '{self.global_pool}'")
         if self.num_frames % self.tubelet_size:
             raise ConfigError("tubelet_size", f"{self.tubelet_size} does not divide num_frames {self.num_frames} "
                                               "(num_frames=1 needs tubelet_size=1)")
-        if self.sampling not in SAMPLINGS:
-            raise ConfigError("sampling", f"must be one of {', '.join(SAMPLINGS)}; got '{self.sampling}'")
-        if self.short_videos not in SHORT_VIDEO_POLICIES:
-            raise ConfigError("short_videos", f"must be one of {', '.join(SHORT_VIDEO_POLICIES)}; "
-                                              f"got '{self.short_videos}'")
         if self.randaugment:
             try:
                 check_randaugment(self.randaugment)
@@ -272,7 +267,7 @@ class VideoStage(Stage):
                   views: tuple[int, int] | None = None) -> dict[str, float]:
         """Top-1/top-5 (percent) of the views' averaged class probabilities over the videos of
         ``role`` (``views``: temporal x spatial, default the configured ones), and ``videos``, the
-        number counted. Each rank reads its share (:class:`~prepretrain.data.video.RefSource`) and
+        number counted. Each rank reads its share (:class:`~prepretrain.data.video.clips.RefSource`) and
         the hit counts are summed across ranks, so every video is evaluated once."""
         cfg = self.cfg
         temporal, spatial = views or (cfg.temporal_views, cfg.spatial_views)

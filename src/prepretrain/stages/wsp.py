@@ -1,12 +1,12 @@
 """WSP, weakly supervised hashtag pretraining: what the stage builds (the loop is the engine's).
 
-The second stage of MAWS (REFERENCE.md section 4): a ViT, initialised from the MAE encoder
-(``init=``), learns to predict each image's hashtags out of a vocabulary built from the
-training data, with tail tags resampled. Everything about vocabularies, targets and
-resampling lives in :mod:`prepretrain.data.hashtags`; the head, losses and tag-prediction
-metrics in :mod:`prepretrain.models.heads`. Without hashtags, ``labels_from=`` derives each
-image's labels from Flickr tags, caption words or WordNet synsets
-(:mod:`prepretrain.data.weaklabels`), and everything downstream treats them as hashtags.
+The second stage of MAWS (MAWS, Singh et al. 2023, arXiv 2303.13496; its WSP is SWAG's, arXiv
+2201.08371): a ViT, initialised from the MAE encoder (``init=``), learns to predict each image's
+hashtags out of a vocabulary built from the training data, with tail tags resampled. Everything
+about vocabularies, targets and resampling lives in :mod:`prepretrain.data.labels.hashtags`; the
+head, losses and tag-prediction metrics in :mod:`prepretrain.models.heads`. Without hashtags,
+``labels_from=`` derives each image's labels from Flickr tags, caption words or WordNet synsets
+(:mod:`prepretrain.data.labels.weaklabels`), and everything downstream treats them as hashtags.
 
 Data: a manifest, folder or the synthetic set is resampled by the loader's weighted draw
 (per-image weights and tags held in memory, about 8 bytes per image plus 4 per tag: fine to
@@ -16,7 +16,7 @@ times per epoch (``RepeatFactors``: floor or ceil of its expected count, from th
 key), expanded by the shard readers before their block shuffle (``ShardSource.repeats``), with
 the same per-tag distribution in expectation, no size limit, and exact resume. The vocabulary,
 weights, prior and copies per shard come from one annotation pass per dataset shared by the ranks
-and cached beside the data (:mod:`prepretrain.data.labelcache`; no image decoded).
+and cached beside the data (:mod:`prepretrain.data.labels.cache`; no image decoded).
 A ``val`` split of shards (``data=DIR`` with ``train/`` and ``val/``) is evaluated on its first
 ``eval_images`` samples in shard order (whole evaluation batches: up to a batch more).
 
@@ -44,28 +44,27 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import ConfigError, TrainConfig
-from ..data.hashtags import (
+from ..config import ConfigError, TextSourceConfig
+from ..data.images.pixels import train_pixels
+from ..data.images.transforms import decode_hint, eval_transform
+from ..data.labels.cache import prepare_shards
+from ..data.labels.hashtags import (
     EncodedTags,
     HashtagVocab,
     RepeatFactors,
     build_vocab,
-    count_known_tags,
     encode_images,
     pad_tags,
     sampling_weights,
     source_hashtags,
-    stream_statistics,
     tag_image_counts,
     target_prior,
 )
-from ..data.labelcache import LabelCache, Prepared, build_cached_vocab, derive, settings_name, shards_of_rank
-from ..data.loader import RecordDataset, eval_loader, open_stage_data
-from ..data.pixels import train_pixels
+from ..data.labels.vocab import tag_aliases
+from ..data.labels.weaklabels import WeakLabeler, parse_labels_from
+from ..data.loader import RecordDataset, eval_loader
+from ..data.readers.open import open_stage_data
 from ..data.records import BadSample, Record
-from ..data.tools import build_vocab_streaming, iter_hashtags, tag_aliases
-from ..data.transforms import decode_hint, eval_transform
-from ..data.weaklabels import WeakLabeler, parse_labels_from
 from ..models.checkpoints import (
     CheckpointMismatch,
     load_encoder_weights,
@@ -95,13 +94,13 @@ from ..models.resolve import (
     resolve_weights,
 )
 from ..models.vit import check_model_and_size, create_vit, forward_flops, vit_shape
-from ..train.distributed import all_reduce_sum, barrier
 from ..train.engine import Stage, TrainData
 from ..train.run import Run
 
+LABEL_SCRATCH = "label-scratch"  # label_cache=false: the labels of one preparation, removed after it
 
 @dataclass
-class WSPConfig(TrainConfig):
+class WSPConfig(TextSourceConfig):
     """WSP recipe. Defaults are the CPU demo on the synthetic hashtags; configs/wsp_*.yaml hold
     the paper-scale recipes."""
 
@@ -118,7 +117,7 @@ class WSPConfig(TrainConfig):
     vocab_min_count: int = 2  # images a tag must appear in to enter the vocabulary
     tag_synonyms: str = "auto"  # auto (the source's own table, if any) | none | PATH (.json/.txt synonym groups)
     max_tags: int = 64  # known tags kept per image (the rarest when there are more)
-    label_cache: bool = True  # shards: label each sample once per dataset, shared by ranks and runs (labelcache)
+    label_cache: bool = True  # shards: keep the labels beside the data for every rank and later run; false: not kept
     # targets, loss, resampling
     loss: str = "softmax"  # softmax (normalised multi-hot, the paper's) | sigmoid (per-tag BCE)
     resample_power: float = 0.5  # image weight from count ** -power; 0.5 = inverse square root, 0 = off
@@ -139,21 +138,15 @@ class WSPConfig(TrainConfig):
 
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
-        "depth": ">= 0", "drop_path": "[0, 1]", "vocab_size": "> 0", "vocab_min_count": ">= 1", "max_tags": "> 0",
+        "depth": ">= 0", "drop_path": "[0, 1)", "vocab_size": "> 0", "vocab_min_count": ">= 1", "max_tags": "> 0",
         "resample_power": ">= 0", "epoch_size": ">= 0", "head_init_std": ">= 0", "min_crop_scale": "(0, 1]",
         "eval_images": ">= 0", "eval_batch_size": "> 0",
     }
+    choices = {"loss": LOSSES, "resample_reduce": ("max", "mean"), "head_bias": ("prior", "zero")}
 
     def validate(self) -> None:
         super().validate()
         check_model_and_size(self.model, self.image_size)
-        if self.drop_path >= 1:
-            raise ConfigError("drop_path", f"must be < 1, got {self.drop_path}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise ConfigError("min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
-        for key, options in (("loss", LOSSES), ("resample_reduce", ("max", "mean")), ("head_bias", ("prior", "zero"))):
-            if getattr(self, key) not in options:
-                raise ConfigError(key, f"must be one of {', '.join(options)}; got '{getattr(self, key)}'")
         if self.tag_synonyms not in ("auto", "none") and not Path(self.tag_synonyms).is_file():
             raise ConfigError("tag_synonyms", f"must be auto, none or a file; not found: {self.tag_synonyms}")
         if self.vocab and not Path(self.vocab).is_file():
@@ -179,7 +172,9 @@ class HashtagTransform:
         self.labels = labels or WeakLabeler()
 
     def __call__(self, record: Record) -> dict[str, Any]:
-        known, _ = self.vocab.encode(self.labels(record))
+        known = record.label_ids  # set by a shard reader that labelled the sample for its copies
+        if known is None:
+            known, _ = self.vocab.encode(self.labels(record))
         if not known:  # never drawn in training (weight 0); counted, not fed, in evaluation
             raise BadSample(record.key, "no_known_tag")
         return {"image": self.image_transform(record.image), "tags": pad_tags(known, self.max_tags)}
@@ -218,18 +213,6 @@ class FirstRecords:
         if not 0 <= index < self.count:
             raise IndexError(f"index {index} out of range for {self.count} records")
         return self.source.get(index)
-
-
-def _all_reduce_sum(run: Run) -> Any:
-    """An array summed over every rank (identity on one process), through the run's device."""
-    if run.world_size == 1:
-        return lambda values: values
-
-    def reduce(values: np.ndarray) -> np.ndarray:
-        tensor = torch.from_numpy(np.ascontiguousarray(values)).to(run.device)
-        return all_reduce_sum(tensor).cpu().numpy()
-
-    return reduce
 
 
 class WSPStage(Stage):
@@ -273,21 +256,16 @@ class WSPStage(Stage):
             vocab = HashtagVocab(vocab.tags, vocab.counts, vocab.info, kept)
         return vocab
 
-    def _choose_vocab(self, source: Any, run: Run) -> tuple[HashtagVocab, bool]:
-        """The given vocabulary (:meth:`_given_vocab`), or one built from the training labels
-        (shards: in one streaming pass that decodes no image). Also says whether it was just
-        built, exactly, from these images (its counts are then the images per tag)."""
+    def _choose_vocab(self, source: Any, run: Run) -> HashtagVocab:
+        """A map-style source's vocabulary: the given one (:meth:`_given_vocab`), or one built from
+        the training labels (shards build theirs from the label cache: :meth:`_prepare_stream`)."""
         cfg = self.cfg
         aliases = self._aliases(source)
         given = self._given_vocab(run, aliases)
         if given is not None:
-            return given, False
-        if not hasattr(source, "get"):
-            vocab = build_vocab_streaming(source, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
-                                          aliases=aliases, labels=self.labels)
-            return vocab, not vocab.info.get("approximate", False)
+            return given
         return build_vocab(source_hashtags(source, self.labels), min_count=cfg.vocab_min_count,
-                           max_size=cfg.vocab_size, aliases=aliases), True
+                           max_size=cfg.vocab_size, aliases=aliases)
 
     def prepare(self, run: Run) -> HashtagData:
         """Open the training split, fix the vocabulary and derive the resampling (done once;
@@ -295,7 +273,7 @@ class WSPStage(Stage):
 
         Map-style sources: every image's tags are encoded and weighted for the loader's
         weighted draw. Shards (no random access): each sample's copies per epoch come from
-        :class:`~prepretrain.data.hashtags.RepeatFactors`, set on the source so its readers
+        :class:`~prepretrain.data.labels.hashtags.RepeatFactors`, set on the source so its readers
         expand the stream (see ``ShardSource.repeats``); see :meth:`_prepare_stream`."""
         if self._data is not None:
             return self._data
@@ -305,7 +283,7 @@ class WSPStage(Stage):
         if not hasattr(source, "get"):
             self._data = self._prepare_stream(source, run)
             return self._data
-        vocab, _ = self._choose_vocab(source, run)
+        vocab = self._choose_vocab(source, run)
         encoded = encode_images(vocab, source_hashtags(source, self.labels))
         if encoded.images_without_known_tag == len(encoded):
             raise ValueError(
@@ -321,39 +299,6 @@ class WSPStage(Stage):
         self._data = HashtagData(source, vocab, tag_counts, prior, stats, encoded=encoded, weights=weights)
         return self._data
 
-    def _prepare_stream(self, source: Any, run: Run) -> HashtagData:
-        """Shards: resampling as per-sample copies in the stream, from annotation-only passes
-        (no image is decoded; memory holds per-tag arrays and per-shard counts, not per-image ones):
-
-        1. the vocabulary (built by streaming unless it is given or resumed); when it is not
-           freshly and exactly built from these images, a pass counts the images per tag, so the
-           weights always use this data's counts, as on map-style sources;
-        2. one pass for the sum of the draw weights, the resampled target prior, the images per
-           tag and the coverage statistics;
-        3. the source counts each shard's copies (its readers' sample positions, for resume),
-           giving the samples of one resampled epoch (``epoch_size`` in expectation).
-        """
-        cfg = self.cfg
-        if cfg.label_cache:
-            return self._prepare_cached(source, run)
-        vocab, exact = self._choose_vocab(source, run)
-        images = None
-        if exact:
-            tag_counts = np.asarray(vocab.counts, dtype=np.int64)
-        else:
-            tag_counts, images = count_known_tags(vocab, iter_hashtags(source, self.labels))
-        if not tag_counts.any():
-            raise ValueError(f"none of the {images if images is not None else len(source)} training images "
-                             f"has a tag in the {len(vocab)}-tag vocabulary")
-        factors = RepeatFactors(vocab, tag_counts, power=cfg.resample_power, reduce=cfg.resample_reduce,
-                                seed=cfg.seed, labels=self.labels)
-        statistics = stream_statistics(factors, iter_hashtags(source, self.labels), loss=cfg.loss,
-                                       max_tags=cfg.max_tags)
-        factors.scale = (cfg.epoch_size or statistics.stats["images"]) / statistics.weight_sum
-        source.repeats = factors
-        return self._stream_data(source, run, factors, statistics.tag_counts, statistics.prior, statistics.stats,
-                                 source.expanded_count())
-
     def _stream_data(self, source: Any, run: Run, factors: RepeatFactors, tag_counts: np.ndarray,
                      prior: torch.Tensor, stats: dict[str, int], positions: int) -> HashtagData:
         """The shards' preparation, checked and recorded (vocab.json with its coverage)."""
@@ -367,39 +312,22 @@ class WSPStage(Stage):
             vocab.save(run.path(VOCAB_FILE))
         return HashtagData(source, vocab, tag_counts, prior, stats, repeats=factors, positions=positions)
 
-    def _prepare_cached(self, source: Any, run: Run) -> HashtagData:
-        """:meth:`_prepare_stream` from one annotation pass per dataset (:mod:`prepretrain.data.labelcache`):
-        every rank labels its share of the shards into the cache; rank 0 builds the vocabulary
-        from the cached label counts; every rank derives counts, weights, prior and copies for its
-        share, summed across ranks; rank 0 writes the result. A rerun, resume or second run on the
-        same data and settings reads only that file."""
+    def _prepare_stream(self, source: Any, run: Run) -> HashtagData:
+        """Shards: resampling as per-sample copies in the stream, from one annotation pass per
+        dataset shared by the ranks (:func:`~prepretrain.data.labels.cache.prepare_shards`, through
+        the run's collectives; no image is decoded, memory holds per-tag arrays and per-shard counts):
+        the vocabulary (built from the cached label counts unless given or resumed), the images per
+        tag, the sum of the draw weights, the resampled target prior, the coverage statistics and
+        each shard's copies (its readers' sample positions, for resume), giving the samples of one
+        resampled epoch (``epoch_size`` in expectation). ``label_cache=false``: the labels go to a
+        scratch folder in the run directory, removed afterwards."""
         cfg = self.cfg
         aliases = self._aliases(source)
         given = self._given_vocab(run, aliases)
-        cache = LabelCache(source, self.labels, given.aliases if given is not None else aliases)
-        mine = shards_of_rank(len(source.urls), run.rank, run.world_size)
-        cache.build(mine)
-        barrier()
-        name = settings_name(vocab=given, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size,
-                             power=cfg.resample_power, reduce=cfg.resample_reduce, loss=cfg.loss,
-                             epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags)
-        path = cache.folder / name
-        reduce_sum = _all_reduce_sum(run)
-        if reduce_sum(np.array([run.is_main and path.is_file()], dtype=np.int64))[0]:  # rank 0 decides for all
-            prepared = Prepared.load(path)
-        else:
-            vocab = given
-            if vocab is None:
-                vocab_path = cache.folder / f"vocab-{name}"
-                if run.is_main:
-                    build_cached_vocab(cache, min_count=cfg.vocab_min_count, max_size=cfg.vocab_size).save(vocab_path)
-                barrier()
-                vocab = HashtagVocab.load(vocab_path)
-            prepared = derive(cache, vocab, power=cfg.resample_power, reduce=cfg.resample_reduce, loss=cfg.loss,
-                              epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags, shards=mine,
-                              reduce_sum=reduce_sum)
-            if run.is_main:
-                prepared.save(path)
+        prepared = prepare_shards(source, self.labels, aliases, vocab=given, min_count=cfg.vocab_min_count,
+                                  max_size=cfg.vocab_size, power=cfg.resample_power, reduce=cfg.resample_reduce,
+                                  loss=cfg.loss, epoch_size=cfg.epoch_size, seed=cfg.seed, max_tags=cfg.max_tags,
+                                  comm=run.collectives, scratch=None if cfg.label_cache else run.path(LABEL_SCRATCH))
         epoch_size = cfg.epoch_size or prepared.stats["images"]
         factors = RepeatFactors(given if given is not None else prepared.vocab, prepared.tag_counts,
                                 power=cfg.resample_power, reduce=cfg.resample_reduce,
@@ -562,7 +490,7 @@ class WSPStage(Stage):
 def load_tagger(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, HashtagVocab]:
     """A finished WSP run as (timm ViT with its hashtag head, vocabulary): predict tags with
     ``vocab.tags[i] for i in model(images).topk(5).indices[0]``. A vocab.json that does not
-    match the head raises ``prepretrain.data.hashtags.VocabularyMismatch``."""
+    match the head raises ``prepretrain.data.labels.hashtags.VocabularyMismatch``."""
     weights = resolve_weights(run_dir)
     if weights.head is None or weights.vocab is None or weights.metadata.get("stage") != "wsp":
         raise ValueError(f"{run_dir} is not a finished WSP run (expected {ENCODER_FILE}, {HEAD_FILE}, {VOCAB_FILE})")

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -115,6 +116,24 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+class Collectives:
+    """This process's place in the job and the two collectives data preparation uses (a barrier and an
+    array sum through the run's device); on one process both are free. It fits
+    :class:`prepretrain.data.labels.cache.Communicator`, so the data layer needs no torch.distributed."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def barrier(self) -> None:
+        barrier()
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return values
+        tensor = torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
+        return all_reduce_sum(tensor).cpu().numpy()
 
 
 def is_distributed() -> bool:

@@ -67,7 +67,7 @@ class TrainData:
     weights: torch.Tensor | None = None  # per-sample draw weights (WSP resampling)
     epoch_size: int | None = None  # samples per epoch when drawing with weights
     # Runs on each collated micro-batch on the training device before the loss, as
-    # ``device_transform(batch, device, seed=, position=)`` (``data.pixels.DeviceAugment``: decode=gpu).
+    # ``device_transform(batch, device, seed=, position=)`` (``data.images.pixels.DeviceAugment``: decode=gpu).
     device_transform: Callable[..., dict[str, Any]] | None = None
     # Inputs that a frozen part of the model turns into features once, before the first step
     # (LiT's locked image tower): the loop computes or reloads them and trains from memory.

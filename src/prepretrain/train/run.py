@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import files
 from .checkpoint import Checkpointer
-from .distributed import gathered, is_sharded
+from .distributed import Collectives, gathered, is_sharded
 from .metrics import MetricsLogger
 
 BEST_FILE, BEST_WEIGHTS = "best.json", "best.safetensors"
@@ -67,6 +67,11 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def collectives(self) -> Collectives:
+        """This run's processes, for data preparation shared across ranks (a barrier, an array sum)."""
+        return Collectives(self.rank, self.world_size, self.device)
 
     @property
     def checkpointer(self) -> Checkpointer:

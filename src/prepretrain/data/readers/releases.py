@@ -1,16 +1,20 @@
 """The paper's evaluation sets, read from the files their releases ship (no renaming needed).
 
-Research groups keep ImageNet, ImageNet-v2, ObjectNet, iNaturalist and Food-101 in the layouts
-they were released in (REFERENCE.md section 11). Read as generic image folders, several of them
-give wrong labels without any error: ImageNet-v2 names its class folders ``0`` ... ``999`` (the
-class index), which sort as strings; the ImageNet validation images usually sit in one flat
-folder labelled by a CSV or the devkit's own class numbering. This module recognises each layout
-from what is on disk and reads it into a :class:`ListedSource`, whose classes are named by a
-stable **class id** (the WordNet id for the ImageNet family, the folder name for ObjectNet and
-Food-101, the species name for iNaturalist), so a classifier that remembers its classes' ids
-can be scored on any of them (``prepretrain classify``, :mod:`prepretrain.evaluate.classify`).
+Research groups keep ImageNet, ImageNet-v2, ObjectNet, iNaturalist and Food-101 in the layouts they
+were released in (ImageNet: Kaggle's LOC_val_solution.csv or the ILSVRC2012 devkit, the class order
+of timm/data/_info/imagenet_synsets.txt; ImageNet-v2: github modestyachts/ImageNetV2; ObjectNet
+1.0's mappings/; iNaturalist: github visipedia/inat_comp; Food-101: its meta/ lists). Read as
+generic image folders, several of them give wrong labels without any error: ImageNet-v2 names its
+class folders ``0`` ... ``999`` (the class index), which sort as strings; the ImageNet validation
+images usually sit in one flat folder labelled by a CSV or the devkit's own class numbering. This
+module recognises each layout from what is on disk and reads it into a :class:`ListedSource`, whose
+classes are named by a stable **class id** (the WordNet id for the ImageNet family, the folder name
+for ObjectNet and Food-101, the species name for iNaturalist), so a classifier that remembers its
+classes' ids can be scored on any of them (``prepretrain classify``,
+:mod:`prepretrain.evaluate.classify`).
 
-Layouts (the name ``prepretrain data stats`` prints; ``layout=NAME`` forces one):
+Layouts (the name ``prepretrain data stats`` prints; ``layout=NAME`` forces one; each is one
+:class:`Layout` entry of :data:`RELEASES`, the table tried in order):
 
 ``imagenet-val``  ``ILSVRC2012_val_*.JPEG`` in one folder, labelled by Kaggle's
                   ``LOC_val_solution.csv`` or by the devkit's
@@ -36,16 +40,17 @@ import csv
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_files
-from .records import Annotation, BadSample, Record
-from .sources import PackedStrings, _check_index, _FileSource
+from prepretrain.data.images.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, image_files
+from prepretrain.data.readers.folders import PackedStrings, _check_index, _FileSource
+from prepretrain.data.records import Annotation, BadSample, Record
 
 IMAGENET_VAL_FILE = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 WORDNET_ID = re.compile(r"^n\d{8}$")
@@ -58,7 +63,6 @@ OBJECTNET_BORDER = 2  # ObjectNet images carry a 1 px red border: 2 px are cropp
 INAT_FILES = {"train": ("train{year}.json", "train.json", "train_mini.json"), "val": ("val{year}.json", "val.json"),
               "test": ("test{year}.json", "test.json")}
 INAT_YEARS = ("2018", "2021", "2019", "2017")
-LAYOUTS = ("imagenet-val", "imagenet-v2", "objectnet", "inaturalist", "food101")
 LABEL = "label"  # the one label task of every layout here
 ANCESTORS_SEARCHED = 4  # LOC_val_solution.csv sits 4 levels above Kaggle's ILSVRC/Data/CLS-LOC/val
 
@@ -311,7 +315,7 @@ def looks_like_imagenet_val(path: Path) -> bool:
     return _find_upwards(path, [LOC_SOLUTION, *DEVKIT_PLACES]) is not None
 
 
-def open_imagenet_val(path: Path, **kwargs: Any) -> ListedSource:
+def open_imagenet_val(path: Path, split: str | None = None, **kwargs: Any) -> ListedSource:
     """Flat ImageNet validation images, labelled by the CSV or devkit file found (see module docstring)."""
     files = [name for name in _loose_images(path) if IMAGENET_VAL_FILE.match(name)]
     labels, origin = imagenet_val_labels(path, files)
@@ -340,7 +344,7 @@ def looks_like_imagenet_v2(path: Path) -> bool:
     return len(names) == 1000 or bool(V2_NAME.search(path.resolve().name))
 
 
-def open_imagenet_v2(path: Path, **kwargs: Any) -> ListedSource:
+def open_imagenet_v2(path: Path, split: str | None = None, **kwargs: Any) -> ListedSource:
     """ImageNet-v2 (any of its three variants): folder ``k`` holds images of standard class ``k``."""
     paths, labels = [], []
     for name in _subdirs(path):
@@ -404,7 +408,7 @@ def objectnet_classes(mappings: Path) -> dict[str, tuple[str, list[str]]]:
     return classes
 
 
-def open_objectnet(path: Path, **kwargs: Any) -> ListedSource:
+def open_objectnet(path: Path, split: str | None = None, **kwargs: Any) -> ListedSource:
     """ObjectNet 1.0: the images of the classes that overlap ImageNet-1k, a 2 px border cropped."""
     root = objectnet_root(path) or path
     mappings = root / "mappings"
@@ -526,51 +530,64 @@ def open_food101(path: Path, split: str | None, **kwargs: Any) -> ListedSource:
     return ListedSource(root, paths, labels, classes, layout="food101", synonyms=[[d] for d in display], **kwargs)
 
 
-# ------------------------------------------------------------------------------ choosing a layout
+# ------------------------------------------------------------------------------ the table of layouts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One release layout: its name (what ``data stats`` prints, what ``layout=NAME`` forces), how it
+    is recognised from what is on disk, how it opens, and the splits it keeps in files (``None``: the
+    folder is one split, chosen by the folder the user names). A new layout is one entry of
+    :data:`RELEASES`."""
+
+    name: str
+    recognises: Callable[[Path], bool]
+    open: Callable[..., ListedSource]  # (path, split, **kwargs: min_size_hint, max_pixels, pixels)
+    splits: Callable[[Path], list[str]] | None = None
+
+
+RELEASES: tuple[Layout, ...] = (  # in the order they are tried
+    Layout("objectnet", lambda path: objectnet_root(path) is not None, open_objectnet),
+    # Food-101 has no val split: what selects on val then says it selected on test.
+    Layout("food101", lambda path: food101_root(path) is not None, open_food101, splits=lambda path: ["train", "test"]),
+    Layout("inaturalist", _looks_like_inat, open_inaturalist, splits=inat_splits),
+    Layout("imagenet-v2", looks_like_imagenet_v2, open_imagenet_v2),
+    Layout("imagenet-val", looks_like_imagenet_val, open_imagenet_val),
+)
+LAYOUTS = tuple(layout.name for layout in RELEASES)
+
+
+def _recognised(path: Path) -> Layout | None:
+    if not path.is_dir():
+        return None
+    return next((layout for layout in RELEASES if layout.recognises(path)), None)
 
 
 def detect_layout(path: Path, split: str | None = None) -> str | None:
     """The release layout ``path`` is in (one of :data:`LAYOUTS`), or None for a generic folder."""
-    if not path.is_dir():
-        return None
-    if objectnet_root(path) is not None:
-        return "objectnet"
-    if food101_root(path) is not None:
-        return "food101"
-    if _looks_like_inat(path):
-        return "inaturalist"
-    if looks_like_imagenet_v2(path):
-        return "imagenet-v2"
-    if looks_like_imagenet_val(path):
-        return "imagenet-val"
-    return None
+    layout = _recognised(path)
+    return None if layout is None else layout.name
 
 
 def layout_splits(path: Path) -> list[str] | None:
     """Splits a layout that keeps them in files (iNaturalist, Food-101) offers; None for the others."""
-    if food101_root(path) is not None:
-        return ["train", "test"]  # no val split: what selects on val then says it selected on test
-    if path.is_dir() and _looks_like_inat(path):
-        return inat_splits(path)
+    if not path.is_dir():
+        return None
+    for layout in RELEASES:
+        if layout.splits is not None and layout.recognises(path):
+            return layout.splits(path)
     return None
 
 
 def open_layout(path: str | os.PathLike, layout: str, split: str | None = None, **kwargs: Any) -> ListedSource:
     """Read ``path`` as the release layout ``layout`` (kwargs: ``min_size_hint``, ``max_pixels``, ``pixels``)."""
     path = Path(path)
-    if layout not in LAYOUTS:
+    chosen = next((entry for entry in RELEASES if entry.name == layout), None)
+    if chosen is None:
         raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such dataset folder")
-    if layout == "imagenet-val":
-        return open_imagenet_val(path, **kwargs)
-    if layout == "imagenet-v2":
-        return open_imagenet_v2(path, **kwargs)
-    if layout == "objectnet":
-        return open_objectnet(path, **kwargs)
-    if layout == "inaturalist":
-        return open_inaturalist(path, split, **kwargs)
-    return open_food101(path, split, **kwargs)
+    return chosen.open(path, split, **kwargs)
 
 
 # ------------------------------------------------------------------------------ one class space

@@ -4,7 +4,7 @@ Every path turns the same JPEG files into the same kind of training batch (norma
 float ``(N, 3, S, S)``, RandomResizedCrop(S, scale min_scale-1, bicubic) + horizontal
 flip), one process, ``threads`` torch threads, so samples/s divided by ``threads`` is a
 per-core figure. Except ``baseline``, each path is a training stage's ``decode=`` mode
-exactly as the stages build it (``data.pixels.train_pixels``, ``train_loader``). Paths,
+exactly as the stages build it (``data.images.pixels.train_pixels``, ``train_loader``). Paths,
 side by side with their ratio to the first:
 
 ``baseline``   what most training scripts do: ``Image.open().convert("RGB")``, torchvision
@@ -50,11 +50,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from ..config import ConfigError
-from .decode import image_files
-from .loader import ImageOnly, RecordDataset, SampleStream, open_source, train_loader
-from .pixels import train_pixels
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, decode_hint
+from prepretrain.config import ConfigError
+from prepretrain.data.images.decode import image_files
+from prepretrain.data.images.pixels import train_pixels
+from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_hint
+from prepretrain.data.loader import ImageOnly, RecordDataset, SampleStream, train_loader
+from prepretrain.data.readers.open import open_source
 
 PATHS = ("baseline", "draft", "tensor", "batch_cpu", "gpu")
 
@@ -87,10 +88,6 @@ class BenchDataConfig:
     def validate(self) -> None:
         if self.max_width < self.min_width:
             raise ConfigError("max_width", f"must be >= min_width {self.min_width}, got {self.max_width}")
-        if not 0 < self.min_scale <= 1:
-            raise ConfigError("min_scale", f"must be in (0, 1], got {self.min_scale}")
-        if not 1 <= self.quality <= 100:
-            raise ConfigError("quality", f"must be in [1, 100], got {self.quality}")
         unknown = [name for name in self.paths if name not in PATHS]
         if unknown or not self.paths:
             raise ConfigError("paths", f"choose from {', '.join(PATHS)}; got {list(self.paths)}")

@@ -1,7 +1,8 @@
 """Hashtag vocabulary, per-image targets and tail resampling for weakly supervised pretraining.
 
-WSP (REFERENCE.md section 4) classifies each image into the ~28K most useful hashtags of a
-web dataset. Three things turn raw per-image tag lists into that training signal:
+WSP (SWAG, Singh et al. 2022, arXiv 2201.08371; MAWS, arXiv 2303.13496) classifies each image into
+the ~28K most useful hashtags of a web dataset. Three things turn raw per-image tag lists into that
+training signal:
 
 * :func:`normalize_hashtag` + :func:`build_vocab`: people write ``#Dog``, ``dog`` and
   ``DOG `` for one tag, so tags are normalised (Unicode NFKC, case folding, leading ``#``
@@ -49,8 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..files import write_text
-from .records import BadSample
+from prepretrain.data.records import BadSample
+from prepretrain.files import write_text
 
 VOCAB_FORMAT = "prepretrain-hashtag-vocab-v1"
 
@@ -257,7 +258,7 @@ def build_vocab(tag_lists: Iterable[Sequence[str]], *, min_count: int = 1, max_s
     ``>= min_count`` times, the ``max_size`` most frequent, ordered by count (ties
     alphabetically, so the order -- and the class index of every tag -- is the same on every
     rank and every run). For sources too large to hold every tag list, see
-    :func:`~prepretrain.data.tools.build_vocab_streaming`."""
+    :func:`~prepretrain.data.labels.vocab.build_vocab_streaming`."""
     check_vocab_limits(min_count, max_size)
     aliases = dict(aliases or {})
     counter: Counter[str] = Counter()
@@ -301,7 +302,7 @@ def vocab_from_counts(counter: Counter[str] | dict[str, int], images: int, *, mi
 
 def annotation_tags(annotation: Any) -> list[str]:
     """An annotation's raw hashtags: the default labeller (see
-    :class:`~prepretrain.data.weaklabels.WeakLabeler` for tags, captions and synsets)."""
+    :class:`~prepretrain.data.labels.weaklabels.WeakLabeler` for tags, captions and synsets)."""
     return list(annotation.hashtags)
 
 
@@ -311,7 +312,7 @@ def source_hashtags(source: Any, labels: Callable[[Any], list[str]] = annotation
 
     File sources and the synthetic set expose ``annotation(i)``; other map sources are read
     through ``get(i)``. A record that cannot be read counts as an image without tags. Shards
-    (no index access): :func:`~prepretrain.data.tools.count_hashtags`.
+    (no index access): :func:`~prepretrain.data.labels.vocab.count_hashtags`.
     """
     read = getattr(source, "annotation", None) or source.get
     for index in range(len(source)):
@@ -497,9 +498,15 @@ class RepeatFactors:
         return self.weight(known) * self.scale
 
     def __call__(self, annotation: Any) -> int:
-        expected = self.expected(annotation)
+        return self.labelled_copies(annotation)[0]
+
+    def labelled_copies(self, annotation: Any) -> tuple[int, list[int]]:
+        """(copies of the sample per epoch, its known tag indices): a reader that labels a sample
+        to count its copies hands the indices on with it, so the transform does not label it again."""
+        known, _ = self.vocab.encode(self.labels(annotation))
+        expected = self.weight(known) * self.scale
         whole = math.floor(expected)
-        return int(whole) + (unit_hash(self.seed, str(annotation.key)) < expected - whole)
+        return int(whole) + (unit_hash(self.seed, str(annotation.key)) < expected - whole), known
 
 
 @dataclass
@@ -510,17 +517,6 @@ class StreamStatistics:
     prior: torch.Tensor  # target_prior under the weights
     tag_counts: np.ndarray  # images per tag
     stats: dict[str, int]  # EncodedTags.stats() keys, plus images_with_tags_truncated
-
-
-def count_known_tags(vocab: HashtagVocab, tag_lists: Iterable[Sequence[str]]) -> tuple[np.ndarray, int]:
-    """(images per vocabulary tag, images read) from raw tag lists, one streaming pass."""
-    counts = np.zeros(len(vocab), dtype=np.int64)
-    images = 0
-    for raw_tags in tag_lists:
-        images += 1
-        known, _ = vocab.encode(raw_tags)
-        counts[known] += 1
-    return counts, images
 
 
 def stream_statistics(factors: RepeatFactors, tag_lists: Iterable[Sequence[str]], *, loss: str,
@@ -581,7 +577,6 @@ __all__ = [
     "VocabularyMismatch",
     "build_vocab",
     "check_vocab_limits",
-    "count_known_tags",
     "encode_images",
     "image_tags",
     "load_synonyms",

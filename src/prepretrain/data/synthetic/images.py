@@ -35,7 +35,7 @@ Split sizes convention (:func:`synthetic_split_sizes`): ``num_images`` is the tr
 ``val`` and ``test`` each get ``max(200, num_images // 5)`` images. Commands that need a
 held-out set build ``SyntheticSource(n, split="val")`` with that size.
 
-:func:`~prepretrain.data.tools.write_synthetic` exports the same records to an image folder
+:func:`~prepretrain.data.synthetic.export.write_synthetic` exports the same records to an image folder
 plus JSONL manifests, so the file-based sources can be exercised on data with known answers.
 """
 
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .records import Annotation, Record
+from prepretrain.data.records import Annotation, Record
 
 # ----------------------------------------------------------------------------------------
 # Attribute tables. Order matters: indices are labels.

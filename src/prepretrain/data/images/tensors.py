@@ -1,7 +1,7 @@
 """Decoding and random-resized-crop augmentation on tensors: batched on the GPU, the same code on CPU.
 
 Why: JPEG decoding plus a Pillow random-resized crop costs 2-4 ms per image on one core
-(REFERENCE.md section 7), so feeding one H100 running MAE-B needs a dozen cores. Two ways
+(BENCHMARKS.md, ``prepretrain bench data``), so feeding one H100 running MAE-B needs a dozen cores. Two ways
 out, both here:
 
 * **Per sample, in DataLoader workers (CPU).** :class:`TensorRandomResizedCrop` replaces
@@ -17,16 +17,16 @@ out, both here:
   decodes all JPEGs in one ``torchvision.io.decode_jpeg(list, device="cuda")`` call
   (nvJPEG), and crops, resizes, flips and normalises on the GPU, so the host only reads
   files. On CPU the same class runs the same steps with libjpeg-turbo, which is how the
-  tests exercise it. Training uses it with ``decode=gpu`` (``prepretrain.data.pixels``).
+  tests exercise it. Training uses it with ``decode=gpu`` (``prepretrain.data.images.pixels``).
 
 Crop boxes follow ``torchvision.transforms.RandomResizedCrop.get_params`` (area fraction
 uniform in ``scale``, log-uniform aspect ratio, 10 attempts, then a centre crop with the
 ratio clamped), sampled for a whole batch at once by :func:`sample_crop_boxes`.
 
-Bad input keeps the project's policy (``prepretrain.data.decode``): the header is checked
+Bad input keeps the project's policy (``prepretrain.data.images.decode``): the header is checked
 on the host first (format, size limit against decompression bombs, EXIF orientation, which
 nvJPEG does not apply), anything that is not a plain RGB/greyscale JPEG or that the fast
-decoder rejects goes through Pillow's :func:`~prepretrain.data.decode.load_image`, and what
+decoder rejects goes through Pillow's :func:`~prepretrain.data.images.decode.load_image`, and what
 cannot be decoded is reported as ``(reason, key)`` in ``_skipped`` like the loader does.
 """
 
@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decode import (
+from prepretrain.data.images.decode import (
     DEFAULT_MAX_PIXELS,
     FAST_JPEG_MODES,
     apply_orientation,
@@ -52,8 +52,8 @@ from .decode import (
     pil_to_tensor,
     probe_image,
 )
-from .records import BadSample
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
+from prepretrain.data.records import BadSample
 
 
 def sample_crop_boxes(

@@ -4,14 +4,15 @@ Every source yields :class:`~prepretrain.data.records.Record` objects and raises
 ``BadSample`` for a sample it cannot use, so the loader counts it instead of crashing.
 Listing is done once, at construction, and kept *compact*: folder paths live in one ``bytes``
 blob plus a NumPy offset array rather than millions of Python strings; manifest rows stay in
-their file, found through a memory-mapped offset index (:mod:`prepretrain.data.rowindex`).
+their file, found through a memory-mapped offset index (:mod:`prepretrain.data.readers.rowindex`).
 That matters twice: a list of 10M small objects costs GBs, and DataLoader workers forked
 from the main process touch every object's reference count, which copies the pages
 (copy-on-write) and multiplies that memory by the number of workers. A blob and an array
 are never written to after construction, so the pages stay shared.
 
-Choosing a source from a path (``open_source``) is :mod:`prepretrain.data.loader`'s job;
-statistics (``describe_source``) and conversion to shards are in :mod:`prepretrain.data.tools`.
+Choosing a source from a path (``open_source``) is :mod:`prepretrain.data.readers.open`'s job;
+statistics (``describe_source``) and conversion to shards are in
+:mod:`prepretrain.data.describe` and :mod:`prepretrain.data.shards.write`.
 """
 
 from __future__ import annotations
@@ -26,15 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from prepretrain.data.decode import (
+from prepretrain.data.images.decode import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     check_pixel_format,
     image_files,
     load_pixels,
 )
+from prepretrain.data.readers.rowindex import RowIndex, cache_root, file_identity
 from prepretrain.data.records import Annotation, BadSample, Record, num_classes_of, split_hashtags
-from prepretrain.data.rowindex import RowIndex, cache_root, file_identity
 from prepretrain.files import atomic_path
 
 MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".tsv")
@@ -216,7 +217,7 @@ class ManifestSource(_FileSource):
     integers, empty for "no label". Other columns are ignored.
 
     ``path`` is relative to the manifest's directory, or absolute. Opening is bounded in time
-    and memory whatever the size (:class:`~prepretrain.data.rowindex.RowIndex`: one streaming
+    and memory whatever the size (:class:`~prepretrain.data.readers.rowindex.RowIndex`: one streaming
     pass records each row's byte offset in a cache file the first time, later opens memory-map
     it; a CSV is first normalised to JSONL rows in the cache, in one streaming pass). Nothing
     about a row is checked when the manifest is opened: a malformed row, like a missing file,
@@ -226,7 +227,7 @@ class ManifestSource(_FileSource):
     characters: a mangled caption is still a usable image.
 
     Class names come from ``class_names=``, else from ``classes.json`` next to the manifest
-    (``{"class_names": {task: [...]}}``, as :func:`~prepretrain.data.tools.write_synthetic`
+    (``{"class_names": {task: [...]}}``, as :func:`~prepretrain.data.synthetic.export.write_synthetic`
     writes, or ``{task: [...]}``), else are empty; ``num_classes(task)`` is the larger of
     their count and the largest label + 1, found by reading every row the first time it is
     asked (evaluation sets are small; at pretraining scale nothing asks).

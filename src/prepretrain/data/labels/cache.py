@@ -2,7 +2,7 @@
 
 Before its first step, WSP on shards needs the vocabulary (label counts over every image), the
 images per label, the sum of the draw weights with the resampled target prior, and each shard's
-number of sample copies per epoch (:class:`~prepretrain.data.hashtags.RepeatFactors`). Computed
+number of sample copies per epoch (:class:`~prepretrain.data.labels.hashtags.RepeatFactors`). Computed
 from the annotations directly that is three or four passes over every ``.json``/``.txt`` member
 (with captions: every caption tokenised, lemmatised and matched again each time), on every rank.
 
@@ -17,7 +17,8 @@ Here the annotations are read once:
    computes with NumPy the images per vocabulary label, the draw weights, their sum and the prior,
    and every shard's copies. Rank 0 writes the result (``prepared-<settings>.json`` beside the
    shard files), which later runs on the same data and settings read instead.
-   :func:`prepare_from_cache` is both in one process.
+   :func:`prepare_shards` is the whole protocol, run through the :class:`Communicator` a stage hands
+   in; with a ``scratch`` folder (``label_cache=false``) nothing is kept on disk.
 
 The cache folder is named by the shards (path, size, modification time), the labelling (
 ``labels_from``, synset table, fields, metadata table, synonyms), so a changed shard or setting
@@ -32,16 +33,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from prepretrain.data.hashtags import (
+from prepretrain.data.labels.hashtags import (
     HashtagVocab,
     image_tags,
     prune_rarest,
@@ -49,9 +51,9 @@ from prepretrain.data.hashtags import (
     unit_hash,
     vocab_from_counts,
 )
+from prepretrain.data.labels.weaklabels import WeakLabeler
+from prepretrain.data.readers.rowindex import cache_root
 from prepretrain.data.records import BadSample
-from prepretrain.data.rowindex import cache_root
-from prepretrain.data.weaklabels import WeakLabeler
 from prepretrain.files import atomic_path, write_text
 
 CACHE_VERSION = "labelcache-v1"
@@ -181,7 +183,7 @@ class LabelCache:
 
 @dataclass
 class Prepared:
-    """What WSP needs from the annotations before its first step (see :func:`prepare_from_cache`)."""
+    """What WSP needs from the annotations before its first step (see :func:`prepare_shards`)."""
 
     vocab: HashtagVocab
     tag_counts: np.ndarray  # images per vocabulary label
@@ -216,7 +218,7 @@ def settings_name(*, vocab: HashtagVocab | None, min_count: int, max_size: int, 
 
 def build_cached_vocab(cache: LabelCache, *, min_count: int, max_size: int,
                        max_distinct: int = 5_000_000) -> HashtagVocab:
-    """The vocabulary of the cached labels, as :func:`~prepretrain.data.tools.build_vocab_streaming`
+    """The vocabulary of the cached labels, as :func:`~prepretrain.data.labels.vocab.build_vocab_streaming`
     builds it from the annotations (pruning the rarest half whenever more than ``max_distinct``
     labels are held; then approximate, and said so in its info). Reads only each shard's label
     table and counts, not its samples."""
@@ -336,16 +338,73 @@ def derive(cache: LabelCache, vocab: HashtagVocab, *, power: float, reduce: str,
                     [int(p) for p in positions])
 
 
-def prepare_from_cache(cache: LabelCache, *, vocab: HashtagVocab | None, min_count: int, max_size: int,
-                       power: float, reduce: str, loss: str, epoch_size: int, seed: int, max_tags: int,
-                       max_distinct: int = 5_000_000) -> Prepared:
-    """Everything WSP derives from the annotations, from the label files alone, in one process:
-    ``vocab`` (given or resumed) or :func:`build_cached_vocab`, then :func:`derive`."""
-    check_complete(cache)
-    if vocab is None:
-        vocab = build_cached_vocab(cache, min_count=min_count, max_size=max_size, max_distinct=max_distinct)
-    return derive(cache, vocab, power=power, reduce=reduce, loss=loss, epoch_size=epoch_size, seed=seed,
-                  max_tags=max_tags)
+class Communicator(Protocol):
+    """What the preparation needs from the processes of a job; the stage hands one in
+    (:class:`Alone` for one process, :class:`prepretrain.train.distributed.Collectives` under torch.distributed)."""
+
+    rank: int
+    world_size: int
+
+    def barrier(self) -> None: ...
+
+    def sum(self, values: np.ndarray) -> np.ndarray: ...
+
+
+class Alone:
+    """The communicator of a single process: no one to wait for, sums are the values themselves."""
+
+    rank, world_size = 0, 1
+
+    def barrier(self) -> None:
+        pass
+
+    def sum(self, values: np.ndarray) -> np.ndarray:
+        return values
+
+
+def prepare_shards(source: Any, labels: WeakLabeler, aliases: dict[str, str], *, vocab: HashtagVocab | None,
+                   min_count: int, max_size: int, power: float, reduce: str, loss: str, epoch_size: int, seed: int,
+                   max_tags: int, comm: Communicator | None = None, scratch: str | Path | None = None) -> Prepared:
+    """Everything WSP derives from the annotations of shards, from one annotation pass shared by every
+    rank: each rank labels its share of the shards into the cache (:meth:`LabelCache.build`); rank 0
+    builds the vocabulary from the cached label counts unless ``vocab`` is given (``vocab=`` or a
+    resumed run); every rank derives counts, weights, prior and copies for its share, summed across
+    ranks (:func:`derive`); rank 0 writes the result, which a later run on the same data and
+    settings reads instead.
+
+    ``scratch``: a folder every rank sees (the run directory) to label into instead of the shared
+    cache beside the data, removed afterwards: ``label_cache=false``, nothing kept on disk and
+    nothing read from an earlier run. ``vocab`` brings its own synonyms when it has them. ``comm``:
+    the job's processes (default :class:`Alone`).
+    """
+    comm = comm or Alone()
+    main = comm.rank == 0
+    folder = None if scratch is None else Path(scratch)
+    cache = LabelCache(source, labels, vocab.aliases if vocab is not None else aliases, folder=folder)
+    mine = shards_of_rank(len(source.urls), comm.rank, comm.world_size)
+    cache.build(mine)
+    comm.barrier()
+    name = settings_name(vocab=vocab, min_count=min_count, max_size=max_size, power=power, reduce=reduce, loss=loss,
+                         epoch_size=epoch_size, seed=seed, max_tags=max_tags)
+    path = cache.folder / name
+    if comm.sum(np.array([main and path.is_file()], dtype=np.int64))[0]:  # rank 0 decides for all
+        prepared = Prepared.load(path)
+    else:
+        if vocab is None:
+            vocab_path = cache.folder / f"vocab-{name}"
+            if main:
+                build_cached_vocab(cache, min_count=min_count, max_size=max_size).save(vocab_path)
+            comm.barrier()
+            vocab = HashtagVocab.load(vocab_path)
+        prepared = derive(cache, vocab, power=power, reduce=reduce, loss=loss, epoch_size=epoch_size, seed=seed,
+                          max_tags=max_tags, shards=mine, reduce_sum=comm.sum)
+        if main and scratch is None:
+            prepared.save(path)
+    if scratch is not None:
+        comm.barrier()  # every rank has read the scratch labels
+        if main:
+            shutil.rmtree(folder, ignore_errors=True)
+    return prepared
 
 
 def shards_of_rank(count: int, rank: int, world_size: int) -> Sequence[int]:
@@ -353,5 +412,5 @@ def shards_of_rank(count: int, rank: int, world_size: int) -> Sequence[int]:
     return range(rank, count, world_size)
 
 
-__all__ = ["LabelCache", "Prepared", "ShardLabels", "build_cached_vocab", "derive", "prepare_from_cache",
-           "settings_name", "shards_of_rank"]
+__all__ = ["Alone", "Communicator", "LabelCache", "Prepared", "ShardLabels", "build_cached_vocab", "derive",
+           "prepare_shards", "settings_name", "shards_of_rank"]

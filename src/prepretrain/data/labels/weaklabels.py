@@ -3,7 +3,7 @@
 The paper's WSP classifies Instagram hashtags, which are not public. Public web datasets carry
 captions (DataComp, LAION, CC3M/CC12M) or Flickr user tags, titles and descriptions (YFCC100M).
 This module turns each of them into a per-image list of label strings, which WSP then treats
-exactly as hashtags (:mod:`prepretrain.data.hashtags`: normalisation, vocabulary, resampling,
+exactly as hashtags (:mod:`prepretrain.data.labels.hashtags`: normalisation, vocabulary, resampling,
 metrics). One :class:`WeakLabeler` is used by ``prepretrain data vocab`` and by training, so the
 vocabulary and the targets are always derived the same way.
 

@@ -16,10 +16,10 @@ failure becomes a ``BadSample`` with a short, countable ``reason``:
 ``unsupported_mode``  a pixel mode with no sensible RGB conversion
 =================  ===================================================================
 
-Decoding is the data-pipeline bottleneck (REFERENCE.md section 7: ~400-900 JPEG/s per
-core), so :func:`load_image` also offers JPEG *draft mode*: with ``min_size_hint`` the
-libjpeg decoder scales by 1/2, 1/4 or 1/8 while decoding (DCT scaling), which is several
-times faster than a full decode followed by a resize when the training crop is small.
+Decoding is the data-pipeline bottleneck (a few hundred JPEG/s per core: BENCHMARKS.md,
+``prepretrain bench data``), so :func:`load_image` also offers JPEG *draft mode*: with
+``min_size_hint`` the libjpeg decoder scales by 1/2, 1/4 or 1/8 while decoding (DCT scaling), which
+is several times faster than a full decode followed by a resize when the training crop is small.
 
 :func:`load_tensor` is the same policy with a tensor result: plain JPEGs are decoded by
 libjpeg-turbo straight into a ``uint8`` tensor (``torchvision.io.decode_jpeg``), skipping

@@ -23,17 +23,14 @@ encoder from the MAE demo); on lightened discs it left chance by step 160 and re
 from __future__ import annotations
 
 import zlib
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .synthetic import SyntheticSource
-from .video import DIRECTION_STEPS, DIRECTIONS
-
-CODECS = {".mp4": ("mpeg4", "yuv420p"), ".avi": ("mpeg4", "yuv420p"), ".webm": ("libvpx", "yuv420p"),
-          ".mkv": ("mjpeg", "yuvj420p")}
+from prepretrain.data.synthetic.images import SyntheticSource
+from prepretrain.data.video.clips import DIRECTION_STEPS, DIRECTIONS
+from prepretrain.data.video.encode import encode_clip
 
 
 def motion_clip(index: int, split: str, *, size: int = 64, frames: int = 16, seed: int = 0,
@@ -60,27 +57,6 @@ def motion_clip(index: int, split: str, *, size: int = 64, frames: int = 16, see
         content = np.roll(texture, shift, axis=(0, 1))  # the disc's photo moves with it
         out[t] = np.where(mask[..., None], content, background).astype(np.uint8)
     return direction, out
-
-
-def encode_clip(path: Path, frames: np.ndarray, fps: int = 8) -> None:
-    """Write (T, H, W, 3) uint8 frames with the codec of the file's suffix (see :data:`CODECS`)."""
-    import av  # the video extra; imported here so image-only installs never load it
-
-    codec, pix_fmt = CODECS[path.suffix]
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = pix_fmt
-        stream.time_base = Fraction(1, fps)
-        if codec == "libvpx":
-            stream.options = {"deadline": "realtime", "cpu-used": "8"}
-        for t, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts = t
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def write_motion_clips(out: str | Path, *, num_videos: int = 1200, size: int = 64, frames: int = 16, fps: int = 8,

@@ -8,8 +8,8 @@ normalisation. ``decode=`` picks where and how that happens:
   sample in the loader workers. The reference implementation's path.
 * ``tensor`` (what ``auto`` means): sources return ``uint8`` tensors (libjpeg-turbo via
   ``torchvision.io``, or Pillow draft mode when that shrinks the image);
-  :class:`~prepretrain.data.gpu.TensorRandomResizedCrop` crops and resizes in ``uint8``;
-  :class:`~prepretrain.data.gpu.NormalizeImages` converts the collated batch once. 1.8-2.1x
+  :class:`~prepretrain.data.images.tensors.TensorRandomResizedCrop` crops and resizes in ``uint8``;
+  :class:`~prepretrain.data.images.tensors.NormalizeImages` converts the collated batch once. 1.8-2.1x
   the Pillow path per core (``prepretrain bench data``, BENCHMARKS.md).
 * ``gpu``: loader workers only read the encoded files (and check their headers); the
   training device decodes the whole micro-batch in one ``decode_jpeg`` call (nvJPEG on
@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from ..config import DECODE_MODES, decode_problem
-from .gpu import BatchAugment, NormalizeImages, TensorRandomResizedCrop
-from .loader import sample_seed
-from .transforms import pretrain_transform
+from prepretrain.config import DECODE_MODES, decode_problem
+from prepretrain.data.images.tensors import BatchAugment, NormalizeImages, TensorRandomResizedCrop
+from prepretrain.data.images.transforms import pretrain_transform
+from prepretrain.data.loader import sample_seed
 
 
 def resolve_decode(decode: str, data: str) -> str:
@@ -83,7 +83,7 @@ def train_pixels(decode: str, data: str, image_size: int, min_scale: float, flip
 class DeviceAugment:
     """``decode=gpu``: a collated batch of encoded images -> normalised crops on the device.
 
-    ``batch[key]`` is the list of :class:`~prepretrain.data.decode.EncodedImage` the loader
+    ``batch[key]`` is the list of :class:`~prepretrain.data.images.decode.EncodedImage` the loader
     collated. Files the device decoder cannot read are dropped from every per-sample entry
     of the batch (tensors and lists of the same length) and reported in ``_skipped`` with
     their reason and key, like the loader's skips, so the engine counts them and stops above

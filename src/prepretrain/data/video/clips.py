@@ -75,10 +75,10 @@ from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 
-from ..config import ConfigError
-from .decode import IMAGE_EXTENSIONS
-from .records import BadSample
-from .transforms import ZeroBitPosterize
+from prepretrain.config import ConfigError
+from prepretrain.data.images.decode import IMAGE_EXTENSIONS
+from prepretrain.data.images.transforms import ZeroBitPosterize
+from prepretrain.data.records import BadSample
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -50,9 +50,9 @@ from urllib.parse import unquote_plus
 
 import numpy as np
 
+from prepretrain.data.labels.weaklabels import split_flickr_tags
+from prepretrain.data.readers.rowindex import cache_root, file_identity
 from prepretrain.data.records import Annotation, split_hashtags
-from prepretrain.data.rowindex import cache_root, file_identity
-from prepretrain.data.weaklabels import split_flickr_tags
 
 TABLE_VERSION = "metadata-v1"
 KEY_COLUMNS = ("key", "uid", "photoid", "photo_id", "id", "url")

@@ -15,7 +15,8 @@ alone (``bench data`` times the input pipeline; ``--end-to-end`` runs the real s
 ``lit`` times the text tower's step from cached image features (``prepretrain lit``'s default)
 against the baseline that runs the locked image tower every step.
 
-FLOPs come from the analytic formulas of REFERENCE.md section 7 (training = 3 x forward; the
+FLOPs come from the analytic formulas of :func:`prepretrain.models.vit.forward_flops` and its MAE,
+text, video and ViTDet counterparts (training = 3 x forward; the
 detector counts its ViT only), so MFU is comparable with the paper's cost model.
 """
 
@@ -37,25 +38,25 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import ConfigError
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .models.clip import build_clip, clip_loss
-from .models.detector import build_detector
-from .models.heads import multilabel_loss
-from .models.mae import create_mae, mae_forward_flops
-from .models.text import TEXT_SHAPES, text_forward_flops
-from .models.tokenizers import build_tokenizer
-from .models.video import VideoViT, video_forward_flops
-from .models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape, with_timm_attention
-from .models.vitdet import ViTDetBackbone, parse_global_blocks, vitdet_flops
-from .plan import PlanConfig, plan_run
-from .stages.detect import DetectConfig
-from .stages.lit import check_tower_names
-from .stages.video import VideoConfig
-from .train.distributed import clip_grad_norm_, pick_device
-from .train.engine import Precision, nonfinite_count, pick_precision
-from .train.metrics import detect_peak_tflops
-from .train.optim import build_optimizer, param_groups, step_unless_flagged
+from prepretrain.config import Choices, ConfigError
+from prepretrain.data.images.transforms import IMAGENET_MEAN, IMAGENET_STD
+from prepretrain.models.clip import build_clip, clip_loss
+from prepretrain.models.detector import build_detector
+from prepretrain.models.heads import multilabel_loss
+from prepretrain.models.mae import create_mae, mae_forward_flops
+from prepretrain.models.text import TEXT_SHAPES, text_forward_flops
+from prepretrain.models.tokenizers import build_tokenizer
+from prepretrain.models.video import VideoViT, video_forward_flops
+from prepretrain.models.vit import VIT_SHAPES, create_vit, forward_flops, resolve_name, vit_shape, with_timm_attention
+from prepretrain.models.vitdet import ViTDetBackbone, parse_global_blocks, vitdet_flops
+from prepretrain.plan import PlanConfig, plan_run
+from prepretrain.stages.detect import DetectConfig
+from prepretrain.stages.lit import check_tower_names
+from prepretrain.stages.video import VideoConfig
+from prepretrain.train.distributed import clip_grad_norm_, pick_device
+from prepretrain.train.engine import Precision, nonfinite_count, pick_precision
+from prepretrain.train.metrics import detect_peak_tflops
+from prepretrain.train.optim import build_optimizer, param_groups, step_unless_flagged
 
 STEP_TARGETS = ("mae", "wsp", "finetune", "vit", "video", "detect")
 
@@ -103,14 +104,10 @@ class BenchConfig:
         "num_frames": "> 0", "tubelet_size": "> 0", "window_size": ">= 0", "pyramid_channels": "> 0",
         "objects_per_image": "> 0",
     }
+    choices = {"target": STEP_TARGETS, "compile": Choices(("auto", "true", "false"), any_case=True),
+               "precision": ("auto", "bf16", "fp16", "fp32")}
 
     def validate(self) -> None:
-        if self.target not in STEP_TARGETS:
-            raise ConfigError("target", f"must be one of {', '.join(STEP_TARGETS)}")
-        if str(self.compile).lower() not in ("auto", "true", "false"):
-            raise ConfigError("compile", f"must be auto, true or false; got '{self.compile}'")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ConfigError("precision", f"must be auto, bf16, fp16 or fp32; got '{self.precision}'")
         try:
             resolve_name(self.model)
         except ValueError as error:
