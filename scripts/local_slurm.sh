@@ -78,13 +78,17 @@ CONF
     chmod 400 /etc/munge/munge.key
 }
 
+running() {  # a live process of that name (a zombie left by a stopped daemon does not count)
+    ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'
+}
+
 start() {
     need_root
     install
     configure
-    pgrep -x munged >/dev/null || runuser -u munge -- munged 2>/dev/null || munged --force
-    pgrep -x slurmctld >/dev/null || slurmctld
-    pgrep -x slurmd >/dev/null || slurmd
+    running munged || runuser -u munge -- munged 2>/dev/null || munged --force
+    running slurmctld || slurmctld
+    running slurmd || slurmd
     local host
     host="$(hostname -s)"
     for _ in $(seq 1 60); do
