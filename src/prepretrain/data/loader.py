@@ -432,6 +432,3 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
         return DataLoader(ShardPass(dataset, batch_size), batch_size=None, collate_fn=_already_collated, **common)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate_for(dataset), **common)
 
-
-# pipeline.py still imports the source factory from here; it moved to readers/open.py.
-from prepretrain.data.readers.open import open_data, open_source  # noqa: E402,F401
