@@ -207,9 +207,10 @@ def check_range(cfg: Any, interval: str, *keys: str) -> None:
     inside = INTERVALS[interval]
     for key in keys:
         value = getattr(cfg, key)
-        if not inside(value):
-            where = interval if interval[0] in "<>" else f"in {interval}"
-            raise ConfigError(key, f"must be {where}, got {value}")
+        for item in value if isinstance(value, (tuple, list)) else (value,):  # a list key: every value
+            if not inside(item):
+                where = interval if interval[0] in "<>" else f"in {interval}"
+                raise ConfigError(key, f"must be {where}, got {item}")
 
 
 class Choices(tuple):
@@ -288,11 +289,16 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(key, f"cannot read {value!r} as {annotation}")
     if origin in (tuple, list):
         if isinstance(value, str):
-            text = value.strip().strip("[]()")
+            text = value.strip()
+            if text[:1] + text[-1:] in ("[]", "()"):  # [a, b] or (a, b); "probe (coarse)" keeps its ")"
+                text = text[1:-1]
             value = [v.strip() for v in text.split(",") if v.strip()] if text else []
+        fixed = origin is tuple and args and args[-1] is not Ellipsis
+        if not isinstance(value, (list, tuple)) and not fixed and isinstance(value, (int, float)):
+            value = [value]  # one value of a list key (mae_steps: 200)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(key, f"expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
+        if fixed:
             if len(value) != len(args):
                 raise ConfigError(key, f"expected {len(args)} values, got {len(value)}: {value!r}")
             return tuple(_coerce(key, v, a) for v, a in zip(value, args))

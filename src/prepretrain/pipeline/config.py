@@ -8,12 +8,13 @@ paper pipeline config with only model size, budgets and hardware changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, build_config, read_yaml
 from ..evaluate.zeroshot import CLASS_SETS, TEMPLATE_SETS, check_names_file
+from ..models.vit import resolve_name
 
 EXECUTORS = ("local", "slurm")
 
@@ -34,19 +35,26 @@ class PipelineConfig:
     # evaluations, zero-shot and finetuning of eval_data, on its own label task, as rows "NAME: ..."
     eval_sets: tuple[str, ...] = ()
     num_images: int = 2000
-    model: str = "vit_micro4"
+    # the sweep axes (a list runs every combination: the paper's Figs. 3-5; docs/experiment.md): the
+    # model, the MAE budget (0 = no MAE: the untrained-init control) and the WSP budget. Budgets in
+    # optimizer steps for the demo (ignored for a stage given a recipe file), or in epochs
+    # (mae_epochs, wsp_epochs: epochs=E of the recipe or the demo; empty = the steps / the recipe's)
+    model: tuple[str, ...] = ("vit_micro4",)
     image_size: int = 32
     device: str = "auto"
     precision: str = "auto"
-    # budgets of the CPU demo (optimizer steps); ignored for a stage given a recipe file
-    mae_steps: int = 200
-    wsp_steps: int = 150
+    mae_steps: tuple[int, ...] = (200,)
+    wsp_steps: tuple[int, ...] = (150,)
+    mae_epochs: tuple[float, ...] = ()
+    wsp_epochs: tuple[float, ...] = ()
     lit_steps: int = 40
     finetune_steps: int = 30
     batch_size: int = 64
     eval_every: int = 25  # WSP evaluation interval: the convergence curves
     wsp_eval_images: int = 200  # held-out images scored at each WSP evaluation
-    # paper-scale recipes (configs/*.yaml); the pipeline then only sets data, seed and out_dir
+    # paper-scale recipes (configs/*.yaml); the pipeline then only sets data, seed, out_dir, the model
+    # and the budgets it sweeps. "{model}" in a path is the model of each grid point
+    # (configs/mae_{model}.yaml reads configs/mae_vit_l16.yaml for model vit_l16)
     mae_config: str = ""
     wsp_config: str = ""
     lit_config: str = ""
@@ -72,6 +80,8 @@ class PipelineConfig:
     # prepretrain | openai80); empty = the data's own names (WordNet-id folders become words) / prepretrain
     zeroshot_classes: str = ""
     zeroshot_templates: str = ""
+    # rows of the transfer table the sweep's figures draw (e.g. "linear probe (coarse)"); empty = the first
+    figure_rows: tuple[str, ...] = ()
     random_baseline: bool = True
     # the control arm: WSP (and the frozen evaluations) from the MAE's initialisation without MAE
     # training, so the report can tell what MAE learns from how it initialises
@@ -105,7 +115,8 @@ class PipelineConfig:
 
     # Every numeric key this class defines, with its interval (config.check_bounds).
     bounds = {
-        "num_images": "> 0", "image_size": "> 0", "mae_steps": "> 0", "wsp_steps": "> 0", "lit_steps": "> 0",
+        "num_images": "> 0", "image_size": "> 0", "mae_steps": ">= 0", "wsp_steps": "> 0", "mae_epochs": ">= 0",
+        "wsp_epochs": "> 0", "lit_steps": "> 0",
         "finetune_steps": "> 0", "batch_size": "> 0", "eval_every": ">= 0", "wsp_eval_images": ">= 0",
         "video_steps": ">= 0", "detect_steps": ">= 0", "gpus": "> 0", "gpu_memory_gib": "> 0",
         "assumed_mfu": "(0, 1]", "threads": ">= 0", "transfer_gpus": ">= 0", "gpus_per_node": "> 0",
@@ -124,9 +135,13 @@ class PipelineConfig:
         unknown = set(self.evaluations) - known
         if unknown:
             raise ConfigError("evaluations", f"unknown {sorted(unknown)}; known: {sorted(known)}")
-        for key in ("mae_config", "wsp_config", "lit_config", "finetune_config", "video_config", "detect_config"):
-            if getattr(self, key) and not Path(getattr(self, key)).exists():
-                raise ConfigError(key, f"file not found: {getattr(self, key)}")
+        grid_points(self)  # the sweep axes: no empty or repeated values
+        for key in RECIPE_KEYS:
+            for model in self.model:
+                path = recipe_file(self, key, model)
+                if path and not Path(path).exists():
+                    raise ConfigError(key, f"file not found: {path}" + (f" (model {model})" if path != getattr(
+                        self, key) else ""))
         recipe_overrides(self, "mae")  # malformed entries name the key now
         classify_sets(self)
         eval_sets(self)
@@ -222,6 +237,112 @@ def stage_data(cfg: PipelineConfig, kind: str) -> tuple[str, str]:
         return key, getattr(cfg, key)
     key = {"mae": "mae_data", "wsp": "wsp_data", "lit": "lit_data"}.get(kind, "eval_data")
     return (key, getattr(cfg, key)) if getattr(cfg, key) else ("data", cfg.data)
+
+
+# ------------------------------------------------------------------------------ the sweep grid
+@dataclass(frozen=True)
+class Budget:
+    """How long a stage trains at one grid point: ``steps`` (the demo), ``epochs`` (``epochs=E`` of
+    the recipe or the demo), ``recipe`` (the recipe file's own), or ``none`` (no MAE: value 0)."""
+
+    stage: str  # mae | wsp
+    unit: str  # steps | epochs | recipe | none
+    value: float = 0.0
+
+    @property
+    def trains(self) -> bool:
+        return self.unit != "none"
+
+    def overrides(self) -> dict[str, Any]:
+        """What the budget sets in the stage's config."""
+        if self.unit == "steps":
+            return {"steps": int(self.value)}
+        if self.unit == "epochs":
+            return {"epochs": self.value, "steps": 0}
+        return {}
+
+    @property
+    def tag(self) -> str:
+        """The budget in a directory name: mae600, mae0.5ep, mae0."""
+        if self.unit == "steps":
+            return f"{self.stage}{int(self.value)}"
+        if self.unit == "epochs":
+            return f"{self.stage}{self.value:g}ep"
+        return f"{self.stage}0" if self.unit == "none" else f"{self.stage}_recipe"
+
+    @property
+    def label(self) -> str:
+        return {"steps": f"{int(self.value)} steps", "epochs": f"{self.value:g} ep", "recipe": "recipe",
+                "none": "0"}[self.unit]
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One point of the sweep: a model and the MAE and WSP budgets its arms train with; ``base``: the
+    first value of each axis, whose jobs keep the layout of a pipeline without a sweep."""
+
+    model: str
+    mae: Budget
+    wsp: Budget
+    base: tuple[str, Budget, Budget] | None = field(default=None, compare=False)
+
+    def axes(self, *names: str) -> dict[str, Any]:
+        """The point's values on ``names`` (model, mae, wsp), as a job records them."""
+        values = {"model": self.model, "mae": self.mae.label, "wsp": self.wsp.label}
+        return {name: values[name] for name in names}
+
+    def prefix(self, *names: str) -> str:
+        """The directory of the jobs that depend on ``names``: their values that differ from the first
+        value of their axis, e.g. "vit_tiny4/mae600/"; "" at the first point. So a pipeline without a
+        sweep keeps its layout, and values added after the first never rename a job that ran."""
+        base_model, base_mae, base_wsp = self.base or (self.model, self.mae, self.wsp)
+        parts = {"model": self.model if self.model != base_model else "",
+                 "mae": self.mae.tag if self.mae != base_mae else "",
+                 "wsp": self.wsp.tag if self.wsp != base_wsp else ""}
+        return "".join(f"{parts[name]}/" for name in names if parts[name])
+
+
+def recipe_file(cfg: PipelineConfig, key: str, model: str) -> str:
+    """A ``*_config`` recipe path for ``model`` ("{model}" replaced); "" when the key is not set."""
+    return str(getattr(cfg, key)).replace("{model}", model)
+
+
+def stage_budgets(cfg: PipelineConfig, stage: str) -> list[Budget]:
+    """The budgets ``stage`` (mae or wsp) is swept over, in the order given; a ConfigError names the key
+    of an empty, repeated or (with a recipe) ignored value."""
+    steps, epochs = getattr(cfg, f"{stage}_steps"), getattr(cfg, f"{stage}_epochs")
+    if epochs:
+        key = f"{stage}_epochs"
+        budgets = [Budget(stage, "epochs", float(e)) if e else Budget(stage, "none") for e in epochs]
+    elif getattr(cfg, f"{stage}_config"):
+        key = f"{stage}_steps"  # a recipe trains for its own epochs: steps only say whether there is a stage
+        budgets = [Budget(stage, "recipe") if n else Budget(stage, "none") for n in steps]
+    else:
+        key = f"{stage}_steps"
+        budgets = [Budget(stage, "steps", n) if n else Budget(stage, "none") for n in steps]
+    if not budgets:
+        raise ConfigError(key, "give at least one value")
+    if len(set(budgets)) < len(budgets):
+        hint = (f": with {stage}_config the recipe sets the budget; sweep it in epochs with {stage}_epochs="
+                if getattr(cfg, f"{stage}_config") and not epochs else "")
+        raise ConfigError(key, f"a value is repeated in {list(epochs or steps)}{hint}")
+    return budgets
+
+
+def grid_points(cfg: PipelineConfig) -> list[GridPoint]:
+    """Every combination of the sweep axes (model x MAE budget x WSP budget); one point without a sweep."""
+    if not cfg.model or any(not str(model).strip() for model in cfg.model):
+        raise ConfigError("model", "give at least one model name")
+    if len(set(cfg.model)) < len(cfg.model):
+        raise ConfigError("model", f"a value is repeated in {list(cfg.model)}")
+    for model in cfg.model:
+        try:
+            resolve_name(model)
+        except ValueError as error:
+            raise ConfigError("model", str(error)) from None
+    maes, wsps = stage_budgets(cfg, "mae"), stage_budgets(cfg, "wsp")
+    base = (cfg.model[0], maes[0], wsps[0])
+    return [GridPoint(model, mae, wsp, base) for model in cfg.model for mae in maes for wsp in wsps]
 
 
 # ------------------------------------------------------------------------------ rehearsal

@@ -19,7 +19,8 @@ from typing import Any
 from ..config import ConfigError, dump_config
 from ..files import write_json, write_text
 from . import state
-from .config import PipelineConfig
+from .config import PipelineConfig, grid_points
+from .figures import jobs_at, point_label, sweep_blocks, varying
 from .local import LocalExecutor
 from .plan import Job, build_job_config, plan_jobs, training_flops_per_sample
 from .preflight import pre_flight
@@ -92,7 +93,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             print(f"[pipeline] {queued} job(s) queued; 'prepretrain pipeline status out_dir={out}' shows them; "
                   "rerun this command to wait for them and write the report", flush=True)
             return {name: record["results"] for name, record in outcome.done.items()}
-        return finish(cfg, jobs, outcome)
+        return finish(cfg, jobs, outcome, estimates)
 
 
 def execute(cfg: PipelineConfig, jobs: list[Job], estimates: dict[str, Estimate]) -> Outcome:
@@ -124,14 +125,20 @@ def _read_cached(cfg: PipelineConfig, jobs: list[Job], progress: Progress) -> No
             progress.cached(job, record)
 
 
-def finish(cfg: PipelineConfig, jobs: list[Job], outcome: Outcome) -> dict[str, Any]:
+def finish(cfg: PipelineConfig, jobs: list[Job], outcome: Outcome, estimates: dict[str, Estimate]) -> dict[str, Any]:
     """results.json and the report from every finished job; JobsFailed if any failed or was skipped."""
     out = Path(cfg.out_dir)
     results = {job.name: outcome.done[job.name]["results"] for job in jobs if job.name in outcome.done}
     write_json(out / "results.json", results)
     flops = {job.name: training_flops_per_sample(job) for job in jobs if job.kind in ("mae", "wsp")}
     missing = [job.name for job in jobs if job.name not in outcome.done]
-    md, html = write_pipeline_report(cfg, jobs, results, flops, timeline(jobs, outcome), missing)
+    points = grid_points(cfg)
+    point = None
+    if len(points) > 1:  # the verdict and tables of one point (the last: largest budgets as listed), then the sweep
+        point = (point_label(points[-1], varying(points)), jobs_at(points[-1], jobs))
+    training_flops = {name: estimate.flops for name, estimate in estimates.items()}
+    sweep = sweep_blocks(cfg, jobs, results, training_flops, out)
+    md, html = write_pipeline_report(cfg, jobs, results, flops, timeline(jobs, outcome), missing, sweep, point)
     spent = [record.get("finished", 0) - record.get("started", 0) for record in outcome.done.values()]
     print(f"[pipeline] {len(outcome.done)} of {len(jobs)} jobs done ({clock(sum(spent))} of job time); "
           f"report: {md} and {html}", flush=True)

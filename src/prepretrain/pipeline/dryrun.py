@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 
-from .config import PipelineConfig, slurm_extra
+from .config import PipelineConfig, grid_points, slurm_extra
+from .figures import jobs_at, point_label, varying
 from .plan import TASK_STAGES, TRAINING_KINDS, plan_jobs
 from .preflight import pre_flight
 from .resources import critical_path, estimate_jobs
@@ -41,6 +42,7 @@ def dry_run(cfg: PipelineConfig) -> str:
                  "an evaluation reads a train split and 50K held-out images, plus 3 minutes")
     if cfg.executor == "slurm":
         lines += ["", *slurm_lines(cfg, jobs, estimates, width)]
+    lines += grid_lines(cfg, jobs, estimates)
     total_flops = sum(est.flops for est in estimates.values())
     hours, path = critical_path(jobs, {name: est.hours for name, est in estimates.items()})
     gpu_hours = sum(est.gpu_hours for est in estimates.values())
@@ -70,4 +72,27 @@ def slurm_lines(cfg: PipelineConfig, jobs, estimates, width: int) -> list[str]:
     if longest.hours * 60 * 1.5 + 15 > longest.slurm_minutes(cfg):
         lines.append("a job longer than its time limit checkpoints at the limit (submitit's SIGUSR2), requeues "
                      "itself and resumes")
+    return lines
+
+
+def grid_lines(cfg: PipelineConfig, jobs, estimates) -> list[str]:
+    """A sweep's grid: each point with its jobs, the jobs it adds to the points before it (a job shared
+    by several points is planned and counted once) and their GPU-hours and training FLOPs."""
+    points = grid_points(cfg)
+    axes = varying(points)
+    if not axes:
+        return []
+    width = max(len(point_label(point, axes)) for point in points) + 1
+    lines = ["", f"sweep grid: {len(points)} points over {', '.join(axes)}; {len(cfg.seeds)} seed(s) each; "
+                 f"{len(jobs)} jobs in all",
+             f"{'grid point':<{width}} {'jobs':>5} {'new jobs':>8} {'new GPU-hours':>14} {'new EFLOP':>10}"]
+    seen: set[str] = set()
+    for point in points:
+        here = jobs_at(point, jobs)
+        new = [job for job in here if job.name not in seen]
+        seen.update(job.name for job in new)
+        gpu_hours = sum(estimates[job.name].gpu_hours for job in new)
+        flops = sum(estimates[job.name].flops for job in new)
+        lines.append(f"{point_label(point, axes):<{width}} {len(here):>5} {len(new):>8} {gpu_hours:>14,.0f} "
+                     f"{flops / 1e18:>10.2f}")
     return lines

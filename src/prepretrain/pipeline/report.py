@@ -202,18 +202,28 @@ def plot_timeline(timeline: list[dict[str, Any]], lanes: list[str], start: float
 
 
 def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: dict[str, float],
-                          timeline: list[dict[str, Any]] = (), missing: list[str] = ()) -> tuple[Path, Path]:
+                          timeline: list[dict[str, Any]] = (), missing: list[str] = (), sweep: list[Block] = (),
+                          point: tuple[str, list] | None = None) -> tuple[Path, Path]:
     """report.md and report.html of a pipeline run; ``flops_per_sample`` maps a training job's
     name to its training FLOPs per sample (0 or absent: unknown, the FLOPs plot leaves it out);
-    ``timeline``: when and where each job ran; ``missing``: jobs without results (failed, skipped)."""
+    ``timeline``: when and where each job ran; ``missing``: jobs without results (failed, skipped);
+    ``sweep``: the sweep's figures (:mod:`.figures`), after the transfer results; ``point``: in a
+    sweep, (its label, its jobs): the grid point the verdict, tables and curves are for."""
     out = Path(cfg.out_dir)
+    all_jobs = list(jobs)
+    if point is not None:
+        jobs = point[1]
     by_seed = collect_by_seed(cfg, jobs, results)
     table = collect_table(cfg, jobs, results)
     blocks: list[Block] = [Block("heading", "MAE pre-pretraining → WSP → transfer", level=1)]
-    blocks.append(Block("paragraph", f"Data: `{cfg.data}`, model `{cfg.model}` at {cfg.image_size} px, "
+    models = ", ".join(f"`{model}`" for model in cfg.model)
+    blocks.append(Block("paragraph", f"Data: `{cfg.data}`, model {models} at {cfg.image_size} px, "
                         f"seeds {list(cfg.seeds)}. Accuracies in percent, mean ± std over seeds."))
+    if point is not None:
+        blocks.append(Block("paragraph", f"A sweep: the verdict, the tables and the WSP curves below are for the grid "
+                            f"point {point[0]}; the section \"The sweep\" has every point."))
     if missing:
-        blocks.append(Block("paragraph", f"**Incomplete**: {len(missing)} of {len(jobs)} jobs have no results "
+        blocks.append(Block("paragraph", f"**Incomplete**: {len(missing)} of {len(all_jobs)} jobs have no results "
                             "(failed, or skipped because a job they read failed); their numbers are left out:"))
         blocks.append(Block("list", items=[f"`{name}`" for name in missing]))
 
@@ -232,6 +242,7 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
         plot_bars({k: {e: [v / 100 for v in vals] for e, vals in row.items()} for k, row in table.items()},
                   out / "transfer.png", "transfer by encoder")
         blocks.append(Block("image", "Transfer accuracy by task and encoder", items=["transfer.png"]))
+    blocks += list(sweep)
 
     # WSP convergence (Fig. 4) and accuracy vs FLOPs (Fig. 5): every WSP arm, per seed
     arms = [LABELS[arm] for arm in ("mae_wsp", "maeinit_wsp", "wsp")]
@@ -277,7 +288,8 @@ def write_pipeline_report(cfg, jobs, results: dict[str, Any], flops_per_sample: 
     blocks.append(Block("code", command))
     blocks.append(Block("paragraph", "The pipeline's resolved config:"))
     blocks.append(Block("code", dump_config(replace(cfg)).strip()))
-    items = [f"`{job.name}` ({job.kind}): `{out / job.name / 'config.yaml'}`" for job in jobs if job.kind != "frozen"]
+    items = [f"`{job.name}` ({job.kind}): `{out / job.name / 'config.yaml'}`" for job in all_jobs
+             if job.kind != "frozen"]
     blocks.append(Block("paragraph", "Each stage's resolved config is in its run directory; rerun one alone with "
                         "`prepretrain <kind> --config <that file>`."))
     blocks.append(Block("list", items=items))

@@ -112,9 +112,7 @@ class Estimator:
                 fits = f"<={fits}"
             return replace(base, hours=flops / throughput / 3600, flops=flops, steps=steps,
                            memory_gib=float(plan["total_gib"]), fits=fits, model=getattr(stage_cfg, "model", ""))
-        model = str(job.values.get("model") or cfg.model)
-        if job.kind in ("zeroshot", "classify"):  # the model is a run: price the pipeline's encoder
-            model = cfg.model
+        model = str(job.grid.get("model") or cfg.model[0])  # zeroshot's and classify's model= is a run
         forward = self.forward_flops_per_image(model, cfg.image_size)
         images = self.evaluation_images(job)
         return replace(base, hours=forward * images / throughput / 3600 + EVALUATION_OVERHEAD_HOURS, model=model)
