@@ -85,7 +85,7 @@ def grid_lines(cfg: PipelineConfig, jobs, estimates) -> list[str]:
     width = max(len(point_label(point, axes)) for point in points) + 1
     lines = ["", f"sweep grid: {len(points)} points over {', '.join(axes)}; {len(cfg.seeds)} seed(s) each; "
                  f"{len(jobs)} jobs in all",
-             f"{'grid point':<{width}} {'jobs':>5} {'new jobs':>8} {'new GPU-hours':>14} {'new EFLOP':>10}"]
+             f"{'grid point':<{width}} {'jobs':>5} {'new jobs':>8} {'new GPU-hours':>14} {'new train FLOP':>14}"]
     seen: set[str] = set()
     for point in points:
         here = jobs_at(point, jobs)
@@ -94,5 +94,5 @@ def grid_lines(cfg: PipelineConfig, jobs, estimates) -> list[str]:
         gpu_hours = sum(estimates[job.name].gpu_hours for job in new)
         flops = sum(estimates[job.name].flops for job in new)
         lines.append(f"{point_label(point, axes):<{width}} {len(here):>5} {len(new):>8} {gpu_hours:>14,.0f} "
-                     f"{flops / 1e18:>10.2f}")
+                     f"{flops:>14.3g}")
     return lines
