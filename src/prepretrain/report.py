@@ -88,8 +88,9 @@ def plot_panels(panels: dict[str, dict[str, list[list[tuple[float, float]]]]], p
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+        handles = ax.get_legend_handles_labels()[0]
+        if handles:
+            ax.legend(fontsize="small" if len(handles) > 4 else None)
     if title:
         (axes[0][0].set_title if len(panels) == 1 else fig.suptitle)(title)
     fig.tight_layout()

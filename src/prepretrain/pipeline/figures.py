@@ -21,10 +21,11 @@ from typing import Any
 
 from ..report import Block, format_mean_std, plot_panels, table_block
 from .config import GridPoint, PipelineConfig, grid_points
-from .plan import Job
+from .plan import ARM_AXES, Job
 from .report import CONTRASTS, collect_by_seed, contrast_text, paired_contrast
 
 ARMS = ("MAE→WSP", "MAE init→WSP", "WSP")
+ARM_RUNS = {"MAE→WSP": "mae_wsp", "MAE init→WSP": "maeinit_wsp", "WSP": "wsp"}
 AXIS_NAMES = {"model": "model", "mae": "MAE budget", "wsp": "WSP budget"}
 
 Table = dict[str, dict[str, dict[int, float]]]  # row -> encoder label -> seed -> accuracy (%)
@@ -82,17 +83,9 @@ def sweep_blocks(cfg: PipelineConfig, jobs: list[Job], results: dict[str, Any], 
         blocks.append(Block("paragraph", f"figure_rows not in the results: {missing}; the rows are: {known}"))
     if not rows:
         return blocks
-    if "model" in axes:
-        blocks += axis_figure(cfg, "model", points, tables, rows, out, "Transfer against model size (paper Fig. 3)",
-                              "fig3_model_size.png")
-    if "mae" in axes:
-        blocks += axis_figure(cfg, "mae", points, tables, rows, out,
-                              "Transfer against the MAE budget (paper Fig. 4)", "fig4_mae_budget.png")
-    if "wsp" in axes:
-        blocks += axis_figure(cfg, "wsp", points, tables, rows, out,
-                              "Transfer against the WSP budget, per MAE budget (paper Fig. 4)", "fig4_wsp_budget.png")
-    if "mae" in axes or "wsp" in axes:
-        blocks += flops_figure(cfg, points, tables, jobs, rows, training_flops, out)
+    for kind in ("model", "mae", "wsp", "flops"):
+        if kind in axes or (kind == "flops" and {"mae", "wsp"} & set(axes)):
+            blocks += figure_blocks(kind, points, tables, rows, out, jobs, training_flops)
     blocks += contrast_blocks(points, tables, axes)
     return blocks
 
@@ -114,53 +107,82 @@ def axis_title(axis: str, points: list[GridPoint]) -> str:
     return f"{AXIS_NAMES[axis]}, {unit}"
 
 
-def series_of(axis: str, points: list[GridPoint], axes: list[str]) -> dict[tuple, list[GridPoint]]:
-    """The points of each line of an ``axis`` figure: one line per value of the other swept axes."""
-    others = [a for a in axes if a != axis]
-    lines: dict[tuple, list[GridPoint]] = {}
+def lines_of(along: str, arm: str, points: list[GridPoint], axes: list[str], control: bool) -> dict[str, list]:
+    """The lines of one arm in a figure whose points run ``along`` an axis: one line per value of the
+    other swept axes the arm depends on (the WSP from scratch does not depend on the MAE budget: one
+    line per WSP budget). MAE->WSP at MAE budget 0 *is* the control arm, so it stays off a line along
+    another axis when the control is drawn."""
+    others = [axis for axis in axes if axis != along and axis in ARM_AXES[ARM_RUNS[arm]]]
+    lines: dict[str, list[GridPoint]] = {}
     for point in points:
-        lines.setdefault(tuple(point.axes(*others).items()), []).append(point)
+        if arm == "MAE→WSP" and along != "mae" and not point.mae.trains and control:
+            continue
+        lines.setdefault(point_label(point, others) if others else "", []).append(point)
     return lines
 
 
-def axis_figure(cfg: PipelineConfig, axis: str, points: list[GridPoint], tables: dict[GridPoint, Table],
-                rows: list[str], out: Path, title: str, file: str) -> list[Block]:
+def figure_blocks(kind: str, points: list[GridPoint], tables: dict[GridPoint, Table], rows: list[str], out: Path,
+                  jobs: list[Job] = (), training_flops: dict[str, float] | None = None) -> list[Block]:
+    """One figure (a panel per row) and its table. ``kind``: an axis (model, mae, wsp) for transfer
+    against it, or ``flops`` for accuracy against MAE + WSP training FLOPs along the swept budget."""
     axes = varying(points)
-    lines = series_of(axis, points, axes)
+    along = kind if kind != "flops" else ("wsp" if "wsp" in axes else "mae")
+    control = any("MAE init→WSP" in table.get(row, {}) for table in tables.values() for row in rows)
     panels: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
-    header = ["row", AXIS_NAMES[axis]]
-    body: list[list[str]] = []
+    cells: dict[tuple[str, str], dict[str, str]] = {}  # (row, x) -> line label -> mean ± std
+    places: dict[tuple[str, str], str] = {}  # (row, x) -> the grid point it was read at (the FLOPs table)
     labels: list[str] = []
-    for other, line_points in lines.items():
-        suffix = ", ".join(str(value) if name == "model" else f"{AXIS_NAMES[name].split()[0]} {value}"
-                           for name, value in other)
-        for arm in ARMS:
-            label = f"{arm}" + (f" ({suffix})" if suffix else "")
-            if any(arm in tables[p].get(row, {}) for p in line_points for row in rows):
-                labels.append(label)
     for row in rows:
         curves: dict[str, list[list[tuple[float, float]]]] = {}
-        by_x: dict[str, dict[str, str]] = {}
-        for other, line_points in lines.items():
-            suffix = ", ".join(str(value) if name == "model" else f"{AXIS_NAMES[name].split()[0]} {value}"
-                               for name, value in other)
-            for arm in ARMS:
-                label = f"{arm}" + (f" ({suffix})" if suffix else "")
-                if label not in labels:
-                    continue
-                seeds: dict[int, list[tuple[float, float]]] = {}
-                for point in line_points:
+        for arm in ARMS:
+            for suffix, line in lines_of(along, arm, points, axes, control).items():
+                label = arm + (f" ({suffix})" if suffix else "")
+                seeds: dict[int, dict[float, float]] = {}
+                for point in line:
                     values = tables[point].get(row, {}).get(arm, {})
+                    if kind == "flops":  # the same for every seed: the planner's count of the same configs
+                        x = arm_flops(point, arm, jobs, min(values, default=0), training_flops or {})
+                        if x <= 0:
+                            continue  # not priced: off the figure
+                    else:
+                        x = axis_x(kind, point)
                     for seed, value in values.items():
-                        seeds.setdefault(seed, []).append((axis_x(axis, point), value))
-                    name = point.axes(axis)[axis]
-                    by_x.setdefault(name, {})[label] = format_mean_std(list(values.values()), scale=1.0)
-                curves[label] = list(seeds.values())
+                        seeds.setdefault(seed, {})[x] = value  # a job shared by several points: one x
+                    if values:
+                        x_name = point.axes(kind)[kind] if kind != "flops" else f"{x:.3g}"
+                        cells.setdefault((row, x_name), {})[label] = format_mean_std(list(values.values()),
+                                                                                     scale=1.0)
+                        here = [a for a in axes if a in ARM_AXES[ARM_RUNS[arm]]]
+                        places.setdefault((row, x_name), point_label(point, here))
+                if seeds:
+                    curves[label] = [sorted(run.items()) for run in seeds.values()]
+                    if label not in labels:
+                        labels.append(label)
         panels[row] = curves
-        body += [[row, name, *(cells.get(label, "–") for label in labels)] for name, cells in by_x.items()]
-    plot_panels(panels, out / file, axis_title(axis, points), title, logx=axis == "model")
-    return [Block("heading", title, level=3), Block("image", title, items=[file]),
-            table_block(header + labels, body)]
+    if not labels:
+        return []
+    title, file, xlabel = {
+        "model": ("Transfer against model size (paper Fig. 3)", "fig3_model_size.png", "parameters (millions)"),
+        "mae": ("Transfer against the MAE budget (paper Fig. 4)", "fig4_mae_budget.png", axis_title("mae", points)),
+        "wsp": ("Transfer against the WSP budget, per MAE budget (paper Fig. 4)", "fig4_wsp_budget.png",
+                axis_title("wsp", points)),
+        "flops": ("Accuracy against training FLOPs (paper Fig. 5)", "fig5_flops.png",
+                  "MAE + WSP training FLOPs (planner)"),
+    }[kind]
+    plot_panels(panels, out / file, xlabel, title, logx=kind in ("model", "flops"))
+    blocks = [Block("heading", title, level=3)]
+    if kind == "flops":
+        blocks.append(Block("paragraph", "FLOPs are the planner's count of each training job (forward + backward per "
+                                         "step x steps); MAE→WSP includes its MAE stage, so its points sit to the "
+                                         f"right. A line runs along the {AXIS_NAMES[along]}."))
+        header = ["row", "FLOPs", "grid point", *labels]
+        body = [[row, x, places[(row, x)], *(line.get(label, "–") for label in labels)]
+                for (row, x), line in sorted(cells.items(), key=lambda item: (rows.index(item[0][0]),
+                                                                              float(item[0][1])))]
+    else:
+        header = ["row", AXIS_NAMES[kind], *labels]
+        body = [[row, x, *(line.get(label, "–") for label in labels)] for (row, x), line in cells.items()]
+    return [*blocks, Block("image", title, items=[file]), table_block(header, body)]
 
 
 def arm_flops(point: GridPoint, arm: str, jobs: list[Job], seed: int, training_flops: dict[str, float]) -> float:
@@ -172,42 +194,6 @@ def arm_flops(point: GridPoint, arm: str, jobs: list[Job], seed: int, training_f
     if wsp_arm == "mae_wsp":
         total += sum(training_flops.get(job.name, 0.0) for job in here if job.kind == "mae")
     return total
-
-
-def flops_figure(cfg: PipelineConfig, points: list[GridPoint], tables: dict[GridPoint, Table], jobs: list[Job],
-                 rows: list[str], training_flops: dict[str, float], out: Path) -> list[Block]:
-    """Accuracy against MAE + WSP training FLOPs: one line per arm (and model), a point per budget."""
-    models = list(dict.fromkeys(point.model for point in points))
-    panels: dict[str, dict[str, list[list[tuple[float, float]]]]] = {}
-    body: list[list[str]] = []
-    for row in rows:
-        curves: dict[str, list[list[tuple[float, float]]]] = {}
-        for model in models:
-            for arm in ARMS:
-                label = arm + (f" ({model})" if len(models) > 1 else "")
-                seeds: dict[int, dict[float, float]] = {}
-                cells: dict[float, tuple[str, list[float]]] = {}
-                for point in (p for p in points if p.model == model):
-                    for seed, value in tables[point].get(row, {}).get(arm, {}).items():
-                        flops = arm_flops(point, arm, jobs, seed, training_flops)
-                        if flops > 0:
-                            seeds.setdefault(seed, {})[flops] = value  # a shared job stands at one x once
-                            cells.setdefault(flops, (point_label(point, varying(points)), []))
-                for flops, (where, _) in cells.items():
-                    values = [seeds[seed][flops] for seed in seeds if flops in seeds[seed]]
-                    body.append([row, label, where, f"{flops:.3g}", format_mean_std(values, scale=1.0)])
-                if seeds:
-                    curves[label] = [sorted(points_.items()) for points_ in seeds.values()]
-        panels[row] = curves
-    if not any(curves for curves in panels.values()):
-        return []
-    title = "Accuracy against training FLOPs (paper Fig. 5)"
-    plot_panels(panels, out / "fig5_flops.png", "MAE + WSP training FLOPs (planner)", title, logx=True)
-    return [Block("heading", title, level=3),
-            Block("paragraph", "FLOPs are the planner's count of each training job (forward + backward per step x "
-                               "steps); MAE→WSP includes its MAE stage, so its points sit to the right."),
-            Block("image", title, items=["fig5_flops.png"]),
-            table_block(["row", "arm", "grid point", "FLOPs", "accuracy"], body)]
 
 
 def contrast_blocks(points: list[GridPoint], tables: dict[GridPoint, Table], axes: list[str]) -> list[Block]:
