@@ -208,15 +208,17 @@ def test_all_damaged_checkpoints_stop_with_a_clear_message(tmp_path):
 
 
 def test_a_diverged_run_resumes_from_a_named_earlier_checkpoint(tmp_path, capsys):
-    """lr=1e6 diverges (exit 6, naming resume_from and the checkpoints); resume_from=step_N with a sane lr
-    rewinds there: the later checkpoints are set aside as rewound-*, kept, and the run finishes."""
+    """lr=1e6 diverges (exit 6, naming the last known good checkpoint); resume_from=step_N with a sane lr
+    rewinds there, even to a suspect one it names: the later checkpoints are set aside as rewound-*, kept,
+    and the run finishes."""
     out = tmp_path / "run"
     args = [*TINY_ARGS, f"out_dir={out}", "keep_last=10"]
     assert main(["mae", *args, "steps=4"]) == 0
     capsys.readouterr()
     assert main(["mae", *args, "steps=12", "lr=1e6"]) == 6
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and "resume_from=step_N (checkpoints at steps 2, 4, " in error[0]
+    assert len(error) == 1 and "the last known good checkpoint is step 2 (the later ones, steps 4, " in error[0]
+    assert "rerun with resume_from=step_2" in error[0]
     diverged = [ckpt.checkpoint_step(path) for path in ckpt.Checkpointer(out).all()]
     assert diverged[:2] == [2, 4] and len(diverged) > 2
     assert main(["mae", *args, "steps=12", "resume_from=step_3"]) == 2
@@ -225,7 +227,7 @@ def test_a_diverged_run_resumes_from_a_named_earlier_checkpoint(tmp_path, capsys
     assert "'resume_from'" in capsys.readouterr().err
     assert main(["mae", *args, "steps=12", "lr=1e-4", "resume_from=step_4"]) == 0
     assert "resuming from" in capsys.readouterr().out
-    rewound = sorted(path.name for path in (out / "checkpoints").glob("rewound-step_*"))
+    rewound = sorted(path.name for path in (out / "checkpoints").glob("rewound-step_*.pt"))
     assert rewound == [f"rewound-step_{step:08d}.pt" for step in diverged if step > 4]
     assert [ckpt.checkpoint_step(path) for path in ckpt.Checkpointer(out).all()][-1] == 12
     results = json.loads((out / "results.json").read_text())
