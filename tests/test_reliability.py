@@ -35,6 +35,8 @@ class FaultyMAE(MAEStage):
     sigterm_at: int = 0
     nan_grad_at: int = 0
     nan_weight_at: int = 0
+    spikes_at: tuple[int, ...] = ()  # loss calls whose loss is 1000x (the loss guard's notion of a rise)
+    nan_loss_from: int = 0  # from this loss call on, the loss is NaN (the divergence)
 
     def __init__(self, cfg: MAEConfig):
         super().__init__(cfg)
@@ -46,6 +48,10 @@ class FaultyMAE(MAEStage):
         if self.calls == self.nan_grad_at:  # a finite loss whose gradient is NaN
             weight = next(p for p in model.parameters() if p.requires_grad)
             loss = loss + torch.sqrt(weight.abs().sum() * 0.0) * 0.0
+        if self.calls in self.spikes_at:
+            loss = loss * 1000.0
+        if self.nan_loss_from and self.calls >= self.nan_loss_from:
+            loss = loss * float("nan")
         return loss, metrics
 
     def after_step(self, model: torch.nn.Module, step: int) -> None:
@@ -56,8 +62,8 @@ class FaultyMAE(MAEStage):
                 next(model.parameters()).fill_(float("nan"))
 
 
-def make(out: Path, **faults: int) -> FaultyMAE:
-    stage = FaultyMAE(build_config(MAEConfig, None, {**TINY, "out_dir": str(out)}))
+def make(out: Path, settings: dict[str, str] | None = None, **faults: Any) -> FaultyMAE:
+    stage = FaultyMAE(build_config(MAEConfig, None, {**TINY, "out_dir": str(out), **(settings or {})}))
     for name, value in faults.items():
         setattr(stage, name, value)
     return stage
@@ -260,3 +266,108 @@ def test_every_os_failure_a_user_can_cause_maps_to_one_line_and_exit_5(tmp_path)
                             tmp_path / "ckpt.pt")  # plenty of space here: an I/O error, not "no space"
     assert converted.errno == errno.EIO and expected_failure(converted)[0] == 5
     assert expected_failure(ValueError("a bug")) is None  # a bug keeps its traceback
+
+
+def _advised_step(message: str) -> int:
+    """The step the exit-6 advice says to resume from (resume_from=step_N)."""
+    import re
+
+    found = re.findall(r"resume_from=step_(\d+) and a lower lr", message)
+    assert len(found) == 1, message
+    return int(found[0])
+
+
+def _count_saved_damage(out: Path, fault_counts, kept: list[int]) -> None:
+    """Fault-injection counts: the checkpoints that should be there and are not, non-finite tensors saved."""
+    checkpointer = ckpt.Checkpointer(out)
+    saved = {ckpt.checkpoint_step(path) for path in checkpointer.all()}
+    fault_counts["checkpoints_lost"] += len(set(kept) - saved)
+    for path in checkpointer.all():
+        state = checkpointer.load(path)["model"]
+        fault_counts["nonfinite_saved"] += sum(1 for v in state.values()
+                                               if v.is_floating_point() and not torch.isfinite(v).all())
+
+
+def test_a_diverged_run_keeps_a_healthy_checkpoint_and_its_advice_finishes(tmp_path, capsys, fault_counts):
+    """Issue 39's scenario as a user typed it: lr=1e6, ckpt_every=1, keep_last 2 (the default). Before, both
+    checkpoints the message named were written during the streak of skipped steps (resuming one diverged again)
+    and a plain rerun resumed them. Now the message names the last known good checkpoint, which rotation kept;
+    a plain rerun refuses the suspect newest one with the same advice; following the advice finishes."""
+    out = tmp_path / "run"
+    args = ["mae", "num_images=64", "batch_size=8", "ckpt_every=1", "steps=20", f"out_dir={out}", "progress=false",
+            "tensorboard=false", "eval_images=16", "decoder_embed_dim=32", "decoder_depth=1"]  # smaller: quicker
+    assert main([*args, "lr=1e6"]) == 6
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "the last known good checkpoint is step " in error[0], error
+    good = _advised_step(error[0])
+    checkpointer = ckpt.Checkpointer(out)
+    steps = [ckpt.checkpoint_step(path) for path in checkpointer.all()]
+    assert good in steps and len(steps) == 3  # keep_last=2 newest, and the last known good one
+    assert [ckpt.checkpoint_step(p) for p in checkpointer.suspects()] == [s for s in steps if s > good]
+    assert checkpointer.last_known_good() == checkpointer.all()[0]
+    fault_counts["faults_injected"] += 1
+    _count_saved_damage(out, fault_counts, [good])
+
+    assert main([*args, "lr=1e-4"]) == 6  # a plain rerun: refused, the same advice, nothing resumed or rotated
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert len(refused) == 1 and "not resuming" in refused[0] and _advised_step(refused[0]) == good
+    assert [ckpt.checkpoint_step(path) for path in checkpointer.all()] == steps
+    fault_counts["faults_injected"] += 1
+
+    assert main([*args, "lr=1e-4", f"resume_from=step_{good}"]) == 0
+    assert f"resuming from {checkpointer.dir / f'step_{good:08d}.pt'}" in capsys.readouterr().out
+    weights = checkpointer.load(checkpointer.latest())["model"]
+    assert ckpt.checkpoint_step(checkpointer.latest()) == 20 and not checkpointer.suspects()
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 20 and math.isfinite(results["final_loss"])
+    _count_saved_damage(out, fault_counts, [19, 20])
+
+
+def test_a_slow_divergence_keeps_the_checkpoint_from_before_the_rise(tmp_path, fault_counts):
+    """The loss rises (spikes the guard skips, with applied steps between them that reset the streak) before
+    the first non-finite loss: every checkpoint from the rise on is suspect, so keep_last=2 would have kept
+    only those; the one from before the rise is kept and named, and resuming it with the fault gone finishes."""
+    out = tmp_path / "run"
+    settings = {"steps": "12", "ckpt_every": "1", "keep_last": "2", "spike_window": "4", "max_nonfinite": "3"}
+    # loss calls (= steps, no accumulation) 5 and 7 spike, 9 on are NaN: steps 4 and 6 skipped, 8-11 the streak
+    with pytest.raises(NonFiniteLoss, match="4 consecutive bad steps") as error:
+        train(make(out, settings, spikes_at=(5, 7), nan_loss_from=9))
+    checkpointer = ckpt.Checkpointer(out)
+    steps = [ckpt.checkpoint_step(path) for path in checkpointer.all()]
+    assert steps == [3, 10, 11]  # 4 is the last before the first bad step: bad steps followed it
+    assert checkpointer.last_known_good().name == "step_00000003.pt"
+    assert [p.name for p in checkpointer.suspects()] == ["step_00000010.pt", "step_00000011.pt"]
+    assert "the last known good checkpoint is step 3 " in str(error.value) and _advised_step(str(error.value)) == 3
+    fault_counts["faults_injected"] += 1
+    _count_saved_damage(out, fault_counts, [3])
+    results = train(make(out, {**settings, "resume_from": "step_3"}))
+    assert results["steps"] == 12 and math.isfinite(results["final_loss"]) and not checkpointer.suspects()
+    _count_saved_damage(out, fault_counts, [11, 12])
+
+
+def test_a_resume_inside_the_spike_guards_window_is_bit_exact(tmp_path, monkeypatch, fault_counts):
+    """The guard's window is saved in checkpoints: preempted after step 3 and resumed, a spike in step 5 is judged
+    against the same window as in the uninterrupted run (skipped), so the weights end equal. With the guard
+    restarting empty (as before), the resumed run is still inside its first half window and applies the spike."""
+    settings = {"spike_window": "6"}  # 6 steps; the guard starts after 3
+    straight = train(make(tmp_path / "straight", settings, spikes_at=(5,)))
+    assert straight["spike_steps"] == 1
+    expected = final_weights(tmp_path / "straight")
+
+    with pytest.raises(Preempted, match="after step 3"):
+        train(make(tmp_path / "resumed", settings, sigterm_at=2, spikes_at=(5,)))
+    shutil.copytree(tmp_path / "resumed", tmp_path / "empty_guard")
+    resumed = train(make(tmp_path / "resumed", settings, spikes_at=(2,)))  # loss calls count from the resume
+    assert resumed["spike_steps"] == 1 and resumed["nonfinite_steps"] == 0
+    assert_same(final_weights(tmp_path / "resumed"), expected)
+    fault_counts["faults_injected"] += 1
+    fault_counts["bit_exact"] += 1
+    fault_counts["runs"] += 1
+
+    from prepretrain.train.engine import Trainer
+
+    monkeypatch.setattr(Trainer, "restore_guard", lambda self, guard: None)  # the guard as it was: empty
+    train(make(tmp_path / "empty_guard", settings, spikes_at=(2,)))
+    weights = final_weights(tmp_path / "empty_guard")
+    assert not all(torch.equal(weights[k], expected[k]) for k in expected)
