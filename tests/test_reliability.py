@@ -454,3 +454,20 @@ def test_the_lit_video_and_detection_estimates_never_refuse_what_fits(name, tmp_
     micro = recipe.micro_batch_size or recipe.batch_size // gpus
     need = sum(stage_memory_bytes(recipe, micro, recipe.batch_size, gpus, half=True).values())
     assert need < 80 * GIB
+
+
+def test_a_run_that_diverges_before_its_first_healthy_checkpoint_says_how_to_start_afresh(tmp_path, capsys):
+    """No warmup at lr=1e6: the first step already ruins the weights, so the only checkpoints are suspect. The
+    message says there is no healthy one and how to start afresh in one line; a plain rerun says the same."""
+    out = tmp_path / "run"
+    args = ["mae", *TINY_ARGS, f"out_dir={out}", "steps=12", "ckpt_every=1", "warmup_steps=0", "lr=1e6"]
+    assert main(args) == 6
+    error = capsys.readouterr().err.strip().splitlines()
+    advice = f"no healthy checkpoint: the run diverged before its first one; start afresh with a lower lr/blr " \
+             f"and a new out_dir= (or delete {out / 'checkpoints'})"
+    assert len(error) == 1 and advice in error[0], error
+    checkpointer = ckpt.Checkpointer(out)
+    assert checkpointer.all() and checkpointer.last_known_good() is None
+    assert main(args) == 6
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert len(refused) == 1 and "not resuming" in refused[0] and advice in refused[0]
