@@ -22,7 +22,8 @@ next checkpoint, or when it was written while such an episode was open (the trai
 (``step_XXXXXXXX.pt.suspect.json`` or ``step_XXXXXXXX.suspect.json``, written atomically, before the
 checkpoint itself); no marker means healthy. Rotation keeps the newest ``keep_last`` checkpoints *and*
 the newest healthy one (the last known good), so a diverging run cannot rotate out the checkpoint
-it can go back to; :func:`rewind_advice` is the one sentence that names it.
+it can go back to; :func:`rewind_advice` is the one sentence that names it. When the run stops on
+its bad steps, the markers say ``diverged`` and a plain rerun refuses to resume the newest one.
 """
 
 from __future__ import annotations
@@ -121,6 +122,28 @@ class Checkpointer:
         path = Path(path)
         if not self.is_suspect(path):
             write_text(suspect_file(path), json.dumps({"step": checkpoint_step(path), "reason": reason}) + "\n")
+
+    def mark_diverged(self) -> None:
+        """The run stopped on its bad steps: its suspect checkpoints say so, and a plain rerun will not
+        resume them (a run stopped by a signal during bad steps, which may yet recover, resumes)."""
+        for path in self.suspects():
+            marker = suspect_file(path)
+            try:
+                record = json.loads(marker.read_text())
+            except (ValueError, OSError):
+                record = {"step": checkpoint_step(path), "reason": "marked suspect"}
+            if not record.get("diverged"):
+                write_text(marker, json.dumps({**record, "diverged": True}) + "\n")
+
+    def diverged(self, path: str | Path) -> bool:
+        """Whether a checkpoint is suspect and its run stopped on the bad steps that made it so."""
+        marker = suspect_file(Path(path))
+        if not marker.is_file():
+            return False
+        try:
+            return bool(json.loads(marker.read_text()).get("diverged", False))
+        except (ValueError, OSError):
+            return True
 
     def clear_suspect(self, path: str | Path) -> None:
         suspect_file(Path(path)).unlink(missing_ok=True)

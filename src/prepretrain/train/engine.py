@@ -394,7 +394,7 @@ class Trainer:
             return 0, None
         checkpointer = run.checkpointer
         newest = checkpointer.latest()
-        if from_step is None and newest is not None and checkpointer.is_suspect(newest):
+        if from_step is None and newest is not None and checkpointer.diverged(newest):
             raise SuspectCheckpoint(
                 f"not resuming {newest}: it is suspect, {checkpointer.suspect_reason(newest)}; "
                 f"{rewind_advice(checkpointer)}, or resume_from=step_{checkpoint_step(newest)} to go on from it anyway")
@@ -593,6 +593,8 @@ class Trainer:
                         f"loss spike (above {self.cfg.spike_factor:g}x the median of the last steps)")
                 self.run.print(f"step {step}: {what}, step skipped ({self.nonfinite_streak} in a row)")
                 if self.nonfinite_streak > self.cfg.max_nonfinite:
+                    if self.run.is_main:
+                        self.run.checkpointer.mark_diverged()
                     raise NonFiniteLoss(
                         f"{self.nonfinite_streak} consecutive bad steps (last: {what}) at step {step}; stopping "
                         "without saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0"
@@ -737,6 +739,7 @@ class Trainer:
             newest = checkpointer.latest()
             if newest is not None and self.run.is_main:  # it led to these weights
                 checkpointer.mark_suspect(newest, f"non-finite weights followed it (after step {step})")
+                checkpointer.mark_diverged()
             barrier()
             raise NonFiniteLoss(
                 f"non-finite weights after step {step}: not saved. Try precision=bf16, a lower lr/blr, or "
