@@ -473,7 +473,7 @@ def test_a_run_that_diverges_before_its_first_healthy_checkpoint_says_how_to_sta
     assert len(refused) == 1 and "not resuming" in refused[0] and advice in refused[0]
 
 
-def test_a_run_stopped_by_a_signal_during_bad_steps_resumes_with_a_plain_rerun(tmp_path, capsys):
+def test_a_run_stopped_by_a_signal_during_bad_steps_resumes_with_a_plain_rerun(tmp_path, capsys, fault_counts):
     """Suspect is not diverged: preempted two steps after a skipped spike (its checkpoints suspect, the episode
     still open), the run has not diverged, so a plain rerun resumes it (a requeued job must not stop here); the
     guard's saved state carries the episode on, and the finished run clears the marks."""
@@ -485,7 +485,9 @@ def test_a_run_stopped_by_a_signal_during_bad_steps_resumes_with_a_plain_rerun(t
     assert [p.name for p in checkpointer.suspects()] == ["step_00000004.pt", "step_00000006.pt", "step_00000007.pt"]
     assert checkpointer.last_known_good().name == "step_00000002.pt"  # kept although keep_last is 3
     assert not checkpointer.diverged(checkpointer.latest())
+    fault_counts["faults_injected"] += 1
     capsys.readouterr()
     results = train(make(out, settings))
     assert "resuming from" in capsys.readouterr().out and results["spike_steps"] == 1
     assert not checkpointer.suspects()
+    _count_saved_damage(out, fault_counts, [6, 8])
