@@ -276,6 +276,37 @@ def test_sigterm_on_one_rank_checkpoints_every_rank_at_one_step_boundary(referen
     fault_counts["same_losses"] += 1
 
 
+def test_a_two_rank_divergence_keeps_its_last_known_good_folder(tmp_path: Path, fault_counts) -> None:
+    """lr=1e6 on two ranks, a DCP folder every step: the ranks agree on the bad steps (all-reduced flags), rank 0
+    marks the folders written during them suspect (step_N.suspect.json beside each) and rotation keeps the last
+    known good one, which the message names. A plain rerun refuses the suspect newest folder; the named one
+    resumes in one process with a sane lr and finishes with finite weights."""
+    from prepretrain.train.checkpoint import SuspectCheckpoint
+
+    run_dir = tmp_path / "diverged"
+    result, _ = launch(run_dir, strategy="ddp", lr=1e6, steps=10, ckpt_every=1, clip_grad=0, warmup_steps=2)
+    fault_counts["faults_injected"] += 1
+    assert result.returncode != 0
+    found = re.search(r"the last known good checkpoint is step (\d+) .*rerun with resume_from=step_(\d+)",
+                      result.stderr)
+    assert found and found.group(1) == found.group(2), result.stderr[-3000:]
+    good = int(found.group(1))
+    checkpointer = Checkpointer(run_dir)
+    folders = checkpointer.all()
+    assert all(path.is_dir() for path in folders) and len(folders) == 3  # keep_last 2 + the last known good
+    assert checkpoint_step(checkpointer.last_known_good()) == good == checkpoint_step(folders[0])
+    assert [p.name for p in checkpointer.suspects()] == [p.name for p in folders[1:]]
+    assert (run_dir / "checkpoints" / f"{folders[-1].name}.suspect.json").is_file()
+    fault_counts["checkpoints_lost"] += int(not (run_dir / "checkpoints" / f"step_{good:08d}").is_dir())
+    with pytest.raises(SuspectCheckpoint, match=f"resume_from=step_{good} "):
+        train(SeededMaskMAE(run_config(run_dir, strategy="none", steps=10)))
+    fault_counts["faults_injected"] += 1
+    results = train(SeededMaskMAE(run_config(run_dir, strategy="none", steps=10, resume_from=f"step_{good}")))
+    assert results["steps"] == 10
+    weights = read_model_weights(checkpointer.latest())
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_ranks(reference_run: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "grow"

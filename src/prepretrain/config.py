@@ -103,7 +103,7 @@ class TrainConfig:
     # a step whose loss is above spike_factor x the median of the last spike_window applied steps is a loss
     # spike: skipped like a non-finite one (0 = off); the guard starts once spike_window / 2 steps are in
     spike_factor: float = 10.0
-    spike_window: int = 50
+    spike_window: int = 50  # also: good steps in a row after a bad one before checkpoints count as healthy again
     # outputs
     log_every: int = 10
     eval_every: int = 0  # 0 = only at the end

@@ -13,7 +13,7 @@ from .data.readers.releases import DataLayoutError
 from .data.shards.index import UnknownSampleCount
 from .files import UnsafeCheckpoint
 from .models.checkpoints import CheckpointMismatch
-from .train.checkpoint import CorruptCheckpoint
+from .train.checkpoint import CorruptCheckpoint, SuspectCheckpoint
 from .train.engine import Preempted
 from .train.limits import NonFiniteLoss, TooManyBadSamples
 
@@ -22,7 +22,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; reru
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (TooManyBadSamples, 3), (UnknownSampleCount, 3), (DataLayoutError, 3), (MetadataError, 3), (EmptyVocabulary, 3),
     (CheckpointMismatch, 4), (UnsafeCheckpoint, 4), (CorruptCheckpoint, 4), (FileNotFoundError, 4),
-    (NonFiniteLoss, 6),
+    (NonFiniteLoss, 6), (SuspectCheckpoint, 6),
     (Preempted, EXIT_PREEMPTED),
 ]
 DISK_ERRORS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",

@@ -312,15 +312,163 @@ def device_memory_bytes(device: Any) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ LiT, video, detection
+# A lower bound of what one training step holds, from the config alone (no model is built), for the
+# stages ``plan_run`` does not model. Each part counts only tensors the step must keep (model state,
+# what autograd saves, the contrastive loss's cache), never workspace or allocator slack, so the
+# estimate stays below what the step really needs: ``check_micro_batch_fits`` refuses only a
+# micro-batch that cannot fit, never one that does. Sources: the block formula above (timm
+# ``Block``, measured in tests/test_plan.py); the contrastive loss over slots of ``models/clip.py``
+# (open_clip's accum-freq cache: every micro-batch's embeddings, then one micro-batch's logits
+# against the whole batch); ``models/video.py`` (tubelets: num_frames / tubelet_size x patches
+# tokens); ``models/vitdet.py`` and torchvision's Mask R-CNN heads (a simple feature pyramid at
+# strides 4-32, RoIAlign 7x7 box features and 14x14 mask features per sampled proposal, at most a
+# quarter of them positive: ``positive_fraction`` 0.25).
+ESTIMATED_STAGES = ("lit", "video", "detect")
+
+
+def _tower_parameters(depth: int, dim: int, mlp_dim: int) -> int:
+    """The weight matrices of ``depth`` transformer blocks (qkv, proj, fc1, fc2; no biases or norms)."""
+    return depth * (4 * dim * dim + 2 * dim * mlp_dim)
+
+
+def _blocks_bytes(tokens: int, dim: int, mlp_dim: int, heads: int, depth: int, act: int, residual: int,
+                  checkpointing: bool) -> int:
+    """Per sample: what ``depth`` blocks save for backward (with checkpointing: each block's input, and
+    one block rebuilt at a time); gradients and workspace come on top of it in backward."""
+    block = block_activation_bytes(tokens, dim, mlp_dim, heads, act, residual)
+    return residual * tokens * dim * depth + block if checkpointing else block * depth
+
+
+def stage_memory_bytes(cfg: Any, micro: int, batch_size: int, world_size: int = 1, *, image_size: int = 0,
+                       num_frames: int = 0, half: bool = False) -> dict[str, float]:
+    """Lower-bound bytes per device of one LiT, video or detection training step, by part.
+
+    ``micro``: samples per forward; ``batch_size``: the global batch (LiT's loss spans it);
+    ``image_size`` and ``num_frames`` override the config's (to search for values that fit)."""
+    stage = cfg.stage_name
+    act = 2 if half else 4
+    residual = act  # fp32 residual under autocast would be more: a lower bound either way
+    checkpointing = bool(getattr(cfg, "grad_checkpointing", False))
+    size = image_size or cfg.image_size
+    memory: dict[str, float] = {}
+    if stage == "lit":
+        from .models.text import text_shape
+        from .models.tokenizers import BYTE_MAX_TOKENS, MAWS_MAX_TOKENS
+
+        text = text_shape(cfg.text_model, depth=cfg.text_depth, width=cfg.text_width, num_heads=cfg.text_heads)
+        byte_tokens = cfg.tokenizer in ("bytes", "byte", "")
+        context = (cfg.max_text_tokens or (BYTE_MAX_TOKENS if byte_tokens else MAWS_MAX_TOKENS)) + 2
+        vision = vit_shape(cfg.model, img_size=size, depth=cfg.vision_depth or None)
+        embed = cfg.embed_dim or text.width
+        projections = embed * (text.width + vision.embed_dim)
+        trainable = _tower_parameters(text.depth, text.width, text.mlp_dim) + projections
+        memory["model_state"] = 16 * trainable + 4 * _tower_parameters(vision.depth, vision.embed_dim, vision.mlp_dim)
+        per_sample = _blocks_bytes(context, text.width, text.mlp_dim, text.num_heads, text.depth, act, residual,
+                                   checkpointing)
+        if not cfg.use_cache:  # the locked tower runs without a graph: only its input and token stream
+            patches = (size // vision.patch_size) ** 2
+            per_sample += 3 * size * size * 4 + 2 * residual * (patches + 1) * vision.embed_dim
+        # The loss over the whole batch: image and text embeddings of all of it (fp32), and the live
+        # micro-batch's logits against all of it in both directions (logits and log-softmax saved).
+        memory["embedding_cache"] = batch_size * 2 * embed * 4
+        per_sample += 2 * 2 * batch_size * 4
+    elif stage == "video":
+        shape = vit_shape(cfg.model, img_size=size)
+        frames = num_frames or cfg.num_frames
+        tokens = max(1, frames // cfg.tubelet_size) * (size // shape.patch_size) ** 2
+        memory["model_state"] = 16 * _tower_parameters(shape.depth, shape.embed_dim, shape.mlp_dim)
+        per_sample = (_blocks_bytes(tokens, shape.embed_dim, shape.mlp_dim, shape.num_heads, shape.depth, act,
+                                    residual, checkpointing)
+                      + 3 * frames * size * size * 4 + residual * tokens * shape.embed_dim)
+    elif stage == "detect":
+        shape = vit_shape(cfg.model, img_size=size)
+        tokens = (size // shape.patch_size) ** 2
+        channels = cfg.pyramid_channels
+        memory["model_state"] = 16 * _tower_parameters(shape.depth, shape.embed_dim, shape.mlp_dim)
+        pyramid = sum((size // stride) ** 2 for stride in (4, 8, 16, 32)) * channels * act
+        stages = 3 if cfg.cascade else 1
+        boxes = stages * cfg.box_batch_per_image * (7 * 7 * channels + 2 * cfg.head_dim) * act
+        masks = (cfg.box_batch_per_image // 4) * 14 * 14 * channels * act if cfg.masks else 0
+        per_sample = (_blocks_bytes(tokens, shape.embed_dim, shape.mlp_dim, shape.num_heads, shape.depth, act,
+                                    residual, checkpointing)
+                      + 3 * size * size * 4 + pyramid + boxes + masks)
+    else:
+        raise ValueError(f"no memory estimate for stage '{stage}'")
+    memory["activations"] = per_sample * micro
+    return memory
+
+
+def _estimate_fits(cfg: Any, device: Any, world_size: int, budget: int) -> None:
+    """The check of :func:`check_micro_batch_fits` for LiT, video and detection (lower-bound estimate)."""
+    import torch
+
+    precision = getattr(cfg, "precision", "auto")
+    half = precision in ("bf16", "fp16") or (precision == "auto" and planned_device(device).type == "cuda"
+                                            and torch.cuda.is_available())
+    per_rank = cfg.batch_size // world_size
+    micro = cfg.micro_batch_size or per_rank
+
+    def total(micro_size: int, batch: int = cfg.batch_size, **size: int) -> float:
+        return sum(stage_memory_bytes(cfg, micro_size, batch, world_size, half=half, **size).values())
+
+    needed = total(micro)
+    if needed <= budget:
+        return
+    where = f"more than the {budget / GIB:.1f} GiB of {device}"
+    what = {"lit": "caption pairs", "video": "clips", "detect": "images"}[cfg.stage_name]
+    head = f"a micro-batch of {micro} {what} needs at least {needed / GIB:.1f} GiB, {where}"
+    key = "micro_batch_size" if getattr(cfg, "micro_batch_size", 0) else "batch_size"
+    fitting = _largest(lambda m: total(m) <= budget, min(micro, per_rank))
+    if fitting:
+        divisor = max(d for d in range(1, fitting + 1) if per_rank % d == 0)
+        raise ConfigError(key, f"{head}; about {fitting} fit: set micro_batch_size={divisor} (the global batch "
+                               "stays batch_size through gradient accumulation) or a smaller batch_size")
+    if cfg.stage_name == "lit":  # the whole-batch loss caches every sample of the step: a smaller batch
+        set_micro = getattr(cfg, "micro_batch_size", 0)
+        batch = _largest(lambda b: total(min(set_micro, b) if set_micro else b, b * world_size) <= budget,
+                         cfg.batch_size // world_size)
+        if batch:
+            raise ConfigError("batch_size", f"{head} (the contrastive loss keeps every sample of the batch); "
+                                            f"set batch_size={batch * world_size} or smaller")
+    if cfg.stage_name == "video":
+        frames = _largest(lambda f: total(1, num_frames=f) <= budget, cfg.num_frames)
+        if frames:
+            raise ConfigError("num_frames", f"{head}, even one clip does not fit; set num_frames={frames} or fewer")
+    if cfg.stage_name in ("video", "detect"):
+        patch = vit_shape(cfg.model).patch_size
+        sides = _largest(lambda k: total(1, image_size=k * patch) <= budget, cfg.image_size // patch)
+        if sides:
+            raise ConfigError("image_size", f"{head}, even one does not fit; set image_size={sides * patch} or "
+                                            "smaller")
+    raise ConfigError("model", f"{head}, even one sample does not fit; choose a smaller model")
+
+
+def _largest(fits: Any, upper: int) -> int:
+    """The largest n in [1, upper] with ``fits(n)`` (fits is monotone: true up to some n), 0 when none."""
+    if upper < 1 or not fits(1):
+        return 0
+    low, high = 1, upper
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
 def check_micro_batch_fits(cfg: Any, device: Any, world_size: int = 1) -> None:
-    """Refuse, before any compute, a stage config whose micro-batch cannot fit in the device's memory
-    by the planner's estimate (:func:`plan_run`), naming the batch key and the largest that fits.
-    Only the stages the planner models (MAE, WSP, finetuning) are checked; the estimate has to exceed
-    the whole memory, so a run that would fit is never refused."""
+    """Refuse, before any compute, a stage config whose micro-batch cannot fit in the device's memory,
+    naming the key and a value that fits. MAE, WSP and finetuning use the planner's estimate
+    (:func:`plan_run`), which has to exceed the whole memory; LiT, video and detection a lower bound
+    (:func:`stage_memory_bytes`). Either way a run that would fit is never refused."""
     stage = getattr(cfg, "stage_name", "")
     device = planned_device(device)
     budget = device_memory_bytes(device)
-    if stage not in STAGES or not budget:
+    if not budget:
+        return
+    if stage in ESTIMATED_STAGES:
+        _estimate_fits(cfg, device, world_size, budget)
+        return
+    if stage not in STAGES:
         return
     import dataclasses
 
@@ -341,4 +489,4 @@ def check_micro_batch_fits(cfg: Any, device: Any, world_size: int = 1) -> None:
 
 
 __all__ = ["PlanConfig", "block_activation_bytes", "check_micro_batch_fits", "format_plan", "plan_config_from",
-           "plan_run"]
+           "plan_run", "stage_memory_bytes"]

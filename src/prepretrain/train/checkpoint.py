@@ -15,6 +15,15 @@ Both are atomic: a file is written under a temporary name and renamed; a folder 
 as ``.step_XXXXXXXX.tmp`` and renamed once every rank has finished, ``meta.pt`` last, so a
 crash mid-save leaves the previous checkpoint as the newest complete one. ``export_weights``
 turns either layout into one safetensors file for sharing.
+
+Health: a checkpoint is *suspect* when bad steps (non-finite, or loss spikes) followed it before the
+next checkpoint, or when it was written while such an episode was open (the training loop decides,
+``train/engine.py``). A suspect checkpoint carries a small JSON marker beside it
+(``step_XXXXXXXX.pt.suspect.json`` or ``step_XXXXXXXX.suspect.json``, written atomically, before the
+checkpoint itself); no marker means healthy. Rotation keeps the newest ``keep_last`` checkpoints *and*
+the newest healthy one (the last known good), so a diverging run cannot rotate out the checkpoint
+it can go back to; :func:`rewind_advice` is the one sentence that names it. When the run stops on
+its bad steps, the markers say ``diverged`` and a plain rerun refuses to resume the newest one.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 SHARDED_PATTERN = re.compile(r"^step_(\d{8})$")
 SHARDED_META = "meta.pt"
 FOLDER_CHECKSUMS = "checksums.json"  # a DCP folder's files: size and SHA-256 of each
+SUSPECT_SUFFIX = ".suspect.json"  # beside a checkpoint: why it cannot be trusted to resume from
 MODEL_KEY, OPTIMIZER_KEY = "model", "optimizer"
 
 
@@ -93,9 +103,72 @@ class Checkpointer:
         found = self.all()
         return found[-1] if found else None
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """One-process checkpoint: ``state`` in one file, then its SHA-256 beside it."""
+    # ------------------------------------------------------------------ health
+    def suspect_reason(self, path: str | Path) -> str:
+        """Why a checkpoint is suspect ("" when it is healthy: no marker beside it)."""
+        marker = suspect_file(Path(path))
+        if not marker.is_file():
+            return ""
+        try:
+            return str(json.loads(marker.read_text()).get("reason", "")) or "marked suspect"
+        except (ValueError, OSError):
+            return "marked suspect"  # a marker that cannot be read still says: do not trust it
+
+    def is_suspect(self, path: str | Path) -> bool:
+        return suspect_file(Path(path)).is_file()
+
+    def mark_suspect(self, path: str | Path, reason: str) -> None:
+        """Mark a checkpoint suspect (atomically; idempotent: the first reason is kept)."""
+        path = Path(path)
+        if not self.is_suspect(path):
+            write_text(suspect_file(path), json.dumps({"step": checkpoint_step(path), "reason": reason}) + "\n")
+
+    def mark_diverged(self) -> None:
+        """The run stopped on its bad steps: its suspect checkpoints say so, and a plain rerun will not
+        resume them (a run stopped by a signal during bad steps, which may yet recover, resumes)."""
+        for path in self.suspects():
+            marker = suspect_file(path)
+            try:
+                record = json.loads(marker.read_text())
+            except (ValueError, OSError):
+                record = {"step": checkpoint_step(path), "reason": "marked suspect"}
+            if not record.get("diverged"):
+                write_text(marker, json.dumps({**record, "diverged": True}) + "\n")
+
+    def diverged(self, path: str | Path) -> bool:
+        """Whether a checkpoint is suspect and its run stopped on the bad steps that made it so."""
+        marker = suspect_file(Path(path))
+        if not marker.is_file():
+            return False
+        try:
+            return bool(json.loads(marker.read_text()).get("diverged", False))
+        except (ValueError, OSError):
+            return True
+
+    def clear_suspect(self, path: str | Path) -> None:
+        suspect_file(Path(path)).unlink(missing_ok=True)
+
+    def suspects(self) -> list[Path]:
+        return [path for path in self.all() if self.is_suspect(path)]
+
+    def last_known_good(self) -> Path | None:
+        """The newest healthy checkpoint (none when every one is suspect)."""
+        healthy = [path for path in self.all() if not self.is_suspect(path)]
+        return healthy[-1] if healthy else None
+
+    def _set_health(self, path: Path, suspect: str) -> None:
+        """Before a checkpoint is published: its marker (suspect) or none (a step saved again)."""
+        if suspect:
+            write_text(suspect_file(path), json.dumps({"step": checkpoint_step(path), "reason": suspect}) + "\n")
+        else:
+            self.clear_suspect(path)
+
+    def save(self, step: int, state: dict[str, Any], suspect: str = "") -> Path:
+        """One-process checkpoint: ``state`` in one file, then its SHA-256 beside it. ``suspect``
+        (why it cannot be trusted) is written first, so a crash never leaves it looking healthy."""
         path = self.dir / f"step_{step:08d}.pt"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._set_health(path, suspect)
         save_torch(path, state)
         write_text(checksum_file(path), file_sha256(path) + "\n")
         self.rotate()
@@ -146,6 +219,8 @@ class Checkpointer:
         target = path.with_name(f"{prefix}-{path.name}")
         os.replace(path, target)
         checksum_file(path).unlink(missing_ok=True)
+        if suspect_file(path).is_file():  # kept with it: why it was suspect
+            os.replace(suspect_file(path), suspect_file(target))
         return target
 
     def clean_temporaries(self) -> list[Path]:
@@ -161,8 +236,10 @@ class Checkpointer:
         return removed
 
     def save_sharded(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     meta: dict[str, Any], rank: int) -> Path:
-        """Collective: every rank writes its shards and RNG; rank 0 then publishes the folder.
+                     meta: dict[str, Any], rank: int, guard: dict[str, Any] | None = None,
+                     suspect: str = "") -> Path:
+        """Collective: every rank writes its shards and RNG (with its ``guard``: the loop's per-rank
+        loss-spike window); rank 0 then publishes the folder, its health marker first.
 
         ``meta`` (step, scaler, ...) is written by rank 0 as the completion marker.
         """
@@ -179,7 +256,7 @@ class Checkpointer:
         model_state, optimizer_state = get_state_dict(model, optimizer)
         with write_errors_as_os_errors(tmp):
             dcp.save({MODEL_KEY: model_state, OPTIMIZER_KEY: optimizer_state}, checkpoint_id=str(tmp))
-        save_torch(tmp / f"rng_rank{rank:05d}.pt", rng_state())
+        save_torch(tmp / f"rng_rank{rank:05d}.pt", {**rng_state(), "guard": guard})
         dist.barrier()
         # Each rank hashes the files it wrote; rank 0 records them all (and DCP's metadata).
         mine = [f for f in tmp.iterdir() if f.name.startswith(f"__{rank}_") or f.name == f"rng_rank{rank:05d}.pt"]
@@ -192,18 +269,24 @@ class Checkpointer:
             write_text(tmp / FOLDER_CHECKSUMS, json.dumps(table, indent=1, sort_keys=True))
             save_torch(tmp / SHARDED_META,
                        {**meta, "step": step, "world_size": dist.get_world_size(), "format": "dcp"})
+            self._set_health(final, suspect)
             _replace_dir(tmp, final)
             self.rotate()
         dist.barrier()
         return final
 
     def rotate(self) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints, never the last known good one."""
+        good = self.last_known_good()
         for old in self.all()[: -self.keep_last]:
+            if old == good:
+                continue
             if old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 old.unlink(missing_ok=True)
                 checksum_file(old).unlink(missing_ok=True)
+            suspect_file(old).unlink(missing_ok=True)
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """The whole checkpoint in this process: a ``.pt`` file as saved, a DCP folder consolidated.
@@ -226,8 +309,31 @@ class CorruptCheckpoint(RuntimeError):
     """A checkpoint that cannot be trusted: truncated, or its bytes differ from its checksum."""
 
 
+class SuspectCheckpoint(RuntimeError):
+    """A plain rerun would resume a checkpoint written while the run diverged."""
+
+
 def checksum_file(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
+
+
+def suspect_file(path: Path) -> Path:
+    """The health marker beside a checkpoint (``step_XXXXXXXX.pt`` or a ``step_XXXXXXXX`` folder)."""
+    return path.with_name(path.name + SUSPECT_SUFFIX)
+
+
+def rewind_advice(checkpointer: Checkpointer) -> str:
+    """Where to go back to after a divergence, in one sentence: the last known good checkpoint, or,
+    when the run diverged before its first healthy checkpoint, how to start afresh."""
+    good = checkpointer.last_known_good()
+    if good is not None:
+        step = checkpoint_step(good)
+        later = [checkpoint_step(path) for path in checkpointer.all() if checkpoint_step(path) > step]
+        after = f" (the later ones, steps {', '.join(map(str, later))}, are suspect)" if later else ""
+        return (f"the last known good checkpoint is step {step}{after}: rerun with resume_from=step_{step} "
+                "and a lower lr/blr")
+    return (f"no healthy checkpoint: the run diverged before its first one; start afresh with a lower lr/blr "
+            f"and a new out_dir= (or delete {checkpointer.dir})")
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -241,18 +347,23 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler_state: dict, step: int) -> dict:
-    """What a one-process checkpoint file holds (unchanged format: plain state dicts)."""
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scaler_state: dict, step: int,
+                   guard: dict[str, Any] | None = None) -> dict:
+    """What a one-process checkpoint file holds (plain state dicts; ``guard``: the loop's loss-spike
+    window and bad-step counts, so a resume judges the next steps as the uninterrupted run would)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler_state,
-            "rng": rng_state(), "step": step}
+            "rng": rng_state(), "step": step, "guard": guard}
 
 
 def save_training_state(checkpointer: Checkpointer, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        scaler_state: dict, *, rank: int = 0, distributed: bool = False) -> Path | None:
-    """A file from one process, a DCP folder from a process group (every rank must call)."""
+                        scaler_state: dict, *, rank: int = 0, distributed: bool = False,
+                        guard: dict[str, Any] | None = None, suspect: str = "") -> Path | None:
+    """A file from one process, a DCP folder from a process group (every rank must call). ``suspect``
+    (why, or "" when healthy) is recorded beside it before it is published."""
     if distributed:
-        return checkpointer.save_sharded(step, model, optimizer, {"scaler": scaler_state}, rank)
-    return checkpointer.save(step, training_state(model, optimizer, scaler_state, step))
+        return checkpointer.save_sharded(step, model, optimizer, {"scaler": scaler_state}, rank, guard=guard,
+                                         suspect=suspect)
+    return checkpointer.save(step, training_state(model, optimizer, scaler_state, step, guard), suspect=suspect)
 
 
 def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -267,22 +378,27 @@ def load_training_state(path: str | Path, model: nn.Module, optimizer: torch.opt
     (model, optimizer, schedule and data position are still exact).
     """
     path = Path(path)
+    guard = None
     if path.is_dir():
         meta = _load_sharded(path, model, optimizer)
         rng_file = path / f"rng_rank{rank:05d}.pt"
         rng = (load_torch(rng_file)
                if rng_file.exists() and meta.get("world_size") == world_size else None)
+        guard = rng.get("guard") if rng is not None else None
     else:
         state = load_torch(path)
         _load_full(state, model, optimizer, distributed)
         meta = {k: v for k, v in state.items() if k not in (MODEL_KEY, OPTIMIZER_KEY)}
         rng = state.get("rng") if world_size == 1 else None
+        guard = state.get("guard") if world_size == 1 else None
     step = int(meta["step"])
     if rng is not None:
         set_rng_state(rng)
     else:
         reseed(seed, step, rank)
-    return {"step": step, "scaler": meta.get("scaler") or {}, "world_size": int(meta.get("world_size", 1))}
+    # ``guard``: the loss-spike window of this rank (None: saved before it was kept, or another rank count)
+    return {"step": step, "scaler": meta.get("scaler") or {}, "world_size": int(meta.get("world_size", 1)),
+            "guard": guard}
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

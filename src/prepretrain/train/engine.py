@@ -37,7 +37,15 @@ from torch.utils.data import Dataset
 from ..config import ConfigError, TrainConfig, dump_config, resume_step
 from ..data.loader import SampleStream, train_loader
 from ..data.records import BadSample, SkipCounter
-from .checkpoint import Checkpointer, CorruptCheckpoint, checkpoint_step, load_training_state, save_training_state
+from .checkpoint import (
+    Checkpointer,
+    CorruptCheckpoint,
+    SuspectCheckpoint,
+    checkpoint_step,
+    load_training_state,
+    rewind_advice,
+    save_training_state,
+)
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -299,7 +307,11 @@ class Trainer:
     spike_total: int = 0  # steps skipped as loss spikes (finite, but far above the recent median)
     pending_flags: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, flags) not yet read
     loss_history: torch.Tensor | None = None  # the losses of the last spike_window applied steps (on the device)
-    steps_run: int = 0  # steps this process has run (the spike guard waits for half a window)
+    steps_run: int = 0  # steps this run has run, resumes included (the spike guard waits for half a window)
+    # Checkpoint health: a bad step opens an episode (the checkpoint before it is marked suspect; the ones
+    # written while it is open are suspect); spike_window good steps in a row close it (marks cleared).
+    episode_from: int = -1  # step of the open episode's first bad step; -1: none open
+    good_since_bad: int = 0  # good steps in a row since the open episode's last bad step
     stop_agreed: bool = False  # some rank asked to stop (read from the flags)
     last_loss: torch.Tensor | float = float("nan")
     window_samples: int = 0
@@ -348,7 +360,7 @@ class Trainer:
         epoch_size = data.epoch_size or data.num_samples
         total_steps, warmup_steps = schedule_lengths(cfg, epoch_size)
         optimizer = build_optimizer(stage.param_groups(model), cfg.peak_lr, cfg.betas, device)
-        start_step = cls._resume(run, model, optimizer, precision, cfg.seed, resume_step(cfg.resume_from))
+        start_step, guard = cls._resume(run, model, optimizer, precision, cfg.seed, resume_step(cfg.resume_from))
         if start_step:
             run.print(f"resuming from {run.checkpointer.latest()} at step {start_step}/{total_steps}")
         run.logger = MetricsLogger(run.dir, enabled=run.is_main, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
@@ -361,22 +373,31 @@ class Trainer:
             start_position=start_step * cfg.batch_size, weights=data.weights, epoch_size=data.epoch_size,
         )
         loader = iter(train_loader(data.dataset, stream, cfg.num_workers, pin_memory=device.type == "cuda"))
-        return cls(stage, cfg, info, run, model, trained, precision, data, optimizer, loader, micro, accum, epoch_size,
-                   total_steps, warmup_steps, start_step,
-                   progress=progress_bar(run.is_main and cfg.progress, start_step, total_steps, stage.name),
-                   flops=stage.flops_per_sample(), peak_tflops=detect_peak_tflops(device))
+        trainer = cls(stage, cfg, info, run, model, trained, precision, data, optimizer, loader, micro, accum,
+                      epoch_size, total_steps, warmup_steps, start_step,
+                      progress=progress_bar(run.is_main and cfg.progress, start_step, total_steps, stage.name),
+                      flops=stage.flops_per_sample(), peak_tflops=detect_peak_tflops(device))
+        trainer.restore_guard(guard)
+        return trainer
 
     @staticmethod
     def _resume(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, precision: Precision,
-                seed: int, from_step: int | None = None) -> int:
+                seed: int, from_step: int | None = None) -> tuple[int, dict[str, Any] | None]:
         """Restore model, optimizer, scaler and RNG from the newest good checkpoint (or the one at
-        ``from_step``: the later ones are set aside as ``rewound-*``); returns its step (0: none).
-        A damaged checkpoint is named, set aside, and the next older one is used."""
+        ``from_step``: the later ones are set aside as ``rewound-*``); returns its step (0: none) and
+        the loss-spike guard saved with it. A damaged checkpoint is named, set aside, and the next
+        older one is used; a suspect newest one (written while the run diverged) is resumed only
+        when ``resume_from`` names it."""
         if not run.resuming:
             if from_step is not None:
                 raise ConfigError("resume_from", f"no checkpoint in {run.checkpointer.dir} to resume from")
-            return 0
+            return 0, None
         checkpointer = run.checkpointer
+        newest = checkpointer.latest()
+        if from_step is None and newest is not None and checkpointer.diverged(newest):
+            raise SuspectCheckpoint(
+                f"not resuming {newest}: it is suspect, {checkpointer.suspect_reason(newest)}; "
+                f"{rewind_advice(checkpointer)}, or resume_from=step_{checkpoint_step(newest)} to go on from it anyway")
         if from_step is not None:
             steps = [checkpoint_step(path) for path in checkpointer.all()]
             if from_step not in steps:
@@ -413,7 +434,7 @@ class Trainer:
                 continue
             if precision.scaler is not None and restored["scaler"]:
                 precision.scaler.load_state_dict(restored["scaler"])
-            return restored["step"]
+            return restored["step"], restored["guard"]
         raise CorruptCheckpoint(f"no readable checkpoint in {checkpointer.dir}: every one was damaged (set aside "
                                 "as corrupt-*); pass resume=false to start over")
 
@@ -562,7 +583,9 @@ class Trainer:
                 self.stop_agreed = self.stop_agreed or stop > 0
                 if not (bad_loss or bad_grads or spike):
                     self.nonfinite_streak = 0
+                    self._good_step()
                     continue
+                self._bad_step(step)
                 self.nonfinite_streak += 1
                 self.nonfinite_total += not spike or bool(bad_loss or bad_grads)
                 self.spike_total += bool(spike) and not (bad_loss or bad_grads)
@@ -570,12 +593,62 @@ class Trainer:
                         f"loss spike (above {self.cfg.spike_factor:g}x the median of the last steps)")
                 self.run.print(f"step {step}: {what}, step skipped ({self.nonfinite_streak} in a row)")
                 if self.nonfinite_streak > self.cfg.max_nonfinite:
+                    if self.run.is_main:
+                        self.run.checkpointer.mark_diverged()
                     raise NonFiniteLoss(
                         f"{self.nonfinite_streak} consecutive bad steps (last: {what}) at step {step}; stopping "
                         "without saving. Try precision=bf16 (fp16 overflows), a lower lr/blr, or clip_grad=1.0"
                         f"{self.rewind_hint()}."
                     )
         return self.stop_agreed
+
+    # ------------------------------------------------------------------ checkpoint health
+    def _bad_step(self, step: int) -> None:
+        """A bad step (0-based ``step``): the newest checkpoint before it is suspect, and an episode is open."""
+        self.good_since_bad = 0
+        if self.episode_from < 0:
+            self.episode_from = step
+        if self.run.is_main:
+            checkpointer = self.run.checkpointer
+            before = [path for path in checkpointer.all() if checkpoint_step(path) <= step]
+            if before:
+                checkpointer.mark_suspect(before[-1], f"bad steps followed it (the first: step {step})")
+
+    def _good_step(self) -> None:
+        """A good step; ``spike_window`` of them in a row after a bad step close the episode: the run
+        recovered, and the checkpoints marked during it are healthy again."""
+        if self.episode_from < 0:
+            return
+        self.good_since_bad += 1
+        if self.good_since_bad >= self.cfg.spike_window:
+            self._close_episode()
+
+    def _close_episode(self) -> None:
+        if self.episode_from >= 0 and self.run.is_main:
+            for path in self.run.checkpointer.suspects():
+                self.run.checkpointer.clear_suspect(path)
+        self.episode_from, self.good_since_bad = -1, 0
+
+    def guard_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the loss-spike guard and the bad-step counts (this rank's)."""
+        history = self.loss_history.detach().cpu().clone() if self.loss_history is not None else None
+        return {"loss_history": history, "steps_run": self.steps_run, "streak": self.nonfinite_streak,
+                "episode_from": self.episode_from, "good_since_bad": self.good_since_bad,
+                "nonfinite_total": self.nonfinite_total, "spike_total": self.spike_total}
+
+    def restore_guard(self, guard: dict[str, Any] | None) -> None:
+        """Resume the guard where the checkpoint left it (an empty window when it holds none)."""
+        if not guard:
+            return
+        history = guard.get("loss_history")
+        if history is not None and history.numel() == self.cfg.spike_window:
+            self.loss_history = history.to(self.run.device, torch.float32)
+            self.steps_run = int(guard.get("steps_run", 0))
+        self.nonfinite_streak = int(guard.get("streak", 0))
+        self.episode_from = int(guard.get("episode_from", -1))
+        self.good_since_bad = int(guard.get("good_since_bad", 0))
+        self.nonfinite_total = int(guard.get("nonfinite_total", 0))
+        self.spike_total = int(guard.get("spike_total", 0))
 
     def _count_skips(self, batch: dict[str, Any]) -> None:
         bad = batch.pop("_skipped", [])
@@ -650,29 +723,32 @@ class Trainer:
         self.check_weights_finite(step)
         scaler = self.precision.scaler
         distributed = is_distributed()
+        suspect = (f"written during bad steps (the first: step {self.episode_from})"
+                   if self.episode_from >= 0 else "")
         if distributed or self.run.is_main:
             save_training_state(Checkpointer(self.run.dir, self.cfg.keep_last), step, self.model,
                                 self.optimizer, scaler.state_dict() if scaler is not None else {},
-                                rank=self.info.rank, distributed=distributed)
+                                rank=self.info.rank, distributed=distributed, guard=self.guard_state(),
+                                suspect=suspect)
         barrier()
 
     def check_weights_finite(self, step: int) -> None:
         bad = all_reduce_sum(nonfinite_count(self.model, weights=True).to(self.run.device)).item()
         if bad:
-            latest = self.run.checkpointer.latest()
+            checkpointer = self.run.checkpointer
+            newest = checkpointer.latest()
+            if newest is not None and self.run.is_main:  # it led to these weights
+                checkpointer.mark_suspect(newest, f"non-finite weights followed it (after step {step})")
+                checkpointer.mark_diverged()
+            barrier()
             raise NonFiniteLoss(
-                f"non-finite weights after step {step}: not saved; the last good checkpoint is "
-                f"{latest or 'none'}. Try precision=bf16, a lower lr/blr, or clip_grad=1.0, then rerun to resume"
-                f"{self.rewind_hint()}."
+                f"non-finite weights after step {step}: not saved. Try precision=bf16, a lower lr/blr, or "
+                f"clip_grad=1.0{self.rewind_hint()}."
             )
 
     def rewind_hint(self) -> str:
-        """How to resume from before a divergence, naming the checkpoints there are."""
-        steps = [checkpoint_step(path) for path in self.run.checkpointer.all()]
-        if len(steps) < 2:
-            return ""
-        return (f"; the newest checkpoint may already be damaged by the diverging steps: resume from an earlier "
-                f"one with resume_from=step_N (checkpoints at steps {', '.join(map(str, steps))})")
+        """Where to go back to after a divergence: the last known good checkpoint, or how to start afresh."""
+        return f"; {rewind_advice(self.run.checkpointer)}"
 
     def stop_for_signal(self, step: int, name: str) -> None:
         """Checkpoint at this step boundary (unless just done) and raise :class:`Preempted`."""
@@ -691,6 +767,7 @@ class Trainer:
         self.progress.close()
         eval_metrics = self.evaluate(self.total_steps)
         self.check_weights_finite(self.total_steps)  # no export of non-finite weights
+        self._close_episode()  # it ended without diverging: its checkpoints are not suspect
         results: dict[str, Any] = {}
         export_model = consolidated_model(self.model, lambda: stage.build_model(run), self.info)  # collective: FSDP
         if run.is_main:
