@@ -35,8 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..files import save_safetensors
-from .checkpoints import CheckpointMismatch, check_fit, load_encoder_weights, read_state_dict
+from .checkpoints import CheckpointMismatch, check_fit, header_tensors, load_encoder_weights, read_state_dict
 from .layouts import cast_floating, upgrade_torchtext_names
+from .openclip import is_open_clip_folder, looks_like_open_clip_state, read_open_clip
 from .resolve import resolve_weights
 from .text import TextEncoder, TextShape, create_text_encoder, infer_text_shape
 from .tokenizers import Tokenizer, build_tokenizer, tokenizer_from_info
@@ -244,10 +245,27 @@ def read_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
     return cast_floating(upgrade_torchtext_names(state, prefix=prefix), torch.float32)
 
 
+def is_open_clip_source(spec: str | Path) -> bool:
+    """An open_clip model folder (``open_clip_config.json``), or a weights file in open_clip's names."""
+    path = Path(spec)
+    if path.is_dir():
+        return is_open_clip_folder(path)
+    return path.is_file() and looks_like_open_clip_state(list(header_tensors(path)))
+
+
+def read_open_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """An open_clip weights file as read for an fp32 model (its names are converted afterwards)."""
+    return cast_floating(read_state_dict(path), torch.float32)
+
+
 def text_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The text tower's weights in a file (``lit text_init=``): a MAWS CLIP / LiT file (``text_encoder.*``)
-    or a bare RoBERTa state dict, read like :func:`load_clip` reads them (:func:`read_clip_state`)."""
-    state = read_clip_state(path)
+    """The text tower's weights in a file (``lit text_init=``): a MAWS CLIP / LiT file (``text_encoder.*``),
+    a bare RoBERTa state dict, or an open_clip folder or checkpoint file with a RoBERTa text tower
+    (:mod:`prepretrain.models.openclip`), read like :func:`load_clip` reads them."""
+    if is_open_clip_source(path):
+        state = read_open_clip(path, read_open_clip_state)[0]
+    else:
+        state = read_clip_state(path)
     if any(k.startswith("text_encoder.") for k in state):
         return {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
     if any(k.startswith("transformer.token_embedding") for k in state):  # RobertaEncoder without the wrapper
@@ -257,16 +275,27 @@ def text_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device = "cpu",
               ) -> tuple[CLIPModel, Tokenizer, dict[str, Any]]:
-    """Load a LiT run directory, our ``clip.safetensors``, or an official MAWS CLIP file.
+    """Load a LiT run directory, our ``clip.safetensors``, an official MAWS CLIP file, or an open_clip
+    folder / checkpoint file with a timm ViT and a RoBERTa text tower (:mod:`prepretrain.models.openclip`).
 
     Returns (model in eval mode, tokenizer, info with ``image_size`` and ``vision_model``).
     Our files carry their architecture and tokenizer in metadata; for an official MAWS file
     the towers are read from the weights' shapes and ``tokenizer`` (the XLM-R SentencePiece
     ``.model``) is required. Loading is strict: every key must fit.
     """
-    weights = resolve_weights(spec, "clip")
-    path, metadata = weights.path, weights.metadata
-    state = read_clip_state(path)
+    if is_open_clip_source(spec):
+        state, found, path = read_open_clip(spec, read_open_clip_state)
+        metadata = {"format": CLIP_FORMAT, "text_shape": json.dumps(found["text_shape"].__dict__),
+                    "image_size": str(found["image_size"]), "tokenizer": json.dumps(found["tokenizer"])}
+        vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+        name, depth, _ = vision_name_from_state(vision_state)
+        metadata.update(vision_model=found["vision_model"] or name, vision_depth=str(depth))
+        base_dir = Path(spec) if Path(spec).is_dir() else path.parent
+    else:
+        weights = resolve_weights(spec, "clip")
+        path, metadata = weights.path, weights.metadata
+        state = read_clip_state(path)
+        base_dir = path.parent
     if not any(k.startswith("text_encoder.") for k in state):
         raise CheckpointMismatch(f"{path} has no text_encoder.* weights: not a CLIP/LiT checkpoint")
     vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
@@ -290,7 +319,7 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
     if tokenizer:
         tok = build_tokenizer(tokenizer)
     elif info_tokenizer is not None:
-        tok = tokenizer_from_info(info_tokenizer, base_dir=path.parent)
+        tok = tokenizer_from_info(info_tokenizer, base_dir=base_dir)
     else:
         raise ValueError(
             f"{path} is not a prepretrain LiT file: pass tokenizer=/path/to/xlmr.sentencepiece.bpe.model "

@@ -12,7 +12,11 @@ Targets (``to=``):
   timm loads with ``timm.create_model("local-dir:FOLDER", pretrained=True)`` (timm >= 1.0.20)
   and which uploads to a model hub as it is;
 * ``torchvision``: torchvision ``VisionTransformer`` names (``.safetensors``, or a ``.pth``
-  pickle of plain tensors when the destination ends so).
+  pickle of plain tensors when the destination ends so);
+* ``open_clip``: for a CLIP model (a LiT run, a MAWS-CLIP file, an open_clip folder), the folder
+  ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads: config, weights,
+  tokenizer (:mod:`prepretrain.models.openclip` says what and why). A CLIP model read from an
+  open_clip folder converts back with ``to=prepretrain`` (``clip.safetensors`` layout).
 
 Every conversion copies tensors exactly: round trips are bit-exact (tested).
 """
@@ -27,21 +31,34 @@ import torch
 
 from ..files import save_safetensors, save_torch, write_text
 from .checkpoints import CheckpointMismatch, read_state_dict
+from .clip import CLIPModel, clip_metadata, is_open_clip_source, load_clip, save_clip
 from .layouts import detect_layout, encoder_from_any, image_size_of, timm_to_torchvision, upgrade_torchtext_names
+from .openclip import SENTENCEPIECE_FILE, write_open_clip_folder
 from .resolve import Weights, resolve_weights
 from .vit import VIT_SHAPES, resolve_name, vision_name_from_state
 
-TARGETS = ("prepretrain", "safetensors", "timm", "torchvision")
+TARGETS = ("prepretrain", "safetensors", "timm", "torchvision", "open_clip")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # timm architectures whose defaults are the paper's shapes (others are described by model_args alone).
 TIMM_NAMES = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_224",
               "vit_h14": "vit_huge_patch14_224"}
 
 
-def convert(source: str | Path, out: str | Path, to: str = "prepretrain", model: str = "") -> Path:
-    """Convert ``source`` (a weights file, a run directory or a released name) into ``out``."""
+def convert(source: str | Path, out: str | Path, to: str = "prepretrain", model: str = "",
+            tokenizer: str = "") -> Path:
+    """Convert ``source`` (a weights file, a run directory or a released name) into ``out``.
+
+    ``tokenizer``: the XLM-R SentencePiece ``.model`` of an official MAWS-CLIP file (``to=open_clip``).
+    """
     if to not in TARGETS:
         raise ValueError(f"to must be one of {', '.join(TARGETS)}; got '{to}'")
+    if to == "open_clip":
+        return export_open_clip(source, out, tokenizer)
+    if is_open_clip_source(source):
+        if to != "prepretrain":
+            raise CheckpointMismatch(f"{source} is an open_clip model: convert it with to=prepretrain (a CLIP file)")
+        clip, tok, info = load_clip(source)
+        return save_clip(clip, out, tok.describe(), info["image_size"], info["vision_model"])
     weights = resolve_weights(source)
     state = read_state_dict(weights.path)
     if to == "safetensors":
@@ -123,3 +140,43 @@ def export_timm_folder(encoder: dict[str, torch.Tensor], info: dict[str, str], o
     save_safetensors(out / "model.safetensors", encoder)
     write_text(out / "config.json", json.dumps(timm_config(info, encoder), indent=2) + "\n")
     return out
+
+
+def registered_timm_name(vision: dict[str, torch.Tensor], vision_model: str, image_size: int) -> str:
+    """timm's registered name whose default model has exactly these tensors' shapes (built on the meta
+    device), or "" when none does (then the tower is described by a config file)."""
+    import timm
+
+    name = TIMM_NAMES.get(vision_model, "")
+    if not name or image_size != 224:
+        return ""
+    with torch.device("meta"):
+        reference = timm.create_model(name, pretrained=False, num_classes=0)
+    shapes = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    return name if shapes == {k: tuple(v.shape) for k, v in vision.items()} else ""
+
+
+def export_open_clip(source: str | Path, out: str | Path, tokenizer: str = "") -> Path:
+    """Write the open_clip folder of a CLIP model (``to=open_clip``), see :mod:`prepretrain.models.openclip`."""
+    model, tok, info = load_clip(source, tokenizer=tokenizer)
+    return write_clip_for_open_clip(model, tok, int(info["image_size"]), info["vision_model"], out)
+
+
+def write_clip_for_open_clip(model: CLIPModel, tok, image_size: int, vision_model: str, out: str | Path) -> Path:
+    """The open_clip folder of a loaded :class:`CLIPModel` and its tokenizer."""
+    state = model.state_dict()
+    vision = {k[len("vision_encoder."):]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+    timm_name = registered_timm_name(vision, vision_model, image_size)
+    tower_config = None
+    if not timm_name:
+        depth = 1 + max(int(k.split(".")[1]) for k in vision if k.startswith("blocks."))
+        tower_info = {"model": vision_model, "image_size": str(image_size), "num_classes": "0",
+                      "global_pool": "token", "depth": str(depth)}
+        tower_config = timm_config(tower_info, vision)
+    tokenizer_info = tok.describe()
+    if tokenizer_info.get("kind") == "sentencepiece":
+        tokenizer_info["model_file"] = SENTENCEPIECE_FILE  # the copy in the folder, found relative to it
+    metadata = clip_metadata(model, tokenizer_info, image_size, vision_model)
+    return write_open_clip_folder(out, state, model.text_encoder.shape, tok, embed_dim=model.embed_dim,
+                                  image_size=image_size, timm_model_name=timm_name, timm_tower_config=tower_config,
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD, prepretrain=metadata)
