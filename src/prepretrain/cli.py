@@ -356,18 +356,27 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", default="prepretrain", choices=TARGETS,
                         help="prepretrain: safetensors in prepretrain's layout with metadata (default); "
                              "safetensors: same names, safe container; timm: a timm hub folder; "
-                             "torchvision: torchvision VisionTransformer names")
+                             "torchvision: torchvision VisionTransformer names; open_clip: a CLIP model (LiT run, "
+                             "MAWS-CLIP file) as the folder open_clip loads with local-dir:")
     parser.add_argument("--model", default="", help="architecture name when the file does not say (vit_b16, ...)")
+    parser.add_argument("--tokenizer", default="", help="--to open_clip of an official MAWS-CLIP file: its XLM-R "
+                                                        "SentencePiece .model (LiT runs carry their tokenizer)")
     parser.epilog = (
         "Examples:\n  prepretrain convert swag_vit_b16.pth vit_b16_swag.safetensors\n"
         "  prepretrain convert maws:vit_h14 exports/maws_vit_h14 --to timm\n"
         "  prepretrain convert runs/wsp/encoder.safetensors wsp_torchvision.pth --to torchvision\n"
+        "  prepretrain convert runs/lit exports/lit_open_clip --to open_clip\n"
+        "  prepretrain convert vit_b16_xlmr_b_maws_clip.pt exports/maws_clip_b16 --to open_clip "
+        "--tokenizer xlmr.sentencepiece.bpe.model\n"
         "Then in plain timm: timm.create_model('local-dir:exports/maws_vit_h14', pretrained=True)\n"
+        "and in open_clip: open_clip.create_model_and_transforms('local-dir:exports/lit_open_clip'),\n"
+        "open_clip.get_tokenizer('local-dir:exports/lit_open_clip'). An open_clip folder names its tower\n"
+        "configs by absolute path: after moving it, convert again.\n"
     )
 
 
 def _convert_run(args: argparse.Namespace) -> int:
-    path = convert(args.source, args.out, to=args.to, model=args.model)
+    path = convert(args.source, args.out, to=args.to, model=args.model, tokenizer=args.tokenizer)
     print(f"wrote {path} from {args.source} ({args.to})")
     return 0
 
@@ -430,7 +439,8 @@ def all_commands() -> dict[str, Tool]:
                      _plan_arguments, _plan_run),
         "export": Tool("consolidate a (sharded) training checkpoint into one safetensors file",
                        _export_arguments, _export_run),
-        "convert": Tool("convert a checkpoint between layouts: prepretrain, safetensors, timm hub folder, torchvision",
+        "convert": Tool("convert a checkpoint between layouts: prepretrain, safetensors, timm hub folder, torchvision, "
+                        "open_clip folder",
                         _convert_arguments, _convert_run),
     })
     return tools

@@ -95,20 +95,6 @@ _QKV = ("query", "key", "value")
 _TOKEN_TYPE = "embeddings.token_type_embeddings.weight"
 
 
-class MissingExtra(ImportError):
-    """An optional package a command needs is not installed; the message says which extra installs it."""
-
-
-def require_open_clip() -> Any:
-    """The ``open_clip`` module, or :class:`MissingExtra` naming the extra that installs it."""
-    try:
-        import open_clip
-    except ImportError:
-        raise MissingExtra("this needs open_clip: pip install 'prepretrain[open_clip]' "
-                           "(open-clip-torch and transformers)") from None
-    return open_clip
-
-
 # ------------------------------------------------------------------------------ weights
 
 

@@ -72,6 +72,7 @@ from ..models.clip import (
     text_tower_state,
 )
 from ..models.layouts import encoder_from_any
+from ..models.openclip import is_open_clip_folder
 from ..models.resolve import check_weights, encoder_metadata, resolve_weights
 from ..models.text import TEXT_SHAPES, text_forward_flops, text_shape
 from ..models.tokenizers import SentencePieceTokenizer, Tokenizer, build_tokenizer
@@ -115,7 +116,7 @@ class LiTConfig(TextSourceConfig):
     text_width: int = 0
     text_heads: int = 0
     text_dropout: float = 0.0
-    text_init: str = ""  # start the text tower from a file: MAWS CLIP / LiT (text_encoder.*) or RoBERTa (encoder.*)
+    text_init: str = ""  # text tower from MAWS CLIP / LiT (text_encoder.*), RoBERTa (encoder.*), open_clip folder/file
     tokenizer: str = "bytes"  # bytes | path to a SentencePiece .model (XLM-R for MAWS towers)
     max_text_tokens: int = 0  # tokens kept per caption before BOS/EOS; 0 = tokenizer default
     embed_dim: int = 0  # joint embedding size; 0 = the text tower's width
@@ -162,8 +163,8 @@ class LiTConfig(TextSourceConfig):
         if self.max_text_tokens and self.max_text_tokens + 2 > shape.max_tokens:
             raise ConfigError("max_text_tokens", f"{self.text_model} has positions for {shape.max_tokens - 2} "
                               "tokens plus BOS/EOS")
-        if self.text_init and not Path(self.text_init).is_file():
-            raise ConfigError("text_init", f"file not found: {self.text_init}")
+        if self.text_init and not Path(self.text_init).is_file() and not is_open_clip_folder(self.text_init):
+            raise ConfigError("text_init", f"no such file or open_clip folder: {self.text_init}")
         check_weights("encoder", self.encoder)
         check_names_file("zeroshot_classes", self.zeroshot_classes, CLASS_SETS)
         check_names_file("zeroshot_templates", self.zeroshot_templates, TEMPLATE_SETS)
