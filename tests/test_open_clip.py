@@ -172,7 +172,8 @@ def test_the_round_trip_through_open_clip_is_bit_exact(lit_run, maws_file, spm_m
 
 def test_zeroshot_on_the_folder_equals_zeroshot_on_the_run_and_writes_clip_benchmarks_file(lit_run, tmp_path):
     folder = convert(lit_run, tmp_path / "lit_open_clip", to="open_clip")
-    common = {"max_images": "60", "batch_size": "30", "num_images": "200", "templates": "prepretrain"}
+    (tmp_path / "templates.txt").write_text("a {}\na photo of a {}.\n")
+    common = {"max_images": "60", "batch_size": "30", "num_images": "200", "templates": str(tmp_path / "templates.txt")}
     on_run = run_zeroshot(build_config(ZeroShotConfig, None, {**common, "model": str(lit_run),
                                                                "out_dir": str(tmp_path / "zs_run")}))
     on_folder = run_zeroshot(build_config(ZeroShotConfig, None, {**common, "model": str(folder),
@@ -255,3 +256,41 @@ def test_what_prepretrain_cannot_read_is_one_clear_error(lit_run, tmp_path):
     with pytest.raises(CheckpointMismatch, match="not an open_clip model with a timm image tower"):
         from_open_clip_state({"visual.conv1.weight": torch.zeros(1), "token_embedding.weight": torch.zeros(1)})
     assert main(["convert", str(lit_run), str(tmp_path / "x.safetensors"), "--to", "open_clip"]) == 4
+
+
+def test_clip_benchmarks_own_zero_shot_code_on_the_folder_scores_what_our_file_says(lit_run, tmp_path):
+    """CLIP_benchmark's loader (``load_open_clip``), classifier (``zero_shot_classifier``) and logits
+    (``run_classification``) on the exported folder and a local image folder give the acc1, acc5 and
+    mean per-class recall that ``prepretrain zeroshot`` wrote in CLIP_benchmark's format. (Their own
+    ``accuracy()`` is not called: with numpy >= 2.4 it raises, LAION-AI/CLIP_benchmark#147.)"""
+    from clip_benchmark.metrics.zeroshot_classification import run_classification, zero_shot_classifier
+    from clip_benchmark.models import load_clip as load_for_benchmark
+    from sklearn.metrics import balanced_accuracy_score
+    from torchvision.datasets import ImageFolder
+
+    source = SyntheticSource(200, image_size=32, split="val")
+    names = source.class_names["coarse"]
+    for i in range(40):
+        record = source.get(i)
+        label = record.labels["coarse"]
+        folder_of_class = tmp_path / "data" / "val" / f"{label:02d}_{names[label]}"
+        folder_of_class.mkdir(parents=True, exist_ok=True)
+        record.image.save(folder_of_class / f"{i:03d}.png")
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "templates.txt").write_text("a {}\na photo of a {}.\n")
+    folder = convert(lit_run, tmp_path / "oc", to="open_clip")
+    run_zeroshot(build_config(ZeroShotConfig, None, {
+        "model": str(folder), "data": str(tmp_path / "data" / "val"), "classes": str(tmp_path / "classes.txt"),
+        "templates": str(tmp_path / "templates.txt"), "out_dir": str(tmp_path / "zs")}))
+    ours = json.loads((tmp_path / "zs" / CLIP_BENCHMARK_FILE).read_text())["metrics"]
+
+    model, transform, tokenizer = load_for_benchmark("open_clip", f"local-dir:{folder}", "", None, "cpu")
+    model.eval()
+    loader = torch.utils.data.DataLoader(ImageFolder(str(tmp_path / "data" / "val"), transform=transform),
+                                         batch_size=16)
+    classifier = zero_shot_classifier(model, tokenizer, names, ["a {c}", "a photo of a {c}."], "cpu", amp=False)
+    logits, target = run_classification(model, classifier, loader, "cpu", amp=False)
+    top5 = logits.topk(5, dim=1).indices
+    assert ours["acc1"] == int((logits.argmax(1) == target).sum()) / len(target)  # their accuracy(): hits / n
+    assert ours["acc5"] == int((top5 == target[:, None]).any(1).sum()) / len(target)
+    assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(target, logits.argmax(1)))
