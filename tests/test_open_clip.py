@@ -223,6 +223,20 @@ def test_registered_timm_names_only_for_their_exact_shape():
     micro = create_vit("vit_micro4", device="meta").state_dict()
     assert registered_timm_name(micro, "vit_micro4", 32) == ""
 
+    import timm
+
+    from prepretrain.models.openclip import openai_timm_tower
+
+    for patch, width, depth, size in ((32, 768, 12, 224), (16, 768, 12, 224), (14, 1024, 24, 336)):
+        shapes = {"patch": patch, "width": width, "depth": depth, "image_size": size, "mlp": 4 * width}
+        for quick_gelu in (True, False):
+            name, config = openai_timm_tower(shapes, quick_gelu)
+            assert config is None and ("quickgelu" in name) == quick_gelu
+            with torch.device("meta"):
+                tower = timm.create_model(name, num_classes=0)
+            assert (tower.patch_embed.proj.weight.shape, len(tower.blocks)) == ((width, 3, patch, patch), depth)
+            assert tower.patch_embed.img_size == (size, size) and tower.patch_embed.proj.bias is None
+
 
 def test_what_prepretrain_cannot_read_is_one_clear_error(lit_run, tmp_path):
     from prepretrain.cli import main
@@ -294,3 +308,31 @@ def test_clip_benchmarks_own_zero_shot_code_on_the_folder_scores_what_our_file_s
     assert ours["acc1"] == int((logits.argmax(1) == target).sum()) / len(target)  # their accuracy(): hits / n
     assert ours["acc5"] == int((top5 == target[:, None]).any(1).sum()) / len(target)
     assert ours["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(target, logits.argmax(1)))
+
+
+def test_an_openai_layout_clip_file_becomes_a_timm_tower_folder_that_computes_the_same(tmp_path):
+    """Reference: open_clip's own ``CLIP`` (native ViT and text transformer, OpenAI's state-dict names);
+    the folder has a timm image tower and open_clip's text transformer and tokenizer."""
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    reference = CLIP(embed_dim=32, vision_cfg={"image_size": 32, "layers": 2, "width": 128, "patch_size": 8},
+                     text_cfg={"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2},
+                     quick_gelu=True)
+    _perturbed(reference)
+    torch.save(reference.state_dict(), tmp_path / "openai_layout.pt")
+    folder = convert(tmp_path / "openai_layout.pt", tmp_path / "oc", to="open_clip")
+    config = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
+    assert config["model_cfg"]["quick_gelu"] and "hf_model_name" not in config["model_cfg"]["text_cfg"]
+    exported, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    assert type(exported.visual).__name__ == "TimmModel" and type(tokenizer).__name__ == "SimpleTokenizer"
+    exported.eval()
+    pixels = torch.stack([preprocess(image) for image in _images()])
+    with torch.no_grad():
+        image_diff = (exported.encode_image(pixels, normalize=True) - reference.encode_image(pixels, normalize=True))
+        text_diff = (exported.encode_text(tokenizer(TEXTS), normalize=True)
+                     - reference.encode_text(tokenizer(TEXTS), normalize=True))
+    assert image_diff.abs().max() < TOLERANCE and text_diff.abs().max() < TOLERANCE
+    with pytest.raises(CheckpointMismatch, match="own text transformer"):
+        load_clip(folder)  # prepretrain's CLIP model has a RoBERTa text tower only

@@ -361,6 +361,9 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="", help="architecture name when the file does not say (vit_b16, ...)")
     parser.add_argument("--tokenizer", default="", help="--to open_clip of an official MAWS-CLIP file: its XLM-R "
                                                         "SentencePiece .model (LiT runs carry their tokenizer)")
+    parser.add_argument("--activation", default="quick_gelu", choices=("quick_gelu", "gelu"),
+                        help="--to open_clip of an OpenAI-layout CLIP file: its towers' activation (OpenAI's released "
+                             "models: quick_gelu, the default; the weights do not say)")
     parser.epilog = (
         "Examples:\n  prepretrain convert swag_vit_b16.pth vit_b16_swag.safetensors\n"
         "  prepretrain convert maws:vit_h14 exports/maws_vit_h14 --to timm\n"
@@ -368,6 +371,7 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
         "  prepretrain convert runs/lit exports/lit_open_clip --to open_clip\n"
         "  prepretrain convert vit_b16_xlmr_b_maws_clip.pt exports/maws_clip_b16 --to open_clip "
         "--tokenizer xlmr.sentencepiece.bpe.model\n"
+        "  prepretrain convert ViT-B-16.pt exports/openai_b16 --to open_clip            # an OpenAI-layout CLIP file\n"
         "Then in plain timm: timm.create_model('local-dir:exports/maws_vit_h14', pretrained=True)\n"
         "and in open_clip: open_clip.create_model_and_transforms('local-dir:exports/lit_open_clip'),\n"
         "open_clip.get_tokenizer('local-dir:exports/lit_open_clip'). An open_clip folder names its tower\n"
@@ -376,7 +380,8 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert_run(args: argparse.Namespace) -> int:
-    path = convert(args.source, args.out, to=args.to, model=args.model, tokenizer=args.tokenizer)
+    path = convert(args.source, args.out, to=args.to, model=args.model, tokenizer=args.tokenizer,
+                   quick_gelu=args.activation == "quick_gelu")
     print(f"wrote {path} from {args.source} ({args.to})")
     return 0
 

@@ -13,7 +13,8 @@ Targets (``to=``):
   and which uploads to a model hub as it is;
 * ``torchvision``: torchvision ``VisionTransformer`` names (``.safetensors``, or a ``.pth``
   pickle of plain tensors when the destination ends so);
-* ``open_clip``: for a CLIP model (a LiT run, a MAWS-CLIP file, an open_clip folder), the folder
+* ``open_clip``: for a CLIP model (a LiT run, a MAWS-CLIP file, an open_clip folder, an OpenAI-layout
+  CLIP file), the folder
   ``open_clip.create_model_and_transforms("local-dir:FOLDER")`` reads: config, weights,
   tokenizer (:mod:`prepretrain.models.openclip` says what and why). A CLIP model read from an
   open_clip folder converts back with ``to=prepretrain`` (``clip.safetensors`` layout).
@@ -30,10 +31,10 @@ from typing import Any
 import torch
 
 from ..files import save_safetensors, save_torch, write_text
-from .checkpoints import CheckpointMismatch, read_state_dict
+from .checkpoints import CheckpointMismatch, header_tensors, read_state_dict
 from .clip import CLIPModel, clip_metadata, is_open_clip_source, load_clip, save_clip
 from .layouts import detect_layout, encoder_from_any, image_size_of, timm_to_torchvision, upgrade_torchtext_names
-from .openclip import SENTENCEPIECE_FILE, write_open_clip_folder
+from .openclip import SENTENCEPIECE_FILE, is_openai_clip_state, write_open_clip_folder, write_openai_clip_folder
 from .resolve import Weights, resolve_weights
 from .vit import VIT_SHAPES, resolve_name, vision_name_from_state
 
@@ -45,15 +46,16 @@ TIMM_NAMES = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_2
 
 
 def convert(source: str | Path, out: str | Path, to: str = "prepretrain", model: str = "",
-            tokenizer: str = "") -> Path:
+            tokenizer: str = "", quick_gelu: bool = True) -> Path:
     """Convert ``source`` (a weights file, a run directory or a released name) into ``out``.
 
-    ``tokenizer``: the XLM-R SentencePiece ``.model`` of an official MAWS-CLIP file (``to=open_clip``).
+    ``tokenizer``: the XLM-R SentencePiece ``.model`` of an official MAWS-CLIP file (``to=open_clip``);
+    ``quick_gelu``: the activation of an OpenAI-layout CLIP file (``to=open_clip``; OpenAI's own: True).
     """
     if to not in TARGETS:
         raise ValueError(f"to must be one of {', '.join(TARGETS)}; got '{to}'")
     if to == "open_clip":
-        return export_open_clip(source, out, tokenizer)
+        return export_open_clip(source, out, tokenizer, quick_gelu)
     if is_open_clip_source(source):
         if to != "prepretrain":
             raise CheckpointMismatch(f"{source} is an open_clip model: convert it with to=prepretrain (a CLIP file)")
@@ -156,8 +158,12 @@ def registered_timm_name(vision: dict[str, torch.Tensor], vision_model: str, ima
     return name if shapes == {k: tuple(v.shape) for k, v in vision.items()} else ""
 
 
-def export_open_clip(source: str | Path, out: str | Path, tokenizer: str = "") -> Path:
-    """Write the open_clip folder of a CLIP model (``to=open_clip``), see :mod:`prepretrain.models.openclip`."""
+def export_open_clip(source: str | Path, out: str | Path, tokenizer: str = "", quick_gelu: bool = True) -> Path:
+    """Write the open_clip folder of a CLIP model (``to=open_clip``), see :mod:`prepretrain.models.openclip`:
+    a LiT run, a MAWS-CLIP file, or an OpenAI-layout CLIP file (``quick_gelu``: its activation)."""
+    path = Path(source)
+    if path.is_file() and is_openai_clip_state(list(header_tensors(path))):
+        return write_openai_clip_folder(out, read_state_dict(path), quick_gelu)
     model, tok, info = load_clip(source, tokenizer=tokenizer)
     return write_clip_for_open_clip(model, tok, int(info["image_size"]), info["vision_model"], out)
 

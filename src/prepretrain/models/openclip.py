@@ -416,3 +416,134 @@ def read_open_clip(spec: str | Path, read_state) -> tuple[dict[str, torch.Tensor
     state = from_open_clip_state(read_state(weights))
     return state, open_clip_metadata(config, state, config_path.parent, config_path), weights
 
+
+
+# ------------------------------------------------------------------------------ OpenAI-layout CLIP files
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation (open_clip constants.py)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+_OPENAI_BLOCK = {
+    "ln_1.weight": "norm1.weight", "ln_1.bias": "norm1.bias",
+    "attn.in_proj_weight": "attn.qkv.weight", "attn.in_proj_bias": "attn.qkv.bias",
+    "attn.out_proj.weight": "attn.proj.weight", "attn.out_proj.bias": "attn.proj.bias",
+    "ln_2.weight": "norm2.weight", "ln_2.bias": "norm2.bias",
+    "mlp.c_fc.weight": "mlp.fc1.weight", "mlp.c_fc.bias": "mlp.fc1.bias",
+    "mlp.c_proj.weight": "mlp.fc2.weight", "mlp.c_proj.bias": "mlp.fc2.bias",
+}
+_OPENAI_TOP = {"visual.conv1.weight": "patch_embed.proj.weight", "visual.ln_pre.weight": "norm_pre.weight",
+               "visual.ln_pre.bias": "norm_pre.bias", "visual.ln_post.weight": "norm.weight",
+               "visual.ln_post.bias": "norm.bias"}
+# timm's registered CLIP image towers: (patch, width, depth, image size) -> name without the activation suffix
+_TIMM_CLIP_NAMES = {(32, 768, 12, 224): "vit_base_patch32_clip", (16, 768, 12, 224): "vit_base_patch16_clip",
+                    (14, 1024, 24, 224): "vit_large_patch14_clip", (14, 1024, 24, 336): "vit_large_patch14_clip"}
+
+
+def is_openai_clip_state(keys: list[str]) -> bool:
+    """OpenAI's CLIP layout (its ``clip`` package, and open_clip's own ``CLIP`` class): a ViT image tower
+    under ``visual.`` with ``conv1``/``class_embedding``, the text transformer at the top level."""
+    keys = set(keys)
+    return {"visual.conv1.weight", "visual.class_embedding", "token_embedding.weight", "text_projection"} <= keys
+
+
+def openai_clip_shapes(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The shapes an OpenAI-layout file fixes (heads are width / 64, as in every OpenAI and open_clip ViT)."""
+    if "visual.proj" not in state or "visual.transformer.resblocks.0.attn.in_proj_weight" not in state:
+        raise CheckpointMismatch("an OpenAI-layout CLIP file with a ViT image tower is needed (visual.proj, "
+                                 "visual.transformer.resblocks.*); ResNet towers are not converted")
+    width = int(state["visual.conv1.weight"].shape[0])
+    patch = int(state["visual.conv1.weight"].shape[-1])
+    tokens = int(state["visual.positional_embedding"].shape[0]) - 1
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens:
+        raise CheckpointMismatch(f"visual.positional_embedding has {tokens} patch positions: not a square grid")
+
+    def depth(prefix: str) -> int:
+        return 1 + max(int(k[len(prefix):].split(".")[0]) for k in state if k.startswith(prefix))
+
+    text_width = int(state["token_embedding.weight"].shape[1])
+    return {"width": width, "patch": patch, "image_size": side * patch, "depth": depth("visual.transformer.resblocks."),
+            "mlp": int(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+            "embed_dim": int(state["text_projection"].shape[1]), "text_width": text_width,
+            "text_depth": depth("transformer.resblocks."),
+            "context_length": int(state["positional_embedding"].shape[0]),
+            "vocab_size": int(state["token_embedding.weight"].shape[0])}
+
+
+def openai_to_open_clip_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An OpenAI-layout CLIP state dict with its image tower in timm's CLIP-ViT names under
+    ``visual.trunk.`` (open_clip's ``TimmModel``), the projection as ``visual.head.proj.weight``; the text
+    tower keeps its names (open_clip's ``CLIP`` class uses OpenAI's). Tensors unchanged, apart from the
+    class token and position embedding gaining their batch axis and the projection transposed."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key in ("input_resolution", "context_length", "vocab_size"):  # scalars in OpenAI's TorchScript files
+            continue
+        if not key.startswith("visual."):
+            out[key] = value
+        elif key in _OPENAI_TOP:
+            out["visual.trunk." + _OPENAI_TOP[key]] = value
+        elif key == "visual.class_embedding":
+            out["visual.trunk.cls_token"] = value.reshape(1, 1, -1)
+        elif key == "visual.positional_embedding":
+            out["visual.trunk.pos_embed"] = value.unsqueeze(0)
+        elif key == "visual.proj":
+            out["visual.head.proj.weight"] = value.t().contiguous()
+        elif key.startswith("visual.transformer.resblocks."):
+            index, leaf = key[len("visual.transformer.resblocks."):].split(".", 1)
+            if leaf not in _OPENAI_BLOCK:
+                raise CheckpointMismatch(f"{key}: no counterpart in timm's CLIP ViT block")
+            out[f"visual.trunk.blocks.{index}.{_OPENAI_BLOCK[leaf]}"] = value
+        else:
+            raise CheckpointMismatch(f"{key}: no counterpart in timm's CLIP ViT")
+    return out
+
+
+def openai_timm_tower(shapes: dict[str, int], quick_gelu: bool) -> tuple[str, dict[str, Any] | None]:
+    """(registered timm name, None) when timm has the exact tower, else ("", timm hub config.json)."""
+    suffix = "_quickgelu" if quick_gelu else ""
+    key = (shapes["patch"], shapes["width"], shapes["depth"], shapes["image_size"])
+    if key in _TIMM_CLIP_NAMES and shapes["mlp"] == 4 * shapes["width"]:
+        return f"{_TIMM_CLIP_NAMES[key]}{suffix}_{shapes['image_size']}", None
+    model_args = {"img_size": shapes["image_size"], "patch_size": shapes["patch"], "embed_dim": shapes["width"],
+                  "depth": shapes["depth"], "num_heads": max(1, shapes["width"] // 64),
+                  "mlp_ratio": shapes["mlp"] / shapes["width"], "class_token": True, "global_pool": "token",
+                  "num_classes": 0}
+    architecture = f"vit_base_patch16_clip{suffix}_224"  # pre-norm, LayerNorm eps 1e-5, no patch bias
+    return "", {"architecture": architecture, "num_classes": 0, "num_features": shapes["width"],
+                "global_pool": "token", "model_args": model_args,
+                "pretrained_cfg": {"input_size": [3, shapes["image_size"], shapes["image_size"]],
+                                   "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center",
+                                   "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "num_classes": 0,
+                                   "first_conv": "patch_embed.proj", "classifier": "head"}}
+
+
+def write_openai_clip_folder(out: str | Path, state: dict[str, torch.Tensor], quick_gelu: bool = True) -> Path:
+    """The open_clip folder of an OpenAI-layout CLIP file: a timm image tower (``timm_model_name``),
+    open_clip's own text transformer and its own tokenizer (``SimpleTokenizer``: the BPE vocabulary
+    ships inside open_clip, so the folder holds no tokenizer file). OpenAI's released models use
+    QuickGELU (``quick_gelu``); a file trained with exact GELU in this layout needs ``quick_gelu=False``
+    (the weights do not say which)."""
+    out = Path(out).resolve()
+    if out.suffix in (".safetensors", ".pt", ".pth", ".bin", ".json") or out.is_file():
+        raise CheckpointMismatch(f"--to open_clip writes a folder; {out} looks like a file")
+    shapes = openai_clip_shapes(state)
+    timm_name, tower = openai_timm_tower(shapes, quick_gelu)
+    if not timm_name:
+        write_json(out / TIMM_TOWER_DIR / "config.json", tower)
+        timm_name = f"local-dir:{out / TIMM_TOWER_DIR}"
+    config = {
+        "model_cfg": {
+            "embed_dim": shapes["embed_dim"], "quick_gelu": quick_gelu,
+            "vision_cfg": {"image_size": shapes["image_size"], "timm_model_name": timm_name,
+                           "timm_model_pretrained": False, "timm_pool": "token", "timm_proj": "linear",
+                           "timm_proj_bias": False},
+            "text_cfg": {"context_length": shapes["context_length"], "vocab_size": shapes["vocab_size"],
+                         "width": shapes["text_width"], "heads": max(1, shapes["text_width"] // 64),
+                         "layers": shapes["text_depth"]},
+        },
+        "preprocess_cfg": {"size": shapes["image_size"], "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
+                           "interpolation": "bicubic", "resize_mode": "shortest"},
+    }
+    save_safetensors(out / OPEN_CLIP_WEIGHTS, openai_to_open_clip_state(state))
+    write_json(out / OPEN_CLIP_CONFIG, config)
+    return out
