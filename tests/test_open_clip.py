@@ -173,7 +173,7 @@ def test_the_round_trip_through_open_clip_is_bit_exact(lit_run, maws_file, spm_m
 def test_zeroshot_on_the_folder_equals_zeroshot_on_the_run_and_writes_clip_benchmarks_file(lit_run, tmp_path):
     folder = convert(lit_run, tmp_path / "lit_open_clip", to="open_clip")
     (tmp_path / "templates.txt").write_text("a {}\na photo of a {}.\n")
-    common = {"max_images": "60", "batch_size": "30", "num_images": "200", "templates": str(tmp_path / "templates.txt")}
+    common = {"max_images": "30", "batch_size": "30", "num_images": "200", "templates": str(tmp_path / "templates.txt")}
     on_run = run_zeroshot(build_config(ZeroShotConfig, None, {**common, "model": str(lit_run),
                                                                "out_dir": str(tmp_path / "zs_run")}))
     on_folder = run_zeroshot(build_config(ZeroShotConfig, None, {**common, "model": str(folder),
@@ -238,8 +238,11 @@ def test_registered_timm_names_only_for_their_exact_shape():
             assert tower.patch_embed.img_size == (size, size) and tower.patch_embed.proj.bias is None
 
 
-def test_what_prepretrain_cannot_read_is_one_clear_error(lit_run, tmp_path):
+def test_what_prepretrain_cannot_read_is_one_clear_error(lit_run, maws_file, tmp_path, capsys):
     from prepretrain.cli import main
+
+    assert main(["convert", str(maws_file), str(tmp_path / "no_tokenizer"), "--to", "open_clip"]) == 2
+    assert "config key 'tokenizer'" in capsys.readouterr().err  # an official file carries no tokenizer
 
     folder = convert(lit_run, tmp_path / "oc", to="open_clip")
     config = json.loads((folder / OPEN_CLIP_CONFIG).read_text())

@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ConfigError
 from ..files import save_safetensors
 from .checkpoints import CheckpointMismatch, check_fit, header_tensors, load_encoder_weights, read_state_dict
 from .layouts import cast_floating, upgrade_torchtext_names
@@ -288,6 +289,9 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
         metadata = {"format": CLIP_FORMAT, "text_shape": json.dumps(found["text_shape"].__dict__),
                     "image_size": str(found["image_size"]), "tokenizer": json.dumps(found["tokenizer"])}
         vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+        if "patch_embed.proj.weight" not in vision_state or "blocks.0.mlp.fc1.weight" not in vision_state:
+            raise CheckpointMismatch(f"{path}: the image tower (visual.trunk.*) is not a timm ViT, the only image "
+                                     "tower prepretrain's CLIP model has")
         name, depth, _ = vision_name_from_state(vision_state)
         metadata.update(vision_model=found["vision_model"] or name, vision_depth=str(depth))
         base_dir = Path(spec) if Path(spec).is_dir() else path.parent
@@ -321,9 +325,10 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
     elif info_tokenizer is not None:
         tok = tokenizer_from_info(info_tokenizer, base_dir=base_dir)
     else:
-        raise ValueError(
+        raise ConfigError(  # a ValueError; the commands print it as one line naming the key
+            "tokenizer",
             f"{path} is not a prepretrain LiT file: pass tokenizer=/path/to/xlmr.sentencepiece.bpe.model "
-            "(the XLM-R SentencePiece model of the MAWS CLIP release)"
+            "(the XLM-R SentencePiece model of the MAWS CLIP release; convert: --tokenizer)"
         )
     if tok.vocab_size > text_shape_.vocab_size:
         raise CheckpointMismatch(
