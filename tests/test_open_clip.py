@@ -214,6 +214,36 @@ def test_lit_text_init_reads_an_open_clip_folder(lit_run, tmp_path):
     assert error.value.key == "text_init"
 
 
+def test_an_open_clip_training_checkpoint_reads_with_its_config_named_or_beside_it(lit_run, tmp_path):
+    """open_clip's training checkpoints (``{"epoch", "name", "state_dict"}`` with ``module.`` names) have no
+    config of their own: ``open_clip_config=`` (zeroshot) / ``text_init_config=`` (lit) name it."""
+    from safetensors.torch import load_file
+
+    from prepretrain.stages.lit import LiTConfig
+
+    folder = convert(lit_run, tmp_path / "oc", to="open_clip")
+    weights = {f"module.{k}": v for k, v in load_file(str(folder / OPEN_CLIP_WEIGHTS)).items()}
+    (tmp_path / "logs").mkdir()
+    checkpoint = tmp_path / "logs" / "epoch_3.pt"
+    torch.save({"epoch": 3, "name": "lit", "state_dict": weights}, checkpoint)
+    with pytest.raises(FileNotFoundError, match="open_clip_config=FILE"):
+        load_clip(checkpoint)
+    named = load_clip(checkpoint, open_clip_config=folder / OPEN_CLIP_CONFIG)[0].state_dict()
+    reference = load_clip(lit_run)[0].state_dict()
+    assert all(torch.equal(named[k], reference[k]) for k in reference)
+    text = text_tower_state(checkpoint, folder / OPEN_CLIP_CONFIG)
+    assert all(torch.equal(v, reference[f"text_encoder.{k}"]) for k, v in text.items())
+    with pytest.raises(ConfigError) as error:
+        build_config(LiTConfig, None, {"text_init": str(checkpoint), "text_init_config": str(tmp_path / "no.json")})
+    assert error.value.key == "text_init_config"
+    with pytest.raises(ConfigError) as error:
+        build_config(ZeroShotConfig, None, {"model": str(checkpoint), "open_clip_config": str(tmp_path / "no.json")})
+    assert error.value.key == "open_clip_config"
+    (tmp_path / "logs" / OPEN_CLIP_CONFIG).write_text((folder / OPEN_CLIP_CONFIG).read_text())
+    beside = load_clip(checkpoint)[0].state_dict()
+    assert all(torch.equal(beside[k], reference[k]) for k in reference)
+
+
 def test_registered_timm_names_only_for_their_exact_shape():
     vit_b16 = {k: v for k, v in create_vit("vit_b16", device="meta").state_dict().items()}
     assert registered_timm_name(vit_b16, "vit_b16", 224) == "vit_base_patch16_224"

@@ -32,7 +32,7 @@ CLIP_benchmark's ``clip_benchmark eval`` writes for a zero-shot classification (
 ``acc5``, ``mean_per_class_recall`` as fractions, ``acc5`` NaN under 5 classes as theirs, and
 ``language``), so that ``clip_benchmark build`` puts our runs in its tables. ``model=`` may also be an
 open_clip folder written by ``prepretrain convert --to open_clip`` (or an open_clip checkpoint
-file with its ``open_clip_config.json`` beside it).
+file with its ``open_clip_config.json`` beside it or named by ``open_clip_config=``).
 """
 
 from __future__ import annotations
@@ -318,6 +318,7 @@ class ZeroShotConfig:
     templates: str = ""  # templates file, or prepretrain | openai80 (shipped sets); empty = prepretrain
     article_fix: str = "auto"  # "a {}" -> "an {}" before a vowel: auto (= shipped set only) | true | false
     tokenizer: str = ""  # XLM-R SentencePiece .model (needed for official MAWS CLIP files)
+    open_clip_config: str = ""  # open_clip_config.json of an open_clip checkpoint file (default: beside it)
     image_size: int = 0  # 0 = the model's resolution
     num_images: int = 4000  # synthetic: size of the training split (val/test sized from it)
     max_images: int = 0  # evaluate at most this many images; 0 = the whole split
@@ -341,6 +342,8 @@ class ZeroShotConfig:
         check_names_file("templates", self.templates, TEMPLATE_SETS)
         if self.tokenizer and not Path(self.tokenizer).is_file():
             raise ConfigError("tokenizer", f"file not found: {self.tokenizer}")
+        if self.open_clip_config and not Path(self.open_clip_config).is_file():
+            raise ConfigError("open_clip_config", f"file not found: {self.open_clip_config}")
         check_article_fix("article_fix", self.article_fix)
 
 
@@ -349,7 +352,8 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     device = pick_device(cfg.device)
-    model, tokenizer, info = load_clip(cfg.model, tokenizer=cfg.tokenizer, device=device)
+    model, tokenizer, info = load_clip(cfg.model, tokenizer=cfg.tokenizer, device=device,
+                                       open_clip_config=cfg.open_clip_config)
     image_size = cfg.image_size or info["image_size"]
     source = open_data(cfg.data, split=cfg.split, image_size=image_size, num_images=cfg.num_images)
     task = label_task(source, cfg.task, cfg.data)

@@ -259,12 +259,13 @@ def read_open_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
     return cast_floating(read_state_dict(path), torch.float32)
 
 
-def text_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
+def text_tower_state(path: str | Path, open_clip_config: str | Path = "") -> dict[str, torch.Tensor]:
     """The text tower's weights in a file (``lit text_init=``): a MAWS CLIP / LiT file (``text_encoder.*``),
     a bare RoBERTa state dict, or an open_clip folder or checkpoint file with a RoBERTa text tower
-    (:mod:`prepretrain.models.openclip`), read like :func:`load_clip` reads them."""
+    (:mod:`prepretrain.models.openclip`; ``open_clip_config`` names its config when it is not beside
+    the file), read like :func:`load_clip` reads them."""
     if is_open_clip_source(path):
-        state = read_open_clip(path, read_open_clip_state)[0]
+        state = read_open_clip(path, read_open_clip_state, open_clip_config)[0]
     else:
         state = read_clip_state(path)
     if any(k.startswith("text_encoder.") for k in state):
@@ -275,17 +276,18 @@ def text_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device = "cpu",
-              ) -> tuple[CLIPModel, Tokenizer, dict[str, Any]]:
+              open_clip_config: str | Path = "") -> tuple[CLIPModel, Tokenizer, dict[str, Any]]:
     """Load a LiT run directory, our ``clip.safetensors``, an official MAWS CLIP file, or an open_clip
     folder / checkpoint file with a timm ViT and a RoBERTa text tower (:mod:`prepretrain.models.openclip`).
 
     Returns (model in eval mode, tokenizer, info with ``image_size`` and ``vision_model``).
     Our files carry their architecture and tokenizer in metadata; for an official MAWS file
     the towers are read from the weights' shapes and ``tokenizer`` (the XLM-R SentencePiece
-    ``.model``) is required. Loading is strict: every key must fit.
+    ``.model``) is required. ``open_clip_config``: the ``open_clip_config.json`` of an open_clip
+    checkpoint file that has none beside it. Loading is strict: every key must fit.
     """
     if is_open_clip_source(spec):
-        state, found, path = read_open_clip(spec, read_open_clip_state)
+        state, found, path = read_open_clip(spec, read_open_clip_state, open_clip_config)
         metadata = {"format": CLIP_FORMAT, "text_shape": json.dumps(found["text_shape"].__dict__),
                     "image_size": str(found["image_size"]), "tokenizer": json.dumps(found["tokenizer"])}
         vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}

@@ -342,27 +342,30 @@ def read_open_clip_config(path: Path) -> dict[str, Any]:
     return config
 
 
-def locate_open_clip(spec: str | Path) -> tuple[Path, Path]:
+def locate_open_clip(spec: str | Path, config: str | Path = "") -> tuple[Path, Path]:
     """(weights file, ``open_clip_config.json``) of an open_clip folder, or of an open_clip checkpoint
-    file whose config lies beside it (open_clip names its config ``open_clip_config.json``)."""
+    file whose config is named (``config``) or lies beside it (open_clip's name for it)."""
     path = Path(spec)
+    if config and not Path(config).is_file():
+        raise FileNotFoundError(f"open_clip config not found: {config}")
     if path.is_dir():
-        config = path / OPEN_CLIP_CONFIG
-        if not config.is_file():
+        config_path = Path(config) if config else path / OPEN_CLIP_CONFIG
+        if not config_path.is_file():
             raise FileNotFoundError(f"{path}: not an open_clip folder (no {OPEN_CLIP_CONFIG})")
         names = [OPEN_CLIP_WEIGHTS, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                  "open_clip_model.bin", "model.safetensors", "pytorch_model.bin"]
         weights = next((path / n for n in names if (path / n).is_file()), None)
         if weights is None:
             raise FileNotFoundError(f"{path}: an open_clip folder without weights (looked for {', '.join(names)})")
-        return weights, config
+        return weights, config_path
     if not path.is_file():
         raise FileNotFoundError(f"{spec}: no such open_clip folder or checkpoint file")
-    config = path.parent / OPEN_CLIP_CONFIG
-    if not config.is_file():
-        raise FileNotFoundError(f"{path} has open_clip weights but no {OPEN_CLIP_CONFIG} beside it: put the "
-                                "config of its model there (the model's open_clip_config.json)")
-    return path, config
+    config_path = Path(config) if config else path.parent / OPEN_CLIP_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{path} has open_clip weights but no {OPEN_CLIP_CONFIG} beside it: name the config "
+                                "of its model (zeroshot open_clip_config=FILE, lit text_init_config=FILE) or put "
+                                "it beside the file")
+    return path, config_path
 
 
 def open_clip_metadata(config: dict[str, Any], state: dict[str, torch.Tensor], folder: Path,
@@ -407,11 +410,13 @@ def open_clip_metadata(config: dict[str, Any], state: dict[str, torch.Tensor], f
     return {"text_shape": shape, "image_size": image_size, "vision_model": "", "tokenizer": tokenizer}
 
 
-def read_open_clip(spec: str | Path, read_state) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+def read_open_clip(spec: str | Path, read_state, config: str | Path = "",
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
     """(MAWS-CLIP-layout state dict, metadata of :func:`open_clip_metadata`, weights path) of an
-    open_clip folder or checkpoint file. ``read_state`` reads a weights file (safetensors or a
-    weights-only pickle; open_clip's training checkpoints keep theirs under ``state_dict``)."""
-    weights, config_path = locate_open_clip(spec)
+    open_clip folder or checkpoint file (``config``: its ``open_clip_config.json`` when not beside it).
+    ``read_state`` reads a weights file (safetensors or a weights-only pickle; open_clip's training
+    checkpoints keep theirs under ``state_dict``)."""
+    weights, config_path = locate_open_clip(spec, config)
     config = read_open_clip_config(config_path)
     state = from_open_clip_state(read_state(weights))
     return state, open_clip_metadata(config, state, config_path.parent, config_path), weights

@@ -117,6 +117,7 @@ class LiTConfig(TextSourceConfig):
     text_heads: int = 0
     text_dropout: float = 0.0
     text_init: str = ""  # text tower from MAWS CLIP / LiT (text_encoder.*), RoBERTa (encoder.*), open_clip folder/file
+    text_init_config: str = ""  # open_clip_config.json of an open_clip checkpoint file text_init= (default: beside it)
     tokenizer: str = "bytes"  # bytes | path to a SentencePiece .model (XLM-R for MAWS towers)
     max_text_tokens: int = 0  # tokens kept per caption before BOS/EOS; 0 = tokenizer default
     embed_dim: int = 0  # joint embedding size; 0 = the text tower's width
@@ -165,6 +166,8 @@ class LiTConfig(TextSourceConfig):
                               "tokens plus BOS/EOS")
         if self.text_init and not Path(self.text_init).is_file() and not is_open_clip_folder(self.text_init):
             raise ConfigError("text_init", f"no such file or open_clip folder: {self.text_init}")
+        if self.text_init_config and not Path(self.text_init_config).is_file():
+            raise ConfigError("text_init_config", f"file not found: {self.text_init_config}")
         check_weights("encoder", self.encoder)
         check_names_file("zeroshot_classes", self.zeroshot_classes, CLASS_SETS)
         check_names_file("zeroshot_templates", self.zeroshot_templates, TEMPLATE_SETS)
@@ -230,7 +233,7 @@ class LiTStage(Stage):
                            vision_depth=vision_depth, text_overrides=text_overrides, text_dropout=cfg.text_dropout,
                            lock_vision=True, lock_vision_projection=cfg.lock_vision_projection)
         if cfg.text_init:
-            load_strict(model.text_encoder, text_tower_state(cfg.text_init))
+            load_strict(model.text_encoder, text_tower_state(cfg.text_init, cfg.text_init_config))
             run.print(f"text tower initialised from {cfg.text_init}")
         if vision_state is not None:
             load_encoder_weights(model.vision_encoder, vision_state)
