@@ -242,6 +242,8 @@ def test_an_open_clip_training_checkpoint_reads_with_its_config_named_or_beside_
     (tmp_path / "logs" / OPEN_CLIP_CONFIG).write_text((folder / OPEN_CLIP_CONFIG).read_text())
     beside = load_clip(checkpoint)[0].state_dict()
     assert all(torch.equal(beside[k], reference[k]) for k in reference)
+    back = load_clip(convert(checkpoint, tmp_path / "back.safetensors", to="prepretrain"))[0].state_dict()
+    assert all(torch.equal(back[k], reference[k]) for k in reference)
 
 
 def test_registered_timm_names_only_for_their_exact_shape():
@@ -369,3 +371,5 @@ def test_an_openai_layout_clip_file_becomes_a_timm_tower_folder_that_computes_th
     assert image_diff.abs().max() < TOLERANCE and text_diff.abs().max() < TOLERANCE
     with pytest.raises(CheckpointMismatch, match="own text transformer"):
         load_clip(folder)  # prepretrain's CLIP model has a RoBERTa text tower only
+    with pytest.raises(CheckpointMismatch, match="--to open_clip"):
+        convert(tmp_path / "openai_layout.pt", tmp_path / "x.safetensors", to="prepretrain")

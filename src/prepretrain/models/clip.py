@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..files import save_safetensors
-from .checkpoints import CheckpointMismatch, check_fit, header_tensors, load_encoder_weights, read_state_dict
+from ..files import read_keys, save_safetensors
+from .checkpoints import CheckpointMismatch, check_fit, load_encoder_weights, read_state_dict
 from .layouts import cast_floating, upgrade_torchtext_names
 from .openclip import is_open_clip_folder, looks_like_open_clip_state, read_open_clip
 from .resolve import resolve_weights
@@ -241,17 +241,23 @@ def save_clip(model: CLIPModel, path: str | Path, tokenizer_info: dict[str, Any]
 def read_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A CLIP/LiT (or bare RoBERTa) state dict as every consumer reads it: older torchtext block names
     renamed to the current ones, fp16/bf16 cast to the fp32 model it loads into."""
-    state = read_state_dict(path)
+    return clip_state_from(read_state_dict(path))
+
+
+def clip_state_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`read_clip_state` of a state dict already read."""
     prefix = "text_encoder." if any(k.startswith("text_encoder.") for k in state) else ""
     return cast_floating(upgrade_torchtext_names(state, prefix=prefix), torch.float32)
 
 
 def is_open_clip_source(spec: str | Path) -> bool:
-    """An open_clip model folder (``open_clip_config.json``), or a weights file in open_clip's names."""
+    """An open_clip model folder (``open_clip_config.json``), or a safetensors file whose header has
+    open_clip's names; told without loading weights (a pickle is told apart once it is read)."""
     path = Path(spec)
     if path.is_dir():
         return is_open_clip_folder(path)
-    return path.is_file() and looks_like_open_clip_state(list(header_tensors(path)))
+    keys = read_keys(path) if path.is_file() else None
+    return keys is not None and looks_like_open_clip_state(keys)
 
 
 def read_open_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -259,15 +265,28 @@ def read_open_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
     return cast_floating(read_state_dict(path), torch.float32)
 
 
+def read_any_clip(spec: str | Path, open_clip_config: str | Path = "",
+                  ) -> tuple[dict[str, torch.Tensor], Path, dict[str, Any] | None, dict[str, str]]:
+    """(MAWS-CLIP-layout state dict, weights path, open_clip metadata or None, file metadata) of a
+    run, a CLIP file or an open_clip folder or checkpoint file; every file is read once."""
+    if is_open_clip_source(spec):
+        state, found, path = read_open_clip(spec, read_open_clip_state, open_clip_config)
+        return state, path, found, {}
+    weights = resolve_weights(spec, "clip")
+    raw = read_state_dict(weights.path)
+    if looks_like_open_clip_state(list(raw)):  # a pickled open_clip checkpoint (training's epoch_N.pt)
+        state, found, path = read_open_clip(weights.path, lambda _: cast_floating(raw, torch.float32),
+                                            open_clip_config)
+        return state, path, found, {}
+    return clip_state_from(raw), weights.path, None, weights.metadata
+
+
 def text_tower_state(path: str | Path, open_clip_config: str | Path = "") -> dict[str, torch.Tensor]:
     """The text tower's weights in a file (``lit text_init=``): a MAWS CLIP / LiT file (``text_encoder.*``),
     a bare RoBERTa state dict, or an open_clip folder or checkpoint file with a RoBERTa text tower
     (:mod:`prepretrain.models.openclip`; ``open_clip_config`` names its config when it is not beside
     the file), read like :func:`load_clip` reads them."""
-    if is_open_clip_source(path):
-        state = read_open_clip(path, read_open_clip_state, open_clip_config)[0]
-    else:
-        state = read_clip_state(path)
+    state = read_any_clip(path, open_clip_config)[0]
     if any(k.startswith("text_encoder.") for k in state):
         return {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
     if any(k.startswith("transformer.token_embedding") for k in state):  # RobertaEncoder without the wrapper
@@ -286,8 +305,9 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
     ``.model``) is required. ``open_clip_config``: the ``open_clip_config.json`` of an open_clip
     checkpoint file that has none beside it. Loading is strict: every key must fit.
     """
-    if is_open_clip_source(spec):
-        state, found, path = read_open_clip(spec, read_open_clip_state, open_clip_config)
+    state, path, found, metadata = read_any_clip(spec, open_clip_config)
+    base_dir = path.parent if found is None else found["base_dir"]
+    if found is not None:
         metadata = {"format": CLIP_FORMAT, "text_shape": json.dumps(found["text_shape"].__dict__),
                     "image_size": str(found["image_size"]), "tokenizer": json.dumps(found["tokenizer"])}
         vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
@@ -296,12 +316,6 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
                                      "tower prepretrain's CLIP model has")
         name, depth, _ = vision_name_from_state(vision_state)
         metadata.update(vision_model=found["vision_model"] or name, vision_depth=str(depth))
-        base_dir = Path(spec) if Path(spec).is_dir() else path.parent
-    else:
-        weights = resolve_weights(spec, "clip")
-        path, metadata = weights.path, weights.metadata
-        state = read_clip_state(path)
-        base_dir = path.parent
     if not any(k.startswith("text_encoder.") for k in state):
         raise CheckpointMismatch(f"{path} has no text_encoder.* weights: not a CLIP/LiT checkpoint")
     vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}

@@ -30,11 +30,17 @@ from typing import Any
 
 import torch
 
-from ..files import save_safetensors, save_torch, write_text
-from .checkpoints import CheckpointMismatch, header_tensors, read_state_dict
+from ..files import read_keys, save_safetensors, save_torch, write_text
+from .checkpoints import CheckpointMismatch, read_state_dict
 from .clip import CLIPModel, clip_metadata, is_open_clip_source, load_clip, save_clip
 from .layouts import detect_layout, encoder_from_any, image_size_of, timm_to_torchvision, upgrade_torchtext_names
-from .openclip import SENTENCEPIECE_FILE, is_openai_clip_state, write_open_clip_folder, write_openai_clip_folder
+from .openclip import (
+    SENTENCEPIECE_FILE,
+    is_openai_clip_state,
+    looks_like_open_clip_state,
+    write_open_clip_folder,
+    write_openai_clip_folder,
+)
 from .resolve import Weights, resolve_weights
 from .vit import VIT_SHAPES, resolve_name, vision_name_from_state
 
@@ -63,6 +69,13 @@ def convert(source: str | Path, out: str | Path, to: str = "prepretrain", model:
         return save_clip(clip, out, tok.describe(), info["image_size"], info["vision_model"])
     weights = resolve_weights(source)
     state = read_state_dict(weights.path)
+    if is_openai_clip_state(list(state)):
+        raise CheckpointMismatch(f"{source} is an OpenAI-layout CLIP model: convert it with --to open_clip "
+                                 "(prepretrain's own CLIP model has a RoBERTa text tower)")
+    if looks_like_open_clip_state(list(state)) and to == "prepretrain":  # a pickled open_clip checkpoint
+        del state
+        clip, tok, info = load_clip(source)
+        return save_clip(clip, out, tok.describe(), info["image_size"], info["vision_model"])
     if to == "safetensors":
         return save_safetensors(out, state, weights.metadata)
     layout = detect_layout(state)
@@ -162,8 +175,12 @@ def export_open_clip(source: str | Path, out: str | Path, tokenizer: str = "", q
     """Write the open_clip folder of a CLIP model (``to=open_clip``), see :mod:`prepretrain.models.openclip`:
     a LiT run, a MAWS-CLIP file, or an OpenAI-layout CLIP file (``quick_gelu``: its activation)."""
     path = Path(source)
-    if path.is_file() and is_openai_clip_state(list(header_tensors(path))):
-        return write_openai_clip_folder(out, read_state_dict(path), quick_gelu)
+    if path.is_file():  # OpenAI's layout is told by its names: a safetensors header, else the pickle read
+        keys = read_keys(path)
+        state = read_state_dict(path) if keys is None else None
+        if is_openai_clip_state(keys if keys is not None else list(state)):
+            return write_openai_clip_folder(out, state if state is not None else read_state_dict(path), quick_gelu)
+        del state  # a pickle is read again by load_clip (once more, for a one-off conversion)
     model, tok, info = load_clip(source, tokenizer=tokenizer)
     return write_clip_for_open_clip(model, tok, int(info["image_size"]), info["vision_model"], out)
 

@@ -370,7 +370,8 @@ def locate_open_clip(spec: str | Path, config: str | Path = "") -> tuple[Path, P
 
 def open_clip_metadata(config: dict[str, Any], state: dict[str, torch.Tensor], folder: Path,
                        config_path: Path) -> dict[str, Any]:
-    """What prepretrain needs besides the weights: text shape, image size, embed dim, tokenizer.
+    """What prepretrain needs besides the weights: text shape, image size, tokenizer, and the folder
+    (``base_dir``, the config's) that a relative tokenizer file is found in.
 
     Our own folders carry it in the ``prepretrain`` block; for others it is read from open_clip's
     config, the Hugging Face config it names, and the tokenizer files in the folder.
@@ -380,7 +381,8 @@ def open_clip_metadata(config: dict[str, Any], state: dict[str, torch.Tensor], f
     ours = config.get("prepretrain") or {}
     if ours.get("text_shape") and ours.get("tokenizer"):
         return {"text_shape": TextShape(**json.loads(ours["text_shape"])), "image_size": int(ours["image_size"]),
-                "vision_model": ours.get("vision_model", ""), "tokenizer": json.loads(ours["tokenizer"])}
+                "vision_model": ours.get("vision_model", ""), "tokenizer": json.loads(ours["tokenizer"]),
+                "base_dir": folder}
     if not text_cfg.get("hf_model_name"):
         raise CheckpointMismatch(f"{config_path}: text_cfg has no hf_model_name: the model's text tower is "
                                  "open_clip's own transformer, not the RoBERTa tower prepretrain's CLIP model has")
@@ -407,7 +409,8 @@ def open_clip_metadata(config: dict[str, Any], state: dict[str, torch.Tensor], f
                                 f"in {OPEN_CLIP_CONFIG} naming the tokenizer")
     image_size = vision_cfg.get("image_size", 224)
     image_size = int(image_size[0] if isinstance(image_size, (list, tuple)) else image_size)
-    return {"text_shape": shape, "image_size": image_size, "vision_model": "", "tokenizer": tokenizer}
+    return {"text_shape": shape, "image_size": image_size, "vision_model": "", "tokenizer": tokenizer,
+            "base_dir": folder}
 
 
 def read_open_clip(spec: str | Path, read_state, config: str | Path = "",
