@@ -373,3 +373,5 @@ def test_an_openai_layout_clip_file_becomes_a_timm_tower_folder_that_computes_th
         load_clip(folder)  # prepretrain's CLIP model has a RoBERTa text tower only
     with pytest.raises(CheckpointMismatch, match="--to open_clip"):
         convert(tmp_path / "openai_layout.pt", tmp_path / "x.safetensors", to="prepretrain")
+    with pytest.raises(CheckpointMismatch, match="OpenAI-layout CLIP model"):
+        load_clip(tmp_path / "openai_layout.pt")  # zeroshot model= on the file itself

@@ -38,7 +38,7 @@ from ..config import ConfigError
 from ..files import read_keys, save_safetensors
 from .checkpoints import CheckpointMismatch, check_fit, load_encoder_weights, read_state_dict
 from .layouts import cast_floating, upgrade_torchtext_names
-from .openclip import is_open_clip_folder, looks_like_open_clip_state, read_open_clip
+from .openclip import is_open_clip_folder, is_openai_clip_state, looks_like_open_clip_state, read_open_clip
 from .resolve import resolve_weights
 from .text import TextEncoder, TextShape, create_text_encoder, infer_text_shape
 from .tokenizers import Tokenizer, build_tokenizer, tokenizer_from_info
@@ -274,6 +274,10 @@ def read_any_clip(spec: str | Path, open_clip_config: str | Path = "",
         return state, path, found, {}
     weights = resolve_weights(spec, "clip")
     raw = read_state_dict(weights.path)
+    if is_openai_clip_state(list(raw)):
+        raise CheckpointMismatch(f"{weights.path} is an OpenAI-layout CLIP model (a causal text transformer): "
+                                 "prepretrain's CLIP model has a RoBERTa text tower; `prepretrain convert "
+                                 "--to open_clip` makes it an open_clip folder")
     if looks_like_open_clip_state(list(raw)):  # a pickled open_clip checkpoint (training's epoch_N.pt)
         state, found, path = read_open_clip(weights.path, lambda _: cast_floating(raw, torch.float32),
                                             open_clip_config)
