@@ -39,7 +39,8 @@ The towers, with open_clip's own classes (open_clip ``model.py``, ``timm_model.p
 The catch of loading from a local folder: open_clip's config names the text tower's Hugging Face
 config and a non-registered timm tower by *path* (``AutoConfig.from_pretrained(hf_model_name)``,
 ``timm.create_model("local-dir:...")``), and a relative path would be read against the working
-directory, so the folder records absolute paths: after moving it, convert again.
+directory, so the folder records absolute paths: after moving it, convert again (and it is not a
+folder to upload to a model hub as it is: those paths would be looked for on the loading machine).
 
 Tokenizers: open_clip's ``get_tokenizer("local-dir:FOLDER")`` builds its ``HFTokenizer`` from the
 folder. Both give the ids of :mod:`prepretrain.models.tokenizers` (BOS 0, pad 1, EOS 2, the
