@@ -105,13 +105,15 @@ def _images(count: int = 5):
             for i in range(count)]
 
 
-def _compare_in_open_clip(source: Path, folder: Path, tokenizer: str = "") -> dict[str, float]:
-    """Max abs differences between prepretrain's model and open_clip's model of ``folder``."""
+def _compare_in_open_clip(source: Path, folder: Path, tokenizer: str = "", name: str = "",
+                          images: int = 5) -> dict[str, float]:
+    """Max abs differences between prepretrain's model and open_clip's model of ``folder`` (loaded
+    as ``name``, by default ``local-dir:FOLDER``)."""
     ours, our_tokenizer, info = load_clip(source, tokenizer=tokenizer)
-    theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    their_tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    theirs, _, preprocess = open_clip.create_model_and_transforms(name or f"local-dir:{folder}")
+    their_tokenizer = open_clip.get_tokenizer(name or f"local-dir:{folder}")
     theirs.eval()
-    images = _images()
+    images = _images(images)
     ours_pixels = torch.stack([eval_transform(info["image_size"], crop_fraction=1.0)(i) for i in images])
     their_pixels = torch.stack([preprocess(i) for i in images])
     assert torch.equal(ours_pixels, their_pixels)  # open_clip's preprocessing = `prepretrain zeroshot`'s
@@ -153,6 +155,43 @@ def test_an_exported_maws_clip_layout_model_gives_the_same_results_in_open_clip(
     assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "XLMRobertaTokenizer"
     diffs = _compare_in_open_clip(maws_file, folder, tokenizer=spm_model)
     assert max(diffs.values()) < TOLERANCE, diffs
+
+
+def test_a_hub_folder_loads_with_hf_hub_from_a_hub_cache(tmp_path, monkeypatch):
+    """``--hub-repo ORG/NAME``: nothing in the folder names a local path, so once uploaded open_clip loads
+    it with ``hf-hub:ORG/NAME``. Checked offline: the folder is laid out as the hub client's cache of
+    that repository and the client is set offline (so nothing can be downloaded)."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    torch.manual_seed(0)
+    model = build_clip("vit_ti16", "text_micro", embed_dim=16, text_overrides={"depth": 1, "width": 32, "num_heads": 2})
+    _perturbed(model.text_encoder)  # the ViT-Ti image tower keeps timm's init: the local-dir tests cover the numbers
+    model.eval()
+    (tmp_path / "run").mkdir()
+    save_clip(model, tmp_path / "run" / "clip.safetensors", ByteTokenizer(40).describe(), 224, "vit_ti16")
+    folder = convert(tmp_path / "run", tmp_path / "hub_folder", to="open_clip", hub_repo="someone/tiny-lit")
+    config = json.loads((folder / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+    assert config["vision_cfg"]["timm_model_name"] == "vit_tiny_patch16_224"
+    assert config["text_cfg"]["hf_model_name"] == "someone/tiny-lit" and (folder / "config.json").is_file()
+    repo = tmp_path / "cache" / "models--someone--tiny-lit"
+    shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    diffs = _compare_in_open_clip(tmp_path / "run", folder, name="hf-hub:someone/tiny-lit", images=2)
+    assert max(diffs.values()) < TOLERANCE, diffs
+    with pytest.raises(CheckpointMismatch, match="no registered timm name"):
+        convert(_micro_run(tmp_path), tmp_path / "x", to="open_clip", hub_repo="someone/x")
+
+
+def _micro_run(tmp_path: Path) -> Path:
+    run = tmp_path / "micro_run"
+    run.mkdir(exist_ok=True)
+    save_clip(_tiny_clip(), run / "clip.safetensors", ByteTokenizer(60).describe(), 32, "vit_micro4")
+    return run
 
 
 def test_the_round_trip_through_open_clip_is_bit_exact(lit_run, maws_file, spm_model, tmp_path):

@@ -364,6 +364,10 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activation", default="quick_gelu", choices=("quick_gelu", "gelu"),
                         help="--to open_clip of an OpenAI-layout CLIP file: its towers' activation (OpenAI's released "
                              "models: quick_gelu, the default; the weights do not say)")
+    parser.add_argument("--hub-repo", default="", metavar="ORG/NAME",
+                        help="--to open_clip: write the folder for that model-hub repository, to upload and load with "
+                             "hf-hub:ORG/NAME (needs an image tower timm has a registered name for); default: a "
+                             "folder for local-dir: loading")
     parser.epilog = (
         "Examples:\n  prepretrain convert swag_vit_b16.pth vit_b16_swag.safetensors\n"
         "  prepretrain convert maws:vit_h14 exports/maws_vit_h14 --to timm\n"
@@ -375,13 +379,14 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
         "Then in plain timm: timm.create_model('local-dir:exports/maws_vit_h14', pretrained=True)\n"
         "and in open_clip: open_clip.create_model_and_transforms('local-dir:exports/lit_open_clip'),\n"
         "open_clip.get_tokenizer('local-dir:exports/lit_open_clip'). An open_clip folder names its tower\n"
-        "configs by absolute path: after moving it, convert again.\n"
+        "configs by absolute path: after moving it, convert again (--hub-repo ORG/NAME: a folder to upload\n"
+        "to that hub repository and load with hf-hub:ORG/NAME).\n"
     )
 
 
 def _convert_run(args: argparse.Namespace) -> int:
     path = convert(args.source, args.out, to=args.to, model=args.model, tokenizer=args.tokenizer,
-                   quick_gelu=args.activation == "quick_gelu")
+                   quick_gelu=args.activation == "quick_gelu", hub_repo=args.hub_repo)
     print(f"wrote {path} from {args.source} ({args.to})")
     return 0
 

@@ -52,16 +52,17 @@ TIMM_NAMES = {"vit_b16": "vit_base_patch16_224", "vit_l16": "vit_large_patch16_2
 
 
 def convert(source: str | Path, out: str | Path, to: str = "prepretrain", model: str = "",
-            tokenizer: str = "", quick_gelu: bool = True) -> Path:
+            tokenizer: str = "", quick_gelu: bool = True, hub_repo: str = "") -> Path:
     """Convert ``source`` (a weights file, a run directory or a released name) into ``out``.
 
     ``tokenizer``: the XLM-R SentencePiece ``.model`` of an official MAWS-CLIP file (``to=open_clip``);
-    ``quick_gelu``: the activation of an OpenAI-layout CLIP file (``to=open_clip``; OpenAI's own: True).
+    ``quick_gelu``: the activation of an OpenAI-layout CLIP file (``to=open_clip``; OpenAI's own: True);
+    ``hub_repo``: write the open_clip folder for that model-hub repository (``hf-hub:ORG/NAME``).
     """
     if to not in TARGETS:
         raise ValueError(f"to must be one of {', '.join(TARGETS)}; got '{to}'")
     if to == "open_clip":
-        return export_open_clip(source, out, tokenizer, quick_gelu)
+        return export_open_clip(source, out, tokenizer, quick_gelu, hub_repo)
     if is_open_clip_source(source):
         if to != "prepretrain":
             raise CheckpointMismatch(f"{source} is an open_clip model: convert it with to=prepretrain (a CLIP file)")
@@ -157,12 +158,16 @@ def export_timm_folder(encoder: dict[str, torch.Tensor], info: dict[str, str], o
     return out
 
 
+# Registered timm names whose default model is the registry's architecture at 224 px (DeiT-Ti/S shapes too).
+REGISTERED_TIMM_NAMES = {**TIMM_NAMES, "vit_ti16": "vit_tiny_patch16_224", "vit_s16": "vit_small_patch16_224"}
+
+
 def registered_timm_name(vision: dict[str, torch.Tensor], vision_model: str, image_size: int) -> str:
     """timm's registered name whose default model has exactly these tensors' shapes (built on the meta
     device), or "" when none does (then the tower is described by a config file)."""
     import timm
 
-    name = TIMM_NAMES.get(vision_model, "")
+    name = REGISTERED_TIMM_NAMES.get(vision_model, "")
     if not name or image_size != 224:
         return ""
     with torch.device("meta"):
@@ -171,7 +176,8 @@ def registered_timm_name(vision: dict[str, torch.Tensor], vision_model: str, ima
     return name if shapes == {k: tuple(v.shape) for k, v in vision.items()} else ""
 
 
-def export_open_clip(source: str | Path, out: str | Path, tokenizer: str = "", quick_gelu: bool = True) -> Path:
+def export_open_clip(source: str | Path, out: str | Path, tokenizer: str = "", quick_gelu: bool = True,
+                     hub_repo: str = "") -> Path:
     """Write the open_clip folder of a CLIP model (``to=open_clip``), see :mod:`prepretrain.models.openclip`:
     a LiT run, a MAWS-CLIP file, or an OpenAI-layout CLIP file (``quick_gelu``: its activation)."""
     path = Path(source)
@@ -179,13 +185,15 @@ def export_open_clip(source: str | Path, out: str | Path, tokenizer: str = "", q
         keys = read_keys(path)
         state = read_state_dict(path) if keys is None else None
         if is_openai_clip_state(keys if keys is not None else list(state)):
-            return write_openai_clip_folder(out, state if state is not None else read_state_dict(path), quick_gelu)
+            return write_openai_clip_folder(out, state if state is not None else read_state_dict(path), quick_gelu,
+                                            hub_repo)
         del state  # a pickle is read again by load_clip (once more, for a one-off conversion)
     model, tok, info = load_clip(source, tokenizer=tokenizer)
-    return write_clip_for_open_clip(model, tok, int(info["image_size"]), info["vision_model"], out)
+    return write_clip_for_open_clip(model, tok, int(info["image_size"]), info["vision_model"], out, hub_repo)
 
 
-def write_clip_for_open_clip(model: CLIPModel, tok, image_size: int, vision_model: str, out: str | Path) -> Path:
+def write_clip_for_open_clip(model: CLIPModel, tok, image_size: int, vision_model: str, out: str | Path,
+                             hub_repo: str = "") -> Path:
     """The open_clip folder of a loaded :class:`CLIPModel` and its tokenizer."""
     state = model.state_dict()
     vision = {k[len("vision_encoder."):]: v for k, v in state.items() if k.startswith("vision_encoder.")}
@@ -202,4 +210,4 @@ def write_clip_for_open_clip(model: CLIPModel, tok, image_size: int, vision_mode
     metadata = clip_metadata(model, tokenizer_info, image_size, vision_model)
     return write_open_clip_folder(out, state, model.text_encoder.shape, tok, embed_dim=model.embed_dim,
                                   image_size=image_size, timm_model_name=timm_name, timm_tower_config=tower_config,
-                                  mean=IMAGENET_MEAN, std=IMAGENET_STD, prepretrain=metadata)
+                                  mean=IMAGENET_MEAN, std=IMAGENET_STD, prepretrain=metadata, hub_repo=hub_repo)

@@ -39,8 +39,9 @@ The towers, with open_clip's own classes (open_clip ``model.py``, ``timm_model.p
 The catch of loading from a local folder: open_clip's config names the text tower's Hugging Face
 config and a non-registered timm tower by *path* (``AutoConfig.from_pretrained(hf_model_name)``,
 ``timm.create_model("local-dir:...")``), and a relative path would be read against the working
-directory, so the folder records absolute paths: after moving it, convert again (and it is not a
-folder to upload to a model hub as it is: those paths would be looked for on the loading machine).
+directory, so the folder records absolute paths: after moving it, convert again. For a model hub
+(``hub_repo="ORG/NAME"``) the text config is the folder's root ``config.json`` and the config names
+the repository instead; the image tower then needs a registered timm name.
 
 Tokenizers: open_clip's ``get_tokenizer("local-dir:FOLDER")`` builds its ``HFTokenizer`` from the
 folder. Both give the ids of :mod:`prepretrain.models.tokenizers` (BOS 0, pad 1, EOS 2, the
@@ -294,28 +295,40 @@ def byte_tokenizer_json() -> dict[str, Any]:
 # ------------------------------------------------------------------------------ writing and reading
 
 
+def check_hub_tower(timm_model_name: str, hub_repo: str, what: str) -> None:
+    """A hub folder can only name a registered timm tower (open_clip passes timm nothing but the name)."""
+    if hub_repo and not timm_model_name:
+        raise CheckpointMismatch(f"--hub-repo: the image tower ({what}) has no registered timm name with its exact "
+                                 "shape, and open_clip gives timm only a name: on a hub it cannot be described; "
+                                 "convert without --hub-repo for a local folder")
+
+
 def write_open_clip_folder(out: str | Path, state: dict[str, torch.Tensor], text_shape: TextShape,
                            tokenizer: Tokenizer, *, embed_dim: int, image_size: int, timm_model_name: str,
                            timm_tower_config: dict[str, Any] | None, mean: tuple[float, ...],
-                           std: tuple[float, ...], prepretrain: dict[str, str]) -> Path:
+                           std: tuple[float, ...], prepretrain: dict[str, str], hub_repo: str = "") -> Path:
     """Write the folder (see the module docstring) for a MAWS-CLIP-layout ``state``.
 
     ``timm_model_name`` "" = the image tower is described by ``timm_tower_config`` (timm's hub
-    ``config.json``) in ``out/timm_tower`` and named ``local-dir:`` that folder.
+    ``config.json``) in ``out/timm_tower`` and named ``local-dir:`` that folder. ``hub_repo``
+    (``ORG/NAME``): the folder is for that model-hub repository, loaded with ``hf-hub:ORG/NAME``: the
+    text config is its root ``config.json`` and the config names the repository, not local paths.
     """
     out = Path(out).resolve()
     if out.suffix in (".safetensors", ".pt", ".pth", ".bin", ".json"):
         raise CheckpointMismatch(f"--to open_clip writes a folder; {out} looks like a file")
     if out.is_file():
         raise CheckpointMismatch(f"{out} is a file; --to open_clip writes a folder")
+    check_hub_tower(timm_model_name, hub_repo, str(prepretrain.get("vision_model", "")))
     if not timm_model_name:
         if timm_tower_config is None:
             raise ValueError("timm_tower_config is needed when timm_model_name is empty")
         write_json(out / TIMM_TOWER_DIR / "config.json", timm_tower_config)
         timm_model_name = f"local-dir:{out / TIMM_TOWER_DIR}"
-    write_json(out / HF_TEXT_DIR / "config.json", hf_text_config(text_shape))
+    text_config_dir = out if hub_repo else out / HF_TEXT_DIR
+    write_json(text_config_dir / "config.json", hf_text_config(text_shape))
     write_tokenizer_files(tokenizer, out)
-    config = open_clip_config(embed_dim, image_size, timm_model_name, str(out / HF_TEXT_DIR),
+    config = open_clip_config(embed_dim, image_size, timm_model_name, hub_repo or str(text_config_dir),
                               tokenizer.context_length, text_shape.vocab_size, mean, std, prepretrain)
     save_safetensors(out / OPEN_CLIP_WEIGHTS, to_open_clip_state(state, text_shape.depth))
     write_json(out / OPEN_CLIP_CONFIG, config)
@@ -526,17 +539,20 @@ def openai_timm_tower(shapes: dict[str, int], quick_gelu: bool) -> tuple[str, di
                                    "first_conv": "patch_embed.proj", "classifier": "head"}}
 
 
-def write_openai_clip_folder(out: str | Path, state: dict[str, torch.Tensor], quick_gelu: bool = True) -> Path:
+def write_openai_clip_folder(out: str | Path, state: dict[str, torch.Tensor], quick_gelu: bool = True,
+                             hub_repo: str = "") -> Path:
     """The open_clip folder of an OpenAI-layout CLIP file: a timm image tower (``timm_model_name``),
     open_clip's own text transformer and its own tokenizer (``SimpleTokenizer``: the BPE vocabulary
     ships inside open_clip, so the folder holds no tokenizer file). OpenAI's released models use
     QuickGELU (``quick_gelu``); a file trained with exact GELU in this layout needs ``quick_gelu=False``
-    (the weights do not say which)."""
+    (the weights do not say which). ``hub_repo``: as for :func:`write_open_clip_folder` (nothing
+    else in this folder names a local path)."""
     out = Path(out).resolve()
     if out.suffix in (".safetensors", ".pt", ".pth", ".bin", ".json") or out.is_file():
         raise CheckpointMismatch(f"--to open_clip writes a folder; {out} looks like a file")
     shapes = openai_clip_shapes(state)
     timm_name, tower = openai_timm_tower(shapes, quick_gelu)
+    check_hub_tower(timm_name, hub_repo, f"ViT patch {shapes['patch']}, width {shapes['width']}")
     if not timm_name:
         write_json(out / TIMM_TOWER_DIR / "config.json", tower)
         timm_name = f"local-dir:{out / TIMM_TOWER_DIR}"
