@@ -356,18 +356,37 @@ def _convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--to", default="prepretrain", choices=TARGETS,
                         help="prepretrain: safetensors in prepretrain's layout with metadata (default); "
                              "safetensors: same names, safe container; timm: a timm hub folder; "
-                             "torchvision: torchvision VisionTransformer names")
+                             "torchvision: torchvision VisionTransformer names; open_clip: a CLIP model (LiT run, "
+                             "MAWS-CLIP file) as the folder open_clip loads with local-dir:")
     parser.add_argument("--model", default="", help="architecture name when the file does not say (vit_b16, ...)")
+    parser.add_argument("--tokenizer", default="", help="--to open_clip of an official MAWS-CLIP file: its XLM-R "
+                                                        "SentencePiece .model (LiT runs carry their tokenizer)")
+    parser.add_argument("--activation", default="quick_gelu", choices=("quick_gelu", "gelu"),
+                        help="--to open_clip of an OpenAI-layout CLIP file: its towers' activation (OpenAI's released "
+                             "models: quick_gelu, the default; the weights do not say)")
+    parser.add_argument("--hub-repo", default="", metavar="ORG/NAME",
+                        help="--to open_clip: write the folder for that model-hub repository, to upload and load with "
+                             "hf-hub:ORG/NAME (needs an image tower timm has a registered name for); default: a "
+                             "folder for local-dir: loading")
     parser.epilog = (
         "Examples:\n  prepretrain convert swag_vit_b16.pth vit_b16_swag.safetensors\n"
         "  prepretrain convert maws:vit_h14 exports/maws_vit_h14 --to timm\n"
         "  prepretrain convert runs/wsp/encoder.safetensors wsp_torchvision.pth --to torchvision\n"
+        "  prepretrain convert runs/lit exports/lit_open_clip --to open_clip\n"
+        "  prepretrain convert vit_b16_xlmr_b_maws_clip.pt exports/maws_clip_b16 --to open_clip "
+        "--tokenizer xlmr.sentencepiece.bpe.model\n"
+        "  prepretrain convert ViT-B-16.pt exports/openai_b16 --to open_clip            # an OpenAI-layout CLIP file\n"
         "Then in plain timm: timm.create_model('local-dir:exports/maws_vit_h14', pretrained=True)\n"
+        "and in open_clip: open_clip.create_model_and_transforms('local-dir:exports/lit_open_clip'),\n"
+        "open_clip.get_tokenizer('local-dir:exports/lit_open_clip'). An open_clip folder names its tower\n"
+        "configs by absolute path: after moving it, convert again (--hub-repo ORG/NAME: a folder to upload\n"
+        "to that hub repository and load with hf-hub:ORG/NAME).\n"
     )
 
 
 def _convert_run(args: argparse.Namespace) -> int:
-    path = convert(args.source, args.out, to=args.to, model=args.model)
+    path = convert(args.source, args.out, to=args.to, model=args.model, tokenizer=args.tokenizer,
+                   quick_gelu=args.activation == "quick_gelu", hub_repo=args.hub_repo)
     print(f"wrote {path} from {args.source} ({args.to})")
     return 0
 
@@ -436,7 +455,8 @@ def all_commands() -> dict[str, Tool]:
                      _plan_arguments, _plan_run),
         "export": Tool("consolidate a (sharded) training checkpoint into one safetensors file",
                        _export_arguments, _export_run),
-        "convert": Tool("convert a checkpoint between layouts: prepretrain, safetensors, timm hub folder, torchvision",
+        "convert": Tool("convert a checkpoint between layouts: prepretrain, safetensors, timm hub folder, torchvision, "
+                        "open_clip folder",
                         _convert_arguments, _convert_run),
     })
     return tools

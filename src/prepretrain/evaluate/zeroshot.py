@@ -25,7 +25,14 @@ Inputs users bring (CLIP_benchmark-style, because users ask for zero-shot on the
 
 ``prepretrain zeroshot model=RUN_DIR_OR_FILE [data=... split=... task=... classes=... templates=...]``
 writes ``results.json`` (``evaluation``, the setting, ``top1``, ``top5``,
-``mean_per_class_top1``, counts) in ``out_dir`` (default ``RUN_DIR/zeroshot`` or ``runs/zeroshot``).
+``mean_per_class_top1``, counts) in ``out_dir`` (default ``RUN_DIR/zeroshot`` or ``runs/zeroshot``),
+and beside it ``clip_benchmark_zeroshot_classification.json``: the same run in the file
+CLIP_benchmark's ``clip_benchmark eval`` writes for a zero-shot classification (LAION-AI/CLIP_benchmark
+``clip_benchmark/cli.py``: ``dataset``, ``model``, ``pretrained``, ``task``, ``metrics`` with ``acc1``,
+``acc5``, ``mean_per_class_recall`` as fractions, ``acc5`` NaN under 5 classes as theirs, and
+``language``), so that ``clip_benchmark build`` puts our runs in its tables. ``model=`` may also be an
+open_clip folder written by ``prepretrain convert --to open_clip`` (or an open_clip checkpoint
+file with its ``open_clip_config.json`` beside it or named by ``open_clip_config=``).
 """
 
 from __future__ import annotations
@@ -205,6 +212,10 @@ class ZeroShotScorer:
         self.per_class_hits += torch.bincount(labels.cpu(), weights=correct, minlength=self.num_classes)
         self.total += len(labels)
 
+    def top1_fraction(self) -> float:
+        """Top-1 as a fraction of the images (CLIP_benchmark's ``acc1``), from the counts."""
+        return self.hits[1] / self.total if self.total else 0.0
+
     def result(self) -> dict[str, Any]:
         """Top-1/top-5 and mean per-class top-1 (percent), and the number of images scored."""
         if self.total == 0:
@@ -265,6 +276,31 @@ def wordnet_names(ids: Sequence[str]) -> list[list[str]]:
     return classes
 
 
+# ------------------------------------------------------------------------------ CLIP_benchmark's file
+
+CLIP_BENCHMARK_FILE = "clip_benchmark_zeroshot_classification.json"
+
+
+def clip_benchmark_result(results: dict[str, Any], model: str, acc1: float) -> dict[str, Any]:
+    """A zero-shot run in CLIP_benchmark's result format (its ``eval`` command's JSON).
+
+    ``model`` is what ``model=`` named (their ``--model``), ``pretrained`` the weights file read (their
+    ``--pretrained``), ``dataset`` the ``data=`` given. Their metrics are fractions: ``acc1`` is taken
+    from the hit count (exactly our top-1 / 100), ``acc5`` is NaN below 5 classes (theirs is; ours is
+    capped at the class count), ``mean_per_class_recall`` (sklearn's balanced accuracy: the mean
+    over the classes that have images) is our ``mean_per_class_top1`` / 100.
+    """
+    acc5 = results["top5"] / 100.0 if results["num_classes"] >= 5 else float("nan")
+    return {
+        "dataset": results["data"],
+        "model": model,
+        "pretrained": results["model"],
+        "task": "zeroshot_classification",
+        "metrics": {"acc1": acc1, "acc5": acc5, "mean_per_class_recall": results["mean_per_class_top1"] / 100.0},
+        "language": "en",
+    }
+
+
 # ------------------------------------------------------------------------------ command
 
 
@@ -274,7 +310,7 @@ class ZeroShotConfig:
 
     stage_name = "zeroshot"
 
-    model: str = ""  # LiT run directory, clip.safetensors, or an official MAWS CLIP file
+    model: str = ""  # LiT run directory, clip.safetensors, an official MAWS CLIP file, or an open_clip folder
     data: str = "synthetic"  # "synthetic" or a labelled folder / manifest / shards
     split: str = "val"
     task: str = "auto"  # label task: auto (synthetic: coarse; else the data's one task, e.g. label) | coarse | fine
@@ -282,6 +318,7 @@ class ZeroShotConfig:
     templates: str = ""  # templates file, or prepretrain | openai80 (shipped sets); empty = prepretrain
     article_fix: str = "auto"  # "a {}" -> "an {}" before a vowel: auto (= shipped set only) | true | false
     tokenizer: str = ""  # XLM-R SentencePiece .model (needed for official MAWS CLIP files)
+    open_clip_config: str = ""  # open_clip_config.json of an open_clip checkpoint file (default: beside it)
     image_size: int = 0  # 0 = the model's resolution
     num_images: int = 4000  # synthetic: size of the training split (val/test sized from it)
     max_images: int = 0  # evaluate at most this many images; 0 = the whole split
@@ -305,6 +342,8 @@ class ZeroShotConfig:
         check_names_file("templates", self.templates, TEMPLATE_SETS)
         if self.tokenizer and not Path(self.tokenizer).is_file():
             raise ConfigError("tokenizer", f"file not found: {self.tokenizer}")
+        if self.open_clip_config and not Path(self.open_clip_config).is_file():
+            raise ConfigError("open_clip_config", f"file not found: {self.open_clip_config}")
         check_article_fix("article_fix", self.article_fix)
 
 
@@ -313,7 +352,8 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
 
     start = time.perf_counter()
     device = pick_device(cfg.device)
-    model, tokenizer, info = load_clip(cfg.model, tokenizer=cfg.tokenizer, device=device)
+    model, tokenizer, info = load_clip(cfg.model, tokenizer=cfg.tokenizer, device=device,
+                                       open_clip_config=cfg.open_clip_config)
     image_size = cfg.image_size or info["image_size"]
     source = open_data(cfg.data, split=cfg.split, image_size=image_size, num_images=cfg.num_images)
     task = label_task(source, cfg.task, cfg.data)
@@ -354,6 +394,7 @@ def run_zeroshot(cfg: ZeroShotConfig) -> dict[str, Any]:
         Path(cfg.model) / "zeroshot" if Path(cfg.model).is_dir() else Path("runs/zeroshot")
     )
     write_text(out_dir / "config.yaml", dump_config(cfg))
+    write_json(out_dir / CLIP_BENCHMARK_FILE, clip_benchmark_result(results, cfg.model, scorer.top1_fraction()))
     write_json(out_dir / "results.json", results)  # atomic: a report never reads half a file
     results["out_dir"] = str(out_dir)
     return results

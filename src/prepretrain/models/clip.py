@@ -34,9 +34,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import save_safetensors
+from ..config import ConfigError
+from ..files import read_keys, save_safetensors
 from .checkpoints import CheckpointMismatch, check_fit, load_encoder_weights, read_state_dict
 from .layouts import cast_floating, upgrade_torchtext_names
+from .openclip import is_open_clip_folder, is_openai_clip_state, looks_like_open_clip_state, read_open_clip
 from .resolve import resolve_weights
 from .text import TextEncoder, TextShape, create_text_encoder, infer_text_shape
 from .tokenizers import Tokenizer, build_tokenizer, tokenizer_from_info
@@ -239,15 +241,56 @@ def save_clip(model: CLIPModel, path: str | Path, tokenizer_info: dict[str, Any]
 def read_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
     """A CLIP/LiT (or bare RoBERTa) state dict as every consumer reads it: older torchtext block names
     renamed to the current ones, fp16/bf16 cast to the fp32 model it loads into."""
-    state = read_state_dict(path)
+    return clip_state_from(read_state_dict(path))
+
+
+def clip_state_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`read_clip_state` of a state dict already read."""
     prefix = "text_encoder." if any(k.startswith("text_encoder.") for k in state) else ""
     return cast_floating(upgrade_torchtext_names(state, prefix=prefix), torch.float32)
 
 
-def text_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The text tower's weights in a file (``lit text_init=``): a MAWS CLIP / LiT file (``text_encoder.*``)
-    or a bare RoBERTa state dict, read like :func:`load_clip` reads them (:func:`read_clip_state`)."""
-    state = read_clip_state(path)
+def is_open_clip_source(spec: str | Path) -> bool:
+    """An open_clip model folder (``open_clip_config.json``), or a safetensors file whose header has
+    open_clip's names; told without loading weights (a pickle is told apart once it is read)."""
+    path = Path(spec)
+    if path.is_dir():
+        return is_open_clip_folder(path)
+    keys = read_keys(path) if path.is_file() else None
+    return keys is not None and looks_like_open_clip_state(keys)
+
+
+def read_open_clip_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """An open_clip weights file as read for an fp32 model (its names are converted afterwards)."""
+    return cast_floating(read_state_dict(path), torch.float32)
+
+
+def read_any_clip(spec: str | Path, open_clip_config: str | Path = "",
+                  ) -> tuple[dict[str, torch.Tensor], Path, dict[str, Any] | None, dict[str, str]]:
+    """(MAWS-CLIP-layout state dict, weights path, open_clip metadata or None, file metadata) of a
+    run, a CLIP file or an open_clip folder or checkpoint file; every file is read once."""
+    if is_open_clip_source(spec):
+        state, found, path = read_open_clip(spec, read_open_clip_state, open_clip_config)
+        return state, path, found, {}
+    weights = resolve_weights(spec, "clip")
+    raw = read_state_dict(weights.path)
+    if is_openai_clip_state(list(raw)):
+        raise CheckpointMismatch(f"{weights.path} is an OpenAI-layout CLIP model (a causal text transformer): "
+                                 "prepretrain's CLIP model has a RoBERTa text tower; `prepretrain convert "
+                                 "--to open_clip` makes it an open_clip folder")
+    if looks_like_open_clip_state(list(raw)):  # a pickled open_clip checkpoint (training's epoch_N.pt)
+        state, found, path = read_open_clip(weights.path, lambda _: cast_floating(raw, torch.float32),
+                                            open_clip_config)
+        return state, path, found, {}
+    return clip_state_from(raw), weights.path, None, weights.metadata
+
+
+def text_tower_state(path: str | Path, open_clip_config: str | Path = "") -> dict[str, torch.Tensor]:
+    """The text tower's weights in a file (``lit text_init=``): a MAWS CLIP / LiT file (``text_encoder.*``),
+    a bare RoBERTa state dict, or an open_clip folder or checkpoint file with a RoBERTa text tower
+    (:mod:`prepretrain.models.openclip`; ``open_clip_config`` names its config when it is not beside
+    the file), read like :func:`load_clip` reads them."""
+    state = read_any_clip(path, open_clip_config)[0]
     if any(k.startswith("text_encoder.") for k in state):
         return {k[len("text_encoder.") :]: v for k, v in state.items() if k.startswith("text_encoder.")}
     if any(k.startswith("transformer.token_embedding") for k in state):  # RobertaEncoder without the wrapper
@@ -256,17 +299,27 @@ def text_tower_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device = "cpu",
-              ) -> tuple[CLIPModel, Tokenizer, dict[str, Any]]:
-    """Load a LiT run directory, our ``clip.safetensors``, or an official MAWS CLIP file.
+              open_clip_config: str | Path = "") -> tuple[CLIPModel, Tokenizer, dict[str, Any]]:
+    """Load a LiT run directory, our ``clip.safetensors``, an official MAWS CLIP file, or an open_clip
+    folder / checkpoint file with a timm ViT and a RoBERTa text tower (:mod:`prepretrain.models.openclip`).
 
     Returns (model in eval mode, tokenizer, info with ``image_size`` and ``vision_model``).
     Our files carry their architecture and tokenizer in metadata; for an official MAWS file
     the towers are read from the weights' shapes and ``tokenizer`` (the XLM-R SentencePiece
-    ``.model``) is required. Loading is strict: every key must fit.
+    ``.model``) is required. ``open_clip_config``: the ``open_clip_config.json`` of an open_clip
+    checkpoint file that has none beside it. Loading is strict: every key must fit.
     """
-    weights = resolve_weights(spec, "clip")
-    path, metadata = weights.path, weights.metadata
-    state = read_clip_state(path)
+    state, path, found, metadata = read_any_clip(spec, open_clip_config)
+    base_dir = path.parent if found is None else found["base_dir"]
+    if found is not None:
+        metadata = {"format": CLIP_FORMAT, "text_shape": json.dumps(found["text_shape"].__dict__),
+                    "image_size": str(found["image_size"]), "tokenizer": json.dumps(found["tokenizer"])}
+        vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
+        if "patch_embed.proj.weight" not in vision_state or "blocks.0.mlp.fc1.weight" not in vision_state:
+            raise CheckpointMismatch(f"{path}: the image tower (visual.trunk.*) is not a timm ViT, the only image "
+                                     "tower prepretrain's CLIP model has")
+        name, depth, _ = vision_name_from_state(vision_state)
+        metadata.update(vision_model=found["vision_model"] or name, vision_depth=str(depth))
     if not any(k.startswith("text_encoder.") for k in state):
         raise CheckpointMismatch(f"{path} has no text_encoder.* weights: not a CLIP/LiT checkpoint")
     vision_state = {k[len("vision_encoder.") :]: v for k, v in state.items() if k.startswith("vision_encoder.")}
@@ -290,11 +343,12 @@ def load_clip(spec: str | Path, tokenizer: str = "", device: str | torch.device 
     if tokenizer:
         tok = build_tokenizer(tokenizer)
     elif info_tokenizer is not None:
-        tok = tokenizer_from_info(info_tokenizer, base_dir=path.parent)
+        tok = tokenizer_from_info(info_tokenizer, base_dir=base_dir)
     else:
-        raise ValueError(
+        raise ConfigError(  # a ValueError; the commands print it as one line naming the key
+            "tokenizer",
             f"{path} is not a prepretrain LiT file: pass tokenizer=/path/to/xlmr.sentencepiece.bpe.model "
-            "(the XLM-R SentencePiece model of the MAWS CLIP release)"
+            "(the XLM-R SentencePiece model of the MAWS CLIP release; convert: --tokenizer)"
         )
     if tok.vocab_size > text_shape_.vocab_size:
         raise CheckpointMismatch(

@@ -72,6 +72,7 @@ from ..models.clip import (
     text_tower_state,
 )
 from ..models.layouts import encoder_from_any
+from ..models.openclip import is_open_clip_folder
 from ..models.resolve import check_weights, encoder_metadata, resolve_weights
 from ..models.text import TEXT_SHAPES, text_forward_flops, text_shape
 from ..models.tokenizers import SentencePieceTokenizer, Tokenizer, build_tokenizer
@@ -115,7 +116,8 @@ class LiTConfig(TextSourceConfig):
     text_width: int = 0
     text_heads: int = 0
     text_dropout: float = 0.0
-    text_init: str = ""  # start the text tower from a file: MAWS CLIP / LiT (text_encoder.*) or RoBERTa (encoder.*)
+    text_init: str = ""  # text tower from MAWS CLIP / LiT (text_encoder.*), RoBERTa (encoder.*), open_clip folder/file
+    text_init_config: str = ""  # open_clip_config.json of an open_clip checkpoint file text_init= (default: beside it)
     tokenizer: str = "bytes"  # bytes | path to a SentencePiece .model (XLM-R for MAWS towers)
     max_text_tokens: int = 0  # tokens kept per caption before BOS/EOS; 0 = tokenizer default
     embed_dim: int = 0  # joint embedding size; 0 = the text tower's width
@@ -162,8 +164,10 @@ class LiTConfig(TextSourceConfig):
         if self.max_text_tokens and self.max_text_tokens + 2 > shape.max_tokens:
             raise ConfigError("max_text_tokens", f"{self.text_model} has positions for {shape.max_tokens - 2} "
                               "tokens plus BOS/EOS")
-        if self.text_init and not Path(self.text_init).is_file():
-            raise ConfigError("text_init", f"file not found: {self.text_init}")
+        if self.text_init and not Path(self.text_init).is_file() and not is_open_clip_folder(self.text_init):
+            raise ConfigError("text_init", f"no such file or open_clip folder: {self.text_init}")
+        if self.text_init_config and not Path(self.text_init_config).is_file():
+            raise ConfigError("text_init_config", f"file not found: {self.text_init_config}")
         check_weights("encoder", self.encoder)
         check_names_file("zeroshot_classes", self.zeroshot_classes, CLASS_SETS)
         check_names_file("zeroshot_templates", self.zeroshot_templates, TEMPLATE_SETS)
@@ -229,7 +233,7 @@ class LiTStage(Stage):
                            vision_depth=vision_depth, text_overrides=text_overrides, text_dropout=cfg.text_dropout,
                            lock_vision=True, lock_vision_projection=cfg.lock_vision_projection)
         if cfg.text_init:
-            load_strict(model.text_encoder, text_tower_state(cfg.text_init))
+            load_strict(model.text_encoder, text_tower_state(cfg.text_init, cfg.text_init_config))
             run.print(f"text tower initialised from {cfg.text_init}")
         if vision_state is not None:
             load_encoder_weights(model.vision_encoder, vision_state)
