@@ -148,9 +148,8 @@ def test_slurm_dry_run_sizes_every_job_and_prices_the_critical_path():
 
 
 def test_every_paper_recipe_validates():
-    from prepretrain.registry import command
-
     from prepretrain.config import read_yaml
+    from prepretrain.registry import command
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         kind = read_yaml(path)["stage"]  # every recipe says which command reads it
