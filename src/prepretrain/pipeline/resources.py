@@ -80,18 +80,21 @@ def layout(cfg: PipelineConfig, gpus: int) -> tuple[int, int]:
     return gpus // cfg.gpus_per_node, cfg.gpus_per_node
 
 
+_PLANS: dict[str, dict[str, Any]] = {}  # repr(PlanConfig) -> plan: a plan depends on its config only
+
+
 class Estimator:
-    """Prices jobs; plans of the same shape are computed once (they build meta-device models)."""
+    """Prices jobs; plans of the same shape are computed once per process (they build meta-device
+    models: a sweep over model sizes, or a second dry run, reuses them)."""
 
     def __init__(self, cfg: PipelineConfig) -> None:
         self.cfg = cfg
-        self._plans: dict[str, dict[str, Any]] = {}
 
     def plan(self, plan_cfg: PlanConfig) -> dict[str, Any]:
         key = repr(plan_cfg)
-        if key not in self._plans:
-            self._plans[key] = plan_run(plan_cfg)
-        return self._plans[key]
+        if key not in _PLANS:
+            _PLANS[key] = plan_run(plan_cfg)
+        return _PLANS[key]
 
     def estimate(self, job: Job) -> Estimate:
         cfg = self.cfg
