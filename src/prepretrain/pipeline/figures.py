@@ -162,7 +162,7 @@ def figure_blocks(kind: str, points: list[GridPoint], tables: dict[GridPoint, Ta
     if not labels:
         return []
     title, file, xlabel = {
-        "model": ("Transfer against model size (paper Fig. 3)", "fig3_model_size.png", "parameters (millions)"),
+        "model": ("Transfer against model size (paper Fig. 3)", "fig3_model_size.png", axis_title("model", points)),
         "mae": ("Transfer against the MAE budget (paper Fig. 4)", "fig4_mae_budget.png", axis_title("mae", points)),
         "wsp": ("Transfer against the WSP budget, per MAE budget (paper Fig. 4)", "fig4_wsp_budget.png",
                 axis_title("wsp", points)),
